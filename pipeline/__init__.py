@@ -1,0 +1,1 @@
+"""enrich: enrich datasets with LLM answers."""
