@@ -1,0 +1,297 @@
+"""The command line: the only module that prints, parses flags and maps
+errors to exit codes.
+
+Exit codes: 0 done; 1 done but failed rows above --max-error-rate; 2 bad
+usage, config, input or a mismatched checkpoint; 3 fatal API error (auth,
+model, quota); 130 interrupted (checkpoint saved).
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, Final, TypeVar
+
+import click
+
+from pipeline.config import RunConfig, load_config
+from pipeline.errors import EnrichError, UsageError
+from pipeline.progress import NoProgress, Progress, TqdmProgress
+from pipeline.runner import RunSummary, enrich
+
+EXIT_OK: Final = 0
+EXIT_TOO_MANY_ERRORS: Final = 1
+EXIT_INTERNAL: Final = 70
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+# (flag, config key, click type, help). One table so every dataset command
+# takes the same flags and they cannot drift apart.
+DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
+    (
+        "--input",
+        "input.path",
+        click.Path(path_type=Path),
+        "Input dataset (.csv, .parquet, .jsonl).",
+    ),
+    ("--column", "input.column", str, "Column holding the prompt."),
+    ("--template", "input.template", str, "Prompt template with {column} placeholders."),
+    ("--system-prompt", "input.system_prompt", str, "System message sent with every row."),
+    ("--chunk-size", "input.chunk_size", int, "Rows read per chunk (bounds memory)."),
+    ("--output", "output.path", click.Path(path_type=Path), "Enriched Parquet file to write."),
+    (
+        "--run-dir",
+        "output.run_dir",
+        click.Path(path_type=Path),
+        "Checkpoint directory [OUTPUT.enrich].",
+    ),
+    ("--column-prefix", "output.column_prefix", str, "Prefix for the added columns."),
+    ("--model", "model.name", str, "Model name sent to the API."),
+    ("--base-url", "model.base_url", str, "OpenAI-compatible base URL [$OPENAI_BASE_URL]."),
+    ("--api-key-env", "model.api_key_env", str, "Variable holding the API key [OPENAI_API_KEY]."),
+    ("--temperature", "model.temperature", float, "Sampling temperature."),
+    ("--max-tokens", "model.max_tokens", int, "Completion token cap per row."),
+    ("--timeout", "model.timeout_s", float, "Per-request timeout in seconds."),
+    ("--concurrency", "limits.concurrency", int, "Requests in flight at most."),
+    ("--rpm", "limits.rpm", int, "Requests per minute."),
+    ("--tpm", "limits.tpm", int, "Tokens per minute."),
+    ("--max-attempts", "limits.max_attempts", int, "Attempts per row before it is marked error."),
+    ("--flush-every", "checkpoint.flush_every", int, "Results per checkpoint part."),
+    (
+        "--flush-interval",
+        "checkpoint.flush_interval_s",
+        float,
+        "Seconds between checkpoint flushes.",
+    ),
+    ("--max-error-rate", "max_error_rate", float, "Failed share above which the exit code is 1."),
+]
+
+
+def _option_dest(flag: str) -> str:
+    return flag.removeprefix("--").replace("-", "_")
+
+
+def dataset_options(command: F) -> F:
+    """The shared interface of every command that reads a dataset."""
+    for flag, _key, kind, help_text in reversed(DATASET_OPTIONS):
+        command = click.option(flag, _option_dest(flag), type=kind, default=None, help=help_text)(
+            command
+        )
+    command = click.option(
+        "--keep-checkpoint",
+        is_flag=True,
+        default=None,
+        help="Keep the run directory after success.",
+    )(command)
+    return click.argument(
+        "config_file", required=False, type=click.Path(path_type=Path), metavar="[CONFIG]"
+    )(command)
+
+
+def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
+    overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
+    return load_config(config_file, overrides)
+
+
+def fail(error: EnrichError) -> None:
+    click.echo(f"enrich: error: {error.message}", err=True)
+    sys.exit(error.exit_code)
+
+
+def handle_errors(command: F) -> F:
+    """Typed errors become one line and their exit code; bugs become one line
+    too unless ENRICH_DEBUG is set, because cron mail should stay readable."""
+
+    @functools.wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except EnrichError as error:
+            fail(error)
+        except Exception as error:  # a bug: say so plainly
+            if os.environ.get("ENRICH_DEBUG"):
+                traceback.print_exc()
+            click.echo(
+                f"enrich: internal error: {type(error).__name__}: {error} "
+                "(set ENRICH_DEBUG=1 for a traceback and report it)",
+                err=True,
+            )
+            sys.exit(EXIT_INTERNAL)
+        return None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _progress(quiet: bool) -> Progress:
+    if quiet or not sys.stderr.isatty():
+        return NoProgress()
+    return TqdmProgress(sys.stderr)
+
+
+def _fmt_ms(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f} ms"
+
+
+def format_summary(summary: RunSummary) -> str:
+    return "\n".join(
+        [
+            f"done: {summary.rows:,} rows -> {summary.output}",
+            f"  ok {summary.ok:,} · error {summary.error:,} · skipped {summary.skipped:,}"
+            f" · from checkpoint {summary.resumed_rows:,}",
+            f"  tokens {summary.prompt_tokens:,} in / {summary.completion_tokens:,} out",
+            f"  wall {summary.wall_s:,.1f} s · {summary.rows_per_s:,.1f} rows/s"
+            f" · latency p50 {_fmt_ms(summary.latency_percentile(50))}"
+            f" · p95 {_fmt_ms(summary.latency_percentile(95))}",
+            f"  requests {summary.requests:,} (retries {summary.retries:,},"
+            f" rate-limited {summary.rate_limited:,})",
+        ]
+    )
+
+
+def finish(summary: RunSummary, config: RunConfig) -> None:
+    click.echo(format_summary(summary))
+    if summary.error_rate > config.max_error_rate:
+        click.echo(
+            f"enrich: {summary.error} rows failed ({summary.error_rate:.1%}), above "
+            f"--max-error-rate {config.max_error_rate:.1%}; rerun with --retry-failed",
+            err=True,
+        )
+        sys.exit(EXIT_TOO_MANY_ERRORS)
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
+@click.version_option(package_name="enrich")
+def cli() -> None:
+    """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
+
+
+@cli.command()
+@dataset_options
+@click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
+@click.option("--retry-failed", is_flag=True, help="Re-send only rows whose status is error.")
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@handle_errors
+def run(
+    config_file: Path | None, restart: bool, retry_failed: bool, quiet: bool, **flags: Any
+) -> None:
+    """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
+    flags override it."""
+    config = build_config(config_file, flags)
+    summary = enrich(
+        config,
+        restart=restart,
+        retry_failed=retry_failed,
+        progress=_progress(quiet),
+        handle_sigterm=True,
+    )
+    finish(summary, config)
+
+
+@cli.command()
+@click.option(
+    "--input",
+    "input_path",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Dataset to run [data/questions.csv].",
+)
+@click.option("--column", default="question", show_default=True)
+@click.option(
+    "--output",
+    type=click.Path(path_type=Path),
+    default=Path("data/out/demo.parquet"),
+    show_default=True,
+)
+@click.option("--latency-ms", type=float, default=300.0, show_default=True)
+@click.option("--quiet", "-q", is_flag=True)
+@handle_errors
+def demo(
+    input_path: Path | None, column: str, output: Path, latency_ms: float, quiet: bool
+) -> None:
+    """Run the sample dataset through the built-in local server: no key, no network."""
+    import polars as pl
+
+    from pipeline.simulate import Simulator, SimulatorConfig
+
+    input_path = input_path or _sample_path()
+    output.parent.mkdir(parents=True, exist_ok=True)
+    server_config = SimulatorConfig(
+        latency_ms=latency_ms,
+        jitter_ms=latency_ms / 2,
+        fail_rate_5xx=0.05,
+        fail_rate_429=0.05,
+        seed=7,
+    )
+    with Simulator.run_in_thread(server_config) as server:
+        click.echo(f"enrich demo: local OpenAI-compatible server at {server.base_url}", err=True)
+        config = load_config(
+            None,
+            {
+                "input.path": input_path,
+                "input.column": column,
+                "output.path": output,
+                "model.name": "sim-1",
+                "model.base_url": server.base_url,
+                "limits.concurrency": 16,
+                "limits.backoff_base_s": 0.05,
+            },
+        )
+        summary = enrich(config, restart=True, progress=_progress(quiet), handle_sigterm=True)
+    finish(summary, config)
+    with pl.Config(
+        tbl_rows=5, fmt_str_lengths=60, tbl_width_chars=120, tbl_hide_dataframe_shape=True
+    ):
+        preview = pl.read_parquet(output).select(
+            column, "response", "status", "latency_ms", "attempts"
+        )
+        click.echo(preview.head(5))
+
+
+def _sample_path() -> Path:
+    for candidate in (
+        Path("data/questions.csv"),
+        Path(__file__).parent.parent / "data" / "questions.csv",
+    ):
+        if candidate.exists():
+            return candidate
+    raise UsageError("the sample data/questions.csv was not found; pass --input")
+
+
+@cli.command()
+@click.option("--host", default="127.0.0.1", show_default=True)
+@click.option("--port", type=int, default=8000, show_default=True)
+@click.option("--latency-ms", type=float, default=0.0, show_default=True)
+@click.option("--jitter-ms", type=float, default=0.0, show_default=True)
+@click.option("--rpm", type=int, default=None, help="Server-enforced requests/min.")
+@click.option("--tpm", type=int, default=None, help="Server-enforced tokens/min.")
+@click.option("--window-s", type=float, default=60.0, show_default=True)
+@click.option("--no-rate-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option("--fail-rate-5xx", type=float, default=0.0, show_default=True)
+@click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
+@click.option("--drop-rate", type=float, default=0.0, show_default=True)
+@click.option("--hang-rate", type=float, default=0.0, show_default=True)
+@click.option("--malformed-rate", type=float, default=0.0, show_default=True)
+@click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@handle_errors
+def simulate(
+    host: str, port: int, no_rate_headers: bool, api_key: str | None, **settings: Any
+) -> None:
+    """Serve a local OpenAI-compatible API with latency, limits and faults."""
+    from pipeline.simulate import SimulatorConfig, serve_forever
+
+    config = SimulatorConfig(rate_headers=not no_rate_headers, api_key=api_key, **settings)
+    serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))
+
+
+def main() -> None:
+    cli(prog_name="enrich")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,195 @@
+"""Typed, validated run configuration: a TOML file, overridden by CLI flags.
+
+Secrets are never part of the config: it names the *environment variable*
+that holds the API key (``model.api_key_env``), so a config file can be
+committed and a report can echo the settings without leaking anything.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Final
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from pipeline.errors import ConfigError
+
+# Where each config key is set from the command line, so errors can name the flag.
+FLAG_FOR_KEY: Final[dict[str, str]] = {
+    "input.path": "--input",
+    "input.column": "--column",
+    "input.template": "--template",
+    "input.system_prompt": "--system-prompt",
+    "input.chunk_size": "--chunk-size",
+    "output.path": "--output",
+    "output.run_dir": "--run-dir",
+    "output.column_prefix": "--column-prefix",
+    "output.keep_checkpoint": "--keep-checkpoint",
+    "model.name": "--model",
+    "model.base_url": "--base-url",
+    "model.api_key_env": "--api-key-env",
+    "model.temperature": "--temperature",
+    "model.max_tokens": "--max-tokens",
+    "model.timeout_s": "--timeout",
+    "limits.concurrency": "--concurrency",
+    "limits.rpm": "--rpm",
+    "limits.tpm": "--tpm",
+    "limits.max_attempts": "--max-attempts",
+    "checkpoint.flush_every": "--flush-every",
+    "checkpoint.flush_interval_s": "--flush-interval",
+    "max_error_rate": "--max-error-rate",
+}
+
+
+class _Section(BaseModel):
+    # Unknown keys are typos that would otherwise be silently ignored.
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class InputConfig(_Section):
+    path: Path
+    column: str | None = None
+    template: str | None = None
+    system_prompt: str | None = None
+    chunk_size: int = Field(default=1000, gt=0, le=1_000_000)
+
+    @model_validator(mode="after")
+    def _one_prompt_source(self) -> InputConfig:
+        if (self.column is None) == (self.template is None):
+            raise ValueError(
+                "set exactly one of --column or --template (input.column / input.template)"
+            )
+        return self
+
+
+class OutputConfig(_Section):
+    path: Path
+    run_dir: Path | None = None
+    column_prefix: str = ""
+    keep_checkpoint: bool = False
+
+    @property
+    def resolved_run_dir(self) -> Path:
+        # Beside the output, so moving a job's folder moves its checkpoint too.
+        if self.run_dir is not None:
+            return self.run_dir
+        return self.path.with_name(self.path.name + ".enrich")
+
+
+class ModelConfig(_Section):
+    name: str = Field(default="gpt-4o-mini", min_length=1)
+    base_url: str | None = None
+    api_key_env: str = Field(default="OPENAI_API_KEY", min_length=1)
+    temperature: float | None = Field(default=None, ge=0, le=2)
+    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_tokens: int | None = Field(default=None, gt=0)
+    seed: int | None = None
+    # Anything else the endpoint accepts (e.g. {"presence_penalty": 0.5}); part of the fingerprint.
+    extra_params: dict[str, Any] = Field(default_factory=dict)
+    timeout_s: float = Field(default=60.0, gt=0)
+
+    def request_params(self) -> dict[str, Any]:
+        """Sampling parameters sent with every request (only those set)."""
+        params: dict[str, Any] = {
+            key: value
+            for key, value in (
+                ("temperature", self.temperature),
+                ("top_p", self.top_p),
+                ("max_tokens", self.max_tokens),
+                ("seed", self.seed),
+            )
+            if value is not None
+        }
+        params.update(self.extra_params)
+        return params
+
+    def resolved_base_url(self) -> str | None:
+        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+
+class LimitsConfig(_Section):
+    concurrency: int = Field(default=32, gt=0, le=10_000)
+    rpm: int | None = Field(default=None, gt=0)
+    tpm: int | None = Field(default=None, gt=0)
+    max_attempts: int = Field(default=6, gt=0, le=100)
+    backoff_base_s: float = Field(default=0.5, gt=0)
+    backoff_max_s: float = Field(default=60.0, gt=0)
+
+
+class CheckpointConfig(_Section):
+    flush_every: int = Field(default=1000, gt=0)
+    flush_interval_s: float = Field(default=5.0, gt=0)
+
+
+class RunConfig(_Section):
+    input: InputConfig
+    output: OutputConfig
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    limits: LimitsConfig = Field(default_factory=LimitsConfig)
+    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    max_error_rate: float = Field(default=1.0, ge=0, le=1)
+
+    def api_key(self) -> str:
+        """The key from the environment. Local servers accept any key, so a
+        missing variable only fails where the server says so (401)."""
+        return os.environ.get(self.model.api_key_env) or "sk-no-key-set"
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    try:
+        with path.open("rb") as handle:
+            return tomllib.load(handle)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path} not found; check the path given to enrich") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path} is not valid TOML ({exc}); fix the file") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path} cannot be read ({exc.strerror})") from None
+
+
+def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, leaf = dotted.split(".")
+    node = tree
+    for part in parents:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(
+                f"config key {part} must be a table like [{part}]; fix the config file"
+            )
+        node = child
+    node[leaf] = value
+
+
+def _describe(error: Any, path: Path | None) -> str:
+    key = ".".join(str(part) for part in error["loc"])
+    flag = FLAG_FOR_KEY.get(key)
+    in_file = f"'{key}' in {path}" if path is not None else ""
+    fix = " or ".join(part for part in (flag, in_file) if part) or f"'{key}'"
+    if error["type"] == "extra_forbidden":
+        where = f" in {path}" if path is not None else ""
+        return (
+            f"unknown config key '{key}'{where}; remove it or check its spelling "
+            "(see configs/example.toml)"
+        )
+    if error["type"] == "missing":
+        return f"missing setting '{key}'; set {fix}"
+    message = str(error["msg"]).removeprefix("Value error, ")
+    if error["type"] == "value_error":
+        # Our own validators already name the flags to use.
+        return message
+    return f"bad value for '{key}': {message} (got {error.get('input')!r}); fix {fix}"
+
+
+def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
+    """Build the run config from an optional TOML file and dotted-key overrides
+    (``{"limits.rpm": 500}``); overrides win. Raises ConfigError with one line."""
+    tree: dict[str, Any] = read_toml(path) if path is not None else {}
+    for dotted, value in (overrides or {}).items():
+        if value is not None:
+            _set_dotted(tree, dotted, value)
+    try:
+        return RunConfig.model_validate(tree)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc.errors()[0], path)) from None

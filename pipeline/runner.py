@@ -1,0 +1,341 @@
+"""Orchestration: read -> skip what is done -> call -> checkpoint -> write.
+
+Data flows one way. Memory is bounded by the chunk size, the number of
+requests in flight and the flush buffer, never by the size of the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import statistics
+import time
+from array import array
+from collections.abc import AsyncIterator, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import polars as pl
+import pyarrow.compute as pc
+
+from pipeline import prompt, write
+from pipeline.call import CallStage, ChatRequest, OpenAITransport, Transport
+from pipeline.checkpoint import Checkpoint, PartSweep
+from pipeline.config import RunConfig
+from pipeline.errors import EnrichError, RunInterrupted
+from pipeline.progress import NoProgress, Progress
+from pipeline.read import InputSource, open_input
+from pipeline.results import ROW_ID, RowResult
+
+# Rows per row group of the final file: big enough for fast scans downstream.
+ASSEMBLY_ROWS: Final = 65_536
+
+
+@dataclass
+class RunSummary:
+    output: Path
+    run_dir: Path
+    rows: int = 0
+    ok: int = 0
+    error: int = 0
+    skipped: int = 0
+    resumed_rows: int = 0
+    prompt_tokens: int = 0
+    completion_tokens: int = 0
+    requests: int = 0
+    retries: int = 0
+    rate_limited: int = 0
+    wall_s: float = 0.0
+    latencies_ms: array[float] = field(default_factory=lambda: array("d"), repr=False)
+
+    @property
+    def processed_rows(self) -> int:
+        """Rows finished by this run (not carried over from a checkpoint)."""
+        return self.rows - self.resumed_rows
+
+    @property
+    def rows_per_s(self) -> float:
+        return self.processed_rows / self.wall_s if self.wall_s > 0 else 0.0
+
+    @property
+    def error_rate(self) -> float:
+        attempted = self.ok + self.error
+        return self.error / attempted if attempted else 0.0
+
+    def latency_percentile(self, percent: int) -> float | None:
+        if len(self.latencies_ms) < 2:
+            return self.latencies_ms[0] if self.latencies_ms else None
+        return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[percent - 1]
+
+
+def answer_settings(config: RunConfig) -> dict[str, Any]:
+    """Everything that changes an answer: a checkpoint made under other values
+    must not be mixed into this run's output."""
+    spec = prompt_spec(config)
+    return {
+        **prompt.fingerprint_fields(spec),
+        "model": config.model.name,
+        "params": config.model.request_params(),
+    }
+
+
+def prompt_spec(config: RunConfig) -> prompt.PromptSpec:
+    return prompt.PromptSpec(
+        column=config.input.column,
+        template=config.input.template,
+        system_prompt=config.input.system_prompt,
+    )
+
+
+@dataclass
+class PreparedRun:
+    """Everything validated before the first request."""
+
+    config: RunConfig
+    source: InputSource
+    spec: prompt.PromptSpec
+    total_rows: int
+
+
+def prepare(config: RunConfig) -> PreparedRun:
+    """Validate input, prompt and output; raises typed errors, sends nothing."""
+    source = open_input(config.input.path)
+    spec = prompt_spec(config)
+    prompt.validate(spec, source.columns())
+    write.check_output_path(config.output.path, config.input.path)
+    write.output_column_names(source.columns(), config.output.column_prefix)
+    return PreparedRun(config, source, spec, source.count_rows())
+
+
+class ResultSink:
+    """Buffers results and hands them to the checkpoint in a worker thread, so
+    disk IO never stalls the event loop. One write in flight at a time keeps
+    parts ordered and memory bounded."""
+
+    def __init__(self, checkpoint: Checkpoint, flush_every: int, flush_interval_s: float) -> None:
+        self._checkpoint = checkpoint
+        self._flush_every = flush_every
+        self._flush_interval_s = flush_interval_s
+        self._buffer: list[RowResult] = []
+        self._last_flush = time.monotonic()
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-flush")
+        self._pending: asyncio.Future[None] | None = None
+
+    async def add(self, result: RowResult) -> None:
+        self._buffer.append(result)
+        if len(self._buffer) >= self._flush_every or self._interval_elapsed():
+            await self.flush()
+
+    def _interval_elapsed(self) -> bool:
+        return time.monotonic() - self._last_flush >= self._flush_interval_s
+
+    async def flush(self) -> None:
+        """Start writing the buffer; waits only for the previous write."""
+        self._last_flush = time.monotonic()
+        if not self._buffer:
+            return
+        batch, self._buffer = self._buffer, []
+        if self._pending is not None:
+            await self._pending
+        loop = asyncio.get_running_loop()
+        self._pending = loop.run_in_executor(self._executor, self._checkpoint.write_part, batch)
+
+    async def tick(self) -> None:
+        """Flushes on time even when no result arrives (e.g. during a long 429 pause)."""
+        while True:
+            await asyncio.sleep(self._flush_interval_s / 2)
+            if self._interval_elapsed():
+                await self.flush()
+
+    async def close(self) -> None:
+        await self.flush()
+        if self._pending is not None:
+            await self._pending
+        self._executor.shutdown(wait=True)
+
+
+def _prompt_chunks(
+    prepared: PreparedRun, done: bytearray, start_row: int
+) -> Iterator[list[tuple[int, str | None]]]:
+    """Rows still to do, chunk by chunk, with their rendered prompt (None: skip)."""
+    chunk_size = prepared.config.input.chunk_size
+    for chunk in prepared.source.chunks(chunk_size, start_row=start_row):
+        prompts = prompt.render(prepared.spec, chunk.table)
+        todo = [
+            (row_id, text)
+            for row_id, text in enumerate(prompts, start=chunk.offset)
+            if not done[row_id]
+        ]
+        if todo:
+            yield todo
+
+
+def _done_rows(checkpoint: Checkpoint, total: int, retry_failed: bool) -> bytearray:
+    """A byte per input row, 1 when its result is final (a bytearray: a million
+    rows cost a megabyte, where a set of ints would cost ~50)."""
+    done = bytearray(total)
+    final = ["ok", "skipped"] if retry_failed else ["ok", "skipped", "error"]
+    statuses = checkpoint.latest_statuses()
+    for row_id in statuses.filter(pl.col("status").is_in(final))[ROW_ID].to_list():
+        if row_id < total:
+            done[row_id] = 1
+    return done
+
+
+async def _run_calls(
+    prepared: PreparedRun,
+    checkpoint: Checkpoint,
+    stage: CallStage,
+    done: bytearray,
+    progress: Progress,
+    summary: RunSummary,
+) -> None:
+    config = prepared.config
+    sink = ResultSink(checkpoint, config.checkpoint.flush_every, config.checkpoint.flush_interval_s)
+    first_todo = done.find(0)
+    start_row = first_todo if first_todo >= 0 else prepared.total_rows
+
+    async def requests() -> AsyncIterator[ChatRequest]:
+        chunks = _prompt_chunks(prepared, done, start_row)
+        while (todo := await asyncio.to_thread(next, chunks, None)) is not None:
+            for row_id, text in todo:
+                if text is None:
+                    skipped = RowResult.skipped(row_id)
+                    await sink.add(skipped)
+                    progress.advance(skipped)
+                else:
+                    yield ChatRequest(row_id, prompt.messages(prepared.spec, text))
+
+    ticker = asyncio.create_task(sink.tick())
+    try:
+        # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
+        async with contextlib.aclosing(stage.results(requests())) as results:
+            async for result in results:
+                await sink.add(result)
+                if result.latency_ms is not None:
+                    summary.latencies_ms.append(result.latency_ms)
+                progress.advance(result)
+    finally:
+        ticker.cancel()
+        # Runs on success, fatal errors and cancellation alike: what was paid
+        # for reaches the checkpoint.
+        await asyncio.shield(sink.close())
+        summary.requests = stage.stats.requests
+        summary.retries = stage.stats.retries
+        summary.rate_limited = stage.stats.rate_limited
+
+
+def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunSummary) -> None:
+    """Write the final file in input order from the input and the parts:
+    exactly one row per input row, atomically."""
+    config = prepared.config
+    schema = write.output_schema(prepared.source.schema, config.output.column_prefix)
+    sweep = PartSweep(checkpoint.parts())
+    with write.AtomicParquetWriter(config.output.path, schema) as writer:
+        for chunk in prepared.source.chunks(ASSEMBLY_ROWS):
+            rows = chunk.table.num_rows
+            results = sweep.results(chunk.offset, chunk.offset + rows)
+            if results.num_rows != rows:
+                raise EnrichError(
+                    f"{rows - results.num_rows} rows between {chunk.offset} and "
+                    f"{chunk.offset + rows} have no result in {checkpoint.run_dir}; "
+                    "run the same command again to finish them"
+                )
+            writer.write(write.enriched_chunk(chunk.table, results, schema))
+            _tally(summary, results)
+
+
+def _tally(summary: RunSummary, results: Any) -> None:
+    summary.rows += results.num_rows
+    counts = results.column("status").value_counts().to_pylist()
+    for entry in counts:
+        status, count = entry["values"], entry["counts"]
+        if status in ("ok", "error", "skipped"):
+            setattr(summary, status, getattr(summary, status) + count)
+    summary.prompt_tokens += pc.sum(results.column("prompt_tokens")).as_py() or 0
+    summary.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
+
+
+async def enrich_async(
+    config: RunConfig,
+    *,
+    restart: bool = False,
+    retry_failed: bool = False,
+    progress: Progress | None = None,
+    transport: Transport | None = None,
+) -> RunSummary:
+    """Run (or resume) one enrichment job. Raises typed errors; never prints."""
+    started = time.perf_counter()
+    progress = progress or NoProgress()
+    prepared = prepare(config)
+    run_dir = config.output.resolved_run_dir
+    checkpoint = Checkpoint.open(
+        run_dir, config.input.path, answer_settings(config), restart=restart
+    )
+    summary = RunSummary(output=config.output.path, run_dir=run_dir)
+    done = _done_rows(checkpoint, prepared.total_rows, retry_failed)
+    summary.resumed_rows = done.count(1)
+
+    own_transport = transport is None
+    transport = transport or OpenAITransport(config.model, config.api_key())
+    stage = CallStage(config.model, config.limits, transport)
+    progress.start(prepared.total_rows, summary.resumed_rows)
+    try:
+        await _run_calls(prepared, checkpoint, stage, done, progress, summary)
+    finally:
+        progress.close()
+        if own_transport:
+            await transport.aclose()
+
+    await asyncio.to_thread(assemble_output, prepared, checkpoint, summary)
+    if not config.output.keep_checkpoint:
+        checkpoint.remove()
+    summary.wall_s = time.perf_counter() - started
+    return summary
+
+
+def enrich(
+    config: RunConfig,
+    *,
+    restart: bool = False,
+    retry_failed: bool = False,
+    progress: Progress | None = None,
+    handle_sigterm: bool = False,
+) -> RunSummary:
+    """Synchronous entry point (what a cron job's CLI or an Airflow task calls).
+
+    Ctrl-C (and SIGTERM when ``handle_sigterm``) flushes finished results and
+    raises ``RunInterrupted``; running the same call again resumes.
+    """
+    terminated = False
+
+    async def main() -> RunSummary:
+        if handle_sigterm:
+            task = asyncio.current_task()
+            assert task is not None
+
+            def on_sigterm() -> None:
+                nonlocal terminated
+                terminated = True
+                task.cancel()
+
+            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
+        return await enrich_async(
+            config, restart=restart, retry_failed=retry_failed, progress=progress
+        )
+
+    interrupted = RunInterrupted(
+        f"interrupted; finished rows are saved in {config.output.resolved_run_dir}; "
+        "run the same command again to resume"
+    )
+    try:
+        return asyncio.run(main())
+    except KeyboardInterrupt:
+        raise interrupted from None
+    except asyncio.CancelledError:
+        if terminated:
+            raise interrupted from None
+        raise

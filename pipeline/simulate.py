@@ -1,0 +1,800 @@
+"""A local OpenAI-compatible chat server with latency, rate limits and faults.
+
+``enrich demo``, rehearsals, the end-to-end tests and the benchmarks all talk to
+this server instead of a paid API. Everything it does is reproducible: answers
+are a pure function of the request (:func:`expected_answer`), and random faults
+come from ``random.Random(seed)``.
+
+Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /_stats``
+(the :class:`SimulatorStats` as JSON). Anything else answers 404 with an
+OpenAI-style JSON error.
+
+A completion request goes through these steps, in this order; the first one
+that fails answers:
+
+1. auth: with ``api_key`` set, no ``Authorization: Bearer <api_key>`` -> 401
+   ``invalid_api_key``;
+2. a body that is not a chat request -> 400 ``invalid_request_error``;
+3. model: with ``models`` set, any other model -> 404 ``model_not_found``;
+4. ``insufficient_quota`` -> 429 with code ``insufficient_quota`` (no retry-after);
+5. per-prompt directives (below);
+6. random faults: drop, hang, 5xx, spurious 429, malformed body;
+7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``) -> 429;
+8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer.
+
+Per-prompt directives make faults deterministic for tests. They are read from
+the content of the LAST user message:
+
+``[[fault:400]]``
+    always answers 400 ``context_length_exceeded``.
+``[[fault:<kind>:<n>]]``, kind one of ``500``, ``429``, ``drop``, ``malformed``,
+``hang`` (and ``400``)
+    the first ``n`` requests carrying exactly this content fail with that fault,
+    later ones succeed. Without ``:<n>`` the fault is permanent.
+
+Faults: ``drop`` closes the connection without a response; ``hang`` holds the
+request for ``hang_s`` seconds (or until the server stops) and then drops it;
+``malformed`` is a 200 whose JSON body is cut short; ``429`` is a spurious
+``rate_limit_exceeded`` with retry headers.
+
+Rate-limit headers: ``x-ratelimit-limit-*`` carry the per-minute figures
+(``rpm``/``tpm``) like OpenAI; ``x-ratelimit-remaining-*`` is what the current
+window would still admit right now, and ``x-ratelimit-reset-*`` the time until
+the window is empty again, in OpenAI's duration format (:func:`format_reset`).
+A request larger than the whole token window is admitted into an empty window,
+so that it cannot be refused forever.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import contextlib
+import hashlib
+import itertools
+import json
+import math
+import random
+import re
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from types import TracebackType
+from typing import Any, Final, Self
+
+from aiohttp import web
+
+from pipeline.errors import ConfigError
+
+__all__ = [
+    "Simulator",
+    "SimulatorConfig",
+    "SimulatorStats",
+    "estimate_tokens",
+    "expected_answer",
+    "format_reset",
+    "run_in_thread",
+    "serve_forever",
+]
+
+DEFAULT_MODELS: Final = ("sim-1",)
+
+# What a spurious or directive 429 asks the client to wait: short, so tests that
+# retry through it stay fast, but non-zero so clients really do honour it.
+SPURIOUS_RETRY_AFTER_S: Final = 0.1
+
+# Requests still running when the server stops get this long before they are
+# cancelled; tests stop servers all the time and must not wait on sleepers.
+SHUTDOWN_TIMEOUT_S: Final = 0.5
+
+# Long prompts are legitimate; aiohttp's 1 MiB default would reject them.
+MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
+
+_DIRECTIVE: Final = re.compile(r"\[\[fault:(400|500|429|drop|malformed|hang)(?::(\d+))?\]\]")
+_DIRECTIVE_MARK: Final = "[[fault:"
+
+# Random faults in the order they are drawn; the config rates line up with these.
+_RANDOM_KINDS: Final = ("drop", "hang", "5xx", "429", "malformed")
+
+
+@dataclass(frozen=True)
+class SimulatorConfig:
+    """How the simulated API behaves. Every probability is per completion request."""
+
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    rpm: int | None = None
+    tpm: int | None = None
+    window_s: float = 60.0
+    rate_headers: bool = True
+    retry_after: bool = True
+    fail_rate_5xx: float = 0.0
+    fail_rate_429: float = 0.0
+    drop_rate: float = 0.0
+    hang_rate: float = 0.0
+    hang_s: float = 30.0
+    malformed_rate: float = 0.0
+    api_key: str | None = None
+    models: tuple[str, ...] = ()
+    insufficient_quota: bool = False
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("latency_ms", "jitter_ms", "hang_s"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
+        if self.window_s <= 0:
+            raise ConfigError(f"simulator window_s must be > 0, got {self.window_s}")
+        for name in ("rpm", "tpm"):
+            value = getattr(self, name)
+            if value is not None and value < 1:
+                raise ConfigError(
+                    f"simulator {name} must be >= 1, got {value}; leave it unset for no limit"
+                )
+        total = 0.0
+        for name in ("fail_rate_5xx", "fail_rate_429", "drop_rate", "hang_rate", "malformed_rate"):
+            rate = getattr(self, name)
+            if not 0.0 <= rate <= 1.0:
+                raise ConfigError(f"simulator {name} must be between 0 and 1, got {rate}")
+            total += rate
+        if total > 1.0 + 1e-9:
+            raise ConfigError(
+                f"simulator fault rates add up to {total:g}; lower them so the sum is at most 1"
+            )
+
+
+@dataclass
+class SimulatorStats:
+    """Counters of completion requests. Plain ints, so reading them from another
+    thread is safe under the GIL."""
+
+    requests: int = 0
+    answered: int = 0
+    rate_limited: int = 0
+    faults: int = 0
+    tokens: int = 0
+    answered_by_content: collections.Counter[str] = field(default_factory=collections.Counter)
+    max_in_flight: int = 0
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "requests": self.requests,
+            "answered": self.answered,
+            "rate_limited": self.rate_limited,
+            "faults": self.faults,
+            "tokens": self.tokens,
+            # dict() of a Counter is one C-level copy: safe while the loop thread counts.
+            "answered_by_content": dict(self.answered_by_content),
+            "max_in_flight": self.max_in_flight,
+        }
+
+
+# ---------------------------------------------------------------------------
+# Pure functions: what tests compute on their side to check every row.
+
+
+def estimate_tokens(text: str) -> int:
+    """About four bytes per token, at least one: cheap and good enough for limits."""
+    return max(1, math.ceil(len(text.encode()) / 4))
+
+
+def _text(content: Any) -> str:
+    # Content may be a list of parts (vision-style requests) or null (tool calls).
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        return "".join(
+            part["text"]
+            for part in content
+            if isinstance(part, Mapping) and isinstance(part.get("text"), str)
+        )
+    return ""
+
+
+def _last_user_text(messages: Sequence[Mapping[str, Any]]) -> str:
+    for message in reversed(messages):
+        if message.get("role") == "user":
+            return _text(message.get("content"))
+    return ""
+
+
+def expected_answer(messages: Sequence[Mapping[str, Any]], model: str) -> str:
+    """The answer the simulator gives, before any ``max_tokens`` truncation.
+
+    Readable in the demo (it echoes the last user message), yet it changes with
+    every message: a conversation of more than a single user message carries a
+    digest of all roles and contents, so a different system prompt gives a
+    different answer.
+    """
+    answer = f"[{model}] answer to: {_last_user_text(messages)}"
+    if len(messages) == 1 and messages[0].get("role") == "user":
+        return answer
+    canonical = json.dumps(
+        [[m.get("role"), _text(m.get("content"))] for m in messages], ensure_ascii=False
+    )
+    return f"{answer} #{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def format_reset(seconds: float) -> str:
+    """A duration in OpenAI's ``x-ratelimit-reset-*`` format: ``12ms``, ``1.5s``, ``6m0s``.
+
+    Rounded up to the millisecond: a client that waits this long must find the
+    window free, never a millisecond short.
+    """
+    if seconds <= 0:
+        return "0s"
+    # round() first so that 0.012 s (12.000000000000002 ms) is not ceiled to 13 ms.
+    total_ms = math.ceil(round(seconds * 1000, 6))
+    if total_ms < 1000:
+        return f"{total_ms}ms"
+    hours, rest = divmod(total_ms, 3_600_000)
+    minutes, rest = divmod(rest, 60_000)
+    secs = f"{rest // 1000}" if rest % 1000 == 0 else f"{rest / 1000:.3f}".rstrip("0")
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+# ---------------------------------------------------------------------------
+# Rate limiting.
+
+
+def _per_window(per_minute: int, window_s: float) -> int:
+    # round() before floor() so that 100 rpm over 0.6 s is 1, not 0.9999999999999999.
+    return max(1, math.floor(round(per_minute * window_s / 60.0, 9)))
+
+
+class _SlidingWindow:
+    """A sliding log of (time, amount): exact, so retry hints are exact too."""
+
+    __slots__ = ("_log", "capacity", "used", "window_s")
+
+    def __init__(self, capacity: int, window_s: float) -> None:
+        self.capacity = capacity
+        self.window_s = window_s
+        self.used = 0
+        self._log: collections.deque[tuple[float, int]] = collections.deque()
+
+    def expire(self, now: float) -> None:
+        log = self._log
+        horizon = now - self.window_s
+        while log and log[0][0] <= horizon:
+            self.used -= log.popleft()[1]
+
+    def wait(self, amount: int, now: float) -> float:
+        """Seconds until ``amount`` fits; 0 if it fits now. Call ``expire`` first."""
+        # An oversized request only has to wait for an empty window: it must be
+        # able to pass eventually, or a client would retry it forever.
+        excess = min(self.used + amount - self.capacity, self.used)
+        if excess <= 0:
+            return 0.0
+        freed = 0
+        for stamp, n in self._log:
+            freed += n
+            if freed >= excess:
+                # Never 0: the client must not retry into the same instant.
+                return max(stamp + self.window_s - now, 0.001)
+        return self.window_s  # pragma: no cover - used == sum of the log
+
+    def add(self, amount: int, now: float) -> None:
+        self._log.append((now, amount))
+        self.used += amount
+
+    def remaining(self) -> int:
+        return max(0, self.capacity - self.used)
+
+    def reset_in(self, now: float) -> float:
+        return self._log[-1][0] + self.window_s - now if self._log else 0.0
+
+
+# ---------------------------------------------------------------------------
+# Responses.
+
+
+def _json(status: int, payload: Any, headers: Mapping[str, str] | None = None) -> web.Response:
+    return web.Response(
+        status=status,
+        body=json.dumps(payload).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+def _error(
+    status: int,
+    message: str,
+    type_: str,
+    code: str | None = None,
+    param: str | None = None,
+    headers: Mapping[str, str] | None = None,
+) -> web.Response:
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return _json(status, payload, headers)
+
+
+def _bad_request(message: str, param: str | None = None) -> web.Response:
+    return _error(400, message, "invalid_request_error", None, param)
+
+
+_SERVER_ERRORS: Final = {
+    500: "The server had an error while processing your request. Sorry about that!",
+    502: "Bad gateway. The upstream server returned an invalid response (simulated).",
+    503: "The server is overloaded or not ready yet (simulated).",
+}
+
+
+class Simulator:
+    """The server. Use ``async with Simulator(config) as sim`` in async code, or
+    :func:`run_in_thread` when the client runs elsewhere (a subprocess, sync code)."""
+
+    def __init__(
+        self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> None:
+        self.config = config if config is not None else SimulatorConfig()
+        self.host = host
+        self.port = port
+        self.stats = SimulatorStats()
+        self._runner: web.AppRunner | None = None
+        self._closing: asyncio.Event | None = None
+        self._in_flight = 0
+        self._next_id = 0
+        self._rng = random.Random(self.config.seed)
+        self._directive_counts: collections.Counter[str] = collections.Counter()
+
+        cfg = self.config
+        self._auth = f"Bearer {cfg.api_key}" if cfg.api_key is not None else None
+        self._models = frozenset(cfg.models)
+        # In the order of _RANDOM_KINDS. Cumulative thresholds: one draw per
+        # request decides among all faults, so the rates are exact and exclusive.
+        rates = (
+            cfg.drop_rate,
+            cfg.hang_rate,
+            cfg.fail_rate_5xx,
+            cfg.fail_rate_429,
+            cfg.malformed_rate,
+        )
+        self._random_faults = sum(rates) > 0
+        self._thresholds = tuple(itertools.accumulate(rates))
+        self._requests = (
+            _SlidingWindow(_per_window(cfg.rpm, cfg.window_s), cfg.window_s)
+            if cfg.rpm is not None
+            else None
+        )
+        self._tokens = (
+            _SlidingWindow(_per_window(cfg.tpm, cfg.window_s), cfg.window_s)
+            if cfg.tpm is not None
+            else None
+        )
+
+    # -- lifecycle ---------------------------------------------------------
+
+    @property
+    def base_url(self) -> str:
+        """``http://host:port/v1``, what an OpenAI client takes as ``base_url``."""
+        if self._runner is None:
+            raise RuntimeError("Simulator.base_url is only known once start() has returned")
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"http://{host}:{self.port}/v1"
+
+    async def start(self) -> None:
+        if self._runner is not None:
+            raise RuntimeError("Simulator is already running")
+        self._closing = asyncio.Event()
+        app = web.Application(client_max_size=MAX_REQUEST_BYTES)
+        app.router.add_post("/v1/chat/completions", self._completions)
+        app.router.add_get("/v1/models", self._list_models)
+        app.router.add_get("/_stats", self._stats)
+        app.router.add_route("*", "/{tail:.*}", self._not_found)
+        # access_log=None: logging every request would cost more than answering it.
+        runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
+        await runner.setup()
+        # A large backlog: benchmarks open hundreds of connections at once.
+        site = web.TCPSite(runner, self.host, self.port, backlog=1024)
+        try:
+            await site.start()
+        except BaseException:
+            await runner.cleanup()
+            raise
+        self.port = int(runner.addresses[0][1])
+        self._runner = runner
+
+    async def stop(self) -> None:
+        runner, self._runner = self._runner, None
+        if runner is None:
+            return
+        if self._closing is not None:
+            # Wake hanging requests so shutdown is not held up by them.
+            self._closing.set()
+        await runner.cleanup()
+
+    async def __aenter__(self) -> Self:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    def reset_stats(self) -> None:
+        """Zero the counters in place (holders of ``stats`` see the reset). Fault
+        directive counts and the rate-limit window are server state and are kept."""
+        stats = self.stats
+        stats.requests = stats.answered = stats.rate_limited = stats.faults = stats.tokens = 0
+        stats.answered_by_content = collections.Counter()
+        stats.max_in_flight = self._in_flight
+
+    @classmethod
+    @contextlib.contextmanager
+    def run_in_thread(
+        cls, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+    ) -> Iterator[Simulator]:
+        """Same as the module-level :func:`run_in_thread`."""
+        with run_in_thread(config, host, port) as sim:
+            yield sim
+
+    # -- handlers ----------------------------------------------------------
+
+    async def _completions(self, request: web.Request) -> web.StreamResponse:
+        stats = self.stats
+        stats.requests += 1
+        self._in_flight += 1
+        if self._in_flight > stats.max_in_flight:
+            stats.max_in_flight = self._in_flight
+        try:
+            return await self._complete(request)
+        finally:
+            self._in_flight -= 1
+
+    async def _complete(self, request: web.Request) -> web.StreamResponse:
+        cfg = self.config
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            return self._unauthorized()
+
+        try:
+            body = json.loads(await request.read())
+        except ValueError:
+            return _bad_request(
+                "We could not parse the JSON body of your request. The simulator expects "
+                "a JSON chat completion request."
+            )
+        if not isinstance(body, dict):
+            return _bad_request("The request body must be a JSON object.")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            return _bad_request("You must provide a model parameter.", "model")
+        messages = body.get("messages")
+        if (
+            not isinstance(messages, list)
+            or not messages
+            or not all(isinstance(m, dict) for m in messages)
+        ):
+            return _bad_request("'messages' must be a non-empty array of objects.", "messages")
+        if body.get("stream"):
+            return _bad_request("The simulator does not support stream=true.", "stream")
+        max_tokens = body.get("max_completion_tokens")
+        if max_tokens is None:
+            max_tokens = body.get("max_tokens")
+        if max_tokens is not None and (
+            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+        ):
+            return _bad_request("max_tokens must be a positive integer.", "max_tokens")
+
+        if self._models and model not in self._models:
+            return _error(
+                404,
+                f"The model `{model}` does not exist or you do not have access to it.",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        if cfg.insufficient_quota:
+            return _error(
+                429,
+                "You exceeded your current quota, please check your plan and billing details.",
+                "insufficient_quota",
+                "insufficient_quota",
+                headers=self._rate_headers(time.monotonic()),
+            )
+
+        content = _last_user_text(messages)
+        if _DIRECTIVE_MARK in content:
+            directed = self._directive(content)
+            if directed is not None:
+                return await self._fault(directed, request, model)
+        if self._random_faults:
+            draw = self._rng.random()
+            for kind, threshold in zip(_RANDOM_KINDS, self._thresholds, strict=True):
+                if draw < threshold:
+                    if kind == "5xx":
+                        kind = str(self._rng.choice((500, 502, 503)))
+                    return await self._fault(kind, request, model)
+
+        answer = expected_answer(messages, model)
+        finish_reason = "stop"
+        if max_tokens is not None and estimate_tokens(answer) > max_tokens:
+            # Cut on a character boundary: "ignore" drops a split multi-byte tail.
+            answer = answer.encode()[: max_tokens * 4].decode("utf-8", "ignore")
+            finish_reason = "length"
+        prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
+        completion_tokens = estimate_tokens(answer)
+        total_tokens = prompt_tokens + completion_tokens
+
+        headers: dict[str, str] | None = None
+        if self._requests is not None or self._tokens is not None:
+            now = time.monotonic()
+            refused = self._admit(total_tokens, now, model)
+            if refused is not None:
+                return refused
+            headers = self._rate_headers(now)
+
+        delay = cfg.latency_ms
+        if cfg.jitter_ms:
+            delay += self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)
+        if delay > 0:
+            await asyncio.sleep(delay / 1000.0)
+
+        self._next_id += 1
+        payload = {
+            "id": f"chatcmpl-{self._next_id}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": answer},
+                    "finish_reason": finish_reason,
+                }
+            ],
+            "usage": {
+                "prompt_tokens": prompt_tokens,
+                "completion_tokens": completion_tokens,
+                "total_tokens": total_tokens,
+            },
+        }
+        transport = request.transport
+        # A client that gave up during the latency never gets this answer: counting
+        # it would make "answered exactly once" checks lie.
+        if transport is not None and not transport.is_closing():
+            stats = self.stats
+            stats.answered += 1
+            stats.tokens += total_tokens
+            stats.answered_by_content[content] += 1
+        return _json(200, payload, headers)
+
+    def _directive(self, content: str) -> str | None:
+        match = _DIRECTIVE.search(content)
+        if match is None:
+            return None
+        kind, count = match.group(1), match.group(2)
+        if count is not None:
+            if self._directive_counts[content] >= int(count):
+                return None
+            self._directive_counts[content] += 1
+        return kind
+
+    async def _fault(self, kind: str, request: web.Request, model: str) -> web.StreamResponse:
+        stats = self.stats
+        if kind == "400":
+            return _error(
+                400,
+                "This model's maximum context length is 8192 tokens. However, your messages "
+                "resulted in more tokens (simulated). Please reduce the length of the messages.",
+                "invalid_request_error",
+                "context_length_exceeded",
+                "messages",
+            )
+        if kind == "429":
+            stats.rate_limited += 1
+            headers = self._rate_headers(time.monotonic())
+            headers.update(self._retry_headers(SPURIOUS_RETRY_AFTER_S))
+            return _error(
+                429,
+                f"Rate limit reached for requests on {model} (simulated spurious 429). "
+                f"Please try again in {format_reset(SPURIOUS_RETRY_AFTER_S)}.",
+                "requests",
+                "rate_limit_exceeded",
+                headers=headers,
+            )
+        stats.faults += 1
+        if kind == "malformed":
+            self._next_id += 1
+            # Valid start, cut short: exactly what a proxy that drops mid-body yields.
+            body = f'{{"id": "chatcmpl-{self._next_id}", "object": "chat.completion", "choi'
+            return web.Response(status=200, body=body.encode(), content_type="application/json")
+        if kind in ("drop", "hang"):
+            if kind == "hang":
+                assert self._closing is not None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._closing.wait(), self.config.hang_s)
+            transport = request.transport
+            if transport is not None:
+                transport.close()
+            # aiohttp fails to write this to the closed transport and drops it quietly.
+            return web.Response(status=500)
+        status = int(kind)
+        return _error(status, _SERVER_ERRORS[status], "server_error")
+
+    def _admit(self, tokens: int, now: float, model: str) -> web.Response | None:
+        """None if the request fits the limits (and then it is counted), else its 429."""
+        requests, token_window = self._requests, self._tokens
+        wait_requests = wait_tokens = 0.0
+        if requests is not None:
+            requests.expire(now)
+            wait_requests = requests.wait(1, now)
+        if token_window is not None:
+            token_window.expire(now)
+            wait_tokens = token_window.wait(tokens, now)
+        if wait_requests == 0.0 and wait_tokens == 0.0:
+            if requests is not None:
+                requests.add(1, now)
+            if token_window is not None:
+                token_window.add(tokens, now)
+            return None
+
+        self.stats.rate_limited += 1
+        # Wait for both limits: retrying when only one has freed would be refused again.
+        wait = max(wait_requests, wait_tokens)
+        if wait_requests > 0.0:
+            assert requests is not None
+            kind, limit, used, asked = "requests", self.config.rpm, requests.used, 1
+            unit = "requests per min (RPM)"
+        else:
+            assert token_window is not None
+            kind, limit, used, asked = "tokens", self.config.tpm, token_window.used, tokens
+            unit = "tokens per min (TPM)"
+        headers = self._rate_headers(now)
+        headers.update(self._retry_headers(wait))
+        return _error(
+            429,
+            f"Rate limit reached for {kind} on {model}: {unit}: Limit {limit}, "
+            f"Used {used} in the last {self.config.window_s:g}s, Requested {asked}. "
+            f"Please try again in {format_reset(wait)}.",
+            kind,
+            "rate_limit_exceeded",
+            headers=headers,
+        )
+
+    def _retry_headers(self, wait: float) -> dict[str, str]:
+        if not self.config.retry_after:
+            return {}
+        return {
+            "retry-after": str(max(1, math.ceil(wait))),
+            "retry-after-ms": str(max(1, math.ceil(round(wait * 1000, 6)))),
+        }
+
+    def _rate_headers(self, now: float) -> dict[str, str]:
+        cfg = self.config
+        headers: dict[str, str] = {}
+        if not cfg.rate_headers:
+            return headers
+        if self._requests is not None:
+            self._requests.expire(now)
+            headers["x-ratelimit-limit-requests"] = str(cfg.rpm)
+            headers["x-ratelimit-remaining-requests"] = str(self._requests.remaining())
+            headers["x-ratelimit-reset-requests"] = format_reset(self._requests.reset_in(now))
+        if self._tokens is not None:
+            self._tokens.expire(now)
+            headers["x-ratelimit-limit-tokens"] = str(cfg.tpm)
+            headers["x-ratelimit-remaining-tokens"] = str(self._tokens.remaining())
+            headers["x-ratelimit-reset-tokens"] = format_reset(self._tokens.reset_in(now))
+        return headers
+
+    def _unauthorized(self) -> web.Response:
+        # The key sent is never echoed, not even masked: it must not end up in logs.
+        return _error(
+            401,
+            "Incorrect API key provided. Set the key the simulator was started with.",
+            "invalid_request_error",
+            "invalid_api_key",
+        )
+
+    async def _list_models(self, request: web.Request) -> web.StreamResponse:
+        if self._auth is not None and request.headers.get("Authorization") != self._auth:
+            return self._unauthorized()
+        models = self.config.models or DEFAULT_MODELS
+        data = [{"id": m, "object": "model", "created": 0, "owned_by": "simulator"} for m in models]
+        return _json(200, {"object": "list", "data": data})
+
+    async def _stats(self, request: web.Request) -> web.StreamResponse:
+        payload = self.stats.as_dict()
+        payload["in_flight"] = self._in_flight
+        return _json(200, payload)
+
+    async def _not_found(self, request: web.Request) -> web.StreamResponse:
+        return _error(
+            404,
+            f"Unknown request URL: {request.method} {request.path}.",
+            "invalid_request_error",
+            "unknown_url",
+        )
+
+
+# ---------------------------------------------------------------------------
+# Running outside an event loop.
+
+
+@contextlib.contextmanager
+def run_in_thread(
+    config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+) -> Iterator[Simulator]:
+    """Serve from a daemon thread with its own event loop; yields once listening.
+
+    For clients that are not coroutines in the caller's loop: subprocesses,
+    synchronous code, ``enrich demo``.
+    """
+    sim = Simulator(config, host, port)
+    ready = threading.Event()
+    failure: list[BaseException] = []
+    loop_box: list[tuple[asyncio.AbstractEventLoop, asyncio.Event]] = []
+
+    async def serve() -> None:
+        stop = asyncio.Event()
+        try:
+            await sim.start()
+        except BaseException as exc:
+            failure.append(exc)
+            ready.set()
+            return
+        loop_box.append((asyncio.get_running_loop(), stop))
+        ready.set()
+        try:
+            await stop.wait()
+        finally:
+            await sim.stop()
+
+    thread = threading.Thread(target=asyncio.run, args=(serve(),), name="enrich-simulator")
+    thread.daemon = True
+    thread.start()
+    ready.wait()
+    if failure:
+        thread.join()
+        raise failure[0]
+    loop, stop = loop_box[0]
+    try:
+        yield sim
+    finally:
+        loop.call_soon_threadsafe(stop.set)
+        thread.join(timeout=10)
+
+
+def serve_forever(
+    config: SimulatorConfig,
+    host: str,
+    port: int,
+    ready: Callable[[str], None] | None = None,
+) -> None:
+    """Serve until Ctrl-C or SIGTERM, then stop cleanly and return normally.
+
+    ``ready`` is called with the base URL once the server listens (the CLI
+    prints it; this module never prints).
+    """
+
+    async def serve() -> None:
+        loop = asyncio.get_running_loop()
+        stop = asyncio.Event()
+        installed: list[signal.Signals] = []
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            # Only the main thread may install handlers; elsewhere the caller stops us.
+            with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+                loop.add_signal_handler(sig, stop.set)
+                installed.append(sig)
+        try:
+            async with Simulator(config, host, port) as sim:
+                if ready is not None:
+                    ready(sim.base_url)
+                await stop.wait()
+        finally:
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+
+    # A Ctrl-C that lands before the handlers are installed is still a clean stop.
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve())

@@ -1,0 +1,444 @@
+"""The simulator, driven by the real ``openai`` client over loopback HTTP."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import pytest
+from openai.types.chat import ChatCompletionMessageParam
+
+from pipeline import simulate
+from pipeline.errors import ConfigError
+from pipeline.simulate import (
+    Simulator,
+    SimulatorConfig,
+    estimate_tokens,
+    expected_answer,
+    format_reset,
+    run_in_thread,
+)
+
+pytestmark = pytest.mark.timeout(10)
+
+# Where `pipeline` was imported from, so a subprocess imports the same code.
+PACKAGE_ROOT = Path(simulate.__file__).absolute().parents[1]
+KEY = "sk-test"
+
+
+def user(content: str) -> list[ChatCompletionMessageParam]:
+    return [{"role": "user", "content": content}]
+
+
+def client(sim: Simulator, *, timeout: float = 5.0, key: str = KEY) -> openai.AsyncOpenAI:
+    # max_retries=0: every request the test makes is exactly one request the server sees.
+    return openai.AsyncOpenAI(base_url=sim.base_url, api_key=key, max_retries=0, timeout=timeout)
+
+
+async def ask(sim: Simulator, content: str, model: str = "sim-1", **kwargs: Any) -> str | None:
+    async with client(sim, **kwargs) as c:
+        completion = await c.chat.completions.create(model=model, messages=user(content))
+    return completion.choices[0].message.content
+
+
+@pytest.fixture
+async def sim() -> AsyncIterator[Simulator]:
+    async with Simulator() as server:
+        yield server
+
+
+# -- pure functions ---------------------------------------------------------
+
+
+def test_estimate_tokens_is_a_quarter_of_the_utf8_bytes_and_at_least_one() -> None:
+    assert estimate_tokens("") == 1
+    assert estimate_tokens("abcd") == 1
+    assert estimate_tokens("abcde") == 2
+    assert estimate_tokens("é" * 4) == 2  # 8 bytes
+
+
+def test_expected_answer_changes_with_system_prompt_model_and_user_content() -> None:
+    base = [{"role": "system", "content": "be brief"}, *user("hello")]
+    other_system = [{"role": "system", "content": "be verbose"}, *user("hello")]
+    answers = {
+        expected_answer(base, "m1"),
+        expected_answer(other_system, "m1"),
+        expected_answer(base, "m2"),
+        expected_answer(user("hello"), "m1"),
+        expected_answer(user("bye"), "m1"),
+    }
+    assert len(answers) == 5
+    assert expected_answer(user("hello"), "m1") == "[m1] answer to: hello"
+    assert expected_answer(base, "m1") == expected_answer(list(base), "m1")
+
+
+@pytest.mark.parametrize(
+    ("seconds", "text"),
+    [
+        (0, "0s"),
+        (-1, "0s"),
+        (0.012, "12ms"),
+        (0.0001, "1ms"),
+        (0.9999, "1s"),
+        (1, "1s"),
+        (1.5, "1.5s"),
+        (20, "20s"),
+        (360, "6m0s"),
+        (389.714, "6m29.714s"),
+        (3723, "1h2m3s"),
+    ],
+)
+def test_format_reset_uses_openai_duration_format(seconds: float, text: str) -> None:
+    assert format_reset(seconds) == text
+
+
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"fail_rate_5xx": 1.5},
+        {"drop_rate": -0.1},
+        {"fail_rate_5xx": 0.6, "drop_rate": 0.6},
+        {"rpm": 0},
+        {"window_s": 0},
+        {"latency_ms": -1},
+    ],
+)
+def test_invalid_config_raises_config_error(kwargs: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError):
+        SimulatorConfig(**kwargs)
+
+
+# -- answers ------------------------------------------------------------------
+
+
+async def test_answer_is_expected_answer_in_openai_shape_and_counted(sim: Simulator) -> None:
+    messages: list[ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You label rows."},
+        *user("row 1"),
+    ]
+    async with client(sim) as c:
+        completion = await c.chat.completions.create(model="any-model", messages=messages)
+    answer = expected_answer(messages, "any-model")
+    assert completion.object == "chat.completion"
+    assert completion.id.startswith("chatcmpl-")
+    assert completion.model == "any-model"
+    assert completion.choices[0].message.content == answer
+    assert completion.choices[0].finish_reason == "stop"
+    assert completion.usage is not None
+    prompt_tokens = estimate_tokens("You label rows.") + 4 + estimate_tokens("row 1") + 4
+    assert completion.usage.prompt_tokens == prompt_tokens
+    assert completion.usage.completion_tokens == estimate_tokens(answer)
+    assert completion.usage.total_tokens == prompt_tokens + estimate_tokens(answer)
+    assert sim.stats.requests == 1
+    assert sim.stats.answered == 1
+    assert sim.stats.tokens == completion.usage.total_tokens
+    assert sim.stats.answered_by_content == {"row 1": 1}
+
+
+async def test_max_tokens_truncates_answer_and_reports_length(sim: Simulator) -> None:
+    async with client(sim) as c:
+        completion = await c.chat.completions.create(
+            model="sim-1", messages=user("é" * 50), max_tokens=3
+        )
+    content = completion.choices[0].message.content
+    assert content is not None
+    assert completion.choices[0].finish_reason == "length"
+    assert len(content.encode()) <= 12
+    assert expected_answer(user("é" * 50), "sim-1").startswith(content)
+    assert completion.usage is not None
+    assert completion.usage.completion_tokens <= 3
+
+
+async def test_latency_delays_every_answer() -> None:
+    async with Simulator(SimulatorConfig(latency_ms=150, jitter_ms=20)) as sim:
+        started = time.monotonic()
+        await ask(sim, "slow")
+        assert 0.13 <= time.monotonic() - started < 1.0
+
+
+async def test_models_endpoint_lists_configured_models() -> None:
+    async with Simulator(SimulatorConfig(models=("a", "b"))) as sim, client(sim) as c:
+        page = await c.models.list()
+    assert [m.id for m in page.data] == ["a", "b"]
+
+
+async def test_unknown_path_and_stats_endpoint_answer_json(sim: Simulator) -> None:
+    await ask(sim, "x")
+    root = sim.base_url.removesuffix("/v1")
+    async with aiohttp.ClientSession() as session:
+        async with session.get(f"{root}/nope") as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "unknown_url"
+        async with session.get(f"{root}/_stats") as resp:
+            stats = await resp.json()
+    assert stats["requests"] == 1
+    assert stats["answered_by_content"] == {"x": 1}
+
+
+# -- run-level errors -----------------------------------------------------------
+
+
+async def test_wrong_api_key_gets_401_invalid_api_key() -> None:
+    async with Simulator(SimulatorConfig(api_key="right")) as sim:
+        with pytest.raises(openai.AuthenticationError) as err:
+            await ask(sim, "x", key="wrong")
+        assert err.value.status_code == 401
+        assert err.value.code == "invalid_api_key"
+        assert "wrong" not in str(err.value)
+        assert await ask(sim, "x", key="right") == "[sim-1] answer to: x"
+
+
+async def test_unknown_model_gets_404_model_not_found() -> None:
+    async with Simulator(SimulatorConfig(models=("known",))) as sim:
+        with pytest.raises(openai.NotFoundError) as err:
+            await ask(sim, "x", model="unknown")
+        assert err.value.code == "model_not_found"
+        assert await ask(sim, "x", model="known") == "[known] answer to: x"
+
+
+async def test_insufficient_quota_is_429_without_retry_after() -> None:
+    async with Simulator(SimulatorConfig(insufficient_quota=True, rpm=60)) as sim:
+        with pytest.raises(openai.RateLimitError) as err:
+            await ask(sim, "x")
+        assert err.value.code == "insufficient_quota"
+        assert err.value.type == "insufficient_quota"
+        assert "retry-after" not in err.value.response.headers
+        assert "retry-after-ms" not in err.value.response.headers
+        assert sim.stats.rate_limited == 0
+
+
+async def test_fault_400_directive_is_context_length_exceeded(sim: Simulator) -> None:
+    for _ in range(2):
+        with pytest.raises(openai.BadRequestError) as err:
+            await ask(sim, "too long [[fault:400]]")
+        assert err.value.code == "context_length_exceeded"
+        assert err.value.param == "messages"
+    assert sim.stats.answered == 0
+
+
+# -- rate limits ----------------------------------------------------------------
+
+
+async def test_rate_limited_request_gets_429_with_retry_headers() -> None:
+    # 600 rpm over a 1 s window: 10 requests per window.
+    config = SimulatorConfig(rpm=600, tpm=600_000, window_s=1.0)
+    async with Simulator(config) as sim, client(sim) as c:
+        raw = await c.chat.completions.with_raw_response.create(
+            model="sim-1", messages=user("first")
+        )
+        assert raw.headers["x-ratelimit-limit-requests"] == "600"
+        assert raw.headers["x-ratelimit-remaining-requests"] == "9"
+        assert raw.headers["x-ratelimit-limit-tokens"] == "600000"
+        assert int(raw.headers["x-ratelimit-remaining-tokens"]) < 10_000
+        # The window empties one window after this request.
+        assert raw.headers["x-ratelimit-reset-requests"] in ("1s", "999ms", "998ms")
+        for i in range(9):
+            await c.chat.completions.create(model="sim-1", messages=user(f"row {i}"))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("eleventh"))
+    headers = err.value.response.headers
+    assert err.value.code == "rate_limit_exceeded"
+    assert err.value.type == "requests"
+    assert str(err.value.message).count("Rate limit reached for requests") == 1
+    assert 0 < int(headers["retry-after-ms"]) <= 1000
+    assert headers["retry-after"] == "1"
+    assert headers["x-ratelimit-remaining-requests"] == "0"
+    for name in ("limit", "remaining", "reset"):
+        assert f"x-ratelimit-{name}-tokens" in headers
+    assert sim.stats.requests == 11
+    assert sim.stats.answered == 10
+    assert sim.stats.rate_limited == 1
+    assert "eleventh" not in sim.stats.answered_by_content
+
+
+async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
+    # 300 rpm over 0.2 s: one request per window.
+    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim, client(sim) as c:
+        await c.chat.completions.create(model="sim-1", messages=user("a"))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("b"))
+        wait_ms = int(err.value.response.headers["retry-after-ms"])
+        assert 0 < wait_ms <= 200
+        await asyncio.sleep(wait_ms / 1000)
+        # The refused request did not use up the window.
+        await c.chat.completions.create(model="sim-1", messages=user("b"))
+    assert sim.stats.answered == 2
+    assert sim.stats.rate_limited == 1
+
+
+async def test_token_limit_answers_429_of_type_tokens() -> None:
+    # 60 tokens per 1 s window; each request is well over 30 tokens.
+    async with Simulator(SimulatorConfig(tpm=3600, window_s=1.0)) as sim, client(sim) as c:
+        prompt = "x" * 120  # 30 prompt tokens + 4, plus the answer
+        await c.chat.completions.create(model="sim-1", messages=user(prompt))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user(prompt))
+    assert err.value.type == "tokens"
+    assert "Rate limit reached for tokens" in err.value.message
+    assert "retry-after-ms" in err.value.response.headers
+    assert "x-ratelimit-limit-requests" not in err.value.response.headers
+
+
+async def test_rate_headers_and_retry_after_can_be_turned_off() -> None:
+    config = SimulatorConfig(rpm=60, window_s=1.0, rate_headers=False, retry_after=False)
+    async with Simulator(config) as sim, client(sim) as c:
+        raw = await c.chat.completions.with_raw_response.create(model="sim-1", messages=user("a"))
+        assert not any(h.startswith("x-ratelimit") for h in raw.headers)
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("b"))
+    assert not any(h.startswith(("x-ratelimit", "retry-after")) for h in err.value.response.headers)
+
+
+# -- faults ---------------------------------------------------------------------
+
+
+async def test_fault_500_directive_fails_exactly_twice_then_succeeds(sim: Simulator) -> None:
+    content = "flaky [[fault:500:2]]"
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError) as err:
+            await ask(sim, content)
+        assert err.value.type == "server_error"
+    assert await ask(sim, content) == expected_answer(user(content), "sim-1")
+    assert await ask(sim, content) == expected_answer(user(content), "sim-1")
+    # Counts are per exact content: another row with the same directive fails afresh.
+    with pytest.raises(openai.InternalServerError):
+        await ask(sim, "other [[fault:500:2]]")
+    assert sim.stats.faults == 3
+    assert sim.stats.answered_by_content == {content: 2}
+
+
+async def test_fault_429_directive_is_a_rate_limit_error_with_retry_after(sim: Simulator) -> None:
+    with pytest.raises(openai.RateLimitError) as err:
+        await ask(sim, "busy [[fault:429:1]]")
+    assert err.value.code == "rate_limit_exceeded"
+    assert int(err.value.response.headers["retry-after-ms"]) > 0
+    assert await ask(sim, "busy [[fault:429:1]]") is not None
+    assert sim.stats.rate_limited == 1
+    assert sim.stats.faults == 0
+
+
+async def test_malformed_body_makes_client_raise(sim: Simulator) -> None:
+    # The openai client does not wrap this one: it surfaces as json's ValueError.
+    with pytest.raises(ValueError, match="line 1"):
+        await ask(sim, "[[fault:malformed:1]]")
+    assert sim.stats.faults == 1
+    assert sim.stats.answered == 0
+    assert await ask(sim, "[[fault:malformed:1]]") is not None
+
+
+async def test_dropped_connection_raises_api_connection_error(sim: Simulator) -> None:
+    with pytest.raises(openai.APIConnectionError) as err:
+        await ask(sim, "[[fault:drop:1]]")
+    assert not isinstance(err.value, openai.APITimeoutError)
+    assert sim.stats.faults == 1
+    assert await ask(sim, "[[fault:drop:1]]") is not None
+
+
+async def test_hanging_request_times_out_client_and_does_not_block_stop() -> None:
+    sim = Simulator(SimulatorConfig(hang_s=30))
+    await sim.start()
+    try:
+        with pytest.raises(openai.APITimeoutError):
+            await ask(sim, "[[fault:hang:1]]", timeout=0.5)
+        assert sim.stats.faults == 1
+        assert await ask(sim, "[[fault:hang:1]]") is not None
+    finally:
+        started = time.monotonic()
+        await sim.stop()
+        assert time.monotonic() - started < 1.0
+
+
+async def test_random_faults_are_reproducible_with_the_same_seed() -> None:
+    config = SimulatorConfig(fail_rate_5xx=0.2, fail_rate_429=0.2, malformed_rate=0.2, seed=7)
+
+    async def statuses() -> list[int]:
+        async with Simulator(config) as sim, aiohttp.ClientSession() as session:
+            seen = []
+            for i in range(40):
+                body = {"model": "m", "messages": user(f"row {i}")}
+                async with session.post(f"{sim.base_url}/chat/completions", json=body) as resp:
+                    await resp.read()
+                    seen.append(resp.status)
+            assert sim.stats.faults + sim.stats.rate_limited + sim.stats.answered == 40
+            return seen
+
+    first, second = await statuses(), await statuses()
+    assert first == second
+    assert {200, 429} <= set(first)
+    assert set(first) & {500, 502, 503}
+
+
+async def test_max_in_flight_counts_concurrent_requests() -> None:
+    async with Simulator(SimulatorConfig(latency_ms=200)) as sim, client(sim) as c:
+        await asyncio.gather(
+            *(c.chat.completions.create(model="sim-1", messages=user(f"r{i}")) for i in range(8))
+        )
+        assert sim.stats.max_in_flight == 8
+        sim.reset_stats()
+        assert sim.stats.max_in_flight == 0
+        assert sim.stats.answered_by_content == {}
+        await c.chat.completions.create(model="sim-1", messages=user("alone"))
+        assert sim.stats.max_in_flight == 1
+        assert sim.stats.requests == 1
+
+
+# -- running outside the test's event loop --------------------------------------
+
+
+def test_run_in_thread_serves_a_sync_client_and_stops_cleanly() -> None:
+    with run_in_thread(SimulatorConfig(api_key=KEY)) as sim:
+        with openai.OpenAI(base_url=sim.base_url, api_key=KEY, max_retries=0) as c:
+            completion = c.chat.completions.create(model="sim-1", messages=user("sync"))
+        assert completion.choices[0].message.content == "[sim-1] answer to: sync"
+        assert sim.stats.answered_by_content["sync"] == 1
+        base_url = sim.base_url
+    with (
+        openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0, timeout=1) as c,
+        pytest.raises(openai.APIConnectionError),
+    ):
+        c.chat.completions.create(model="sim-1", messages=user("after stop"))
+
+
+def test_run_in_thread_classmethod_is_the_same_helper() -> None:
+    with Simulator.run_in_thread() as sim:
+        assert sim.base_url.startswith("http://127.0.0.1:")
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_serve_forever_calls_ready_and_stops_cleanly_on_signal(sig: signal.Signals) -> None:
+    script = (
+        "from pipeline.simulate import SimulatorConfig, serve_forever\n"
+        "serve_forever(SimulatorConfig(), '127.0.0.1', 0, lambda url: print(url, flush=True))\n"
+        "print('stopped', flush=True)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", script],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+    )
+    try:
+        assert proc.stdout is not None
+        base_url = proc.stdout.readline().strip()
+        assert base_url.startswith("http://127.0.0.1:"), proc.communicate(timeout=5)
+        with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as c:
+            completion = c.chat.completions.create(model="sim-1", messages=user("cli"))
+        assert completion.choices[0].message.content == "[sim-1] answer to: cli"
+        proc.send_signal(sig)
+        out, err = proc.communicate(timeout=5)
+    finally:
+        proc.kill()
+    assert proc.returncode == 0, err
+    assert out.strip() == "stopped"
+    assert err == ""
