@@ -14,7 +14,7 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Mapping, Sequence
+from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
@@ -222,6 +222,15 @@ class CallStage:
         self._limiter = RateLimiter(limits.rpm, limits.tpm)
         self._rng = rng or random.Random()
         self.stats = CallStats()
+        self.draining = False
+        self._stop_feeding: Callable[[], None] | None = None
+
+    def drain(self) -> None:
+        """Send no new request; those in flight finish and are still yielded
+        (they are paid for). ``results()`` then ends normally."""
+        self.draining = True
+        if self._stop_feeding is not None:
+            self._stop_feeding()
 
     def backoff_delay(self, attempt: int, retry_after: float | None) -> float:
         """Exponential backoff with jitter; a server's retry-after wins when
@@ -302,6 +311,17 @@ class CallStage:
 
         feeder = asyncio.create_task(feed())
         workers = [asyncio.create_task(work()) for _ in range(concurrency)]
+
+        def stop_feeding() -> None:
+            feeder.cancel()
+            while not todo.empty():
+                todo.get_nowait()
+            for _ in range(concurrency):
+                todo.put_nowait(None)
+
+        self._stop_feeding = stop_feeding
+        if self.draining:
+            stop_feeding()
         finished = 0
         failure: BaseException | None = None
         try:
@@ -318,6 +338,7 @@ class CallStage:
                 else:
                     yield item
         finally:
+            self._stop_feeding = None
             feeder.cancel()
             for worker in workers:
                 worker.cancel()

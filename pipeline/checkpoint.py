@@ -69,6 +69,7 @@ def settings_hash(settings: Mapping[str, Any]) -> str:
 class Manifest:
     input: InputIdentity
     settings: dict[str, Any]
+    input_rows: int = 0
     format_version: int = FORMAT_VERSION
     created_at: str = ""
 
@@ -83,6 +84,7 @@ class Manifest:
         return cls(
             input=InputIdentity(**body["input"]),
             settings=body["settings"],
+            input_rows=int(body.get("input_rows", 0)),
             format_version=int(body["format_version"]),
             created_at=str(body.get("created_at", "")),
         )
@@ -147,6 +149,7 @@ class Checkpoint:
         input_path: Path,
         settings: dict[str, Any],
         *,
+        input_rows: int,
         restart: bool = False,
     ) -> Checkpoint:
         """Resume the run directory if it matches this input and these settings,
@@ -166,6 +169,7 @@ class Checkpoint:
             manifest = Manifest(
                 input=identity,
                 settings=settings,
+                input_rows=input_rows,
                 created_at=datetime.now(UTC).isoformat(timespec="seconds"),
             )
             try:
@@ -262,22 +266,30 @@ class Checkpoint:
                 infos.append(PartInfo(seq, path, bounds[0], bounds[1], metadata.num_rows))
         return infos
 
-    def latest_statuses(self) -> pl.DataFrame:
-        """One row per row id seen so far: (row id, status) of its newest result."""
+    def latest_results(self, columns: Sequence[str] = ("status",)) -> pl.DataFrame:
+        """One row per row id seen so far, from its newest result: the row id
+        and the requested result columns."""
+        wanted = [ROW_ID, *columns]
         frames = [
-            pl.read_parquet(part.path, columns=[ROW_ID, "status"]).with_columns(
-                pl.lit(part.seq).alias("_seq")
-            )
+            pl.read_parquet(part.path, columns=wanted).with_columns(pl.lit(part.seq).alias("_seq"))
             for part in self.parts()
         ]
         if not frames:
-            return pl.DataFrame(schema={ROW_ID: pl.Int64, "status": pl.String})
+            empty = pl.DataFrame(PART_SCHEMA.empty_table())
+            return empty.select(wanted)
         return (
             pl.concat(frames)
             .sort([ROW_ID, "_seq"])
             .unique(subset=ROW_ID, keep="last", maintain_order=True)
-            .select(ROW_ID, "status")
+            .select(wanted)
         )
+
+    def last_update(self) -> datetime | None:
+        """When results last reached the disk (mtime of the newest part)."""
+        newest = self._scan_part_files()
+        if not newest:
+            return None
+        return datetime.fromtimestamp(newest[-1][1].stat().st_mtime, tz=UTC)
 
     def remove(self) -> None:
         shutil.rmtree(self.run_dir, ignore_errors=True)

@@ -9,6 +9,7 @@ model, quota); 130 interrupted (checkpoint saved).
 from __future__ import annotations
 
 import functools
+import json
 import os
 import sys
 import traceback
@@ -18,7 +19,7 @@ from typing import Any, Final, TypeVar
 
 import click
 
-from pipeline.config import RunConfig, load_config
+from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
 from pipeline.errors import EnrichError, UsageError
 from pipeline.progress import NoProgress, Progress, TqdmProgress
 from pipeline.runner import RunSummary, enrich
@@ -187,9 +188,54 @@ def run(
         restart=restart,
         retry_failed=retry_failed,
         progress=_progress(quiet),
-        handle_sigterm=True,
+        handle_signals=True,
     )
     finish(summary, config)
+
+
+@cli.command()
+@dataset_options
+@click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
+@handle_errors
+def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
+    """How far a run is: done / ok / error / remaining, tokens, last update.
+
+    The argument is the run's TOML config or its output file. Reads only."""
+    from pipeline.status import run_status
+
+    tree: dict[str, Any] = {}
+    if config_file is not None and config_file.suffix == ".toml":
+        tree = dict(read_toml(config_file).get("output", {}))
+    elif config_file is not None:
+        tree = {"path": config_file}
+    for name in ("output", "run_dir", "column_prefix"):
+        if flags.get(name) is not None:
+            tree["path" if name == "output" else name] = flags[name]
+    if "path" not in tree:
+        raise UsageError("enrich status needs the run's config file or output path (or --output)")
+    output = OutputConfig.model_validate(tree)
+    report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
+    updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
+    if as_json:
+        counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
+        body: dict[str, Any] = {name: getattr(report, name) for name in counts}
+        body.update(
+            source=report.source,
+            path=str(report.path),
+            prompt_tokens=report.prompt_tokens,
+            completion_tokens=report.completion_tokens,
+            last_update=updated,
+        )
+        click.echo(json.dumps(body))
+        return
+    state = "in progress or interrupted" if report.source == "checkpoint" else "finished"
+    click.echo(
+        f"{state}: {report.path}\n"
+        f"  done {report.done:,} of {report.total_rows:,} · remaining {report.remaining:,}\n"
+        f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
+        f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"
+        f"  last update {updated or '-'}"
+    )
 
 
 @cli.command()
@@ -241,7 +287,7 @@ def demo(
                 "limits.backoff_base_s": 0.05,
             },
         )
-        summary = enrich(config, restart=True, progress=_progress(quiet), handle_sigterm=True)
+        summary = enrich(config, restart=True, progress=_progress(quiet), handle_signals=True)
     finish(summary, config)
     with pl.Config(
         tbl_rows=5, fmt_str_lengths=60, tbl_width_chars=120, tbl_hide_dataframe_shape=True

@@ -46,8 +46,14 @@ class PromptSpec:
     system_prompt: str | None = None
 
 
+# Passed to pyarrow compute as scalars, not Python values: converting a Python value
+# costs ~100x the kernel call itself on small chunks.
+_EMPTY: Final = pa.scalar("", pa.string())
+_NULL: Final = pa.scalar(None, pa.string())
+
+
 @lru_cache(maxsize=64)
-def _parse(template: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+def _parse(template: str) -> tuple[tuple[pa.Scalar, ...], tuple[str, ...]]:
     """(literals, names) with ``len(literals) == len(names) + 1``, names in template order.
 
     Placeholders are column names taken literally, so ``{a.b}`` and ``{user name}`` name
@@ -87,7 +93,7 @@ def _parse(template: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         names.append(name)
         pending = ""
     literals.append(pending)
-    return tuple(literals), tuple(names)
+    return tuple(pa.scalar(lit, pa.string()) for lit in literals), tuple(names)
 
 
 def placeholders(template: str) -> list[str]:
@@ -137,13 +143,13 @@ def _missing_column_error(
     for name in missing:
         close = difflib.get_close_matches(name, columns, n=1)
         if close:
-            hints.append(f"did you mean {close[0]!r} for {name!r}?")
-    hint = " " + " ".join(hints) if hints else ""
+            hints.append(f"{close[0]!r} for {name!r}" if len(missing) > 1 else repr(close[0]))
+    hint = f" (did you mean {', '.join(hints)}?)" if hints else ""
     what = "column" if len(missing) == 1 else "columns"
     shown = ", ".join(repr(n) for n in missing)
     return InputError(
-        f"{flag} names {what} {shown} not found in {source}.{hint} "
-        f"Available columns: {listed}; fix {flag}"
+        f"{flag} names {what} {shown} not found in {source}{hint}; "
+        f"available columns: {listed}; fix {flag}"
     )
 
 
@@ -168,25 +174,22 @@ def render(spec: PromptSpec, table: pa.Table) -> list[str | None]:
         raise _missing_column_error(spec, missing, table.column_names, "the input")
     if spec.column is not None:
         text = _as_text(table.column(spec.column))
-        return list(pc.if_else(_is_blank(text), None, text).to_pylist())
+        blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(text, _EMPTY)), _EMPTY)
+        return list(pc.if_else(blank, _NULL, text).to_pylist())
 
     assert spec.template is not None
     literals, slots = _parse(spec.template)
-    texts = {name: _as_text(table.column(name)) for name in needed}
-    all_blank = _is_blank(texts[needed[0]])
-    for name in needed[1:]:
-        all_blank = pc.and_(all_blank, _is_blank(texts[name]))
-    filled = {name: pc.fill_null(text, "") for name, text in texts.items()}
+    filled = {name: pc.fill_null(_as_text(table.column(name)), _EMPTY) for name in needed}
+    # A row is skipped when all its placeholder values together are blank.
+    values = list(filled.values())
+    together = values[0] if len(values) == 1 else pc.binary_join_element_wise(*values, _EMPTY)
+    all_blank = pc.equal(pc.utf8_trim_whitespace(together), _EMPTY)
     parts: list[Any] = [literals[0]]
     for name, literal in zip(slots, literals[1:], strict=True):
         parts += [filled[name], literal]
     # The last argument is the separator between parts, not a part.
-    joined = pc.binary_join_element_wise(*parts, "")
-    return list(pc.if_else(all_blank, None, joined).to_pylist())
-
-
-def _is_blank(text: pa.ChunkedArray) -> pa.ChunkedArray:
-    return pc.fill_null(pc.equal(pc.utf8_trim_whitespace(text), ""), True)
+    joined = pc.binary_join_element_wise(*parts, _EMPTY)
+    return list(pc.if_else(all_blank, _NULL, joined).to_pylist())
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
@@ -201,16 +204,23 @@ def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     if pa.types.is_floating(typ):
         # NaN is how pandas and friends write "missing"; it is not something to ask about.
         # pyarrow writes 3.0 as "3" and 0.1 as "0.1" (shortest round-trip form).
-        return pc.cast(pc.if_else(pc.is_nan(column), None, column), pa.string())
+        return pc.cast(pc.if_else(pc.is_nan(column), pa.scalar(None, typ), column), pa.string())
     if pa.types.is_integer(typ) or pa.types.is_boolean(typ) or pa.types.is_decimal(typ):
         return pc.cast(column, pa.string())
+    if pa.types.is_map(typ):
+        # pyarrow gives maps as lists of (key, value) pairs; a model reads them as objects.
+        return _python_text(column, lambda v: _json(dict(v)))
     if pa.types.is_nested(typ):
         # JSON is what a model reads best for records and lists.
-        return _python_text(column, lambda v: json.dumps(v, ensure_ascii=False, default=str))
+        return _python_text(column, _json)
     if pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
         return _python_text(column, lambda v: bytes(v).decode("utf-8", errors="replace"))
     # Dates, times, timestamps, durations...: Python's str() is the familiar ISO form.
     return _python_text(column, str)
+
+
+def _json(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, default=str)
 
 
 def _python_text(column: pa.ChunkedArray, to_text: Any) -> pa.ChunkedArray:

@@ -459,7 +459,8 @@ def _python_kind_types(block: bytes) -> dict[str, pl.DataType]:
 
 
 class _JsonlSource(InputSource):
-    _BLOCK_SIZE: Final = 4 << 20
+    # Lines are parsed a block at a time; a longer line just makes a longer block.
+    _BLOCK_SIZE: Final = 1 << 20
 
     def __init__(self, path: Path) -> None:
         merged: dict[str, pl.DataType] = {}
@@ -469,8 +470,8 @@ class _JsonlSource(InputSource):
                 df = pl.read_ndjson(io.BytesIO(block), infer_schema_length=None)
                 block_types = {name: _dtype(t) for name, t in df.schema.items()}
                 rows += df.height
-            except pl.exceptions.PolarsError as e:
-                self._raise_for_bad_line(path, block, first_line, e)
+            except pl.exceptions.PolarsError:
+                self._raise_for_bad_line(path, block, first_line)
                 block_types = _python_kind_types(block)
                 rows += sum(1 for line in block.splitlines() if line.strip())
             for name, typ in block_types.items():
@@ -516,7 +517,7 @@ class _JsonlSource(InputSource):
             yield carry, line_no
 
     @staticmethod
-    def _raise_for_bad_line(path: Path, block: bytes, first_line: int, e: BaseException) -> None:
+    def _raise_for_bad_line(path: Path, block: bytes, first_line: int) -> None:
         """Name the first line polars choked on; return if every line is a JSON object."""
         for n, line in enumerate(block.splitlines(), start=first_line):
             if not line.strip():
@@ -549,7 +550,7 @@ class _JsonlSource(InputSource):
             try:
                 df = pl.read_ndjson(io.BytesIO(block), schema=self._pl_schema)
             except pl.exceptions.PolarsError as e:
-                self._raise_for_bad_line(self.path, block, first_line, e)
+                self._raise_for_bad_line(self.path, block, first_line)
                 raise InputError(
                     f"input {self.path} could not be read near line {first_line} "
                     f"({_detail(e)}); check --input"

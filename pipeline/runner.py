@@ -178,7 +178,7 @@ def _done_rows(checkpoint: Checkpoint, total: int, retry_failed: bool) -> bytear
     rows cost a megabyte, where a set of ints would cost ~50)."""
     done = bytearray(total)
     final = ["ok", "skipped"] if retry_failed else ["ok", "skipped", "error"]
-    statuses = checkpoint.latest_statuses()
+    statuses = checkpoint.latest_results(["status"])
     for row_id in statuses.filter(pl.col("status").is_in(final))[ROW_ID].to_list():
         if row_id < total:
             done[row_id] = 1
@@ -266,14 +266,24 @@ async def enrich_async(
     retry_failed: bool = False,
     progress: Progress | None = None,
     transport: Transport | None = None,
+    stop: asyncio.Event | None = None,
 ) -> RunSummary:
-    """Run (or resume) one enrichment job. Raises typed errors; never prints."""
+    """Run (or resume) one enrichment job. Raises typed errors; never prints.
+
+    Setting ``stop`` ends the run gracefully: no new request is sent, those in
+    flight get up to ``DRAIN_GRACE_S`` to finish, everything finished is
+    flushed, and ``RunInterrupted`` is raised.
+    """
     started = time.perf_counter()
     progress = progress or NoProgress()
     prepared = prepare(config)
     run_dir = config.output.resolved_run_dir
     checkpoint = Checkpoint.open(
-        run_dir, config.input.path, answer_settings(config), restart=restart
+        run_dir,
+        config.input.path,
+        answer_settings(config),
+        input_rows=prepared.total_rows,
+        restart=restart,
     )
     summary = RunSummary(output=config.output.path, run_dir=run_dir)
     done = _done_rows(checkpoint, prepared.total_rows, retry_failed)
@@ -282,13 +292,22 @@ async def enrich_async(
     own_transport = transport is None
     transport = transport or OpenAITransport(config.model, config.api_key())
     stage = CallStage(config.model, config.limits, transport)
+    watcher = None
+    if stop is not None:
+        this_task = asyncio.current_task()
+        assert this_task is not None
+        watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
     progress.start(prepared.total_rows, summary.resumed_rows)
     try:
         await _run_calls(prepared, checkpoint, stage, done, progress, summary)
     finally:
+        if watcher is not None:
+            watcher.cancel()
         progress.close()
         if own_transport:
             await transport.aclose()
+    if stage.draining:
+        raise _interrupted(config)
 
     await asyncio.to_thread(assemble_output, prepared, checkpoint, summary)
     if not config.output.keep_checkpoint:
@@ -297,45 +316,67 @@ async def enrich_async(
     return summary
 
 
+# How long a graceful stop waits for requests in flight: they are paid for,
+# but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
+DRAIN_GRACE_S: Final = 10.0
+
+
+async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any]) -> None:
+    await stop.wait()
+    stage.drain()
+    await asyncio.sleep(DRAIN_GRACE_S)
+    # Still waiting (a long retry-after, a hung request): stop now; what is
+    # finished is flushed on the way out.
+    run.cancel()
+
+
+def _interrupted(config: RunConfig) -> RunInterrupted:
+    return RunInterrupted(
+        f"interrupted; finished rows are saved in {config.output.resolved_run_dir}; "
+        "run the same command again to resume"
+    )
+
+
 def enrich(
     config: RunConfig,
     *,
     restart: bool = False,
     retry_failed: bool = False,
     progress: Progress | None = None,
-    handle_sigterm: bool = False,
+    handle_signals: bool = False,
 ) -> RunSummary:
     """Synchronous entry point (what a cron job's CLI or an Airflow task calls).
 
-    Ctrl-C (and SIGTERM when ``handle_sigterm``) flushes finished results and
-    raises ``RunInterrupted``; running the same call again resumes.
+    With ``handle_signals`` (the CLI), the first Ctrl-C or SIGTERM stops
+    gracefully (see ``enrich_async``) and a second one stops at once; either
+    way finished rows are flushed and ``RunInterrupted`` is raised. Without it,
+    Ctrl-C still flushes and raises ``RunInterrupted``.
     """
-    terminated = False
 
     async def main() -> RunSummary:
-        if handle_sigterm:
+        stop = asyncio.Event()
+        if handle_signals:
             task = asyncio.current_task()
             assert task is not None
 
-            def on_sigterm() -> None:
-                nonlocal terminated
-                terminated = True
-                task.cancel()
+            def on_signal() -> None:
+                if stop.is_set():
+                    task.cancel()
+                stop.set()
 
-            asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, on_sigterm)
-        return await enrich_async(
-            config, restart=restart, retry_failed=retry_failed, progress=progress
-        )
+            loop = asyncio.get_running_loop()
+            for signum in (signal.SIGINT, signal.SIGTERM):
+                loop.add_signal_handler(signum, on_signal)
+        try:
+            return await enrich_async(
+                config, restart=restart, retry_failed=retry_failed, progress=progress, stop=stop
+            )
+        except asyncio.CancelledError:
+            if stop.is_set():
+                raise _interrupted(config) from None
+            raise
 
-    interrupted = RunInterrupted(
-        f"interrupted; finished rows are saved in {config.output.resolved_run_dir}; "
-        "run the same command again to resume"
-    )
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        raise interrupted from None
-    except asyncio.CancelledError:
-        if terminated:
-            raise interrupted from None
-        raise
+        raise _interrupted(config) from None

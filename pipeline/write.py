@@ -206,7 +206,9 @@ class AtomicParquetWriter:
             raise
 
     def _discard(self, writer: pq.ParquetWriter | None) -> None:
+        # Cleanup must not mask the error that made us give up on the file.
         if writer is not None:
             with contextlib.suppress(Exception):
                 writer.close()
-        self._temp.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            self._temp.unlink(missing_ok=True)

@@ -1,0 +1,93 @@
+"""What ``enrich status`` reports: how far a run is, read from its run
+directory while it runs (or after it stopped), or from the finished output.
+Reads only: a live run is never disturbed."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Literal
+
+import polars as pl
+
+from pipeline.checkpoint import Checkpoint
+from pipeline.errors import OutputError, UsageError
+
+
+@dataclass(frozen=True)
+class RunStatus:
+    source: Literal["checkpoint", "output"]
+    path: Path
+    total_rows: int
+    ok: int
+    error: int
+    skipped: int
+    prompt_tokens: int
+    completion_tokens: int
+    last_update: datetime | None
+
+    @property
+    def done(self) -> int:
+        return self.ok + self.error + self.skipped
+
+    @property
+    def remaining(self) -> int:
+        return max(0, self.total_rows - self.done)
+
+
+def _tally(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
+    counts = dict(frame.group_by(f"{prefix}status").len().iter_rows())
+    return {
+        "ok": int(counts.get("ok", 0)),
+        "error": int(counts.get("error", 0)),
+        "skipped": int(counts.get("skipped", 0)),
+        "prompt_tokens": int(frame[f"{prefix}prompt_tokens"].sum() or 0),
+        "completion_tokens": int(frame[f"{prefix}completion_tokens"].sum() or 0),
+    }
+
+
+def checkpoint_status(run_dir: Path) -> RunStatus | None:
+    manifest = Checkpoint.read_manifest(run_dir)
+    if manifest is None:
+        return None
+    checkpoint = Checkpoint(run_dir, manifest)
+    latest = checkpoint.latest_results(["status", "prompt_tokens", "completion_tokens"])
+    return RunStatus(
+        source="checkpoint",
+        path=run_dir,
+        total_rows=manifest.input_rows,
+        last_update=checkpoint.last_update(),
+        **_tally(latest),
+    )
+
+
+def output_status(output: Path, prefix: str = "") -> RunStatus | None:
+    if not output.exists():
+        return None
+    columns = [f"{prefix}{name}" for name in ("status", "prompt_tokens", "completion_tokens")]
+    try:
+        frame = pl.read_parquet(output, columns=columns)
+    except Exception as exc:  # polars raises several unrelated types for a bad file
+        raise OutputError(
+            f"{output} is not an enriched Parquet file ({type(exc).__name__}); "
+            "check the path, or pass --column-prefix if the run used one"
+        ) from None
+    return RunStatus(
+        source="output",
+        path=output,
+        total_rows=frame.height,
+        last_update=datetime.fromtimestamp(output.stat().st_mtime, tz=UTC),
+        **_tally(frame, prefix),
+    )
+
+
+def run_status(output: Path, run_dir: Path, prefix: str = "") -> RunStatus:
+    """The run directory if there is one (a live or interrupted run), else the output."""
+    status = checkpoint_status(run_dir) or output_status(output, prefix)
+    if status is None:
+        raise UsageError(
+            f"no run found: neither {run_dir} nor {output} exists; "
+            "check --output (and --run-dir), or start the run with enrich run"
+        )
+    return status
