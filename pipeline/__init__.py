@@ -6,7 +6,7 @@ Library use (what an Airflow task calls)::
     summary = enrich(load_config(Path("configs/example.toml")))
 """
 
-from pipeline.call import CallStage, ChatRequest, Completion, OpenAITransport, Transport
+from pipeline.call import CallStage, ChatRequest
 from pipeline.config import (
     CheckpointConfig,
     InputConfig,
@@ -28,6 +28,7 @@ from pipeline.errors import (
 )
 from pipeline.results import RESULT_COLUMNS, RowResult
 from pipeline.runner import RunSummary, enrich, enrich_async
+from pipeline.transport import Completion, OpenAITransport, Transport
 
 __all__ = [
     "RESULT_COLUMNS",

@@ -22,6 +22,13 @@ def is_temp_path(path: Path) -> bool:
     return path.name.startswith(".") and TEMP_MARKER in path.name
 
 
+def remove_stale_temps(path: Path) -> None:
+    """Delete temp files a killed writer of ``path`` left behind. Only one run
+    writes a given output at a time, so any such file is dead."""
+    for stale in path.parent.glob(f".{path.name}{TEMP_MARKER}*"):
+        stale.unlink(missing_ok=True)
+
+
 def fsync_path(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

@@ -22,13 +22,15 @@ import polars as pl
 import pyarrow.compute as pc
 
 from pipeline import prompt, write
-from pipeline.call import CallStage, ChatRequest, OpenAITransport, Transport
+from pipeline.call import CallStage, ChatRequest
 from pipeline.checkpoint import Checkpoint, PartSweep
 from pipeline.config import RunConfig
+from pipeline.durable import remove_stale_temps
 from pipeline.errors import EnrichError, RunInterrupted
 from pipeline.progress import NoProgress, Progress
 from pipeline.read import InputSource, open_input
 from pipeline.results import ROW_ID, RowResult
+from pipeline.transport import OpenAITransport, Transport
 
 # Rows per row group of the final file: big enough for fast scans downstream.
 ASSEMBLY_ROWS: Final = 65_536
@@ -104,7 +106,7 @@ def prepare(config: RunConfig) -> PreparedRun:
     """Validate input, prompt and output; raises typed errors, sends nothing."""
     source = open_input(config.input.path)
     spec = prompt_spec(config)
-    prompt.validate(spec, source.columns())
+    prompt.validate(spec, source.columns(), source=str(source.path))
     write.check_output_path(config.output.path, config.input.path)
     write.output_column_names(source.columns(), config.output.column_prefix)
     return PreparedRun(config, source, spec, source.count_rows())
@@ -234,6 +236,7 @@ def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunS
     config = prepared.config
     schema = write.output_schema(prepared.source.schema, config.output.column_prefix)
     sweep = PartSweep(checkpoint.parts())
+    remove_stale_temps(config.output.path)
     with write.AtomicParquetWriter(config.output.path, schema) as writer:
         for chunk in prepared.source.chunks(ASSEMBLY_ROWS):
             rows = chunk.table.num_rows
