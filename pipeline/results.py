@@ -28,6 +28,7 @@ RESULT_SCHEMA: Final = pa.schema(
         pa.field("completion_tokens", pa.int32()),
         pa.field("finish_reason", pa.string()),
         pa.field("model", pa.string()),
+        pa.field("cached", pa.bool_()),
     ]
 )
 RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
@@ -50,6 +51,7 @@ class RowResult:
     completion_tokens: int | None = None
     finish_reason: str | None = None
     model: str | None = None
+    cached: bool = False
 
     @classmethod
     def skipped(cls, row_id: int) -> RowResult:
@@ -71,6 +73,7 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             "completion_tokens": [r.completion_tokens for r in ordered],
             "finish_reason": [r.finish_reason for r in ordered],
             "model": [r.model for r in ordered],
+            "cached": [r.cached for r in ordered],
         },
         schema=PART_SCHEMA,
     )
