@@ -21,8 +21,15 @@ import click
 
 from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
 from pipeline.errors import EnrichError, UsageError
+from pipeline.events import (
+    EventSink,
+    JsonEventSink,
+    ProgressEvents,
+    TextEventSink,
+    redact,
+)
 from pipeline.progress import NoProgress, Progress, TqdmProgress
-from pipeline.runner import RunSummary, enrich
+from pipeline.runner import RunOptions, RunSummary, enrich, prepare
 
 EXIT_OK: Final = 0
 EXIT_TOO_MANY_ERRORS: Final = 1
@@ -69,6 +76,19 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
         "Seconds between checkpoint flushes.",
     ),
     ("--max-error-rate", "max_error_rate", float, "Failed share above which the exit code is 1."),
+    ("--max-cost", "max_cost", float, "Spend cap in USD for the whole job (exit 5 when reached)."),
+    (
+        "--price-file",
+        "price_file",
+        click.Path(path_type=Path),
+        "Extra prices (TOML, per 1M tokens).",
+    ),
+    (
+        "--report",
+        "output.report",
+        click.Path(path_type=Path),
+        "Run report path [OUTPUT.report.json].",
+    ),
 ]
 
 
@@ -99,8 +119,26 @@ def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     return load_config(config_file, overrides)
 
 
+LOG_FORMAT_KEY: Final = "enrich.log_format"
+
+
+def _log_format() -> str:
+    context = click.get_current_context(silent=True)
+    return str(context.meta.get(LOG_FORMAT_KEY, "text")) if context else "text"
+
+
+def _secrets() -> list[str | None]:
+    """Values no line we print may contain, whatever the config names."""
+    return [os.environ.get("OPENAI_API_KEY")]
+
+
 def fail(error: EnrichError) -> None:
-    click.echo(f"enrich: error: {error.message}", err=True)
+    if _log_format() == "json":
+        JsonEventSink(sys.stderr, secrets=_secrets()).emit(
+            "error", level="error", message=error.message, exit_code=error.exit_code
+        )
+    else:
+        click.echo(f"enrich: error: {redact(error.message, _secrets())}", err=True)
     sys.exit(error.exit_code)
 
 
@@ -117,12 +155,12 @@ def handle_errors(command: F) -> F:
         except Exception as error:  # a bug: say so plainly
             if os.environ.get("ENRICH_DEBUG"):
                 traceback.print_exc()
-            click.echo(
-                f"enrich: internal error: {type(error).__name__}: {error} "
-                "(set ENRICH_DEBUG=1 for a traceback and report it)",
-                err=True,
+            fail(
+                InternalError(
+                    f"internal error: {type(error).__name__}: {error} "
+                    "(set ENRICH_DEBUG=1 for a traceback and report it)"
+                )
             )
-            sys.exit(EXIT_INTERNAL)
         return None
 
     return wrapper  # type: ignore[return-value]
@@ -132,6 +170,23 @@ def _progress(quiet: bool) -> Progress:
     if quiet or not sys.stderr.isatty():
         return NoProgress()
     return TqdmProgress(sys.stderr)
+
+
+def _reporting(
+    log_format: str, quiet: bool, secrets: list[str | None]
+) -> tuple[Progress, EventSink]:
+    """Where progress and events go: a bar on a terminal; plain event lines in
+    cron logs; one JSON object per line for log shippers (progress included,
+    even with --quiet: that is what the shipper is for)."""
+    if log_format == "json":
+        json_sink = JsonEventSink(sys.stderr, secrets=secrets)
+        return ProgressEvents(json_sink), json_sink
+    text_sink = TextEventSink(sys.stderr, secrets=secrets)
+    if quiet:
+        return NoProgress(), text_sink
+    if sys.stderr.isatty():
+        return TqdmProgress(sys.stderr), text_sink
+    return ProgressEvents(text_sink), text_sink
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -154,15 +209,27 @@ def format_summary(summary: RunSummary) -> str:
     )
 
 
-def finish(summary: RunSummary, config: RunConfig) -> None:
-    click.echo(format_summary(summary))
+def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") -> None:
+    if log_format != "json":
+        if summary.up_to_date:
+            click.echo(f"up to date: {summary.output} ({summary.rows:,} rows); nothing sent")
+        else:
+            click.echo(format_summary(summary))
     if summary.error_rate > config.max_error_rate:
-        click.echo(
-            f"enrich: {summary.error} rows failed ({summary.error_rate:.1%}), above "
-            f"--max-error-rate {config.max_error_rate:.1%}; rerun with --retry-failed",
-            err=True,
+        fail(
+            TooManyErrors(
+                f"{summary.error} rows failed ({summary.error_rate:.1%}), above "
+                f"--max-error-rate {config.max_error_rate:.1%}; rerun with --retry-failed"
+            )
         )
-        sys.exit(EXIT_TOO_MANY_ERRORS)
+
+
+class TooManyErrors(EnrichError):
+    exit_code = EXIT_TOO_MANY_ERRORS
+
+
+class InternalError(EnrichError):
+    exit_code = EXIT_INTERNAL
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
@@ -175,22 +242,65 @@ def cli() -> None:
 @dataset_options
 @click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option("--retry-failed", is_flag=True, help="Re-send only rows whose status is error.")
-@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option("--force", is_flag=True, help="Redo the job even if the output is up to date.")
+@click.option(
+    "--log-format",
+    type=click.Choice(["text", "json"]),
+    default="text",
+    show_default=True,
+    help="json: one JSON object per line on stderr, for log shippers.",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar or progress lines.")
 @handle_errors
 def run(
-    config_file: Path | None, restart: bool, retry_failed: bool, quiet: bool, **flags: Any
+    config_file: Path | None,
+    restart: bool,
+    retry_failed: bool,
+    force: bool,
+    log_format: str,
+    quiet: bool,
+    **flags: Any,
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
+    click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
+    progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
     summary = enrich(
         config,
-        restart=restart,
-        retry_failed=retry_failed,
-        progress=_progress(quiet),
+        options=RunOptions(restart=restart, retry_failed=retry_failed, force=force),
+        progress=progress,
+        events=events,
         handle_signals=True,
     )
-    finish(summary, config)
+    finish(summary, config, log_format=log_format)
+
+
+@cli.command()
+@dataset_options
+@click.option(
+    "--latency", type=float, default=2.0, show_default=True, help="Assumed seconds per request."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
+@handle_errors
+def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: Any) -> None:
+    """Rows, tokens, cost and time at the configured limits. Sends nothing."""
+    from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
+    from pipeline.costs import estimate as estimate_run
+
+    config = build_config(config_file, flags)
+    prepared = prepare(config)
+    result = estimate_run(
+        iter_prompt_tokens(prepared.source, prepared.spec, config.input.chunk_size),
+        model=config.model.name,
+        price=PriceTable.load(config.price_file).price_for(config.model.name),
+        max_tokens=config.model.max_tokens,
+        concurrency=config.limits.concurrency,
+        rpm=config.limits.rpm,
+        tpm=config.limits.tpm,
+        latency_s=latency,
+    )
+    click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
 
 
 @cli.command()
@@ -287,7 +397,12 @@ def demo(
                 "limits.backoff_base_s": 0.05,
             },
         )
-        summary = enrich(config, restart=True, progress=_progress(quiet), handle_signals=True)
+        summary = enrich(
+            config,
+            options=RunOptions(restart=True),
+            progress=_progress(quiet),
+            handle_signals=True,
+        )
     finish(summary, config)
     with pl.Config(
         tbl_rows=5, fmt_str_lengths=60, tbl_width_chars=120, tbl_hide_dataframe_shape=True

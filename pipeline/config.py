@@ -40,6 +40,9 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "max_error_rate": "--max-error-rate",
+    "max_cost": "--max-cost",
+    "price_file": "--price-file",
+    "output.report": "--report",
 }
 
 
@@ -69,6 +72,7 @@ class OutputConfig(_Section):
     run_dir: Path | None = None
     column_prefix: str = ""
     keep_checkpoint: bool = False
+    report: Path | None = None
 
     @property
     def resolved_run_dir(self) -> Path:
@@ -130,6 +134,10 @@ class RunConfig(_Section):
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     max_error_rate: float = Field(default=1.0, ge=0, le=1)
+    # A budget in USD for the whole job (resumed runs included); unset: no cap.
+    max_cost: float | None = Field(default=None, gt=0)
+    # Extra or overriding prices, same format as configs/prices.toml.
+    price_file: Path | None = None
 
     def api_key(self) -> str:
         """The key from the environment. Local servers accept any key, so a

@@ -15,6 +15,7 @@ from array import array
 from collections.abc import AsyncIterator, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
@@ -22,14 +23,33 @@ import polars as pl
 import pyarrow.compute as pc
 
 from pipeline import prompt, write
-from pipeline.call import CallStage, ChatRequest
+from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, CallStage, ChatRequest
 from pipeline.checkpoint import Checkpoint, PartSweep
 from pipeline.config import RunConfig
+from pipeline.costs import (
+    CostMeter,
+    Price,
+    PriceTable,
+    SpendCap,
+    cost,
+    prompt_token_estimate,
+    unknown_price_message,
+)
 from pipeline.durable import remove_stale_temps
-from pipeline.errors import EnrichError, RunInterrupted
+from pipeline.errors import EnrichError, FatalAPIError, RunInterrupted
+from pipeline.events import EventSink, NullEventSink
+from pipeline.lock import RunLock, lock_path_for, takeover_message
 from pipeline.progress import NoProgress, Progress
 from pipeline.read import InputSource, open_input
+from pipeline.report import (
+    build_report,
+    check_up_to_date,
+    fingerprint,
+    report_path_for,
+    write_report,
+)
 from pipeline.results import ROW_ID, RowResult
+from pipeline.status import checkpoint_status
 from pipeline.transport import OpenAITransport, Transport
 
 # Rows per row group of the final file: big enough for fast scans downstream.
@@ -51,6 +71,10 @@ class RunSummary:
     retries: int = 0
     rate_limited: int = 0
     wall_s: float = 0.0
+    cost_usd: float | None = None
+    """Estimated spend of this run (None when the model has no known price)."""
+    up_to_date: bool = False
+    """True when nothing was done because the output was already complete."""
     latencies_ms: array[float] = field(default_factory=lambda: array("d"), repr=False)
 
     @property
@@ -194,11 +218,13 @@ async def _run_calls(
     done: bytearray,
     progress: Progress,
     summary: RunSummary,
+    spend: SpendCap | CostMeter,
 ) -> None:
     config = prepared.config
     sink = ResultSink(checkpoint, config.checkpoint.flush_every, config.checkpoint.flush_interval_s)
     first_todo = done.find(0)
     start_row = first_todo if first_todo >= 0 else prepared.total_rows
+    completion_budget = config.model.max_tokens or DEFAULT_COMPLETION_ESTIMATE
 
     async def requests() -> AsyncIterator[ChatRequest]:
         chunks = _prompt_chunks(prepared, done, start_row)
@@ -208,14 +234,20 @@ async def _run_calls(
                     skipped = RowResult.skipped(row_id)
                     await sink.add(skipped)
                     progress.advance(skipped)
-                else:
-                    yield ChatRequest(row_id, prompt.messages(prepared.spec, text))
+                    continue
+                messages = prompt.messages(prepared.spec, text)
+                if isinstance(spend, SpendCap) and not spend.reserve(
+                    row_id, prompt_token_estimate(messages), completion_budget
+                ):
+                    return  # the cap: send nothing more; requests in flight finish
+                yield ChatRequest(row_id, messages)
 
     ticker = asyncio.create_task(sink.tick())
     try:
         # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
         async with contextlib.aclosing(stage.results(requests())) as results:
             async for result in results:
+                spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
                 await sink.add(result)
                 if result.latency_ms is not None:
                     summary.latencies_ms.append(result.latency_ms)
@@ -228,6 +260,7 @@ async def _run_calls(
         summary.requests = stage.stats.requests
         summary.retries = stage.stats.retries
         summary.rate_limited = stage.stats.rate_limited
+        summary.cost_usd = spend.spent_this_run
 
 
 def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunSummary) -> None:
@@ -262,35 +295,148 @@ def _tally(summary: RunSummary, results: Any) -> None:
     summary.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
 
 
+@dataclass(frozen=True)
+class RunOptions:
+    """How this invocation treats existing state (not part of the job's config)."""
+
+    restart: bool = False
+    """Discard the checkpoint and start over."""
+    retry_failed: bool = False
+    """Send the rows whose status is error again."""
+    force: bool = False
+    """Redo the job even if the output is up to date (implies restart)."""
+
+
 async def enrich_async(
     config: RunConfig,
     *,
-    restart: bool = False,
-    retry_failed: bool = False,
+    options: RunOptions = RunOptions(),
     progress: Progress | None = None,
+    events: EventSink | None = None,
     transport: Transport | None = None,
     stop: asyncio.Event | None = None,
 ) -> RunSummary:
     """Run (or resume) one enrichment job. Raises typed errors; never prints.
 
-    Setting ``stop`` ends the run gracefully: no new request is sent, those in
-    flight get up to ``DRAIN_GRACE_S`` to finish, everything finished is
-    flushed, and ``RunInterrupted`` is raised.
+    One run per output at a time (a lock beside it); an output that is already
+    complete for this input and these settings is left alone. Setting ``stop``
+    ends the run gracefully: no new request is sent, those in flight get up to
+    ``DRAIN_GRACE_S`` to finish, everything finished is flushed, and
+    ``RunInterrupted`` is raised.
     """
-    started = time.perf_counter()
-    progress = progress or NoProgress()
+    events = events or NullEventSink()
     prepared = prepare(config)
+    secrets = [config.api_key()]
+    with RunLock(lock_path_for(config.output.path), secrets=secrets) as lock:
+        if lock.stale_holder is not None:
+            events.emit(
+                "warning",
+                level="warning",
+                kind="stale_lock",
+                message=takeover_message(lock.path, lock.stale_holder),
+            )
+        return await _locked_run(prepared, options, progress, events, transport, stop)
+
+
+async def _locked_run(
+    prepared: PreparedRun,
+    options: RunOptions,
+    progress: Progress | None,
+    events: EventSink,
+    transport: Transport | None,
+    stop: asyncio.Event | None,
+) -> RunSummary:
+    config = prepared.config
+    started_at = datetime.now(UTC)
+    started = time.perf_counter()
     run_dir = config.output.resolved_run_dir
+    report_path = config.output.report or report_path_for(config.output.path)
+    settings = answer_settings(config)
+    summary = RunSummary(output=config.output.path, run_dir=run_dir)
+
+    if not (options.force or options.restart or options.retry_failed):
+        fresh = check_up_to_date(
+            report_path,
+            output=config.output.path,
+            input_path=config.input.path,
+            fingerprint=fingerprint(settings),
+            output_settings={"column_prefix": config.output.column_prefix},
+        )
+        if fresh.up_to_date and fresh.report is not None:
+            events.emit("skip", message=f"{fresh.reason}; nothing sent (--force redoes it)")
+            return _summary_from_report(summary, fresh.report)
+
+    prices = PriceTable.load(config.price_file)
+    if config.max_cost is not None:
+        price: Price | None = prices.require(config.model.name, "--max-cost")
+    else:
+        price = prices.price_for(config.model.name)
+        if price is None:
+            events.emit(
+                "warning",
+                level="warning",
+                kind="unknown_price",
+                message=unknown_price_message(config.model.name),
+            )
+
     checkpoint = Checkpoint.open(
         run_dir,
         config.input.path,
-        answer_settings(config),
+        settings,
         input_rows=prepared.total_rows,
-        restart=restart,
+        restart=options.restart or options.force,
     )
-    summary = RunSummary(output=config.output.path, run_dir=run_dir)
-    done = _done_rows(checkpoint, prepared.total_rows, retry_failed)
+    done = _done_rows(checkpoint, prepared.total_rows, options.retry_failed)
     summary.resumed_rows = done.count(1)
+    spent = checkpoint.latest_results(["prompt_tokens", "completion_tokens"])
+    already = (
+        cost(
+            int(spent["prompt_tokens"].sum() or 0),
+            int(spent["completion_tokens"].sum() or 0),
+            price,
+        )
+        if price is not None
+        else 0.0
+    )
+    spend: SpendCap | CostMeter = (
+        SpendCap(config.max_cost, price, already_spent=already)
+        if config.max_cost is not None and price is not None
+        else CostMeter(price, already_spent=already)
+    )
+    events.emit(
+        "start",
+        message=f"enriching {prepared.total_rows:,} rows of {config.input.path} "
+        f"({summary.resumed_rows:,} already done) with {config.model.name}",
+        rows=prepared.total_rows,
+        resumed=summary.resumed_rows,
+        model=config.model.name,
+        output=str(config.output.path),
+        max_cost=config.max_cost,
+    )
+
+    def report(exit_code: int, message: str | None) -> None:
+        summary.wall_s = time.perf_counter() - started
+        write_report(
+            report_path,
+            build_report(
+                summary,
+                output=config.output.path,
+                settings=config.model_dump(mode="json"),
+                fingerprint=fingerprint(settings),
+                exit_code=exit_code,
+                message=message,
+                input_identity=checkpoint.manifest.input,
+                input_rows=prepared.total_rows,
+                output_settings={"column_prefix": config.output.column_prefix},
+                price=price,
+                model=config.model.name,
+                cost_this_run=summary.cost_usd,
+                max_cost=config.max_cost,
+                started_at=started_at,
+                secrets=[config.api_key()],
+            ),
+            secrets=[config.api_key()],
+        )
 
     own_transport = transport is None
     transport = transport or OpenAITransport(config.model, config.api_key())
@@ -300,22 +446,80 @@ async def enrich_async(
         this_task = asyncio.current_task()
         assert this_task is not None
         watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
+    progress = progress or NoProgress()
     progress.start(prepared.total_rows, summary.resumed_rows)
     try:
-        await _run_calls(prepared, checkpoint, stage, done, progress, summary)
+        await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend)
+    except (FatalAPIError, asyncio.CancelledError) as exc:
+        _count_checkpoint(summary, run_dir)
+        report(
+            FatalAPIError.exit_code if isinstance(exc, FatalAPIError) else RunInterrupted.exit_code,
+            str(exc) or None,
+        )
+        raise
     finally:
         if watcher is not None:
             watcher.cancel()
         progress.close()
         if own_transport:
             await transport.aclose()
+
+    stopped: EnrichError | None = None
     if stage.draining:
-        raise _interrupted(config)
+        stopped = _interrupted(config)
+    elif isinstance(spend, SpendCap) and spend.reached:
+        stopped = spend.error(run_dir)
+    if stopped is not None:
+        _count_checkpoint(summary, run_dir)
+        report(stopped.exit_code, stopped.message)
+        raise stopped
 
     await asyncio.to_thread(assemble_output, prepared, checkpoint, summary)
     if not config.output.keep_checkpoint:
         checkpoint.remove()
-    summary.wall_s = time.perf_counter() - started
+    too_many = summary.error_rate > config.max_error_rate
+    report(1 if too_many else 0, None)
+    events.emit(
+        "finish",
+        message=f"{summary.rows:,} rows -> {summary.output}",
+        rows=summary.rows,
+        ok=summary.ok,
+        error=summary.error,
+        skipped=summary.skipped,
+        resumed=summary.resumed_rows,
+        prompt_tokens=summary.prompt_tokens,
+        completion_tokens=summary.completion_tokens,
+        cost_usd=summary.cost_usd,
+        wall_s=round(summary.wall_s, 3),
+        rows_per_s=round(summary.rows_per_s, 2),
+        report=str(report_path),
+    )
+    return summary
+
+
+def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:
+    """Counts for a stopped run's report: what the checkpoint holds."""
+    status = checkpoint_status(run_dir)
+    if status is None:
+        return
+    summary.rows = status.done
+    summary.ok, summary.error, summary.skipped = status.ok, status.error, status.skipped
+    summary.prompt_tokens = status.prompt_tokens
+    summary.completion_tokens = status.completion_tokens
+
+
+def _summary_from_report(summary: RunSummary, report: dict[str, Any]) -> RunSummary:
+    counts = report.get("counts", {})
+    tokens = report.get("tokens", {})
+    summary.up_to_date = True
+    summary.rows = int(counts.get("rows", 0))
+    summary.ok = int(counts.get("ok", 0))
+    summary.error = int(counts.get("error", 0))
+    summary.skipped = int(counts.get("skipped", 0))
+    summary.resumed_rows = summary.rows
+    summary.prompt_tokens = int(tokens.get("prompt", 0))
+    summary.completion_tokens = int(tokens.get("completion", 0))
+    summary.cost_usd = 0.0
     return summary
 
 
@@ -343,9 +547,9 @@ def _interrupted(config: RunConfig) -> RunInterrupted:
 def enrich(
     config: RunConfig,
     *,
-    restart: bool = False,
-    retry_failed: bool = False,
+    options: RunOptions = RunOptions(),
     progress: Progress | None = None,
+    events: EventSink | None = None,
     handle_signals: bool = False,
 ) -> RunSummary:
     """Synchronous entry point (what a cron job's CLI or an Airflow task calls).
@@ -372,7 +576,7 @@ def enrich(
                 loop.add_signal_handler(signum, on_signal)
         try:
             return await enrich_async(
-                config, restart=restart, retry_failed=retry_failed, progress=progress, stop=stop
+                config, options=options, progress=progress, events=events, stop=stop
             )
         except asyncio.CancelledError:
             if stop.is_set():

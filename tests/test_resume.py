@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from pipeline import CheckpointMismatch, RunConfig, enrich
 from pipeline.checkpoint import PARTS
 from pipeline.cli import cli
+from pipeline.runner import RunOptions
 
 from conftest import StartServer, answer_for, make_config, write_questions
 
@@ -167,7 +168,7 @@ def test_restart_discards_the_checkpoint_and_sends_everything_again(
     enrich(config)
     server.reset_stats()
 
-    enrich(with_changes(config, model={"name": "sim-2"}), restart=True)
+    enrich(with_changes(config, model={"name": "sim-2"}), options=RunOptions(restart=True))
 
     assert server.stats.requests == 3
     assert pl.read_parquet(tmp_path / "out.parquet")["model"].to_list() == ["sim-2"] * 3
@@ -216,7 +217,7 @@ def test_retry_failed_resends_only_error_rows(tmp_path: Path, start_server: Star
     enrich(config)  # a plain rerun does not retry failures
     assert server.stats.requests == 0
 
-    summary = enrich(config, retry_failed=True)
+    summary = enrich(config, options=RunOptions(retry_failed=True))
 
     assert server.stats.requests == 1
     assert dict(server.stats.answered_by_content) == {prompts[1]: 1}
@@ -249,7 +250,8 @@ def test_status_reports_a_checkpoint_and_a_finished_output(
     enrich(
         config.model_copy(
             update={"output": config.output.model_copy(update={"keep_checkpoint": False})}
-        )
+        ),
+        options=RunOptions(force=True),
     )
     finished = CliRunner().invoke(cli, ["status", str(tmp_path / "out.parquet")])
     assert finished.exit_code == 0
