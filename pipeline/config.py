@@ -43,6 +43,11 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "max_cost": "--max-cost",
     "price_file": "--price-file",
     "output.report": "--report",
+    "cache.enabled": "--cache/--no-cache",
+    "cache.path": "--cache-path",
+    "cache.dedup": "--dedup/--no-dedup",
+    "structured.schema": "--schema",
+    "structured.max_attempts": "--schema-attempts",
 }
 
 
@@ -127,12 +132,32 @@ class CheckpointConfig(_Section):
     flush_interval_s: float = Field(default=5.0, gt=0)
 
 
+class CacheConfig(_Section):
+    # None: on for deterministic requests (no temperature, or 0), off otherwise,
+    # because a row that asks for a sample wants its own.
+    enabled: bool | None = None
+    path: Path | None = None
+    dedup: bool | None = None
+
+
+class StructuredConfig(_Section):
+    # A JSON Schema: a path to a .json file, inline JSON text, or a TOML table.
+    # "schema" would shadow a pydantic method, hence the alias.
+    json_schema: str | dict[str, Any] | None = Field(default=None, alias="schema")
+    name: str = Field(default="row", min_length=1)
+    # Answers that fail to parse or validate are asked again this many times in
+    # all (counted apart from transport retries).
+    max_attempts: int = Field(default=3, gt=0, le=20)
+
+
 class RunConfig(_Section):
     input: InputConfig
     output: OutputConfig
     model: ModelConfig = Field(default_factory=ModelConfig)
     limits: LimitsConfig = Field(default_factory=LimitsConfig)
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
+    cache: CacheConfig = Field(default_factory=CacheConfig)
+    structured: StructuredConfig = Field(default_factory=StructuredConfig)
     max_error_rate: float = Field(default=1.0, ge=0, le=1)
     # A budget in USD for the whole job (resumed runs included); unset: no cap.
     max_cost: float | None = Field(default=None, gt=0)

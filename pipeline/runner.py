@@ -12,7 +12,7 @@ import signal
 import statistics
 import time
 from array import array
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -20,9 +20,20 @@ from pathlib import Path
 from typing import Any, Final
 
 import polars as pl
+import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline import prompt, write
+from pipeline import prompt, structured, write
+from pipeline.cache import (
+    DEFAULT_ENDPOINT,
+    Admission,
+    CachedAnswer,
+    InRunDedup,
+    ResponseCache,
+    default_cache_path,
+    key_function,
+    resolve_enabled,
+)
 from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, CallStage, ChatRequest
 from pipeline.checkpoint import Checkpoint, PartSweep
 from pipeline.config import RunConfig
@@ -36,7 +47,7 @@ from pipeline.costs import (
     unknown_price_message,
 )
 from pipeline.durable import remove_stale_temps
-from pipeline.errors import EnrichError, FatalAPIError, RunInterrupted
+from pipeline.errors import ConfigError, EnrichError, FatalAPIError, RunInterrupted
 from pipeline.events import EventSink, NullEventSink
 from pipeline.lock import RunLock, lock_path_for, takeover_message
 from pipeline.progress import NoProgress, Progress
@@ -50,7 +61,7 @@ from pipeline.report import (
 )
 from pipeline.results import ROW_ID, RowResult
 from pipeline.status import checkpoint_status
-from pipeline.transport import OpenAITransport, Transport
+from pipeline.transport import Messages, OpenAITransport, Transport
 
 # Rows per row group of the final file: big enough for fast scans downstream.
 ASSEMBLY_ROWS: Final = 65_536
@@ -71,6 +82,10 @@ class RunSummary:
     retries: int = 0
     rate_limited: int = 0
     wall_s: float = 0.0
+    cache_hits: int = 0
+    """Rows answered from the response cache (no request)."""
+    deduplicated: int = 0
+    """Rows that shared an identical request's answer in this run (no request)."""
     cost_usd: float | None = None
     """Estimated spend of this run (None when the model has no known price)."""
     up_to_date: bool = False
@@ -97,15 +112,20 @@ class RunSummary:
         return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[percent - 1]
 
 
-def answer_settings(config: RunConfig) -> dict[str, Any]:
+def answer_settings(
+    config: RunConfig, response_format: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Everything that changes an answer: a checkpoint made under other values
     must not be mixed into this run's output."""
     spec = prompt_spec(config)
-    return {
+    settings = {
         **prompt.fingerprint_fields(spec),
         "model": config.model.name,
         "params": config.model.request_params(),
     }
+    if response_format is not None:
+        settings["response_format"] = response_format
+    return settings
 
 
 def prompt_spec(config: RunConfig) -> prompt.PromptSpec:
@@ -124,6 +144,18 @@ class PreparedRun:
     source: InputSource
     spec: prompt.PromptSpec
     total_rows: int
+    schema: dict[str, Any] | None = None
+    """The JSON Schema answers must follow (structured output), if any."""
+
+    @property
+    def response_format(self) -> dict[str, Any] | None:
+        if self.schema is None:
+            return None
+        return structured.response_format(self.schema, self.config.structured.name)
+
+    @property
+    def settings(self) -> dict[str, Any]:
+        return answer_settings(self.config, self.response_format)
 
 
 def prepare(config: RunConfig) -> PreparedRun:
@@ -132,26 +164,50 @@ def prepare(config: RunConfig) -> PreparedRun:
     spec = prompt_spec(config)
     prompt.validate(spec, source.columns(), source=str(source.path))
     write.check_output_path(config.output.path, config.input.path)
-    write.output_column_names(source.columns(), config.output.column_prefix)
-    return PreparedRun(config, source, spec, source.count_rows())
+    taken = [
+        *source.columns(),
+        *write.output_column_names(source.columns(), config.output.column_prefix),
+    ]
+    schema = None
+    if config.structured.json_schema is not None:
+        schema = structured.load_schema(config.structured.json_schema)
+        fields = structured.columns_schema(schema, config.output.column_prefix).names
+        clashes = sorted(set(fields) & set(taken))
+        if clashes:
+            raise ConfigError(
+                f"the schema's fields {', '.join(clashes)} clash with input or result columns; "
+                "rename them in the schema or set --column-prefix"
+            )
+    return PreparedRun(config, source, spec, source.count_rows(), schema)
 
 
 class ResultSink:
-    """Buffers results and hands them to the checkpoint in a worker thread, so
-    disk IO never stalls the event loop. One write in flight at a time keeps
-    parts ordered and memory bounded."""
+    """Buffers results and hands them to the checkpoint (and successful answers
+    to the response cache) in a worker thread, so disk IO never stalls the
+    event loop. One write in flight at a time keeps parts ordered and memory
+    bounded."""
 
-    def __init__(self, checkpoint: Checkpoint, flush_every: int, flush_interval_s: float) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        flush_every: int,
+        flush_interval_s: float,
+        cache: ResponseCache | None = None,
+    ) -> None:
         self._checkpoint = checkpoint
+        self._cache = cache
         self._flush_every = flush_every
         self._flush_interval_s = flush_interval_s
         self._buffer: list[RowResult] = []
+        self._answers: list[tuple[bytes, CachedAnswer]] = []
         self._last_flush = time.monotonic()
         self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-flush")
         self._pending: asyncio.Future[None] | None = None
 
-    async def add(self, result: RowResult) -> None:
+    async def add(self, result: RowResult, cache_key: bytes | None = None) -> None:
         self._buffer.append(result)
+        if self._cache is not None and cache_key is not None and result.status == "ok":
+            self._answers.append((cache_key, _cached_answer(result)))
         if len(self._buffer) >= self._flush_every or self._interval_elapsed():
             await self.flush()
 
@@ -164,10 +220,17 @@ class ResultSink:
         if not self._buffer:
             return
         batch, self._buffer = self._buffer, []
+        answers, self._answers = self._answers, []
         if self._pending is not None:
             await self._pending
         loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(self._executor, self._checkpoint.write_part, batch)
+        self._pending = loop.run_in_executor(self._executor, self._write, batch, answers)
+
+    def _write(self, batch: list[RowResult], answers: list[tuple[bytes, CachedAnswer]]) -> None:
+        # The checkpoint first: it is what resume trusts; the cache is a bonus.
+        self._checkpoint.write_part(batch)
+        if self._cache is not None and answers:
+            self._cache.put_many(answers)
 
     async def tick(self) -> None:
         """Flushes on time even when no result arrives (e.g. during a long 429 pause)."""
@@ -181,6 +244,33 @@ class ResultSink:
         if self._pending is not None:
             await self._pending
         self._executor.shutdown(wait=True)
+
+
+def _cached_answer(result: RowResult) -> CachedAnswer:
+    return CachedAnswer(
+        response=result.response,
+        finish_reason=result.finish_reason,
+        model=result.model,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+def _reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
+    """A row answered without a request of its own: tokens are the original
+    request's (what the answer took), attempts 0 and no latency (nothing paid)."""
+    return RowResult(
+        row_id=row_id,
+        status=answer.status if isinstance(answer, RowResult) else "ok",
+        response=answer.response,
+        error=answer.error if isinstance(answer, RowResult) else None,
+        attempts=0,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        finish_reason=answer.finish_reason,
+        model=answer.model,
+        cached=True,
+    )
 
 
 def _prompt_chunks(
@@ -211,6 +301,16 @@ def _done_rows(checkpoint: Checkpoint, total: int, retry_failed: bool) -> bytear
     return done
 
 
+@dataclass
+class Reuse:
+    """The run's ways of not paying twice: the response cache across runs and
+    in-run dedup of identical requests. Both key on the full request."""
+
+    make_key: Callable[[Messages], bytes] | None = None
+    cache: ResponseCache | None = None
+    dedup: InRunDedup[RowResult] | None = None
+
+
 async def _run_calls(
     prepared: PreparedRun,
     checkpoint: Checkpoint,
@@ -219,28 +319,56 @@ async def _run_calls(
     progress: Progress,
     summary: RunSummary,
     spend: SpendCap | CostMeter,
+    reuse: Reuse,
 ) -> None:
     config = prepared.config
-    sink = ResultSink(checkpoint, config.checkpoint.flush_every, config.checkpoint.flush_interval_s)
+    sink = ResultSink(
+        checkpoint, config.checkpoint.flush_every, config.checkpoint.flush_interval_s, reuse.cache
+    )
     first_todo = done.find(0)
     start_row = first_todo if first_todo >= 0 else prepared.total_rows
     completion_budget = config.model.max_tokens or DEFAULT_COMPLETION_ESTIMATE
+    keys_in_flight: dict[int, bytes] = {}
+
+    async def finish_row(result: RowResult, cache_key: bytes | None = None) -> None:
+        await sink.add(result, cache_key)
+        progress.advance(result)
 
     async def requests() -> AsyncIterator[ChatRequest]:
         chunks = _prompt_chunks(prepared, done, start_row)
         while (todo := await asyncio.to_thread(next, chunks, None)) is not None:
+            asks: list[tuple[int, Messages, bytes | None]] = []
             for row_id, text in todo:
                 if text is None:
-                    skipped = RowResult.skipped(row_id)
-                    await sink.add(skipped)
-                    progress.advance(skipped)
+                    await finish_row(RowResult.skipped(row_id))
                     continue
                 messages = prompt.messages(prepared.spec, text)
+                key = reuse.make_key(messages) if reuse.make_key is not None else None
+                asks.append((row_id, messages, key))
+            hits: dict[bytes, CachedAnswer] = {}
+            if reuse.cache is not None:
+                keys = [key for _, _, key in asks if key is not None]
+                hits = await asyncio.to_thread(reuse.cache.get_many, keys)
+            for row_id, ask, key in asks:
+                if key is not None and key in hits:
+                    summary.cache_hits += 1
+                    await finish_row(_reused(row_id, hits[key]))
+                    continue
+                if key is not None and reuse.dedup is not None:
+                    admitted = reuse.dedup.admit(key, row_id)
+                    if admitted is Admission.PARKED:
+                        continue
+                    if isinstance(admitted, RowResult):
+                        summary.deduplicated += 1
+                        await finish_row(_reused(row_id, admitted))
+                        continue
                 if isinstance(spend, SpendCap) and not spend.reserve(
-                    row_id, prompt_token_estimate(messages), completion_budget
+                    row_id, prompt_token_estimate(ask), completion_budget
                 ):
                     return  # the cap: send nothing more; requests in flight finish
-                yield ChatRequest(row_id, messages)
+                if key is not None:
+                    keys_in_flight[row_id] = key
+                yield ChatRequest(row_id, ask)
 
     ticker = asyncio.create_task(sink.tick())
     try:
@@ -248,10 +376,15 @@ async def _run_calls(
         async with contextlib.aclosing(stage.results(requests())) as results:
             async for result in results:
                 spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
-                await sink.add(result)
                 if result.latency_ms is not None:
                     summary.latencies_ms.append(result.latency_ms)
-                progress.advance(result)
+                key = keys_in_flight.pop(result.row_id, None)
+                await finish_row(result, key)
+                if key is not None and reuse.dedup is not None:
+                    followers = reuse.dedup.settle(key, result, ok=result.status == "ok")
+                    summary.deduplicated += len(followers)
+                    for follower in followers:
+                        await finish_row(_reused(follower, result))
     finally:
         ticker.cancel()
         # Runs on success, fatal errors and cancellation alike: what was paid
@@ -265,9 +398,16 @@ async def _run_calls(
 
 def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunSummary) -> None:
     """Write the final file in input order from the input and the parts:
-    exactly one row per input row, atomically."""
+    exactly one row per input row, atomically. With a schema, the answer's
+    fields follow as typed columns (parts keep only the text)."""
     config = prepared.config
-    schema = write.output_schema(prepared.source.schema, config.output.column_prefix)
+    prefix = config.output.column_prefix
+    base_schema = write.output_schema(prepared.source.schema, prefix)
+    schema = base_schema
+    fields = None
+    if prepared.schema is not None:
+        fields = structured.columns_schema(prepared.schema, prefix)
+        schema = pa.schema([*base_schema, *fields])
     sweep = PartSweep(checkpoint.parts())
     remove_stale_temps(config.output.path)
     with write.AtomicParquetWriter(config.output.path, schema) as writer:
@@ -280,7 +420,20 @@ def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunS
                     f"{chunk.offset + rows} have no result in {checkpoint.run_dir}; "
                     "run the same command again to finish them"
                 )
-            writer.write(write.enriched_chunk(chunk.table, results, schema))
+            enriched = write.enriched_chunk(chunk.table, results, base_schema)
+            if fields is not None:
+                answers = [
+                    structured.load_answer(text) if status == "ok" else None
+                    for text, status in zip(
+                        results.column("response").to_pylist(),
+                        results.column("status").to_pylist(),
+                        strict=True,
+                    )
+                ]
+                typed = structured.to_columns(answers, fields)
+                for index, field in enumerate(fields):
+                    enriched = enriched.append_column(field, typed.column(index))
+            writer.write(enriched)
             _tally(summary, results)
 
 
@@ -351,7 +504,7 @@ async def _locked_run(
     started = time.perf_counter()
     run_dir = config.output.resolved_run_dir
     report_path = config.output.report or report_path_for(config.output.path)
-    settings = answer_settings(config)
+    settings = prepared.settings
     summary = RunSummary(output=config.output.path, run_dir=run_dir)
 
     if not (options.force or options.restart or options.retry_failed):
@@ -416,28 +569,31 @@ async def _locked_run(
 
     def report(exit_code: int, message: str | None) -> None:
         summary.wall_s = time.perf_counter() - started
-        write_report(
-            report_path,
-            build_report(
-                summary,
-                output=config.output.path,
-                settings=config.model_dump(mode="json"),
-                fingerprint=fingerprint(settings),
-                exit_code=exit_code,
-                message=message,
-                input_identity=checkpoint.manifest.input,
-                input_rows=prepared.total_rows,
-                output_settings={"column_prefix": config.output.column_prefix},
-                price=price,
-                model=config.model.name,
-                cost_this_run=summary.cost_usd,
-                max_cost=config.max_cost,
-                started_at=started_at,
-                secrets=[config.api_key()],
-            ),
+        body = build_report(
+            summary,
+            output=config.output.path,
+            settings=config.model_dump(mode="json"),
+            fingerprint=fingerprint(settings),
+            exit_code=exit_code,
+            message=message,
+            input_identity=checkpoint.manifest.input,
+            input_rows=prepared.total_rows,
+            output_settings={"column_prefix": config.output.column_prefix},
+            price=price,
+            model=config.model.name,
+            cost_this_run=summary.cost_usd,
+            max_cost=config.max_cost,
+            started_at=started_at,
             secrets=[config.api_key()],
         )
+        body["reuse"] = {
+            "cache_hits": summary.cache_hits,
+            "deduplicated": summary.deduplicated,
+            "requests_saved": summary.cache_hits + summary.deduplicated,
+        }
+        write_report(report_path, body, secrets=[config.api_key()])
 
+    reuse = _open_reuse(prepared)
     own_transport = transport is None
     transport = transport or OpenAITransport(config.model, config.api_key())
     stage = CallStage(config.model, config.limits, transport)
@@ -449,7 +605,7 @@ async def _locked_run(
     progress = progress or NoProgress()
     progress.start(prepared.total_rows, summary.resumed_rows)
     try:
-        await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend)
+        await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend, reuse)
     except (FatalAPIError, asyncio.CancelledError) as exc:
         _count_checkpoint(summary, run_dir)
         report(
@@ -461,6 +617,8 @@ async def _locked_run(
         if watcher is not None:
             watcher.cancel()
         progress.close()
+        if reuse.cache is not None:
+            reuse.cache.close()
         if own_transport:
             await transport.aclose()
 
@@ -490,11 +648,33 @@ async def _locked_run(
         prompt_tokens=summary.prompt_tokens,
         completion_tokens=summary.completion_tokens,
         cost_usd=summary.cost_usd,
+        cache_hits=summary.cache_hits,
+        deduplicated=summary.deduplicated,
         wall_s=round(summary.wall_s, 3),
         rows_per_s=round(summary.rows_per_s, 2),
         report=str(report_path),
     )
     return summary
+
+
+def _open_reuse(prepared: PreparedRun) -> Reuse:
+    config = prepared.config
+    params = config.model.request_params()
+    use_cache = resolve_enabled(config.cache.enabled, params)
+    use_dedup = resolve_enabled(config.cache.dedup, params)
+    if not (use_cache or use_dedup):
+        return Reuse()
+    make_key = key_function(
+        endpoint=config.model.resolved_base_url() or DEFAULT_ENDPOINT,
+        model=config.model.name,
+        params=params,
+        response_format=prepared.response_format,
+    )
+    return Reuse(
+        make_key=make_key,
+        cache=ResponseCache(config.cache.path or default_cache_path()) if use_cache else None,
+        dedup=InRunDedup() if use_dedup else None,
+    )
 
 
 def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:

@@ -20,6 +20,16 @@ MODEL = "sim-1"
 StartServer = Callable[..., Simulator]
 
 
+@pytest.fixture(autouse=True)
+def isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Each test gets its own response cache (subprocesses inherit the variable)."""
+    directory = tmp_path_factory.mktemp("cache")
+    monkeypatch.setenv("ENRICH_CACHE_DIR", str(directory))
+    return directory
+
+
 @pytest.fixture
 def start_server() -> Iterator[StartServer]:
     """Start simulators in background threads; all are stopped after the test."""
