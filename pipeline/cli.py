@@ -14,6 +14,7 @@ import os
 import sys
 import traceback
 from collections.abc import Callable
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, TypeVar
 
@@ -89,11 +90,25 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
         click.Path(path_type=Path),
         "Run report path [OUTPUT.report.json].",
     ),
+    ("--cache-path", "cache.path", click.Path(path_type=Path), "Response cache file."),
+    ("--schema", "structured.schema", str, "JSON Schema (file or inline JSON): typed columns."),
+    ("--schema-attempts", "structured.max_attempts", int, "Answers asked until one validates."),
+]
+
+# On/off switches whose unset state means "decide from the request": on for
+# deterministic requests (no temperature or 0), off for sampled ones.
+TOGGLE_OPTIONS: Final[list[tuple[str, str, str]]] = [
+    ("--cache/--no-cache", "cache.enabled", "Use the response cache across runs."),
+    ("--dedup/--no-dedup", "cache.dedup", "Send identical requests once per run."),
 ]
 
 
 def _option_dest(flag: str) -> str:
     return flag.removeprefix("--").replace("-", "_")
+
+
+def _toggle_dest(key: str) -> str:
+    return key.replace(".", "_")
 
 
 def dataset_options(command: F) -> F:
@@ -102,6 +117,8 @@ def dataset_options(command: F) -> F:
         command = click.option(flag, _option_dest(flag), type=kind, default=None, help=help_text)(
             command
         )
+    for flags, key, help_text in TOGGLE_OPTIONS:
+        command = click.option(flags, _toggle_dest(key), default=None, help=help_text)(command)
     command = click.option(
         "--keep-checkpoint",
         is_flag=True,
@@ -116,6 +133,8 @@ def dataset_options(command: F) -> F:
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
     overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
+    for _, key, _ in TOGGLE_OPTIONS:
+        overrides[key] = flags.get(_toggle_dest(key))
     return load_config(config_file, overrides)
 
 
@@ -193,6 +212,12 @@ def _fmt_ms(value: float | None) -> str:
     return "-" if value is None else f"{value:,.0f} ms"
 
 
+def _fmt_cost(value: float | None) -> str:
+    return (
+        "unknown (no price for this model; see --price-file)" if value is None else f"${value:,.4f}"
+    )
+
+
 def format_summary(summary: RunSummary) -> str:
     return "\n".join(
         [
@@ -204,7 +229,9 @@ def format_summary(summary: RunSummary) -> str:
             f" · latency p50 {_fmt_ms(summary.latency_percentile(50))}"
             f" · p95 {_fmt_ms(summary.latency_percentile(95))}",
             f"  requests {summary.requests:,} (retries {summary.retries:,},"
-            f" rate-limited {summary.rate_limited:,})",
+            f" rate-limited {summary.rate_limited:,}) · from cache {summary.cache_hits:,}"
+            f" · deduplicated {summary.deduplicated:,}",
+            f"  cost {_fmt_cost(summary.cost_usd)}",
         ]
     )
 
@@ -448,6 +475,50 @@ def simulate(
 
     config = SimulatorConfig(rate_headers=not no_rate_headers, api_key=api_key, **settings)
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))
+
+
+@cli.group()
+def cache() -> None:
+    """Inspect or empty the response cache."""
+
+
+def _cache_path_option(command: F) -> F:
+    return click.option(
+        "--cache-path",
+        type=click.Path(path_type=Path),
+        default=None,
+        help="Cache file [$ENRICH_CACHE_DIR or ~/.cache/enrich/cache.sqlite3].",
+    )(command)
+
+
+@cache.command("stats")
+@_cache_path_option
+@handle_errors
+def cache_stats_command(cache_path: Path | None) -> None:
+    """Entries, size and age of the cache."""
+    from pipeline.cache import cache_stats, default_cache_path
+
+    stats = cache_stats(cache_path or default_cache_path())
+    oldest, newest = (
+        datetime.fromtimestamp(moment, tz=UTC).isoformat(timespec="seconds") if moment else "-"
+        for moment in (stats.oldest, stats.newest)
+    )
+    click.echo(
+        f"{stats.path}: {stats.entries:,} answers, {stats.size_bytes / 1e6:,.1f} MB, "
+        f"oldest {oldest}, newest {newest}"
+    )
+
+
+@cache.command("clear")
+@_cache_path_option
+@handle_errors
+def cache_clear_command(cache_path: Path | None) -> None:
+    """Delete every cached answer."""
+    from pipeline.cache import clear_cache, default_cache_path
+
+    path = cache_path or default_cache_path()
+    removed = clear_cache(path)
+    click.echo(f"{path}: removed {removed:,} answers")
 
 
 def main() -> None:
