@@ -5,6 +5,15 @@ this server instead of a paid API. Everything it does is reproducible: answers
 are a pure function of the request (:func:`expected_answer`), and random faults
 come from ``random.Random(seed)``.
 
+Structured output: a request whose ``response_format`` is
+``{"type": "json_schema", "json_schema": {"name": ..., "schema": {...}}}`` is
+answered with the JSON text of :func:`expected_structured_answer` (one value per
+top-level property, derived from the last user message), which satisfies the
+schema. With ``SimulatorConfig(structured=False)`` such a request gets the 400
+that models without structured outputs give (``param`` ``response_format``).
+Other ``response_format`` types (``text``, ``json_object``) are accepted and
+change nothing.
+
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /_stats``
 (the :class:`SimulatorStats` as JSON). Anything else answers 404 with an
 OpenAI-style JSON error.
@@ -16,6 +25,8 @@ that fails answers:
    ``invalid_api_key``;
 2. a body that is not a chat request -> 400 ``invalid_request_error``;
 3. model: with ``models`` set, any other model -> 404 ``model_not_found``;
+   then ``response_format`` ``json_schema`` with ``structured=False`` -> 400
+   ``invalid_request_error``, ``param`` ``response_format``;
 4. ``insufficient_quota`` -> 429 with code ``insufficient_quota`` (no retry-after);
 5. per-prompt directives (below);
 6. random faults: drop, hang, 5xx, spurious 429, malformed body;
@@ -31,11 +42,32 @@ the content of the LAST user message:
 ``hang`` (and ``400``)
     the first ``n`` requests carrying exactly this content fail with that fault,
     later ones succeed. Without ``:<n>`` the fault is permanent.
+``[[fault:badjson]]``, ``[[fault:badjson:<n>]]``
+    a normal 200 completion whose content is ``not json {`` (for the first ``n``
+    such answers delivered, or always without ``:<n>``); later ones get the
+    normal answer.
+``[[fault:invalid]]``, ``[[fault:invalid:<n>]]``
+    likewise, but the content is a JSON object that fails the schema: the
+    expected structured answer without its first ``required`` property
+    (``{}`` without a schema or without ``required``).
+
+``badjson`` and ``invalid`` shape the answer, not the transport: the request
+still goes through random faults, the rate limit and the latency like any
+other, and its ``n`` counts only answers actually delivered (a request refused
+by the rate limit, failed by a random fault or abandoned by its client during
+the latency does not use one up). Such answers are billed completions, so they
+count in ``answered``, ``tokens`` and ``answered_by_content`` (a row retried
+after one is a row paid twice) and NOT in ``faults``; they are also counted in
+``bad_answers``.
 
 Faults: ``drop`` closes the connection without a response; ``hang`` holds the
 request for ``hang_s`` seconds (or until the server stops) and then drops it;
 ``malformed`` is a 200 whose JSON body is cut short; ``429`` is a spurious
 ``rate_limit_exceeded`` with retry headers.
+
+Stats: ``requests`` counts every completion request; ``answered`` the 200
+completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
+malformed bodies; ``rate_limited`` every 429 that is not ``insufficient_quota``.
 
 Rate-limit headers: ``x-ratelimit-limit-*`` carry the per-minute figures
 (``rpm``/``tpm``) like OpenAI; ``x-ratelimit-remaining-*`` is what the current
@@ -69,11 +101,13 @@ from aiohttp import web
 from pipeline.errors import ConfigError
 
 __all__ = [
+    "BAD_JSON",
     "Simulator",
     "SimulatorConfig",
     "SimulatorStats",
     "estimate_tokens",
     "expected_answer",
+    "expected_structured_answer",
     "format_reset",
     "run_in_thread",
     "serve_forever",
@@ -92,7 +126,13 @@ SHUTDOWN_TIMEOUT_S: Final = 0.5
 # Long prompts are legitimate; aiohttp's 1 MiB default would reject them.
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
-_DIRECTIVE: Final = re.compile(r"\[\[fault:(400|500|429|drop|malformed|hang)(?::(\d+))?\]\]")
+_DIRECTIVE: Final = re.compile(
+    r"\[\[fault:(400|500|429|drop|malformed|hang|badjson|invalid)(?::(\d+))?\]\]"
+)
+# Directives that shape a 200 answer rather than fail the request.
+_ANSWER_KINDS: Final = frozenset({"badjson", "invalid"})
+BAD_JSON: Final = "not json {"
+"""The content of a ``[[fault:badjson]]`` answer."""
 _DIRECTIVE_MARK: Final = "[[fault:"
 
 # Random faults in the order they are drawn; the config rates line up with these.
@@ -119,6 +159,7 @@ class SimulatorConfig:
     api_key: str | None = None
     models: tuple[str, ...] = ()
     insufficient_quota: bool = False
+    structured: bool = True
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -155,6 +196,7 @@ class SimulatorStats:
     rate_limited: int = 0
     faults: int = 0
     tokens: int = 0
+    bad_answers: int = 0
     answered_by_content: collections.Counter[str] = field(default_factory=collections.Counter)
     max_in_flight: int = 0
 
@@ -165,6 +207,7 @@ class SimulatorStats:
             "rate_limited": self.rate_limited,
             "faults": self.faults,
             "tokens": self.tokens,
+            "bad_answers": self.bad_answers,
             # dict() of a Counter is one C-level copy: safe while the loop thread counts.
             "answered_by_content": dict(self.answered_by_content),
             "max_in_flight": self.max_in_flight,
@@ -215,6 +258,112 @@ def expected_answer(messages: Sequence[Mapping[str, Any]], model: str) -> str:
         [[m.get("role"), _text(m.get("content"))] for m in messages], ensure_ascii=False
     )
     return f"{answer} #{hashlib.sha256(canonical.encode()).hexdigest()[:8]}"
+
+
+def _branch(prop: Any) -> Any:
+    """The schema a value is made for: ``anyOf``/``oneOf`` picks its first
+    branch that is not ``null`` (how optional fields are usually written)."""
+    while isinstance(prop, Mapping) and "type" not in prop and "enum" not in prop:
+        branches = prop.get("anyOf", prop.get("oneOf"))
+        if not isinstance(branches, list) or not branches:
+            break
+        rest = [b for b in branches if not (isinstance(b, Mapping) and b.get("type") == "null")]
+        prop = rest[0] if rest else branches[0]
+    return prop
+
+
+def _type_of(prop: Mapping[str, Any]) -> str | None:
+    declared = prop.get("type")
+    if isinstance(declared, list):
+        kinds = [t for t in declared if t != "null"]
+        if kinds:
+            return str(kinds[0])
+        return "null" if declared else None
+    return declared if isinstance(declared, str) else None
+
+
+def _bounded(value: float, prop: Mapping[str, Any]) -> float:
+    low, high = prop.get("minimum"), prop.get("maximum")
+    if isinstance(low, int | float) and not isinstance(low, bool):
+        value = max(value, low)
+    if isinstance(high, int | float) and not isinstance(high, bool):
+        value = min(value, high)
+    return value
+
+
+def _value(name: str, prop: Any, text: str) -> Any:
+    prop = _branch(prop)
+    if not isinstance(prop, Mapping):
+        return f"{name}: {text}"
+    if "const" in prop:
+        return prop["const"]
+    enum = prop.get("enum")
+    if isinstance(enum, list) and enum:
+        return enum[int(hashlib.sha256(text.encode()).hexdigest(), 16) % len(enum)]
+    kind = _type_of(prop)
+    if kind == "integer":
+        return int(_bounded(len(text), prop))
+    if kind == "number":
+        return _bounded(len(text) / 10, prop)
+    if kind == "boolean":
+        return len(text) % 2 == 0
+    if kind == "null":
+        return None
+    if kind == "array":
+        return [_value(name, prop.get("items", {}), text)]
+    if kind == "object":
+        return _object(prop, text)
+    value = f"{name}: {text}"
+    limit = prop.get("maxLength")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit >= 0:
+        value = value[:limit]
+    return value
+
+
+def _object(schema: Mapping[str, Any], text: str) -> dict[str, Any]:
+    properties = schema.get("properties")
+    if not isinstance(properties, Mapping):
+        return {}
+    return {str(name): _value(str(name), prop, text) for name, prop in properties.items()}
+
+
+def expected_structured_answer(
+    messages: Sequence[Mapping[str, Any]], model: str, schema: Mapping[str, Any] | None
+) -> dict[str, Any]:
+    """The JSON object the simulator answers to a request whose
+    ``response_format`` carries ``schema``; its content is
+    ``json.dumps(this, ensure_ascii=False)`` (before ``max_tokens`` truncation).
+
+    One value per top-level property, in the schema's order, from the last user
+    message ``t``: a string is ``"<property>: t"`` (cut to ``maxLength``); an
+    ``enum`` (of any type) picks ``enum[sha256(t) % len(enum)]``; a ``const`` is
+    itself; an integer is ``len(t)``, a number ``len(t) / 10`` (both kept
+    within ``minimum``/``maximum``); a boolean ``len(t) % 2 == 0``; null is
+    None; an array is a one-item list of its item's value; an object is ``{}``,
+    or the same recipe applied to its ``properties`` when it has some. A type
+    list such as ``["string", "null"]`` and ``anyOf``/``oneOf`` with ``null``
+    use the first type that is not null. ``model`` is taken for symmetry with
+    :func:`expected_answer` and does not change the answer.
+    """
+    del model
+    if not isinstance(schema, Mapping):
+        return {}
+    return _object(schema, _last_user_text(messages))
+
+
+def _invalid_answer(messages: Sequence[Mapping[str, Any]], schema: Mapping[str, Any] | None) -> str:
+    """A ``[[fault:invalid]]`` answer: the structured answer without its first
+    required property, so that it fails the schema."""
+    if not isinstance(schema, Mapping):
+        return "{}"
+    required = schema.get("required")
+    if not isinstance(required, list) or not required:
+        return "{}"
+    answer = _object(schema, _last_user_text(messages))
+    first = required[0]
+    if isinstance(first, str):
+        answer.pop(first, None)
+    return json.dumps(answer, ensure_ascii=False)
 
 
 def format_reset(seconds: float) -> str:
@@ -428,6 +577,7 @@ class Simulator:
         directive counts and the rate-limit window are server state and are kept."""
         stats = self.stats
         stats.requests = stats.answered = stats.rate_limited = stats.faults = stats.tokens = 0
+        stats.bad_answers = 0
         stats.answered_by_content = collections.Counter()
         stats.max_in_flight = self._in_flight
 
@@ -486,6 +636,30 @@ class Simulator:
             not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
         ):
             return _bad_request("max_tokens must be a positive integer.", "max_tokens")
+        # The schema of a json_schema response_format; None for a plain answer.
+        schema: dict[str, Any] | None = None
+        response_format = body.get("response_format")
+        if response_format is not None:
+            if not isinstance(response_format, dict) or not isinstance(
+                response_format.get("type"), str
+            ):
+                return _bad_request(
+                    "'response_format' must be an object with a string 'type'.", "response_format"
+                )
+            if response_format["type"] == "json_schema":
+                spec = response_format.get("json_schema")
+                if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+                    return _bad_request(
+                        "Missing required parameter: 'response_format.json_schema.name'.",
+                        "response_format.json_schema.name",
+                    )
+                schema = spec.get("schema", {})
+                if not isinstance(schema, dict):
+                    return _bad_request(
+                        "Invalid type for 'response_format.json_schema.schema': expected an "
+                        "object.",
+                        "response_format.json_schema.schema",
+                    )
 
         if self._models and model not in self._models:
             return _error(
@@ -493,6 +667,12 @@ class Simulator:
                 f"The model `{model}` does not exist or you do not have access to it.",
                 "invalid_request_error",
                 "model_not_found",
+            )
+        if schema is not None and not cfg.structured:
+            return _bad_request(
+                "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
+                "with this model.",
+                "response_format",
             )
         if cfg.insufficient_quota:
             return _error(
@@ -504,10 +684,20 @@ class Simulator:
             )
 
         content = _last_user_text(messages)
+        # A badjson/invalid directive that applies to this answer, and whether it
+        # has a count (taken only once the answer is admitted, see below).
+        shaped: str | None = None
+        shaped_counted = False
         if _DIRECTIVE_MARK in content:
             directed = self._directive(content)
             if directed is not None:
-                return await self._fault(directed, request, model)
+                kind, counted = directed
+                if kind in _ANSWER_KINDS:
+                    shaped, shaped_counted = kind, counted
+                else:
+                    if counted:
+                        self._directive_counts[content] += 1
+                    return await self._fault(kind, request, model)
         if self._random_faults:
             draw = self._rng.random()
             for kind, threshold in zip(_RANDOM_KINDS, self._thresholds, strict=True):
@@ -516,7 +706,16 @@ class Simulator:
                         kind = str(self._rng.choice((500, 502, 503)))
                     return await self._fault(kind, request, model)
 
-        answer = expected_answer(messages, model)
+        if shaped == "badjson":
+            answer = BAD_JSON
+        elif shaped == "invalid":
+            answer = _invalid_answer(messages, schema)
+        elif schema is not None:
+            answer = json.dumps(
+                expected_structured_answer(messages, model, schema), ensure_ascii=False
+            )
+        else:
+            answer = expected_answer(messages, model)
         finish_reason = "stop"
         if max_tokens is not None and estimate_tokens(answer) > max_tokens:
             # Cut on a character boundary: "ignore" drops a split multi-byte tail.
@@ -533,6 +732,10 @@ class Simulator:
             if refused is not None:
                 return refused
             headers = self._rate_headers(now)
+        # Nothing was awaited since the directive was read, so concurrent requests
+        # with the same content cannot both take the last count.
+        if shaped_counted:
+            self._directive_counts[content] += 1
 
         delay = cfg.latency_ms
         if cfg.jitter_ms:
@@ -567,18 +770,23 @@ class Simulator:
             stats.answered += 1
             stats.tokens += total_tokens
             stats.answered_by_content[content] += 1
+            if shaped is not None:
+                stats.bad_answers += 1
+        elif shaped_counted:
+            # Not delivered: the next request with this content gets the bad answer.
+            self._directive_counts[content] -= 1
         return _json(200, payload, headers)
 
-    def _directive(self, content: str) -> str | None:
+    def _directive(self, content: str) -> tuple[str, bool] | None:
+        """The directive in ``content`` if it still applies, and whether it has
+        a count (the caller takes one when the directive is acted on)."""
         match = _DIRECTIVE.search(content)
         if match is None:
             return None
         kind, count = match.group(1), match.group(2)
-        if count is not None:
-            if self._directive_counts[content] >= int(count):
-                return None
-            self._directive_counts[content] += 1
-        return kind
+        if count is not None and self._directive_counts[content] >= int(count):
+            return None
+        return kind, count is not None
 
     async def _fault(self, kind: str, request: web.Request, model: str) -> web.StreamResponse:
         stats = self.stats

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import subprocess
@@ -10,29 +11,34 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import aiohttp
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
+from openai.types.shared_params import ResponseFormatJSONSchema
 
 from pipeline import simulate
 from pipeline.errors import ConfigError
 from pipeline.simulate import (
+    BAD_JSON,
     Simulator,
     SimulatorConfig,
     estimate_tokens,
     expected_answer,
+    expected_structured_answer,
     format_reset,
     run_in_thread,
 )
+from pipeline.structured import StructuredAnswerError, load_schema, parse_answer, response_format
 
 pytestmark = pytest.mark.timeout(10)
 
 # Where `pipeline` was imported from, so a subprocess imports the same code.
 PACKAGE_ROOT = Path(simulate.__file__).absolute().parents[1]
 KEY = "sk-test"
+SENTIMENT = load_schema(str(PACKAGE_ROOT / "configs" / "schemas" / "sentiment.schema.json"))
 
 
 def user(content: str) -> list[ChatCompletionMessageParam]:
@@ -182,6 +188,149 @@ async def test_unknown_path_and_stats_endpoint_answer_json(sim: Simulator) -> No
             stats = await resp.json()
     assert stats["requests"] == 1
     assert stats["answered_by_content"] == {"x": 1}
+
+
+# -- structured output --------------------------------------------------------------
+
+
+async def ask_structured(
+    sim: Simulator, content: str, schema: dict[str, Any] = SENTIMENT, max_tokens: int | None = None
+) -> tuple[str | None, str | None]:
+    """The content and finish_reason of one structured request."""
+    async with client(sim) as c:
+        completion = await c.chat.completions.create(
+            model="sim-1",
+            messages=user(content),
+            response_format=cast(ResponseFormatJSONSchema, response_format(schema)),
+            max_tokens=max_tokens,
+        )
+    choice = completion.choices[0]
+    return choice.message.content, choice.finish_reason
+
+
+def test_expected_structured_answer_follows_the_recipe_and_validates() -> None:
+    text = "Great phone, terrible battery"
+    answer = expected_structured_answer(user(text), "sim-1", SENTIMENT)
+    assert list(answer) == ["label", "score", "stars", "sarcastic", "topics"]
+    assert answer["label"] in ("positive", "negative", "neutral", "mixed")
+    assert answer["score"] == len(text) / 10
+    assert answer["stars"] == len(text)
+    assert answer["sarcastic"] is (len(text) % 2 == 0)
+    assert answer["topics"] == [f"topics: {text}"]
+    assert parse_answer(json.dumps(answer), SENTIMENT) == answer
+    labels = {
+        expected_structured_answer(user(f"row {i}"), "sim-1", SENTIMENT)["label"] for i in range(20)
+    }
+    assert len(labels) > 1  # the enum choice depends on the text
+
+
+def test_expected_structured_answer_handles_nullable_nested_and_bounded_properties() -> None:
+    schema = {
+        "type": "object",
+        "properties": {
+            "note": {"type": ["string", "null"], "maxLength": 8},
+            "count": {"anyOf": [{"type": "integer", "maximum": 5}, {"type": "null"}]},
+            "flags": {"type": "array", "items": {"type": "boolean"}},
+            "kind": {"enum": [1, "two", None]},
+            "meta": {"type": "object"},
+            "inner": {
+                "type": "object",
+                "properties": {"x": {"type": "number", "minimum": 100}},
+                "required": ["x"],
+                "additionalProperties": False,
+            },
+        },
+        "required": ["note", "count", "flags", "kind", "meta", "inner"],
+        "additionalProperties": False,
+    }
+    answer = expected_structured_answer(user("hello"), "m", schema)
+    assert answer["note"] == "note: he"
+    assert answer["count"] == 5
+    assert answer["flags"] == [False]
+    assert answer["meta"] == {}
+    assert answer["inner"] == {"x": 100}
+    assert parse_answer(json.dumps(answer), load_schema(schema)) == answer
+    assert expected_structured_answer(user("hello"), "m", None) == {}
+
+
+async def test_structured_answer_is_the_expected_json_and_validates(sim: Simulator) -> None:
+    content, finish_reason = await ask_structured(sim, "Love it, but it broke é")
+    assert content is not None
+    expected = expected_structured_answer(user("Love it, but it broke é"), "sim-1", SENTIMENT)
+    assert content == json.dumps(expected, ensure_ascii=False)
+    assert finish_reason == "stop"
+    assert parse_answer(content, SENTIMENT) == expected
+    assert sim.stats.answered == 1
+    assert sim.stats.bad_answers == 0
+
+
+async def test_structured_answer_is_cut_at_max_tokens(sim: Simulator) -> None:
+    content, finish_reason = await ask_structured(sim, "a long review " * 5, max_tokens=5)
+    assert finish_reason == "length"
+    assert content is not None
+    with pytest.raises(StructuredAnswerError, match="max_tokens"):
+        parse_answer(content, SENTIMENT, finish_reason=finish_reason)
+
+
+async def test_structured_false_rejects_json_schema_with_400() -> None:
+    async with Simulator(SimulatorConfig(structured=False)) as sim:
+        with pytest.raises(openai.BadRequestError) as err:
+            await ask_structured(sim, "x")
+        assert err.value.param == "response_format"
+        assert err.value.type == "invalid_request_error"
+        assert "'json_schema' is not supported" in err.value.message
+        # Without response_format the same server answers as usual.
+        assert await ask(sim, "x") == "[sim-1] answer to: x"
+        assert sim.stats.requests == 2
+        assert sim.stats.answered == 1
+
+
+async def test_badjson_directive_answers_200_not_json_then_the_valid_answer(
+    sim: Simulator,
+) -> None:
+    content = "review [[fault:badjson:1]]"
+    first, finish_reason = await ask_structured(sim, content)
+    assert first == BAD_JSON
+    assert finish_reason == "stop"
+    with pytest.raises(StructuredAnswerError, match="not JSON"):
+        parse_answer(first, SENTIMENT)
+    second, _ = await ask_structured(sim, content)
+    assert second is not None
+    assert parse_answer(second, SENTIMENT) == expected_structured_answer(
+        user(content), "sim-1", SENTIMENT
+    )
+    # Bad answers are billed 200s: answered, not faults.
+    assert sim.stats.requests == 2
+    assert sim.stats.answered == 2
+    assert sim.stats.bad_answers == 1
+    assert sim.stats.faults == 0
+    assert sim.stats.answered_by_content == {content: 2}
+
+
+async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
+    # 300 rpm over 0.2 s: one request per window.
+    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim:
+        await ask(sim, "fill the window")
+        with pytest.raises(openai.RateLimitError) as err:
+            await ask_structured(sim, "[[fault:badjson:1]]")
+        await asyncio.sleep(int(err.value.response.headers["retry-after-ms"]) / 1000)
+        assert (await ask_structured(sim, "[[fault:badjson:1]]"))[0] == BAD_JSON
+        assert sim.stats.bad_answers == 1
+
+
+async def test_invalid_directive_answers_json_that_fails_the_schema(sim: Simulator) -> None:
+    content = "review [[fault:invalid]]"
+    for _ in range(2):
+        answer, _ = await ask_structured(sim, content)
+        assert answer is not None
+        expected = expected_structured_answer(user(content), "sim-1", SENTIMENT)
+        del expected["label"]
+        assert json.loads(answer) == expected
+        with pytest.raises(StructuredAnswerError, match="missing field 'label'"):
+            parse_answer(answer, SENTIMENT)
+    assert await ask(sim, "plain [[fault:invalid:1]]") == "{}"
+    assert sim.stats.answered == sim.stats.bad_answers == 3
+    assert sim.stats.faults == 0
 
 
 # -- run-level errors -----------------------------------------------------------
