@@ -270,18 +270,18 @@ class Checkpoint:
         """One row per row id seen so far, from its newest result: the row id
         and the requested result columns."""
         wanted = [ROW_ID, *columns]
-        frames = [
-            pl.read_parquet(part.path, columns=wanted).with_columns(pl.lit(part.seq).alias("_seq"))
-            for part in self.parts()
-        ]
-        if not frames:
-            empty = pl.DataFrame(PART_SCHEMA.empty_table())
-            return empty.select(wanted)
+        paths = [str(part.path) for part in self.parts()]
+        if not paths:
+            return pl.DataFrame(PART_SCHEMA.empty_table()).select(wanted)
+        # One multi-threaded read of every part; zero-padded part names sort
+        # in write order, so the last row per id is its newest result.
         return (
-            pl.concat(frames)
-            .sort([ROW_ID, "_seq"])
+            pl.scan_parquet(paths, include_file_paths="_part")
+            .select([*wanted, "_part"])
+            .sort([ROW_ID, "_part"])
             .unique(subset=ROW_ID, keep="last", maintain_order=True)
             .select(wanted)
+            .collect()
         )
 
     def last_update(self) -> datetime | None:

@@ -292,13 +292,13 @@ def _prompt_chunks(
 def _done_rows(checkpoint: Checkpoint, total: int, retry_failed: bool) -> bytearray:
     """A byte per input row, 1 when its result is final (a bytearray: a million
     rows cost a megabyte, where a set of ints would cost ~50)."""
-    done = bytearray(total)
     final = ["ok", "skipped"] if retry_failed else ["ok", "skipped", "error"]
     statuses = checkpoint.latest_results(["status"])
-    for row_id in statuses.filter(pl.col("status").is_in(final))[ROW_ID].to_list():
-        if row_id < total:
-            done[row_id] = 1
-    return done
+    row_ids = statuses.filter(pl.col("status").is_in(final) & (pl.col(ROW_ID) < total))[ROW_ID]
+    # Vectorised: a Python loop over a million ids costs seconds before the
+    # first request of a resumed run.
+    mask = pl.zeros(total, dtype=pl.UInt8, eager=True).scatter(row_ids, 1)
+    return bytearray(mask.to_list())
 
 
 @dataclass
@@ -673,7 +673,8 @@ def _open_reuse(prepared: PreparedRun) -> Reuse:
     return Reuse(
         make_key=make_key,
         cache=ResponseCache(config.cache.path or default_cache_path()) if use_cache else None,
-        dedup=InRunDedup() if use_dedup else None,
+        # With the cache on, it finds answers dedup has forgotten: remember few.
+        dedup=(InRunDedup(10_000 if use_cache else 100_000) if use_dedup else None),
     )
 
 
