@@ -316,7 +316,7 @@ def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: A
     from pipeline.costs import estimate as estimate_run
 
     config = build_config(config_file, flags)
-    prepared = prepare(config)
+    prepared = prepare(config, check_output=False)
     result = estimate_run(
         iter_prompt_tokens(prepared.source, prepared.spec, config.input.chunk_size),
         model=config.model.name,

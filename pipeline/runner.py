@@ -158,12 +158,14 @@ class PreparedRun:
         return answer_settings(self.config, self.response_format)
 
 
-def prepare(config: RunConfig) -> PreparedRun:
-    """Validate input, prompt and output; raises typed errors, sends nothing."""
+def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
+    """Validate input, prompt and output; raises typed errors, sends nothing.
+    ``check_output=False`` for commands that write nothing (estimate)."""
     source = open_input(config.input.path)
     spec = prompt_spec(config)
     prompt.validate(spec, source.columns(), source=str(source.path))
-    write.check_output_path(config.output.path, config.input.path)
+    if check_output:
+        write.check_output_path(config.output.path, config.input.path)
     taken = [
         *source.columns(),
         *write.output_column_names(source.columns(), config.output.column_prefix),
@@ -633,9 +635,10 @@ async def _locked_run(
         raise stopped
 
     await asyncio.to_thread(assemble_output, prepared, checkpoint, summary)
-    if not config.output.keep_checkpoint:
-        checkpoint.remove()
     too_many = summary.error_rate > config.max_error_rate
+    # Too many failures: keep the checkpoint so --retry-failed re-sends only those.
+    if not (config.output.keep_checkpoint or too_many):
+        checkpoint.remove()
     report(1 if too_many else 0, None)
     events.emit(
         "finish",
