@@ -28,10 +28,17 @@ from pipeline.errors import (
 )
 from pipeline.results import RESULT_COLUMNS, RowResult
 from pipeline.runner import RunSummary, enrich, enrich_async
-from pipeline.transport import Completion, OpenAITransport, Transport
+from pipeline.transport import (
+    AiohttpTransport,
+    Completion,
+    OpenAITransport,
+    Transport,
+    make_transport,
+)
 
 __all__ = [
     "RESULT_COLUMNS",
+    "AiohttpTransport",
     "CallStage",
     "ChatRequest",
     "CheckpointConfig",
@@ -56,4 +63,5 @@ __all__ = [
     "enrich",
     "enrich_async",
     "load_config",
+    "make_transport",
 ]

@@ -65,6 +65,12 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
     ("--temperature", "model.temperature", float, "Sampling temperature."),
     ("--max-tokens", "model.max_tokens", int, "Completion token cap per row."),
     ("--timeout", "model.timeout_s", float, "Per-request timeout in seconds."),
+    (
+        "--transport",
+        "model.transport",
+        click.Choice(["aiohttp", "openai"]),
+        "HTTP client: aiohttp (fast, default) or openai (the official SDK's).",
+    ),
     ("--concurrency", "limits.concurrency", int, "Requests in flight at most."),
     ("--rpm", "limits.rpm", int, "Requests per minute."),
     ("--tpm", "limits.tpm", int, "Tokens per minute."),

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
@@ -33,6 +33,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "model.temperature": "--temperature",
     "model.max_tokens": "--max-tokens",
     "model.timeout_s": "--timeout",
+    "model.transport": "--transport",
     "limits.concurrency": "--concurrency",
     "limits.rpm": "--rpm",
     "limits.tpm": "--tpm",
@@ -98,6 +99,10 @@ class ModelConfig(_Section):
     # Anything else the endpoint accepts (e.g. {"presence_penalty": 0.5}); part of the fingerprint.
     extra_params: dict[str, Any] = Field(default_factory=dict)
     timeout_s: float = Field(default=60.0, gt=0)
+    # How requests are sent; never changes an answer, so not in the fingerprint.
+    # aiohttp: a lean client at a fraction of the SDK's CPU per request;
+    # openai: the official SDK's own client.
+    transport: Literal["aiohttp", "openai"] = "aiohttp"
 
     def request_params(self) -> dict[str, Any]:
         """Sampling parameters sent with every request (only those set)."""

@@ -61,7 +61,7 @@ from pipeline.report import (
 )
 from pipeline.results import ROW_ID, RowResult
 from pipeline.status import checkpoint_status
-from pipeline.transport import Messages, OpenAITransport, Transport
+from pipeline.transport import Messages, Transport, make_transport
 
 # Rows per row group of the final file: big enough for fast scans downstream.
 ASSEMBLY_ROWS: Final = 65_536
@@ -597,7 +597,14 @@ async def _locked_run(
 
     reuse = _open_reuse(prepared)
     own_transport = transport is None
-    transport = transport or OpenAITransport(config.model, config.api_key())
+    transport = transport or make_transport(
+        config.model,
+        config.api_key(),
+        config.model.transport,
+        extra_params=(
+            {"response_format": prepared.response_format} if prepared.response_format else None
+        ),
+    )
     stage = CallStage(config.model, config.limits, transport)
     watcher = None
     if stop is not None:

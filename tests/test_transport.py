@@ -1,0 +1,450 @@
+"""Both transports over real loopback HTTP: the same answers, the same
+``openai`` exception classes, the same classification."""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+from aiohttp import web
+
+from pipeline.call import Failure, classify
+from pipeline.config import ModelConfig
+from pipeline.errors import ConfigError
+from pipeline.simulate import SPURIOUS_RETRY_AFTER_S, Simulator, expected_answer
+from pipeline.transport import (
+    DEFAULT_BASE_URL,
+    TRANSPORT_KINDS,
+    USER_AGENT,
+    AiohttpTransport,
+    Completion,
+    Messages,
+    OpenAITransport,
+    Transport,
+    UnparseableResponse,
+    make_status_error,
+    make_transport,
+    parse_completion,
+)
+
+from conftest import MODEL, StartServer
+
+pytestmark = pytest.mark.timeout(10)
+
+KEY = "sk-transport-test-0123456789"
+KINDS = ("aiohttp", "openai")
+
+
+def user(content: str) -> Messages:
+    return [{"role": "user", "content": content}]
+
+
+def model_config(base_url: str | None, **settings: Any) -> ModelConfig:
+    values: dict[str, Any] = {"name": MODEL, "base_url": base_url, "timeout_s": 5.0}
+    values.update(settings)
+    return ModelConfig(**values)
+
+
+async def ask(
+    kind: str, base_url: str | None, messages: Messages, *, key: str = KEY, **settings: Any
+) -> Completion:
+    transport = make_transport(model_config(base_url, **settings), key, kind)
+    try:
+        return await transport.complete(messages)
+    finally:
+        await transport.aclose()
+
+
+async def failure(
+    kind: str, base_url: str | None, messages: Messages, *, key: str = KEY, **settings: Any
+) -> Exception:
+    with pytest.raises(Exception) as caught:
+        await ask(kind, base_url, messages, key=key, **settings)
+    assert isinstance(caught.value, Exception)
+    return caught.value
+
+
+def comparable(completion: Completion) -> tuple[Any, ...]:
+    return (
+        completion.text,
+        completion.finish_reason,
+        completion.model,
+        completion.prompt_tokens,
+        completion.completion_tokens,
+    )
+
+
+@pytest.fixture
+def server(start_server: StartServer) -> Simulator:
+    return start_server(api_key=KEY, models=(MODEL,))
+
+
+# -- success ----------------------------------------------------------------
+
+
+async def test_both_transports_give_the_same_completion(server: Simulator) -> None:
+    messages: Messages = [
+        {"role": "system", "content": "Answer in one word."},
+        {"role": "user", "content": "Qu'est-ce que l'été ? ☀️"},
+    ]
+    fast = await ask("aiohttp", server.base_url, messages)
+    sdk = await ask("openai", server.base_url, messages)
+
+    assert comparable(fast) == comparable(sdk)
+    assert fast.text == expected_answer(messages, MODEL)
+    assert fast.finish_reason == "stop"
+    assert fast.model == MODEL
+    assert fast.prompt_tokens is not None and fast.prompt_tokens > 0
+    assert fast.completion_tokens is not None and fast.completion_tokens > 0
+    # Plain dict, lowercase keys: what a rate limiter reads.
+    assert isinstance(fast.headers, dict)
+    assert fast.headers["content-type"].startswith("application/json")
+    assert sdk.headers["content-type"] == fast.headers["content-type"]
+
+
+async def test_request_params_are_sent_by_both(server: Simulator) -> None:
+    results = [
+        await ask(kind, server.base_url, user("a long enough question"), max_tokens=2)
+        for kind in KINDS
+    ]
+    assert comparable(results[0]) == comparable(results[1])
+    assert results[0].finish_reason == "length"
+    assert results[0].completion_tokens == 2
+
+
+async def test_the_sdk_over_its_aiohttp_client_gives_the_same_completion(
+    server: Simulator,
+) -> None:
+    transport = OpenAITransport(model_config(server.base_url), KEY, http_client="aiohttp")
+    try:
+        completion = await transport.complete(user("hi"))
+    finally:
+        await transport.aclose()
+    assert comparable(completion) == comparable(await ask("aiohttp", server.base_url, user("hi")))
+
+
+async def test_base_url_from_the_environment_with_a_trailing_slash(
+    server: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_BASE_URL", server.base_url + "/")
+    for kind in KINDS:
+        assert (await ask(kind, None, user("hi"))).text == expected_answer(user("hi"), MODEL)
+
+
+def test_base_url_defaults_to_openai_like_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
+    transport = AiohttpTransport(model_config(None), KEY)
+    assert transport.url == f"{DEFAULT_BASE_URL}/chat/completions"
+    assert AiohttpTransport(model_config("http://h:1/v1/"), KEY).url == (
+        "http://h:1/v1/chat/completions"
+    )
+
+
+# -- failures: the SDK's classes, from both transports --------------------
+
+
+def failure_facts(exc: Exception) -> tuple[Any, ...]:
+    """What callers may look at, as comparable values."""
+    facts: tuple[Any, ...] = (type(exc), str(exc))
+    if isinstance(exc, openai.APIStatusError):
+        facts += (exc.status_code, exc.body, exc.code, exc.param, exc.type)
+    return facts
+
+
+def classified(exc: Exception) -> Failure:
+    return classify(exc, model=MODEL)
+
+
+async def both_fail(
+    base_url: str, messages: Messages, **settings: Any
+) -> tuple[Exception, Exception]:
+    fast = await failure("aiohttp", base_url, messages, **settings)
+    sdk = await failure("openai", base_url, messages, **settings)
+    assert failure_facts(fast) == failure_facts(sdk)
+    assert classified(fast) == classified(sdk)
+    return fast, sdk
+
+
+@pytest.mark.parametrize(
+    ("content", "error", "code", "kind"),
+    [
+        ("[[fault:400]] too long", openai.BadRequestError, "context_length_exceeded", "row"),
+        ("[[fault:500]]", openai.InternalServerError, None, "retry"),
+        ("[[fault:429]]", openai.RateLimitError, "rate_limit_exceeded", "retry"),
+    ],
+)
+async def test_status_errors_match_the_sdk(
+    server: Simulator, content: str, error: type[openai.APIStatusError], code: str | None, kind: str
+) -> None:
+    for exc in await both_fail(server.base_url, user(content)):
+        assert isinstance(exc, error)
+        assert exc.code == code
+        assert classified(exc).kind == kind
+
+
+async def test_rate_limit_headers_reach_the_caller(server: Simulator) -> None:
+    for exc in await both_fail(server.base_url, user("[[fault:429]]")):
+        assert isinstance(exc, openai.RateLimitError)
+        headers = exc.response.headers
+        assert headers["retry-after-ms"] == str(round(SPURIOUS_RETRY_AFTER_S * 1000))
+        assert headers["Retry-After"] == "1"
+        result = classified(exc)
+        assert result.rate_limited
+        assert result.retry_after == pytest.approx(SPURIOUS_RETRY_AFTER_S)
+
+
+async def test_bad_key_is_an_authentication_error_without_the_key(server: Simulator) -> None:
+    wrong = "sk-wrong-key-987654321"
+    fast = await failure("aiohttp", server.base_url, user("hi"), key=wrong)
+    sdk = await failure("openai", server.base_url, user("hi"), key=wrong)
+    assert failure_facts(fast) == failure_facts(sdk)
+    for exc in (fast, sdk):
+        assert isinstance(exc, openai.AuthenticationError)
+        assert exc.code == "invalid_api_key"
+        assert classified(exc).kind == "fatal"
+        assert wrong not in str(exc) and wrong not in repr(exc)
+
+
+async def test_unknown_model_is_not_found(server: Simulator) -> None:
+    for exc in await both_fail(server.base_url, user("hi"), name="no-such-model"):
+        assert isinstance(exc, openai.NotFoundError)
+        assert exc.code == "model_not_found"
+        assert classified(exc).kind == "fatal"
+
+
+async def test_insufficient_quota_keeps_its_code(start_server: StartServer) -> None:
+    server = start_server(insufficient_quota=True)
+    for exc in await both_fail(server.base_url, user("hi")):
+        assert isinstance(exc, openai.RateLimitError)
+        assert exc.code == "insufficient_quota"
+        assert classified(exc).kind == "fatal"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_dropped_connection_is_a_connection_error(server: Simulator, kind: str) -> None:
+    exc = await failure(kind, server.base_url, user("[[fault:drop]]"))
+    assert type(exc) is openai.APIConnectionError
+    assert classified(exc) == Failure("retry", "connection error")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_refused_connection_is_a_connection_error(kind: str) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    # Nothing listens there any more.
+    exc = await failure(kind, f"http://127.0.0.1:{port}/v1", user("hi"))
+    assert type(exc) is openai.APIConnectionError
+    assert KEY not in str(exc)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_hang_times_out(start_server: StartServer, kind: str) -> None:
+    server = start_server(hang_s=5)
+    exc = await failure(kind, server.base_url, user("[[fault:hang]]"), timeout_s=0.5)
+    assert type(exc) is openai.APITimeoutError
+    assert classified(exc) == Failure("retry", "request timed out")
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_malformed_body_is_unparseable(server: Simulator, kind: str) -> None:
+    exc = await failure(kind, server.base_url, user("[[fault:malformed]]"))
+    assert isinstance(exc, UnparseableResponse)
+    assert classified(exc).kind == "retry"
+
+
+async def test_a_fault_that_clears_then_succeeds(server: Simulator) -> None:
+    content = "[[fault:500:1]] once"
+    transport = make_transport(model_config(server.base_url), KEY, "aiohttp")
+    try:
+        with pytest.raises(openai.InternalServerError):
+            await transport.complete(user(content))
+        # The same session goes on after an error answer.
+        assert (await transport.complete(user(content))).text == expected_answer(
+            user(content), MODEL
+        )
+    finally:
+        await transport.aclose()
+
+
+# -- a hand-written server for what the simulator never does --------------
+
+EchoServer = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
+
+
+@pytest.fixture
+async def echo_server() -> AsyncIterator[EchoServer]:
+    """Serve one handler for ``/v1/chat/completions``; yields a starter that
+    returns the base URL."""
+    runners: list[web.AppRunner] = []
+
+    async def start(handler: Callable[[web.Request], Awaitable[web.StreamResponse]]) -> str:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", handler)
+        runner = web.AppRunner(app, access_log=None)
+        await runner.setup()
+        runners.append(runner)
+        site = web.TCPSite(runner, "127.0.0.1", 0)
+        await site.start()
+        return f"http://127.0.0.1:{runner.addresses[0][1]}/v1"
+
+    yield start
+    for runner in runners:
+        await runner.cleanup()
+
+
+def chat_body(content: str) -> dict[str, Any]:
+    return {
+        "model": MODEL,
+        "choices": [
+            {"message": {"role": "assistant", "content": content}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
+    }
+
+
+async def test_sends_the_headers_servers_look_at(
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def handler(request: web.Request) -> web.Response:
+        seen["headers"] = dict(request.headers)
+        seen["body"] = await request.json()
+        return web.json_response(chat_body("ok"), headers={"X-RateLimit-Remaining-Requests": "9"})
+
+    monkeypatch.setenv("OPENAI_ORG_ID", "org-1")
+    monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-1")
+    base_url = await echo_server(handler)
+    completion = await ask("aiohttp", base_url, user("hi"), temperature=0, seed=7)
+
+    assert completion.headers["x-ratelimit-remaining-requests"] == "9"
+    headers = seen["headers"]
+    assert headers["Authorization"] == f"Bearer {KEY}"
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Accept"] == "application/json"
+    assert headers["User-Agent"] == USER_AGENT
+    assert headers["OpenAI-Organization"] == "org-1"
+    assert headers["OpenAI-Project"] == "proj-1"
+    assert seen["body"] == {"model": MODEL, "messages": user("hi"), "temperature": 0, "seed": 7}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"object": "list", "data": []},
+        {"choices": []},
+        {"choices": [{"finish_reason": "stop"}]},
+        {"choices": [{"message": {"content": ["not", "text"]}}]},
+        ["not", "an", "object"],
+    ],
+)
+async def test_a_200_that_is_not_a_chat_completion_is_unparseable(
+    echo_server: EchoServer, body: Any
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(body)
+
+    exc = await failure("aiohttp", await echo_server(handler), user("hi"))
+    assert isinstance(exc, UnparseableResponse)
+    assert classified(exc).kind == "retry"
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_echoes_the_key_does_not_leak_it(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        message = f"model not found for {request.headers['Authorization']}"
+        return web.json_response({"error": {"message": message, "code": "nope"}}, status=404)
+
+    exc = await failure(kind, await echo_server(handler), user("hi"))
+    assert isinstance(exc, openai.NotFoundError)
+    assert exc.code == "nope"
+    result = classified(exc)
+    for text in (str(exc), repr(exc), repr(exc.body), exc.response.text, result.reason):
+        assert KEY not in text
+        assert "[redacted]" in text
+
+
+# -- pure parts --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def sdk_client() -> openai.AsyncOpenAI:
+    # One client: building one loads the CA store, which is slow.
+    return openai.AsyncOpenAI(api_key=KEY, base_url="http://h/v1")
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 418, 422, 429, 500, 503])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"error": {"message": "nope", "type": "t", "param": "p", "code": "c"}}',
+        b'{"detail": "not an OpenAI error object"}',
+        b"<html>Bad Gateway</html>",
+        b"",
+    ],
+)
+def test_status_errors_are_built_exactly_like_the_sdk(
+    sdk_client: openai.AsyncOpenAI, status: int, body: bytes
+) -> None:
+    request = httpx2.Request("POST", "http://h/v1/chat/completions")
+    raw_headers = [(b"Retry-After", b"2"), (b"x-request-id", b"req-1")]
+    ours = make_status_error(status, body, raw_headers, request)
+    sdk_response = httpx2.Response(status, headers=raw_headers, content=body, request=request)
+    sdk = sdk_client._make_status_error_from_response(sdk_response)
+    assert failure_facts(ours) == failure_facts(sdk)
+    assert ours.request_id == sdk.request_id == "req-1"
+    assert ours.response.headers["retry-after"] == "2"
+    assert classified(ours) == classified(sdk)
+
+
+def test_parse_completion_tolerates_missing_extras() -> None:
+    parsed = parse_completion(b'{"choices": [{"message": {"content": null}}]}', {})
+    assert parsed == Completion(None, None, None, None, None, {})
+    with pytest.raises(UnparseableResponse):
+        parse_completion(b"\xff\xfe not utf-8", {})
+    odd = {"model": 3, "usage": {"prompt_tokens": "7", "completion_tokens": True}}
+    body = json.dumps({**chat_body("x"), **odd}).encode()
+    assert parse_completion(body, {}) == Completion("x", "stop", None, None, None, {})
+
+
+# -- construction and lifecycle ---------------------------------------------
+
+
+@pytest.mark.parametrize("base_url", ["localhost:8000/v1", "ftp://h/v1", "http://[::1/v1"])
+def test_a_base_url_that_is_not_http_is_a_config_error(base_url: str) -> None:
+    with pytest.raises(ConfigError, match="--base-url"):
+        AiohttpTransport(model_config(base_url), KEY)
+
+
+def test_make_transport_kinds() -> None:
+    config = model_config("http://h/v1")
+    assert TRANSPORT_KINDS == KINDS
+    assert isinstance(make_transport(config, KEY), AiohttpTransport)
+    assert isinstance(make_transport(config, KEY, "openai"), OpenAITransport)
+    with pytest.raises(ConfigError, match="unknown transport 'curl'"):
+        make_transport(config, KEY, "curl")
+
+
+async def test_reprs_never_show_the_key() -> None:
+    config = model_config("http://h/v1")
+    transports: list[Transport] = [make_transport(config, KEY, kind) for kind in KINDS]
+    for transport in transports:
+        assert KEY not in repr(transport)
+        await transport.aclose()
+
+
+async def test_aclose_is_idempotent_and_final(server: Simulator) -> None:
+    transport = AiohttpTransport(model_config(server.base_url), KEY)
+    await transport.complete(user("hi"))
+    await transport.aclose()
+    await transport.aclose()
+    with pytest.raises(RuntimeError, match="closed"):
+        await transport.complete(user("hi"))
