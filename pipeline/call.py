@@ -10,23 +10,29 @@ a row's result is lives in ``pipeline.results``.
 from __future__ import annotations
 
 import asyncio
-import math
+import collections
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
-from dataclasses import dataclass
-from typing import Literal
+from dataclasses import dataclass, field
+from typing import Final, Literal
 
 import openai
 
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
-from pipeline.ratelimit import RateLimiter
+from pipeline.ratelimit import RateLimiter, retry_after_seconds
 from pipeline.results import RowResult
 from pipeline.transport import Messages, Transport, UnparseableResponse
 
-# Completion budget assumed when max_tokens is unset, for the tokens/min bucket.
+# Completion budget assumed when max_tokens is unset, for the tokens/min bucket,
+# until answers have shown what this job's completions really cost.
 DEFAULT_COMPLETION_ESTIMATE = 256
+
+# 429 error codes that no amount of waiting fixes: the account, not the rate.
+NON_TRANSIENT_429_CODES: Final = frozenset(
+    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "access_terminated"}
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -44,19 +50,17 @@ class Failure:
     reason: str
     retry_after: float | None = None
     rate_limited: bool = False
+    # The response's headers, for the limiter to learn from; not part of what
+    # the failure *is* (transports differ in which other headers they keep).
+    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _retry_after_seconds(headers: Mapping[str, str]) -> float | None:
-    for name, scale in (("retry-after-ms", 0.001), ("retry-after", 1.0)):
-        value = headers.get(name)
-        if value is None:
-            continue
-        try:
-            seconds = float(value) * scale
-        except ValueError:
-            continue
-        if math.isfinite(seconds) and seconds >= 0:
-            return seconds
+def _non_transient_429(exc: openai.APIStatusError) -> str | None:
+    # OpenAI names the reason in `code`, and some servers only in `type`
+    # ({"type": "insufficient_quota", "code": null}).
+    for value in (getattr(exc, "code", None), getattr(exc, "type", None)):
+        if value in NON_TRANSIENT_429_CODES:
+            return str(value)
     return None
 
 
@@ -77,19 +81,20 @@ def classify(exc: BaseException, *, model: str) -> Failure:
         return Failure("retry", str(exc))
     if isinstance(exc, openai.APIStatusError):
         status = exc.status_code
-        code = getattr(exc, "code", None)
         if status == 429:
-            if code == "insufficient_quota":
+            code = _non_transient_429(exc)
+            if code is not None:
                 return Failure(
                     "fatal",
-                    "the API says the quota is exhausted (429 insufficient_quota); "
+                    f"the API says the quota is exhausted (429 {code}); "
                     "add credit to the account or use another key",
                 )
             return Failure(
                 "retry",
                 f"rate limited (429): {_server_message(exc)}",
-                retry_after=_retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.response.headers),
                 rate_limited=True,
+                headers=exc.response.headers,
             )
         if status in (401, 403):
             # The server's text may echo part of the key: never repeat it.
@@ -108,7 +113,7 @@ def classify(exc: BaseException, *, model: str) -> Failure:
             return Failure(
                 "retry",
                 f"server error ({status}): {_server_message(exc)}",
-                retry_after=_retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.response.headers),
             )
         return Failure("row", f"request rejected ({status}): {_server_message(exc)}")
     if isinstance(exc, openai.APIResponseValidationError):
@@ -116,12 +121,46 @@ def classify(exc: BaseException, *, model: str) -> Failure:
     raise exc
 
 
+def estimate_prompt_tokens(messages: Messages) -> int:
+    """A cheap offline estimate of a prompt's tokens: about 4 characters a
+    token plus per-message overhead. A tokenizer would need a download at run
+    time, and the budget is a rate, not an invoice: the reservation is settled
+    with the usage the API reports."""
+    return sum(len(message.get("content") or "") // 4 + 4 for message in messages) + 3
+
+
 def estimate_tokens(messages: Messages, max_tokens: int | None) -> int:
-    """A cheap offline estimate (about 4 bytes a token, plus per-message
-    overhead). Tokenizer downloads are not possible offline, and the budget is
-    a rate, not an invoice, so a close estimate is enough."""
-    prompt = sum(len(message.get("content") or "") // 4 + 4 for message in messages) + 3
-    return prompt + (max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+    """Prompt estimate plus the completion budget (``max_tokens``, or
+    ``DEFAULT_COMPLETION_ESTIMATE`` when unset)."""
+    return estimate_prompt_tokens(messages) + (max_tokens or DEFAULT_COMPLETION_ESTIMATE)
+
+
+class CompletionBudget:
+    """Completion tokens to reserve per request in the tokens/min bucket.
+
+    With ``max_tokens`` set, that (the most a request can cost, and what
+    OpenAI itself counts against the limit). Unset, there is no bound to
+    reserve, only a guess: ``DEFAULT_COMPLETION_ESTIMATE`` at first, then the
+    largest of the recent completions. A guess far above the real answers
+    would hold the bucket's capacity in reservations while requests are in
+    flight and waste throughput; one below is settled as a debt afterwards.
+    """
+
+    def __init__(self, max_tokens: int | None, *, recent: int = 64, warmup: int = 8) -> None:
+        self.max_tokens = max_tokens
+        self._warmup = warmup
+        self._recent: collections.deque[int] = collections.deque(maxlen=recent)
+
+    def reserve(self) -> int:
+        if self.max_tokens:
+            return self.max_tokens
+        if len(self._recent) < self._warmup:
+            return DEFAULT_COMPLETION_ESTIMATE
+        return max(1, max(self._recent))
+
+    def observe(self, completion_tokens: int | None) -> None:
+        if completion_tokens is not None and completion_tokens >= 0:
+            self._recent.append(completion_tokens)
 
 
 @dataclass
@@ -130,7 +169,18 @@ class CallStats:
 
     requests: int = 0
     retries: int = 0
+    # Attempts answered 429 (rate limits, not the fatal quota 429s).
     rate_limited: int = 0
+    # What the limiter settled on: the in-flight limit AIMD reached (the
+    # configured concurrency when not adaptive), the limits the server
+    # reported in x-ratelimit-* headers (None if it sent none), the
+    # requests/min learned from 429s when it reported none, and the time the
+    # whole run spent paused by retry-after.
+    concurrency_limit: float = 0.0
+    learned_rpm: int | None = None
+    learned_tpm: int | None = None
+    estimated_rpm: float | None = None
+    paused_s: float = 0.0
 
 
 class CallStage:
@@ -139,6 +189,11 @@ class CallStage:
     A run-level failure (bad key, unknown model, no quota) raises
     ``FatalAPIError`` out of ``results()`` after every finished result has
     been yielded, so nothing already paid for is dropped.
+
+    ``limits.concurrency`` is the number of workers and the ceiling of the
+    in-flight limit; with ``adaptive`` (``limits.adaptive`` when that key
+    exists, else on) the limiter learns the server's limits and moves the
+    in-flight limit below that ceiling by AIMD.
     """
 
     def __init__(
@@ -148,13 +203,20 @@ class CallStage:
         transport: Transport,
         *,
         rng: random.Random | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._model = model
         self._limits = limits
         self._transport = transport
-        self._limiter = RateLimiter(limits.rpm, limits.tpm)
+        self.limiter = limiter or RateLimiter(
+            limits.rpm,
+            limits.tpm,
+            concurrency=limits.concurrency,
+            adaptive=bool(getattr(limits, "adaptive", True)),
+        )
+        self._budget = CompletionBudget(model.max_tokens)
         self._rng = rng or random.Random()
-        self.stats = CallStats()
+        self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
 
@@ -176,29 +238,44 @@ class CallStage:
 
     async def call(self, request: ChatRequest) -> RowResult:
         """One row, retried until it succeeds, fails for good, or runs out of attempts."""
-        tokens = estimate_tokens(request.messages, self._model.max_tokens)
+        prompt_tokens = estimate_prompt_tokens(request.messages)
         attempt = 0
         while True:
             attempt += 1
-            await self._limiter.acquire(tokens)
-            self.stats.requests += 1
-            started = time.perf_counter()
-            try:
-                completion = await self._transport.complete(request.messages)
-            except Exception as exc:
-                failure = classify(exc, model=self._model.name)
-            else:
-                return RowResult(
-                    row_id=request.row_id,
-                    status="ok",
-                    response=completion.text,
-                    latency_ms=(time.perf_counter() - started) * 1000.0,
-                    attempts=attempt,
-                    prompt_tokens=completion.prompt_tokens,
-                    completion_tokens=completion.completion_tokens,
-                    finish_reason=completion.finish_reason,
-                    model=completion.model,
-                )
+            async with self.limiter.request(prompt_tokens + self._budget.reserve()) as permit:
+                self.stats.requests += 1
+                started = time.perf_counter()
+                try:
+                    completion = await self._transport.complete(request.messages)
+                except Exception as exc:
+                    failure = classify(exc, model=self._model.name)
+                    if failure.rate_limited:
+                        self.stats.rate_limited += 1
+                        # Without a retry-after the run still pauses, for as
+                        # long as this row's own backoff would have been.
+                        pause = failure.retry_after
+                        if pause is None:
+                            pause = self.backoff_delay(attempt, None)
+                        self.limiter.rate_limited(permit, pause, failure.headers)
+                else:
+                    used = None
+                    if completion.prompt_tokens is not None:
+                        used = completion.prompt_tokens + (completion.completion_tokens or 0)
+                    self.limiter.succeeded(permit, used, completion.headers)
+                    self._budget.observe(completion.completion_tokens)
+                    self._sync_stats()
+                    return RowResult(
+                        row_id=request.row_id,
+                        status="ok",
+                        response=completion.text,
+                        latency_ms=(time.perf_counter() - started) * 1000.0,
+                        attempts=attempt,
+                        prompt_tokens=completion.prompt_tokens,
+                        completion_tokens=completion.completion_tokens,
+                        finish_reason=completion.finish_reason,
+                        model=completion.model,
+                    )
+            self._sync_stats()
             if failure.kind == "fatal":
                 raise FatalAPIError(failure.reason)
             if failure.kind == "row" or attempt >= self._limits.max_attempts:
@@ -209,10 +286,17 @@ class CallStage:
                     row_id=request.row_id, status="error", error=reason, attempts=attempt
                 )
             self.stats.retries += 1
-            if failure.rate_limited:
-                self.stats.rate_limited += 1
-                self._limiter.pause_for(failure.retry_after or self.backoff_delay(attempt, None))
-            await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
+            if not failure.rate_limited:
+                # A 429 already paused the whole run, this row included.
+                await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
+
+    def _sync_stats(self) -> None:
+        limiter = self.limiter
+        self.stats.concurrency_limit = limiter.gate.limit
+        self.stats.learned_rpm = limiter.learned_rpm
+        self.stats.learned_tpm = limiter.learned_tpm
+        self.stats.estimated_rpm = limiter.estimated_rpm
+        self.stats.paused_s = limiter.stats.paused_s
 
     async def results(
         self, requests: AsyncIterable[ChatRequest]

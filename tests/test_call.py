@@ -1,0 +1,233 @@
+"""The call stage on a fake clock (``looptime``), with a scripted transport:
+what a row's retries, the run-wide pause and the token budget look like."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Iterator, Mapping
+from typing import Any
+
+import httpx2
+import openai
+import pytest
+
+from pipeline.call import (
+    DEFAULT_COMPLETION_ESTIMATE,
+    CallStage,
+    ChatRequest,
+    CompletionBudget,
+    classify,
+    estimate_prompt_tokens,
+)
+from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.errors import FatalAPIError
+from pipeline.results import RowResult
+from pipeline.transport import Completion, Messages
+
+URL = "http://127.0.0.1:1/v1/chat/completions"
+
+
+def rate_limit_error(
+    headers: Mapping[str, str] | None = None,
+    *,
+    code: str | None = "rate_limit_exceeded",
+    type_: str | None = "requests",
+) -> openai.RateLimitError:
+    response = httpx2.Response(429, headers=headers or {}, request=httpx2.Request("POST", URL))
+    body = {"message": "Rate limit reached", "type": type_, "code": code, "param": None}
+    return openai.RateLimitError("Rate limit reached", response=response, body=body)
+
+
+def answer(headers: Mapping[str, str] | None = None, completion_tokens: int = 5) -> Completion:
+    return Completion(
+        text="ok",
+        finish_reason="stop",
+        model="m",
+        prompt_tokens=10,
+        completion_tokens=completion_tokens,
+        headers=headers or {},
+    )
+
+
+class Scripted:
+    """A transport that plays a script: each item is an answer or an error to
+    raise; past the end of the script it answers. Records when it was called."""
+
+    def __init__(self, *script: Completion | Exception, latency_s: float = 0.05) -> None:
+        self._script: Iterator[Completion | Exception] = iter(script)
+        self.latency_s = latency_s
+        self.calls: list[float] = []
+
+    async def complete(self, messages: Messages) -> Completion:
+        self.calls.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(self.latency_s)
+        step = next(self._script, None)
+        if isinstance(step, Exception):
+            raise step
+        return step or answer()
+
+    async def aclose(self) -> None:
+        return None
+
+
+def stage(transport: Scripted, *, max_tokens: int | None = None, **limits: Any) -> CallStage:
+    settings: dict[str, Any] = {
+        "concurrency": 4,
+        "max_attempts": 5,
+        "backoff_base_s": 0.01,
+        "backoff_max_s": 1.0,
+    }
+    settings.update(limits)
+    return CallStage(
+        ModelConfig(name="m", max_tokens=max_tokens), LimitsConfig(**settings), transport
+    )
+
+
+def request(row_id: int = 0, text: str = "hello") -> ChatRequest:
+    return ChatRequest(row_id, [{"role": "user", "content": text}])
+
+
+async def collect(call_stage: CallStage, rows: int) -> list[RowResult]:
+    async def requests() -> AsyncIterator[ChatRequest]:
+        for row_id in range(rows):
+            yield request(row_id)
+
+    return [result async for result in call_stage.results(requests())]
+
+
+# -- classification --------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("code", "type_"),
+    [
+        ("insufficient_quota", "insufficient_quota"),
+        (None, "insufficient_quota"),
+        ("billing_hard_limit_reached", "invalid_request_error"),
+    ],
+)
+def test_a_429_for_quota_or_billing_stops_the_run_instead_of_retrying(
+    code: str | None, type_: str
+) -> None:
+    failure = classify(rate_limit_error(code=code, type_=type_), model="m")
+
+    assert failure.kind == "fatal"
+    assert "quota" in failure.reason
+
+
+def test_a_rate_limit_429_is_retried_with_its_wait_and_headers() -> None:
+    headers = {"retry-after-ms": "250", "x-ratelimit-limit-requests": "500"}
+
+    failure = classify(rate_limit_error(headers), model="m")
+
+    assert (failure.kind, failure.rate_limited) == ("retry", True)
+    assert failure.retry_after == pytest.approx(0.25)
+    assert failure.headers["x-ratelimit-limit-requests"] == "500"
+
+
+# -- retries and the run-wide pause ------------------------------------------------
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_beyond_the_backoff_cap_pauses_the_run_and_the_row_succeeds() -> None:
+    transport = Scripted(rate_limit_error({"retry-after": "120"}))
+    call_stage = stage(transport, backoff_max_s=1.0, max_attempts=2)
+
+    result = await call_stage.call(request())
+
+    assert result.status == "ok"
+    assert result.attempts == 2
+    assert transport.calls[1] - transport.calls[0] >= 120.0
+    assert call_stage.stats.rate_limited == 1
+    assert call_stage.stats.paused_s == pytest.approx(120.0, abs=0.1)
+
+
+@pytest.mark.looptime
+async def test_one_429_holds_back_every_worker_not_just_its_own_row() -> None:
+    # The first request is refused with a 30 s retry-after; the others are
+    # sent after it returns, and none of them may go out during the pause.
+    transport = Scripted(rate_limit_error({"retry-after": "30"}), latency_s=0.0)
+    call_stage = stage(transport, concurrency=1)
+    call_stage.limiter.gate.limit = 4.0  # four workers in flight at once
+
+    results = await collect(call_stage, rows=6)
+
+    start = transport.calls[0]
+    assert [result.status for result in results] == ["ok"] * 6
+    assert all(called - start >= 30.0 for called in transport.calls[1:])
+
+
+@pytest.mark.looptime
+async def test_a_quota_429_ends_the_run_with_a_fatal_error() -> None:
+    transport = Scripted(rate_limit_error(code="insufficient_quota", type_="insufficient_quota"))
+    call_stage = stage(transport)
+
+    with pytest.raises(FatalAPIError, match="quota"):
+        await collect(call_stage, rows=3)
+
+
+@pytest.mark.looptime
+async def test_limits_reported_in_headers_show_in_the_stats() -> None:
+    headers = {"x-ratelimit-limit-requests": "3000", "x-ratelimit-limit-tokens": "150000"}
+    transport = Scripted(answer(headers))
+    call_stage = stage(transport)
+
+    await call_stage.call(request())
+
+    assert call_stage.stats.learned_rpm == 3000
+    assert call_stage.stats.learned_tpm == 150000
+    assert call_stage.stats.concurrency_limit >= 1
+
+
+# -- the token budget ----------------------------------------------------------------
+
+
+def test_the_prompt_estimate_needs_no_tokenizer_and_counts_every_message() -> None:
+    messages = [{"role": "system", "content": "x" * 40}, {"role": "user", "content": "y" * 8}]
+
+    assert estimate_prompt_tokens(messages) == (10 + 4) + (2 + 4) + 3
+
+
+def test_the_completion_budget_is_max_tokens_when_set() -> None:
+    budget = CompletionBudget(max_tokens=300)
+    for _ in range(100):
+        budget.observe(20)
+
+    assert budget.reserve() == 300
+
+
+def test_without_max_tokens_the_budget_follows_the_answers_seen() -> None:
+    budget = CompletionBudget(max_tokens=None, recent=16, warmup=4)
+    assert budget.reserve() == DEFAULT_COMPLETION_ESTIMATE
+    for tokens in (20, 35, 12, 18):
+        budget.observe(tokens)
+    assert budget.reserve() == 35
+
+    for _ in range(16):
+        budget.observe(10)
+    assert budget.reserve() == 10  # the long answer has left the recent window
+
+
+@pytest.mark.looptime
+async def test_a_reservation_is_settled_with_the_usage_the_api_reports() -> None:
+    transport = Scripted(answer(completion_tokens=5), latency_s=0.0)
+    call_stage = stage(transport, tpm=60_000, max_tokens=500)
+    bucket = call_stage.limiter.tokens
+    assert bucket is not None
+    reserved = estimate_prompt_tokens(request().messages) + 500
+
+    await call_stage.call(request())
+
+    # The bucket waited until the reservation fitted and spent it; the answer
+    # used 10 + 5, and the rest came back at once.
+    assert bucket.level == pytest.approx(reserved - 15, abs=0.5)
+
+
+@pytest.mark.looptime
+async def test_a_request_bigger_than_the_whole_token_budget_still_goes_out() -> None:
+    transport = Scripted(answer(), latency_s=0.0)
+    call_stage = stage(transport, tpm=600, max_tokens=4000)  # 10 tokens/s, bucket of 10
+
+    result = await asyncio.wait_for(call_stage.call(request()), timeout=60)
+
+    assert result.status == "ok"
