@@ -23,7 +23,8 @@ from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
 from pipeline.ratelimit import RateLimiter, retry_after_seconds
 from pipeline.results import RowResult
-from pipeline.transport import Messages, Transport, UnparseableResponse
+from pipeline.structured import unsupported_message
+from pipeline.transport import Completion, Messages, Transport, UnparseableResponse
 
 # Completion budget assumed when max_tokens is unset, for the tokens/min bucket,
 # until answers have shown what this job's completions really cost.
@@ -115,6 +116,10 @@ def classify(exc: BaseException, *, model: str) -> Failure:
                 f"server error ({status}): {_server_message(exc)}",
                 retry_after=retry_after_seconds(exc.response.headers),
             )
+        unsupported = unsupported_message(_server_message(exc, limit=400))
+        if status in (400, 422) and unsupported is not None:
+            # Every row would fail alike: stop the run with the fix.
+            return Failure("fatal", unsupported)
         return Failure("row", f"request rejected ({status}): {_server_message(exc)}")
     if isinstance(exc, openai.APIResponseValidationError):
         return Failure("retry", "unparseable response body")
@@ -126,7 +131,7 @@ def estimate_prompt_tokens(messages: Messages) -> int:
     token plus per-message overhead. A tokenizer would need a download at run
     time, and the budget is a rate, not an invoice: the reservation is settled
     with the usage the API reports."""
-    return sum(len(message.get("content") or "") // 4 + 4 for message in messages) + 3
+    return sum(len((message.get("content") or "").encode()) // 4 + 4 for message in messages) + 3
 
 
 def estimate_tokens(messages: Messages, max_tokens: int | None) -> int:
@@ -169,6 +174,8 @@ class CallStats:
 
     requests: int = 0
     retries: int = 0
+    # Answers that failed the structured-output check (each was a paid request).
+    bad_answers: int = 0
     # Attempts answered 429 (rate limits, not the fatal quota 429s).
     rate_limited: int = 0
     # What the limiter settled on: the in-flight limit AIMD reached (the
@@ -204,10 +211,17 @@ class CallStage:
         *,
         rng: random.Random | None = None,
         limiter: RateLimiter | None = None,
+        check_answer: Callable[[Completion], str | None] | None = None,
+        answer_attempts: int = 1,
     ) -> None:
         self._model = model
         self._limits = limits
         self._transport = transport
+        # Structured output: says what is wrong with an answer (None: fine).
+        # Such an answer is asked again up to answer_attempts answers in all,
+        # through the limiter like any request.
+        self._check_answer = check_answer
+        self._answer_attempts = answer_attempts
         self.limiter = limiter or RateLimiter(
             limits.rpm,
             limits.tpm,
@@ -240,6 +254,7 @@ class CallStage:
         """One row, retried until it succeeds, fails for good, or runs out of attempts."""
         prompt_tokens = estimate_prompt_tokens(request.messages)
         attempt = 0
+        bad_answers = 0
         while True:
             attempt += 1
             async with self.limiter.request(prompt_tokens + self._budget.reserve()) as permit:
@@ -264,9 +279,19 @@ class CallStage:
                     self.limiter.succeeded(permit, used, completion.headers)
                     self._budget.observe(completion.completion_tokens)
                     self._sync_stats()
+                    problem = self._check_answer(completion) if self._check_answer else None
+                    if problem is not None:
+                        bad_answers += 1
+                        self.stats.bad_answers += 1
+                        if bad_answers < self._answer_attempts:
+                            continue
                     return RowResult(
                         row_id=request.row_id,
-                        status="ok",
+                        status="ok" if problem is None else "error",
+                        error=None
+                        if problem is None
+                        else f"invalid structured answer: {problem} (gave up after "
+                        f"{bad_answers} answers; raise --schema-attempts)",
                         response=completion.text,
                         latency_ms=(time.perf_counter() - started) * 1000.0,
                         attempts=attempt,

@@ -61,7 +61,7 @@ from pipeline.report import (
 )
 from pipeline.results import ROW_ID, RowResult
 from pipeline.status import checkpoint_status
-from pipeline.transport import Messages, Transport, make_transport
+from pipeline.transport import Completion, Messages, Transport, make_transport
 
 # Rows per row group of the final file: big enough for fast scans downstream.
 ASSEMBLY_ROWS: Final = 65_536
@@ -82,6 +82,8 @@ class RunSummary:
     retries: int = 0
     rate_limited: int = 0
     wall_s: float = 0.0
+    bad_answers: int = 0
+    """Answers that failed the structured-output schema and were asked again."""
     cache_hits: int = 0
     """Rows answered from the response cache (no request)."""
     deduplicated: int = 0
@@ -395,6 +397,7 @@ async def _run_calls(
         summary.requests = stage.stats.requests
         summary.retries = stage.stats.retries
         summary.rate_limited = stage.stats.rate_limited
+        summary.bad_answers = stage.stats.bad_answers
         summary.cost_usd = spend.spent_this_run
 
 
@@ -588,6 +591,7 @@ async def _locked_run(
             started_at=started_at,
             secrets=[config.api_key()],
         )
+        body["requests"]["bad_structured_answers"] = summary.bad_answers
         body["reuse"] = {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,
@@ -605,7 +609,13 @@ async def _locked_run(
             {"response_format": prepared.response_format} if prepared.response_format else None
         ),
     )
-    stage = CallStage(config.model, config.limits, transport)
+    stage = CallStage(
+        config.model,
+        config.limits,
+        transport,
+        check_answer=_answer_check(prepared.schema),
+        answer_attempts=config.structured.max_attempts,
+    )
     watcher = None
     if stop is not None:
         this_task = asyncio.current_task()
@@ -665,6 +675,21 @@ async def _locked_run(
         report=str(report_path),
     )
     return summary
+
+
+def _answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str | None] | None:
+    """With a schema, what is wrong with an answer (None when it validates)."""
+    if schema is None:
+        return None
+
+    def problem(completion: Completion) -> str | None:
+        try:
+            structured.parse_answer(completion.text, schema, finish_reason=completion.finish_reason)
+        except structured.StructuredAnswerError as exc:
+            return exc.reason
+        return None
+
+    return problem
 
 
 def _open_reuse(prepared: PreparedRun) -> Reuse:
