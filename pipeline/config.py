@@ -128,6 +128,10 @@ class LimitsConfig(_Section):
     rpm: int | None = Field(default=None, gt=0)
     tpm: int | None = Field(default=None, gt=0)
     max_attempts: int = Field(default=6, gt=0, le=100)
+    # Learn the provider's limits from x-ratelimit-* headers and 429s, and move
+    # the in-flight limit up additively / down multiplicatively (AIMD) below
+    # `concurrency`. false: always `concurrency` in flight.
+    adaptive: bool = True
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
 
