@@ -106,6 +106,7 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
 TOGGLE_OPTIONS: Final[list[tuple[str, str, str]]] = [
     ("--cache/--no-cache", "cache.enabled", "Use the response cache across runs."),
     ("--dedup/--no-dedup", "cache.dedup", "Send identical requests once per run."),
+    ("--adaptive/--no-adaptive", "limits.adaptive", "Learn limits from headers and 429s (AIMD)."),
 ]
 
 

@@ -38,6 +38,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.rpm": "--rpm",
     "limits.tpm": "--tpm",
     "limits.max_attempts": "--max-attempts",
+    "limits.adaptive": "--adaptive/--no-adaptive",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "max_error_rate": "--max-error-rate",
