@@ -27,7 +27,7 @@ from pipeline.errors import (
     UsageError,
 )
 from pipeline.results import RESULT_COLUMNS, RowResult
-from pipeline.runner import RunSummary, enrich, enrich_async
+from pipeline.runner import RunOptions, RunSummary, enrich, enrich_async
 from pipeline.transport import (
     AiohttpTransport,
     Completion,
@@ -57,6 +57,7 @@ __all__ = [
     "RowResult",
     "RunConfig",
     "RunInterrupted",
+    "RunOptions",
     "RunSummary",
     "Transport",
     "UsageError",
