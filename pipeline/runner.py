@@ -293,11 +293,10 @@ def _prompt_chunks(
             yield todo
 
 
-def _done_rows(checkpoint: Checkpoint, total: int, retry_failed: bool) -> bytearray:
+def _done_rows(statuses: pl.DataFrame, total: int, retry_failed: bool) -> bytearray:
     """A byte per input row, 1 when its result is final (a bytearray: a million
     rows cost a megabyte, where a set of ints would cost ~50)."""
     final = ["ok", "skipped"] if retry_failed else ["ok", "skipped", "error"]
-    statuses = checkpoint.latest_results(["status"])
     row_ids = statuses.filter(pl.col("status").is_in(final) & (pl.col(ROW_ID) < total))[ROW_ID]
     # Vectorised: a Python loop over a million ids costs seconds before the
     # first request of a resumed run.
@@ -544,9 +543,10 @@ async def _locked_run(
         input_rows=prepared.total_rows,
         restart=options.restart or options.force,
     )
-    done = _done_rows(checkpoint, prepared.total_rows, options.retry_failed)
+    # One read of the checkpoint serves both what is done and what it cost.
+    spent = checkpoint.latest_results(["status", "prompt_tokens", "completion_tokens"])
+    done = _done_rows(spent, prepared.total_rows, options.retry_failed)
     summary.resumed_rows = done.count(1)
-    spent = checkpoint.latest_results(["prompt_tokens", "completion_tokens"])
     already = (
         cost(
             int(spent["prompt_tokens"].sum() or 0),
