@@ -1,4 +1,5 @@
-"""Benchmarks for enrich: latency overhead, throughput, checkpoint cost, memory, resume.
+"""Benchmarks for enrich: latency overhead, throughput, checkpoint cost, memory, resume,
+rate limits.
 
     python benchmarks/bench.py [--quick] [--only SECTION ...] [--repeats N]
 
@@ -47,7 +48,7 @@ import polars as pl
 
 REPO: Final = Path(__file__).resolve().parent.parent
 RESULTS_DIR: Final = REPO / "bench-results"
-SECTIONS: Final = ("latency", "throughput", "checkpoint", "memory", "resume")
+SECTIONS: Final = ("latency", "throughput", "checkpoint", "memory", "resume", "rate")
 MODEL: Final = "sim-1"
 COLUMN: Final = "question"
 
@@ -89,6 +90,35 @@ async def main(path, base_url, concurrency, output, model):
     await client.close()
 
 asyncio.run(main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]))
+"""
+
+# The tutorial approach against a rate-limited server: every prompt at once,
+# the SDK's default retries (2, honouring retry-after), a failed row kept as a
+# null. Prints how many rows it got, for the benchmark to count the lost ones.
+NAIVE_RATE_SCRIPT: Final = """
+import asyncio, sys
+import openai, polars as pl
+
+async def main(path, base_url, output, model):
+    df = pl.read_parquet(path)
+    client = openai.AsyncOpenAI(base_url=base_url)
+
+    async def one(question):
+        reply = await client.chat.completions.create(
+            model=model, messages=[{"role": "user", "content": question}]
+        )
+        return reply.choices[0].message.content
+
+    results = await asyncio.gather(
+        *(one(q) for q in df["question"].to_list()), return_exceptions=True
+    )
+    answers = [None if isinstance(r, BaseException) else r for r in results]
+    df.with_columns(pl.Series("response", answers, dtype=pl.String)).write_parquet(output)
+    await client.close()
+    ok = sum(a is not None for a in answers)
+    print(f"naive: ok {ok} lost {len(answers) - ok}")
+
+asyncio.run(main(sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]))
 """
 
 
@@ -135,10 +165,11 @@ class Sizes:
     checkpoint_rows: int
     memory_rows: int  # the large case; the small one is a tenth
     resume_rows: int
+    rate_rows: int
     section_budget_s: float
 
 
-# Chosen so the default run ends in about 15 minutes and --quick in about 3 on a
+# Chosen so the default run ends in about 20 minutes and --quick in about 4 on a
 # 2-core machine where one client process sends ~100-250 requests/s (it is
 # CPU-bound in the openai SDK; see benchmarks/README.md). Override per section.
 FULL: Final = Sizes(
@@ -147,6 +178,7 @@ FULL: Final = Sizes(
     checkpoint_rows=3_000,
     memory_rows=20_000,
     resume_rows=1_000_000,
+    rate_rows=1_500,
     section_budget_s=180.0,
 )
 QUICK: Final = Sizes(
@@ -155,6 +187,7 @@ QUICK: Final = Sizes(
     checkpoint_rows=1_500,
     memory_rows=3_000,
     resume_rows=200_000,
+    rate_rows=500,
     section_budget_s=45.0,
 )
 
@@ -314,9 +347,10 @@ _LOCAL: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 class Simulator:
     """``python -m pipeline simulate`` in its own process, so its CPU is not the client's."""
 
-    def __init__(self, workdir: Path, latency_ms: float) -> None:
+    def __init__(self, workdir: Path, latency_ms: float, *flags: str) -> None:
         self.workdir = workdir
         self.latency_ms = latency_ms
+        self.flags = flags  # more `simulate` options: limits, jitter, headers
         self.port = 0
         self.child: Child | None = None
 
@@ -324,15 +358,19 @@ class Simulator:
     def base_url(self) -> str:
         return f"http://127.0.0.1:{self.port}/v1"
 
-    def requests(self) -> int:
+    def stats(self) -> dict[str, Any]:
         with _LOCAL.open(f"http://127.0.0.1:{self.port}/_stats", timeout=5) as response:
-            return int(json.load(response)["requests"])
+            stats: dict[str, Any] = json.load(response)
+        return stats
+
+    def requests(self) -> int:
+        return int(self.stats()["requests"])
 
     def __enter__(self) -> Simulator:
         for _attempt in range(3):  # the free port can be taken before the server binds it
             self.port = free_port()
             argv = [sys.executable, "-m", "pipeline", "simulate", "--port", str(self.port)]
-            argv += ["--latency-ms", str(self.latency_ms)]
+            argv += ["--latency-ms", str(self.latency_ms), *self.flags]
             self.child = Child(argv, self.workdir, f"simulator-{self.port}")
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not self.child.has_exited():
@@ -374,7 +412,8 @@ def startup_build(argv: list[str]) -> Build:
     return build
 
 
-ENRICH_STARTUP: Final = startup_build(measured_module("pipeline", "run", "--help"))
+ENRICH_STARTUP_ARGV: Final = measured_module("pipeline", "run", "--help")
+ENRICH_STARTUP: Final = startup_build(ENRICH_STARTUP_ARGV)
 NAIVE_STARTUP: Final = startup_build(measured_script("import asyncio, openai, polars"))
 
 
@@ -382,6 +421,13 @@ def naive_build(concurrency: int) -> Build:
     def build(input_path: Path, output: Path, sim: Simulator) -> list[str]:
         args = [str(input_path), sim.base_url, str(concurrency), str(output), MODEL]
         return measured_script(NAIVE_SCRIPT, *args)
+
+    return build
+
+
+def naive_rate_build() -> Build:
+    def build(input_path: Path, output: Path, sim: Simulator) -> list[str]:
+        return measured_script(NAIVE_RATE_SCRIPT, str(input_path), sim.base_url, str(output), MODEL)
 
     return build
 
@@ -996,12 +1042,236 @@ def section_resume(ctx: Context) -> dict[str, Any]:
     return {"rows": rows, "done_rows": done, "summary": entries, "jobs": records(jobs)}
 
 
+# The rate section's server: a limit enforced over a 1 s sliding window (as
+# providers enforce per-minute limits over sub-minute windows), 200 +- 100 ms
+# per answer. 100 requests/s is well within what one client process sends, so
+# the limit, not the client, bounds every enrich run.
+RATE_RPM: Final = 6_000
+# About 100 requests/s of the benchmark's prompts (about 70 tokens a request).
+RATE_TPM: Final = 400_000
+RATE_WINDOW_S: Final = 1.0
+RATE_LATENCY_MS: Final = 200.0
+RATE_JITTER_MS: Final = 100.0
+RATE_CONCURRENCY: Final = 64
+
+
+# How often the rate section samples the simulator's counters during a job.
+RATE_POLL_S: Final = 0.25
+# The steady-state rate is measured between these shares of the requests
+# admitted: past the ramp-up at the start, before the stragglers at the end.
+STEADY_FROM: Final = 0.1
+STEADY_TO: Final = 0.9
+
+
+class StatsPoller:
+    """Samples the simulator's admitted counters while a job runs:
+    (seconds, requests admitted, tokens admitted)."""
+
+    def __init__(self, sim: Simulator) -> None:
+        self.sim = sim
+        self.samples: list[tuple[float, int, int]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._poll, daemon=True)
+
+    def _poll(self) -> None:
+        while not self._stop.wait(RATE_POLL_S):
+            with contextlib.suppress(OSError):
+                stats = self.sim.stats()
+                self.samples.append(
+                    (time.monotonic(), int(stats["admitted"]), int(stats["admitted_tokens"]))
+                )
+
+    def __enter__(self) -> StatsPoller:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def steady_rate(samples: Sequence[tuple[float, int, int]], total: int, column: int) -> float:
+    """Per second, between the samples where STEADY_FROM and STEADY_TO of the
+    ``total`` requests had been admitted; ``column`` 1 for requests, 2 for tokens."""
+    start = next((s for s in samples if s[1] >= STEADY_FROM * total), None)
+    end = next((s for s in reversed(samples) if s[1] <= STEADY_TO * total), None)
+    if start is None or end is None or end[0] - start[0] < 4 * RATE_POLL_S:
+        return math.nan  # too short a run to tell
+    return (end[column] - start[column]) / (end[0] - start[0])
+
+
+@dataclass(frozen=True)
+class RateVariant:
+    """One client against one server set-up; ``limit`` says which limit binds."""
+
+    build: Build
+    server_flags: tuple[str, ...]
+    limit: str  # "requests" or "tokens"
+
+
+def rate_variants(ctx: Context) -> dict[str, RateVariant]:
+    rpm, tpm = str(RATE_RPM), str(RATE_TPM)
+    requests_server = ("--rpm", rpm)
+    tokens_server = ("--tpm", tpm)
+    no_headers = ("--no-rate-headers",)
+    c = RATE_CONCURRENCY
+    return {
+        "rpm: configured": RateVariant(ctx.enrich(c, "--rpm", rpm), requests_server, "requests"),
+        "rpm: auto, headers": RateVariant(ctx.enrich(c), requests_server, "requests"),
+        "rpm: auto, no headers": RateVariant(
+            ctx.enrich(c), (*requests_server, *no_headers), "requests"
+        ),
+        "rpm: naive gather": RateVariant(naive_rate_build(), requests_server, "requests"),
+        "tpm: configured": RateVariant(ctx.enrich(c, "--tpm", tpm), tokens_server, "tokens"),
+        "tpm: auto, headers": RateVariant(ctx.enrich(c), tokens_server, "tokens"),
+        "tpm: auto, no headers": RateVariant(
+            ctx.enrich(c), (*tokens_server, *no_headers), "tokens"
+        ),
+    }
+
+
+def rate_measurements(
+    job: JobResult,
+    stats: dict[str, Any],
+    samples: Sequence[tuple[float, int, int]],
+    variant: RateVariant,
+) -> None:
+    """What the server saw of one job, in ``job.extra``.
+
+    The achieved rate is measured by the server, over the span from the first
+    to the last request it admitted: process start-up is not the limiter's to
+    answer for (wall time vs ideal covers it), while the ramp to the limit and
+    every slow-down after a 429 are in it. The steady rate leaves out the
+    ramp and the end (see ``steady_rate``): what a long run sustains.
+    """
+    naive_ok = _count(r"naive: ok (\d+)", job.stdout_tail)
+    ok_rows = naive_ok if naive_ok is not None else job.extra.get("ok_rows", 0)
+    span = float(stats["admitted_span_s"])
+    if variant.limit == "requests":
+        per_s, limit_per_s = ratio(stats["admitted"], span), RATE_RPM / 60.0
+        steady = steady_rate(samples, stats["admitted"], 1)
+        ideal_s = job.rows / limit_per_s
+    else:
+        per_s, limit_per_s = ratio(stats["admitted_tokens"], span), RATE_TPM / 60.0
+        steady = steady_rate(samples, stats["admitted"], 2)
+        # The rows' tokens, from the mean of those answered.
+        ideal_s = ratio(stats["tokens"], stats["answered"]) * job.rows / limit_per_s
+    job.extra.update(
+        server_requests=stats["requests"],
+        answered_429=stats["rate_limited"],
+        share_429=ratio(stats["rate_limited"], stats["requests"]),
+        rate_share=ratio(per_s, limit_per_s),
+        steady_share=ratio(steady, limit_per_s),
+        lost_rows=job.rows - ok_rows if job.ok else job.rows,
+        ideal_s=ideal_s,
+        wall_over_ideal=ratio(job.wall_s, ideal_s),
+    )
+
+
+def section_rate(ctx: Context) -> dict[str, Any]:
+    """Issue 4: how close to the server's real limit each mode runs, and at what
+    429 cost; the tutorial approach on the same workload for comparison."""
+    rows = ctx.sizes.rate_rows
+    print(
+        f"\n[rate] {rows:,} rows; server limit {RATE_RPM:,} requests/min or {RATE_TPM:,} "
+        f"tokens/min over a {RATE_WINDOW_S:g} s window, {RATE_LATENCY_MS:.0f} +- "
+        f"{RATE_JITTER_MS:.0f} ms; enrich concurrency {RATE_CONCURRENCY}"
+    )
+    variants = rate_variants(ctx)
+    jobs: dict[str, list[JobResult]] = {name: [] for name in (*variants, "enrich start-up")}
+    output = ctx.workdir / "rate-out.parquet"
+    for index in ctx.rounds("rate"):
+        order = list(variants.items())
+        if index % 2:
+            order.reverse()
+        for name, variant in order:
+            input_path = ctx.fresh_input(rows)
+            flags = ("--jitter-ms", str(RATE_JITTER_MS), "--window-s", str(RATE_WINDOW_S))
+            # A fresh server per job: no window, and no count, carried over.
+            with Simulator(ctx.workdir, RATE_LATENCY_MS, *flags, *variant.server_flags) as sim:
+                label = re.sub(r"[^\w.]+", "-", f"rate-{name}-{index}")
+                with StatsPoller(sim) as poller:
+                    child = Child(variant.build(input_path, output, sim), ctx.workdir, label)
+                    job = finish_job(child, rows)
+                rate_measurements(job, sim.stats(), poller.samples, variant)
+            report_rate_job(job)
+            jobs[name].append(job)
+            remove_outputs(output)
+            input_path.unlink()
+        startup = Child(ENRICH_STARTUP_ARGV, ctx.workdir, f"rate-start-up-{index}")
+        jobs["enrich start-up"].append(finish_job(startup, 0))
+    startup_wall = med(jobs["enrich start-up"], "wall_s")
+    entries: dict[str, dict[str, Any]] = {}
+    for name in variants:
+        entry = summarize(jobs[name])
+        keys = (
+            "rate_share",
+            "steady_share",
+            "share_429",
+            "lost_rows",
+            "ideal_s",
+            "wall_over_ideal",
+        )
+        for key in keys:
+            entry[key] = med(jobs[name], key)
+        entry["answered_429"] = med(jobs[name], "answered_429")
+        entry["net_wall_over_ideal"] = ratio(entry["wall_s"] - startup_wall, entry["ideal_s"])
+        entries[name] = entry
+    ctx.table(
+        f"rate: {rows:,} rows; limit {RATE_RPM:,} rpm or {RATE_TPM:,} tpm over "
+        f"{RATE_WINDOW_S:g} s, {RATE_LATENCY_MS:.0f} +- {RATE_JITTER_MS:.0f} ms; medians; "
+        "rate/limit measured by the server from its first to last admitted request, "
+        f"steady from {STEADY_FROM:.0%} to {STEADY_TO:.0%} of them; "
+        "targets: configured >= 95% with < 1% 429s, auto >= 90% with < 2%; "
+        f"net = minus {startup_wall:.1f} s start-up",
+        [
+            Column("rate/limit", "rate_share", 1, "%", 100.0),
+            Column("steady", "steady_share", 1, "%", 100.0),
+            Column("429 share", "share_429", 2, "%", 100.0),
+            Column("429s", "answered_429", 0),
+            Column("lost rows", "lost_rows", 0),
+            WALL,
+            Column("ideal s", "ideal_s", 1),
+            Column("wall/ideal", "wall_over_ideal", 2, "x"),
+            Column("net wall/ideal", "net_wall_over_ideal", 2, "x"),
+            CPU_PER_ROW,
+            RUNS,
+        ],
+        entries,
+    )
+    return {
+        "rows": rows,
+        "server": {
+            "rpm": RATE_RPM,
+            "tpm": RATE_TPM,
+            "window_s": RATE_WINDOW_S,
+            "latency_ms": RATE_LATENCY_MS,
+            "jitter_ms": RATE_JITTER_MS,
+        },
+        "concurrency": RATE_CONCURRENCY,
+        "summary": entries,
+        "jobs": records(jobs),
+    }
+
+
+def report_rate_job(job: JobResult) -> None:
+    extra = job.extra
+    status = "" if job.ok else f"  FAILED (exit {job.exit_code})"
+    print(
+        f"    {job.name}: {job.wall_s:.1f} s ({extra['wall_over_ideal']:.2f}x ideal), "
+        f"{100 * extra['rate_share']:.1f}% of the limit ({100 * extra['steady_share']:.1f}% "
+        f"steady), {extra['answered_429']:,} x 429 "
+        f"({100 * extra['share_429']:.2f}%), {extra['lost_rows']:,} rows lost{status}"
+    )
+
+
 SECTION_FUNCTIONS: Final[dict[str, Callable[[Context], dict[str, Any]]]] = {
     "latency": section_latency,
     "throughput": section_throughput,
     "checkpoint": section_checkpoint,
     "memory": section_memory,
     "resume": section_resume,
+    "rate": section_rate,
 }
 
 
@@ -1042,7 +1312,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         description="Benchmark enrich against the local simulator; prints medians.",
         epilog=f"sections: {', '.join(SECTIONS)}. See benchmarks/README.md.",
     )
-    parser.add_argument("--quick", action="store_true", help="small inputs (about 3 minutes)")
+    parser.add_argument("--quick", action="store_true", help="small inputs (about 4 minutes)")
     parser.add_argument(
         "--only", nargs="+", choices=SECTIONS, metavar="SECTION", help="run only these sections"
     )

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import functools
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
@@ -21,7 +22,7 @@ import openai
 
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
-from pipeline.ratelimit import RateLimiter, retry_after_seconds
+from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
 from pipeline.results import RowResult
 from pipeline.structured import unsupported_message
 from pipeline.transport import Completion, Messages, Transport, UnparseableResponse
@@ -51,6 +52,8 @@ class Failure:
     reason: str
     retry_after: float | None = None
     rate_limited: bool = False
+    # Which limit a 429 names, if it says (see ratelimit.exhausted_limit).
+    limit: LimitKind | None = None
     # The response's headers, for the limiter to learn from; not part of what
     # the failure *is* (transports differ in which other headers they keep).
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -95,6 +98,11 @@ def classify(exc: BaseException, *, model: str) -> Failure:
                 f"rate limited (429): {_server_message(exc)}",
                 retry_after=retry_after_seconds(exc.response.headers),
                 rate_limited=True,
+                limit=exhausted_limit(
+                    getattr(exc, "type", None),
+                    _server_message(exc, limit=1000),
+                    exc.response.headers,
+                ),
                 headers=exc.response.headers,
             )
         if status in (401, 403):
@@ -140,32 +148,64 @@ def estimate_tokens(messages: Messages, max_tokens: int | None) -> int:
     return estimate_prompt_tokens(messages) + (max_tokens or DEFAULT_COMPLETION_ESTIMATE)
 
 
-class CompletionBudget:
-    """Completion tokens to reserve per request in the tokens/min bucket.
+class TokenReservation:
+    """Tokens to reserve per request in the tokens/min bucket, corrected by
+    the usage each answer reports.
 
-    With ``max_tokens`` set, that (the most a request can cost, and what
-    OpenAI itself counts against the limit). Unset, there is no bound to
-    reserve, only a guess: ``DEFAULT_COMPLETION_ESTIMATE`` at first, then the
-    largest of the recent completions. A guess far above the real answers
-    would hold the bucket's capacity in reservations while requests are in
-    flight and waste throughput; one below is settled as a debt afterwards.
+    The bucket takes a guess when a request is sent and is settled with the
+    real usage a latency later. A guess that is high on average gives back,
+    in the next window, tokens the server never counted in this one: the two
+    windows together see more than the limit, and the server answers 429. A
+    guess low on average does the same the other way round. So the guess
+    aims at the mean, not the maximum: the offline prompt estimate scaled by
+    how the real prompt counts compared with it (four bytes a token is off
+    for other languages and tokenizers), plus the mean of recent completions
+    (``DEFAULT_COMPLETION_ESTIMATE`` until a few answers have shown it).
+
+    With ``max_tokens`` set, the completion part is ``max_tokens``: the most a
+    request can cost, settled afterwards like any reservation.
     """
 
-    def __init__(self, max_tokens: int | None, *, recent: int = 64, warmup: int = 8) -> None:
+    def __init__(self, max_tokens: int | None, *, recent: int = 64, warmup: int = 2) -> None:
         self.max_tokens = max_tokens
         self._warmup = warmup
-        self._recent: collections.deque[int] = collections.deque(maxlen=recent)
+        self._completions: collections.deque[int] = collections.deque(maxlen=recent)
+        # (estimated, reported) prompt tokens of recent answers.
+        self._prompts: collections.deque[tuple[int, int]] = collections.deque(maxlen=recent)
+        self._estimated_sum = 0
+        self._reported_sum = 0
 
-    def reserve(self) -> int:
+    @property
+    def prompt_scale(self) -> float:
+        """Reported prompt tokens per estimated one (1.0 until known)."""
+        if len(self._prompts) < self._warmup or self._estimated_sum <= 0:
+            return 1.0
+        # Bounded: a few odd answers must not swing reservations wildly.
+        return min(4.0, max(0.25, self._reported_sum / self._estimated_sum))
+
+    def completion(self) -> int:
         if self.max_tokens:
             return self.max_tokens
-        if len(self._recent) < self._warmup:
+        if len(self._completions) < self._warmup:
             return DEFAULT_COMPLETION_ESTIMATE
-        return max(1, max(self._recent))
+        return max(1, round(sum(self._completions) / len(self._completions)))
 
-    def observe(self, completion_tokens: int | None) -> None:
+    def reserve(self, prompt_estimate: int) -> int:
+        return max(1, round(prompt_estimate * self.prompt_scale)) + self.completion()
+
+    def observe(
+        self, prompt_estimate: int, prompt_tokens: int | None, completion_tokens: int | None
+    ) -> None:
         if completion_tokens is not None and completion_tokens >= 0:
-            self._recent.append(completion_tokens)
+            self._completions.append(completion_tokens)
+        if prompt_tokens is not None and prompt_tokens > 0 and prompt_estimate > 0:
+            if len(self._prompts) == self._prompts.maxlen:
+                old_estimate, old_reported = self._prompts[0]
+                self._estimated_sum -= old_estimate
+                self._reported_sum -= old_reported
+            self._prompts.append((prompt_estimate, prompt_tokens))
+            self._estimated_sum += prompt_estimate
+            self._reported_sum += prompt_tokens
 
 
 @dataclass
@@ -228,7 +268,7 @@ class CallStage:
             concurrency=limits.concurrency,
             adaptive=bool(getattr(limits, "adaptive", True)),
         )
-        self._budget = CompletionBudget(model.max_tokens)
+        self._reservation = TokenReservation(model.max_tokens)
         self._rng = rng or random.Random()
         self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
         self.draining = False
@@ -257,7 +297,8 @@ class CallStage:
         bad_answers = 0
         while True:
             attempt += 1
-            async with self.limiter.request(prompt_tokens + self._budget.reserve()) as permit:
+            reserve = functools.partial(self._reservation.reserve, prompt_tokens)
+            async with self.limiter.request(reserve) as permit:
                 self.stats.requests += 1
                 started = time.perf_counter()
                 try:
@@ -271,13 +312,15 @@ class CallStage:
                         pause = failure.retry_after
                         if pause is None:
                             pause = self.backoff_delay(attempt, None)
-                        self.limiter.rate_limited(permit, pause, failure.headers)
+                        self.limiter.rate_limited(permit, pause, failure.headers, failure.limit)
                 else:
                     used = None
                     if completion.prompt_tokens is not None:
                         used = completion.prompt_tokens + (completion.completion_tokens or 0)
                     self.limiter.succeeded(permit, used, completion.headers)
-                    self._budget.observe(completion.completion_tokens)
+                    self._reservation.observe(
+                        prompt_tokens, completion.prompt_tokens, completion.completion_tokens
+                    )
                     self._sync_stats()
                     problem = self._check_answer(completion) if self._check_answer else None
                     if problem is not None:

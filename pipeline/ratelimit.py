@@ -32,13 +32,14 @@ import collections
 import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 __all__ = [
     "RATE_HEADROOM",
     "ConcurrencyGate",
+    "LimitKind",
     "LimiterStats",
     "Permit",
     "Quota",
@@ -46,6 +47,7 @@ __all__ = [
     "RateLimitHeaders",
     "RateLimiter",
     "TokenBucket",
+    "exhausted_limit",
     "parse_count",
     "parse_duration",
     "retry_after_seconds",
@@ -56,17 +58,32 @@ __all__ = [
 # a sliding window would answer 429 for every request that arrives early.
 RATE_HEADROOM: Final = 0.97
 
+# The tokens a request really costs are known only when it is answered, so a
+# window of requests can add up to more than their reservations said, and the
+# server answers 429. Adaptive runs then aim lower at the tokens limit (by
+# TOKEN_SHARE_CUT, at most once a round trip, down to TOKEN_SHARE_FLOOR),
+# and climb back towards RATE_HEADROOM by TOKEN_SHARE_PROBE_PER_S while no
+# tokens 429 comes: the margin follows how unpredictable this job's answers are.
+TOKEN_SHARE_CUT: Final = 0.95
+TOKEN_SHARE_FLOOR: Final = 0.75
+TOKEN_SHARE_PROBE_PER_S: Final = 0.005
+# A sliding window stays over-full for as long as it is: the 429s that keep
+# coming right after a cut are the same excess, not a reason to cut again.
+TOKEN_SHARE_CUT_SPACING_S: Final = 1.0
+
 # The shortest wait: a shorter one can fall below the clock's resolution,
 # sleep zero, and spin.
 MIN_SLEEP_S: Final = 1e-4
 
 # Bucket capacities, in seconds of the rate. Providers enforce per-minute
-# limits over sub-minute windows, so a bucket must never release a minute's
-# budget at once. A small request bucket costs nothing while requests queue
-# for it; the token bucket must also hold the reservations of the requests in
-# flight, which are settled only when they are answered.
-REQUEST_BURST_S: Final = 0.1
-TOKEN_BURST_S: Final = 1.0
+# limits over sub-minute windows (a second, for all we know), so a bucket
+# must never release a minute's budget at once. A bucket fills while
+# something else holds requests back (the in-flight limit ramping up); a
+# full one on top of a second at the paced rate must still fit a one-second
+# window, which leaves the headroom. A request larger than the bucket still
+# goes, alone, and leaves a debt (see TokenBucket).
+REQUEST_BURST_S: Final = 1.0 - RATE_HEADROOM
+TOKEN_BURST_S: Final = 1.0 - RATE_HEADROOM
 
 # AIMD on the in-flight limit. Low enough a start for any provider tier; it
 # doubles every round trip (slow start) until the first 429, then grows by one
@@ -206,6 +223,38 @@ def _quota(headers: Mapping[str, str], kind: str) -> Quota:
     )
 
 
+LimitKind = Literal["requests", "tokens"]
+
+# How OpenAI's 429 messages name the limit: "... on requests per min (RPM)"
+# or "... on tokens per min (TPM)" ("Requested 1" is not a match).
+_NAMES_REQUESTS: Final = re.compile(r"\brequests?\b|\bRP[MD]\b", re.IGNORECASE)
+_NAMES_TOKENS: Final = re.compile(r"\btokens?\b|\bTP[MD]\b", re.IGNORECASE)
+
+
+def exhausted_limit(
+    error_type: str | None, message: str | None, headers: Mapping[str, str]
+) -> LimitKind | None:
+    """Which limit a 429 is about, or None if it does not say.
+
+    OpenAI names it in the error's ``type`` (``"requests"`` or ``"tokens"``)
+    and in its message; failing both, the limit whose
+    ``x-ratelimit-remaining-*`` header is 0 (and only one of them).
+    """
+    if error_type in ("requests", "tokens"):
+        return error_type  # type: ignore[return-value]
+    if message:
+        requests, tokens = _NAMES_REQUESTS.search(message), _NAMES_TOKENS.search(message)
+        if requests and not tokens:
+            return "requests"
+        if tokens and not requests:
+            return "tokens"
+    parsed = RateLimitHeaders.parse(headers)
+    requests_empty, tokens_empty = parsed.requests.remaining == 0, parsed.tokens.remaining == 0
+    if requests_empty != tokens_empty:
+        return "requests" if requests_empty else "tokens"
+    return None
+
+
 # ---------------------------------------------------------------------------
 # Buckets.
 
@@ -263,11 +312,17 @@ class TokenBucket:
             self._level = min(self._capacity, self._level + (now - self._updated) * self._rate)
             self._updated = now
 
-    async def acquire(self, amount: float) -> bool:
+    async def acquire(self, amount: float | Callable[[], float]) -> bool:
         """Wait until ``amount`` units may be spent, then spend them. True if
-        it had to wait (the bucket is what holds requests back)."""
+        it had to wait (the bucket is what holds requests back).
+
+        A callable amount is asked for once this request is first in line:
+        an estimate made before queueing would be as old as the queue.
+        """
         waited = self._lock.locked()
         async with self._lock:
+            if callable(amount):
+                amount = amount()
             while True:
                 if self._open:
                     return waited
@@ -387,6 +442,11 @@ class ConcurrencyGate:
     def sent(self) -> int:
         """Number a request as it is sent (for ``decrease``)."""
         self._sent += 1
+        return self._sent
+
+    @property
+    def sent_count(self) -> int:
+        """The number of the latest request sent."""
         return self._sent
 
     def increase(self) -> None:
@@ -538,6 +598,8 @@ class Permit:
     gate_bound: bool
     # Waited for the request rate: its answer may raise an estimated rate.
     rate_bound: bool
+    # Waited for the tokens budget.
+    token_bound: bool = False
 
 
 @dataclass
@@ -587,6 +649,10 @@ class RateLimiter:
         self.requests: TokenBucket | None = None
         self.tokens: TokenBucket | None = None
         self.stats = LimiterStats()
+        self.token_share = RATE_HEADROOM
+        self._token_cut_at = 0
+        self._token_cut_time = -math.inf
+        self._token_probed_at: float | None = None
         self._sending = 0
         self._paused_until = 0.0
         self._pace_requests(level=1.0)
@@ -634,7 +700,7 @@ class RateLimiter:
         per_minute = self.tpm
         if per_minute is None:
             return
-        rate = per_minute * RATE_HEADROOM / 60.0
+        rate = per_minute * self.token_share / 60.0
         capacity = max(1.0, rate * TOKEN_BURST_S)
         if self.tokens is None:
             # Empty at first: the budget ramps up instead of firing at t=0.
@@ -643,9 +709,15 @@ class RateLimiter:
             self.tokens.reconfigure(rate, capacity)
 
     @contextlib.asynccontextmanager
-    async def request(self, tokens: int) -> AsyncIterator[Permit]:
+    async def request(self, tokens: int | Callable[[], int]) -> AsyncIterator[Permit]:
         """Hold a place for one request of about ``tokens`` tokens (prompt plus
-        the completion budget) for as long as the request runs."""
+        the completion budget) for as long as the request runs.
+
+        Pass a callable when the estimate improves as answers come in: it is
+        asked when the request reaches the tokens budget, not before it
+        queues (at the start of a run, every worker queues at once, before a
+        single answer has shown what requests cost).
+        """
         permit = await self._acquire(tokens)
         try:
             yield permit
@@ -653,17 +725,26 @@ class RateLimiter:
             self._sending -= 1
             self.gate.release()
 
-    async def _acquire(self, tokens: int) -> Permit:
+    async def _acquire(self, tokens: int | Callable[[], int]) -> Permit:
         await self._wait_out_pause()
         # The gate first: workers queue for a slot and then, holding it, for
         # the buckets, so a slot that frees up is not a burst of saved tokens.
         await self.gate.acquire()
         try:
-            rate_bound = False
+            rate_bound = token_bound = False
+            reserved = 0
+
+            def reserve() -> float:
+                nonlocal reserved
+                reserved = tokens() if callable(tokens) else tokens
+                return reserved
+
             if self.requests is not None:
                 rate_bound = await self.requests.acquire(1)
             if self.tokens is not None:
-                await self.tokens.acquire(tokens)
+                token_bound = await self.tokens.acquire(reserve)
+            else:
+                reserve()
             # Buckets honour a pause themselves; this covers a run without any.
             await self._wait_out_pause()
         except BaseException:
@@ -673,9 +754,10 @@ class RateLimiter:
         self.estimate.sent(_now())
         return Permit(
             sequence=self.gate.sent(),
-            tokens=tokens,
+            tokens=reserved,
             gate_bound=self._sending >= self.gate.slots,
             rate_bound=rate_bound,
+            token_bound=token_bound,
         )
 
     def succeeded(
@@ -692,24 +774,72 @@ class RateLimiter:
             self.gate.increase()
         if permit.rate_bound and self._estimate_in_use() and self.estimate.probe(now):
             self._pace_requests()
+        self._probe_token_share(now)
 
-    def rate_limited(self, permit: Permit, pause_s: float, headers: Mapping[str, str]) -> None:
+    def _probe_token_share(self, now: float) -> None:
+        if self.tokens is None or self.token_share >= RATE_HEADROOM:
+            self._token_probed_at = now
+            return
+        if self._token_probed_at is None:
+            self._token_probed_at = now
+        elapsed = now - self._token_probed_at
+        # Re-rating wakes every waiter: a few times a second is plenty.
+        if elapsed < 0.25:
+            return
+        self._token_probed_at = now
+        self.token_share = min(RATE_HEADROOM, self.token_share + TOKEN_SHARE_PROBE_PER_S * elapsed)
+        self._pace_tokens()
+
+    def _cut_token_share(self, sequence: int) -> None:
+        # Once per round trip: the 429s of requests sent before the cut were
+        # decided by the old rate.
+        now = _now()
+        if sequence <= self._token_cut_at or now < self._token_cut_time + TOKEN_SHARE_CUT_SPACING_S:
+            return
+        self._token_cut_at = self.gate.sent_count
+        self._token_cut_time = now
+        self.token_share = max(TOKEN_SHARE_FLOOR, self.token_share * TOKEN_SHARE_CUT)
+        self._token_probed_at = now
+        self._pace_tokens()
+
+    def rate_limited(
+        self,
+        permit: Permit,
+        pause_s: float,
+        headers: Mapping[str, str],
+        limit: LimitKind | None = None,
+    ) -> None:
         """A 429: the server counted nothing, so the reservation comes back;
         everyone waits ``pause_s``; the in-flight limit comes down, and
-        without a reported limit the request rate is re-measured."""
+        without a reported limit the request rate is re-measured.
+
+        ``limit`` is the limit the 429 names (``exhausted_limit``), if any.
+        """
         self.stats.rate_limited += 1
         if self.tokens is not None:
             self.tokens.settle(permit.tokens)
         self.learn(headers)
-        if self.adaptive and self.learned_rpm is None and self.estimate.rate_limited(_now()):
+        # A tokens 429 is the token bucket's to answer once a tokens limit is
+        # known: measuring a request rate from it would pace requests by how
+        # long this job's prompts happen to be, and hold the token budget back.
+        paced_by_tokens = limit == "tokens" and self.tpm is not None
+        if (
+            self.adaptive
+            and self.learned_rpm is None
+            and not paced_by_tokens
+            and self.estimate.rate_limited(_now())
+        ):
             self._pace_requests()
         # Only the limit that was holding this request back comes down: a
-        # request that waited for the rate was sent as fast as the rate
+        # request that waited for a rate was sent as fast as that rate
         # allows, so its 429 is the rate's to answer, and cutting an in-flight
         # limit that was not reached would change nothing now and slow the
         # run later.
-        if permit.gate_bound and not permit.rate_bound and self.gate.decrease(permit.sequence):
+        held_by_a_rate = permit.rate_bound or permit.token_bound or paced_by_tokens
+        if permit.gate_bound and not held_by_a_rate and self.gate.decrease(permit.sequence):
             self.stats.decreases += 1
+        if paced_by_tokens and self.adaptive:
+            self._cut_token_share(permit.sequence)
         self.pause_for(pause_s)
 
     def learn(self, headers: Mapping[str, str]) -> None:

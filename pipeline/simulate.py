@@ -197,6 +197,13 @@ class SimulatorStats:
     faults: int = 0
     tokens: int = 0
     bad_answers: int = 0
+    # Requests that passed the rate limits (or all, without limits) and were
+    # counted against them, with their tokens and the server's clock at the
+    # first and last: what a benchmark divides by the limit.
+    admitted: int = 0
+    admitted_tokens: int = 0
+    first_admitted_at: float | None = None
+    last_admitted_at: float | None = None
     answered_by_content: collections.Counter[str] = field(default_factory=collections.Counter)
     max_in_flight: int = 0
 
@@ -208,6 +215,13 @@ class SimulatorStats:
             "faults": self.faults,
             "tokens": self.tokens,
             "bad_answers": self.bad_answers,
+            "admitted": self.admitted,
+            "admitted_tokens": self.admitted_tokens,
+            "admitted_span_s": (
+                self.last_admitted_at - self.first_admitted_at
+                if self.first_admitted_at is not None and self.last_admitted_at is not None
+                else 0.0
+            ),
             # dict() of a Counter is one C-level copy: safe while the loop thread counts.
             "answered_by_content": dict(self.answered_by_content),
             "max_in_flight": self.max_in_flight,
@@ -577,7 +591,8 @@ class Simulator:
         directive counts and the rate-limit window are server state and are kept."""
         stats = self.stats
         stats.requests = stats.answered = stats.rate_limited = stats.faults = stats.tokens = 0
-        stats.bad_answers = 0
+        stats.bad_answers = stats.admitted = stats.admitted_tokens = 0
+        stats.first_admitted_at = stats.last_admitted_at = None
         stats.answered_by_content = collections.Counter()
         stats.max_in_flight = self._in_flight
 
@@ -732,6 +747,7 @@ class Simulator:
             if refused is not None:
                 return refused
             headers = self._rate_headers(now)
+        self._count_admitted(total_tokens)
         # Nothing was awaited since the directive was read, so concurrent requests
         # with the same content cannot both take the last count.
         if shaped_counted:
@@ -776,6 +792,15 @@ class Simulator:
             # Not delivered: the next request with this content gets the bad answer.
             self._directive_counts[content] -= 1
         return _json(200, payload, headers)
+
+    def _count_admitted(self, tokens: int) -> None:
+        stats = self.stats
+        now = time.monotonic()
+        stats.admitted += 1
+        stats.admitted_tokens += tokens
+        if stats.first_admitted_at is None:
+            stats.first_admitted_at = now
+        stats.last_admitted_at = now
 
     def _directive(self, content: str) -> tuple[str, bool] | None:
         """The directive in ``content`` if it still applies, and whether it has

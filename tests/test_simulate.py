@@ -318,6 +318,22 @@ async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
         assert sim.stats.bad_answers == 1
 
 
+async def test_stats_count_admitted_requests_tokens_and_their_span_but_not_429s() -> None:
+    # 300 rpm over 0.2 s: one request per window.
+    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim, client(sim) as c:
+        first = await c.chat.completions.create(model="sim-1", messages=user("one"))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("refused"))
+        await asyncio.sleep(int(err.value.response.headers["retry-after-ms"]) / 1000)
+        second = await c.chat.completions.create(model="sim-1", messages=user("two"))
+        stats = sim.stats.as_dict()
+    assert first.usage is not None and second.usage is not None
+    assert (stats["requests"], stats["admitted"], stats["rate_limited"]) == (3, 2, 1)
+    assert stats["admitted_tokens"] == first.usage.total_tokens + second.usage.total_tokens
+    # The second could only be admitted once the first left the 0.2 s window.
+    assert 0.15 <= stats["admitted_span_s"] < 2.0
+
+
 async def test_invalid_directive_answers_json_that_fails_the_schema(sim: Simulator) -> None:
     content = "review [[fault:invalid]]"
     for _ in range(2):
