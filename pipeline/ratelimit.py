@@ -60,10 +60,13 @@ RATE_HEADROOM: Final = 0.97
 
 # The tokens a request really costs are known only when it is answered, so a
 # window of requests can add up to more than their reservations said, and the
-# server answers 429. Adaptive runs then aim lower at the tokens limit (by
-# TOKEN_SHARE_CUT, at most once a round trip, down to TOKEN_SHARE_FLOOR),
-# and climb back towards RATE_HEADROOM by TOKEN_SHARE_PROBE_PER_S while no
-# tokens 429 comes: the margin follows how unpredictable this job's answers are.
+# server answers 429. A rare one costs only its short pause. Once they come
+# more often than TOKEN_429_SHARE_TOLERATED of the requests sent since the
+# last cut, adaptive runs aim lower at the tokens limit, by TOKEN_SHARE_CUT
+# down to TOKEN_SHARE_FLOOR, and climb back towards RATE_HEADROOM by
+# TOKEN_SHARE_PROBE_PER_S: the margin follows how unpredictable this job's
+# answers are.
+TOKEN_429_SHARE_TOLERATED: Final = 0.01
 TOKEN_SHARE_CUT: Final = 0.95
 TOKEN_SHARE_FLOOR: Final = 0.75
 TOKEN_SHARE_PROBE_PER_S: Final = 0.005
@@ -651,6 +654,7 @@ class RateLimiter:
         self.stats = LimiterStats()
         self.token_share = RATE_HEADROOM
         self._token_cut_at = 0
+        self._token_429s = 0  # since the last cut
         self._token_cut_time = -math.inf
         self._token_probed_at: float | None = None
         self._sending = 0
@@ -791,11 +795,17 @@ class RateLimiter:
         self._pace_tokens()
 
     def _cut_token_share(self, sequence: int) -> None:
-        # Once per round trip: the 429s of requests sent before the cut were
-        # decided by the old rate.
+        # The 429s of requests sent before the last cut, or within a window
+        # of it, were decided by the old rate: they do not count.
         now = _now()
         if sequence <= self._token_cut_at or now < self._token_cut_time + TOKEN_SHARE_CUT_SPACING_S:
             return
+        self._token_429s += 1
+        sent = self.gate.sent_count - self._token_cut_at
+        # Two at least: one 429 is not a share.
+        if self._token_429s < 2 or self._token_429s < TOKEN_429_SHARE_TOLERATED * sent:
+            return
+        self._token_429s = 0
         self._token_cut_at = self.gate.sent_count
         self._token_cut_time = now
         self.token_share = max(TOKEN_SHARE_FLOOR, self.token_share * TOKEN_SHARE_CUT)

@@ -770,12 +770,13 @@ async def test_auto_mode_reaches_90_percent_of_a_token_limit(headers: bool) -> N
 async def test_answers_of_unpredictable_length_cost_some_rate_not_a_stream_of_429s() -> None:
     # About 11 requests per one-second window, each 10-90 completion tokens
     # that no estimate can know in advance: a window often holds more than
-    # its reservations said. The limiter aims lower instead of colliding.
+    # its reservations said, and aiming at 97% of the limit draws a 429 for
+    # one request in eleven. The limiter aims lower instead of colliding.
     server = TokenWindowServer(60_000, window_s=1.0, headers=True, completion=(10, 90))
     limiter = RateLimiter(tpm=60_000, concurrency=32)
 
     share = await run_tokens(server, limiter, rows=2000)
 
-    assert server.rate_limited / server.requests < 0.02
+    assert server.rate_limited / server.requests < 0.03
     assert limiter.token_share < 0.97
     assert share >= 0.75
