@@ -313,6 +313,7 @@ class CallStage:
                         if pause is None:
                             pause = self.backoff_delay(attempt, None)
                         self.limiter.rate_limited(permit, pause, failure.headers, failure.limit)
+                        failure = self._check_pause(failure, pause)
                 else:
                     used = None
                     if completion.prompt_tokens is not None:
@@ -357,6 +358,19 @@ class CallStage:
             if not failure.rate_limited:
                 # A 429 already paused the whole run, this row included.
                 await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
+
+    def _check_pause(self, failure: Failure, pause_s: float) -> Failure:
+        """A pause longer than ``limits.max_pause_s`` (a daily limit, say) ends
+        the run instead: a scheduled job should not sit on its lock for hours."""
+        max_pause = getattr(self._limits, "max_pause_s", None)
+        if max_pause is None or pause_s <= max_pause:
+            return failure
+        return Failure(
+            "fatal",
+            f"the API asks to wait {pause_s:,.0f} s before more requests (429 retry-after), "
+            f"more than --max-pause {max_pause:g} s; rerun later to resume from the "
+            "checkpoint, or raise --max-pause",
+        )
 
     def _sync_stats(self) -> None:
         limiter = self.limiter

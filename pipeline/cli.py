@@ -75,6 +75,12 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
     ("--rpm", "limits.rpm", int, "Requests per minute."),
     ("--tpm", "limits.tpm", int, "Tokens per minute."),
     ("--max-attempts", "limits.max_attempts", int, "Attempts per row before it is marked error."),
+    (
+        "--max-pause",
+        "limits.max_pause_s",
+        float,
+        "Longest 429 retry-after to wait out, in seconds; longer ends the run (exit 3).",
+    ),
     ("--flush-every", "checkpoint.flush_every", int, "Results per checkpoint part."),
     (
         "--flush-interval",

@@ -39,6 +39,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.tpm": "--tpm",
     "limits.max_attempts": "--max-attempts",
     "limits.adaptive": "--adaptive/--no-adaptive",
+    "limits.max_pause_s": "--max-pause",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "max_error_rate": "--max-error-rate",
@@ -135,6 +136,10 @@ class LimitsConfig(_Section):
     adaptive: bool = True
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
+    # The longest retry-after a 429 may pause the run for; a longer one (a
+    # daily limit) ends the run with exit 3 and the checkpoint kept.
+    # None: pause as long as the server asks.
+    max_pause_s: float | None = Field(default=None, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -124,7 +124,9 @@ def test_unknown_config_key_is_named(questions: Path, tmp_path: Path) -> None:
     assert_clean_usage_error(result, out, "limits.concurency")
 
 
-@pytest.mark.parametrize("flag", ["--rpm", "--tpm", "--concurrency", "--max-attempts"])
+@pytest.mark.parametrize(
+    "flag", ["--rpm", "--tpm", "--concurrency", "--max-attempts", "--max-pause"]
+)
 def test_negative_limits_are_rejected_naming_the_flag(
     questions: Path, tmp_path: Path, flag: str
 ) -> None:

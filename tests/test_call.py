@@ -158,6 +158,31 @@ async def test_one_429_holds_back_every_worker_not_just_its_own_row() -> None:
 
 
 @pytest.mark.looptime
+async def test_a_retry_after_longer_than_max_pause_ends_the_run_instead_of_waiting() -> None:
+    # A daily limit: come back in eight hours.
+    transport = Scripted(rate_limit_error({"retry-after": "28800"}), latency_s=0.0)
+    call_stage = stage(transport, concurrency=1, max_pause_s=900.0)
+    start = asyncio.get_running_loop().time()
+
+    with pytest.raises(FatalAPIError, match=r"28,800 s .*--max-pause 900 s.*resume"):
+        await collect(call_stage, rows=3)
+
+    assert asyncio.get_running_loop().time() - start < 1.0
+    assert len(transport.calls) == 1
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_within_max_pause_is_waited_out() -> None:
+    transport = Scripted(rate_limit_error({"retry-after": "600"}), latency_s=0.0)
+    call_stage = stage(transport, max_pause_s=900.0)
+
+    results = await collect(call_stage, rows=2)
+
+    assert [result.status for result in results] == ["ok", "ok"]
+    assert transport.calls[-1] - transport.calls[0] >= 600.0
+
+
+@pytest.mark.looptime
 async def test_a_quota_429_ends_the_run_with_a_fatal_error() -> None:
     transport = Scripted(rate_limit_error(code="insufficient_quota", type_="insufficient_quota"))
     call_stage = stage(transport)

@@ -252,6 +252,35 @@ def test_bad_scheduling_settings_exit_2_before_any_request(
 # -- exit 3 ----------------------------------------------------------------------
 
 
+def test_a_retry_after_beyond_max_pause_exits_3_and_a_later_run_resumes(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # 2 requests per minute over a one-minute window, and no headers to pace
+    # by: the third is told to come back in about a minute (think of a daily
+    # limit). The cron job waits 10 s at most.
+    limited = start_server(rpm=2, window_s=60.0, rate_headers=False)
+    prompts = [f"daily question {i}" for i in range(5)]
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    extra = ("--concurrency", "1", "--max-pause", "10", "--flush-every", "1")
+
+    stopped = enrich_cli(*run_args(source, output, limited.base_url, *extra))
+
+    assert stopped.exit_code == 3, stopped.stderr
+    error_line = stopped.stderr.strip().splitlines()[-1]
+    assert error_line.startswith("enrich: error: ") and "--max-pause 10 s" in error_line
+    assert limited.stats.requests == 3  # it did not retry into the same wall
+    assert not output.exists()
+
+    later = start_server()
+    finished = enrich_cli(*run_args(source, output, later.base_url, *extra))
+
+    assert finished.exit_code == 0, finished.stderr
+    out = pl.read_parquet(output)
+    assert out["response"].to_list() == [answer_for(p) for p in prompts]
+    assert later.stats.requests == 3  # the two answered before were not paid again
+
+
 def test_a_rejected_key_exits_3_and_the_run_with_the_right_key_finishes(
     tmp_path: Path, start_server: StartServer
 ) -> None:
