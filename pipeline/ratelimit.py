@@ -10,8 +10,10 @@ Four mechanisms, each for what the others cannot do:
   or at those the server reports in ``x-ratelimit-limit-*`` headers (the
   lower wins). Rates aim a little below the limit (``RATE_HEADROOM``): the
   provider counts arrivals, and network jitter bunches what was sent evenly.
-  Token reservations (prompt plus completion budget) are settled with the
-  usage the API reports.
+  Token reservations (prompt plus completion budget, estimated when the
+  request reaches the bucket) are settled with the usage the API reports;
+  a 429 names the limit it is about (``exhausted_limit``), and tokens 429s
+  that keep coming make the tokens pace aim lower (``token_share``).
 * ``RateEstimate`` learns the request rate of a server that reports no limit,
   from what it admits while it answers 429.
 * ``ConcurrencyGate`` bounds the requests in flight and moves that bound by
