@@ -230,6 +230,23 @@ async def test_a_request_larger_than_the_whole_bucket_goes_out_and_leaves_a_debt
 
 
 @pytest.mark.looptime
+async def test_an_amount_given_as_a_callable_is_asked_when_the_request_reaches_the_bucket() -> None:
+    bucket = TokenBucket(rate=100.0, capacity=100.0)  # empty: 1 s per 100
+    start = now()
+    asked: list[float] = []
+
+    def amount() -> float:
+        asked.append(now() - start)
+        return 100.0
+
+    await asyncio.gather(bucket.acquire(amount), bucket.acquire(amount))
+
+    # The second was queued at once but estimated only when the first had
+    # been served: an estimate made at queueing time is as old as the queue.
+    assert asked == [pytest.approx(0.0), pytest.approx(1.0)]
+
+
+@pytest.mark.looptime
 async def test_small_requests_do_not_starve_a_large_one_waiting_before_them() -> None:
     bucket = TokenBucket(rate=10.0, capacity=50.0, level=0.0)
     order: list[str] = []
