@@ -1,6 +1,7 @@
 """Rate limits end to end: the real openai client over 127.0.0.1 against a
-simulator that enforces them (20-30 requests per 1 s sliding window), in
-configured mode and in auto mode with and without x-ratelimit-* headers.
+simulator that enforces them (20-30 requests, or 1,000 tokens, per 1 s
+sliding window), in configured mode and in auto mode with and without
+x-ratelimit-* headers.
 
 Each run is a few hundred rows, about 8 s: long enough that a limiter which
 bursts, or which does not learn, collects far more 429s than allowed here."""
@@ -92,3 +93,43 @@ def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     # thousand rows is under 2%).
     assert rate_limited <= 0.06 * requests
     assert wall < ideal_seconds() / 0.7
+
+
+# -- tokens per minute -------------------------------------------------------------
+
+SERVER_TPM = 60_000  # 1,000 tokens per 1 s window: about 25 of these requests
+
+
+@pytest.mark.parametrize(
+    ("limits", "rate_headers"),
+    [({"tpm": SERVER_TPM}, True), ({}, True), ({}, False)],
+    ids=["configured", "auto-headers", "auto-no-headers"],
+)
+@pytest.mark.timeout(60)
+def test_a_tokens_limit_is_run_close_to_without_losing_rows(
+    tmp_path: Path, start_server: StartServer, limits: dict[str, Any], rate_headers: bool
+) -> None:
+    server = start_server(
+        tpm=SERVER_TPM, window_s=1.0, latency_ms=100, jitter_ms=50, rate_headers=rate_headers
+    )
+    prompts = [f"row {i}: what is {i} times {i}?" for i in range(ROWS)]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    overrides: dict[str, Any] = {f"limits.{key}": value for key, value in limits.items()}
+    overrides["limits.concurrency"] = 16
+    overrides["model.transport"] = "openai"
+    config = make_config(source, tmp_path / "out.parquet", server.base_url, **overrides)
+
+    started = time.perf_counter()
+    enrich(config)
+    wall = time.perf_counter() - started
+
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["response"].to_list() == [answer_for(p) for p in prompts]  # nothing lost
+    assert out["status"].to_list() == ["ok"] * ROWS
+    requests, rate_limited = server.stats.requests, server.stats.rate_limited
+    # Bounds as loose as the requests tests' (few rows, a server sharing the
+    # client's process); a limiter that paces tokens by a request rate, or
+    # bursts its refunds, fails them.
+    assert rate_limited <= max(3, (0.02 if rate_headers else 0.06) * requests)
+    ideal = server.stats.tokens / (SERVER_TPM / 60)
+    assert wall < ideal / 0.7
