@@ -24,10 +24,21 @@ ROWS = 240  # 8 s at the limit
 
 
 def run_against(
-    tmp_path: Path, start_server: StartServer, *, rate_headers: bool, **limits: Any
-) -> tuple[pl.DataFrame, int, int, float]:
+    tmp_path: Path,
+    start_server: StartServer,
+    *,
+    rate_headers: bool,
+    server_limit: dict[str, int] | None = None,
+    **limits: Any,
+) -> tuple[pl.DataFrame, int, int, float, int]:
+    """Every row through enrich against a server enforcing ``server_limit``
+    (SERVER_RPM by default); (output, requests, 429s, wall seconds, tokens)."""
     server = start_server(
-        rpm=SERVER_RPM, window_s=1.0, latency_ms=100, jitter_ms=50, rate_headers=rate_headers
+        **(server_limit or {"rpm": SERVER_RPM}),
+        window_s=1.0,
+        latency_ms=100,
+        jitter_ms=50,
+        rate_headers=rate_headers,
     )
     prompts = [f"row {i}: what is {i} times {i}?" for i in range(ROWS)]
     source = write_questions(tmp_path / "in.parquet", prompts)
@@ -42,7 +53,8 @@ def run_against(
 
     out = pl.read_parquet(tmp_path / "out.parquet")
     assert out["response"].to_list() == [answer_for(p) for p in prompts]  # nothing lost
-    return out, server.stats.requests, server.stats.rate_limited, wall
+    stats = server.stats
+    return out, stats.requests, stats.rate_limited, wall, stats.tokens
 
 
 def ideal_seconds() -> float:
@@ -53,7 +65,7 @@ def ideal_seconds() -> float:
 def test_configured_limits_are_sustained_with_almost_no_429s(
     tmp_path: Path, start_server: StartServer
 ) -> None:
-    out, requests, rate_limited, wall = run_against(
+    out, requests, rate_limited, wall, _ = run_against(
         tmp_path, start_server, rate_headers=True, rpm=SERVER_RPM, concurrency=16
     )
 
@@ -70,7 +82,7 @@ def test_configured_limits_are_sustained_with_almost_no_429s(
 def test_auto_mode_learns_the_limit_from_the_servers_headers(
     tmp_path: Path, start_server: StartServer
 ) -> None:
-    out, requests, rate_limited, wall = run_against(
+    out, requests, rate_limited, wall, _ = run_against(
         tmp_path, start_server, rate_headers=True, concurrency=16
     )
 
@@ -83,7 +95,7 @@ def test_auto_mode_learns_the_limit_from_the_servers_headers(
 def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     tmp_path: Path, start_server: StartServer
 ) -> None:
-    out, requests, rate_limited, wall = run_against(
+    out, requests, rate_limited, wall, _ = run_against(
         tmp_path, start_server, rate_headers=False, concurrency=16
     )
 
@@ -109,27 +121,18 @@ SERVER_TPM = 60_000  # 1,000 tokens per 1 s window: about 25 of these requests
 def test_a_tokens_limit_is_run_close_to_without_losing_rows(
     tmp_path: Path, start_server: StartServer, limits: dict[str, Any], rate_headers: bool
 ) -> None:
-    server = start_server(
-        tpm=SERVER_TPM, window_s=1.0, latency_ms=100, jitter_ms=50, rate_headers=rate_headers
+    out, requests, rate_limited, wall, tokens = run_against(
+        tmp_path,
+        start_server,
+        rate_headers=rate_headers,
+        server_limit={"tpm": SERVER_TPM},
+        concurrency=16,
+        **limits,
     )
-    prompts = [f"row {i}: what is {i} times {i}?" for i in range(ROWS)]
-    source = write_questions(tmp_path / "in.parquet", prompts)
-    overrides: dict[str, Any] = {f"limits.{key}": value for key, value in limits.items()}
-    overrides["limits.concurrency"] = 16
-    overrides["model.transport"] = "openai"
-    config = make_config(source, tmp_path / "out.parquet", server.base_url, **overrides)
 
-    started = time.perf_counter()
-    enrich(config)
-    wall = time.perf_counter() - started
-
-    out = pl.read_parquet(tmp_path / "out.parquet")
-    assert out["response"].to_list() == [answer_for(p) for p in prompts]  # nothing lost
     assert out["status"].to_list() == ["ok"] * ROWS
-    requests, rate_limited = server.stats.requests, server.stats.rate_limited
     # Bounds as loose as the requests tests' (few rows, a server sharing the
     # client's process); a limiter that paces tokens by a request rate, or
     # bursts its refunds, fails them.
     assert rate_limited <= max(3, (0.02 if rate_headers else 0.06) * requests)
-    ideal = server.stats.tokens / (SERVER_TPM / 60)
-    assert wall < ideal / 0.7
+    assert wall < tokens / (SERVER_TPM / 60) / 0.7
