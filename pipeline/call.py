@@ -31,6 +31,13 @@ from pipeline.transport import Completion, Messages, Transport, UnparseableRespo
 # until answers have shown what this job's completions really cost.
 DEFAULT_COMPLETION_ESTIMATE = 256
 
+# What a 429 costs a row against --max-attempts. Being paced is the run's
+# business, not the row's: when 429s cluster (a server window that is full
+# for everyone), one row can be refused several times in a row while the run
+# goes on. A quarter keeps such rows alive for 4x max_attempts 429s, and
+# still ends a row that a server refuses forever ("request too large").
+RATE_LIMITED_ATTEMPT_COST: Final = 0.25
+
 # 429 error codes that no amount of waiting fixes: the account, not the rate.
 NON_TRANSIENT_429_CODES: Final = frozenset(
     {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "access_terminated"}
@@ -294,6 +301,7 @@ class CallStage:
         """One row, retried until it succeeds, fails for good, or runs out of attempts."""
         prompt_tokens = estimate_prompt_tokens(request.messages)
         attempt = 0
+        spent = 0.0  # attempts used up: a 429 counts RATE_LIMITED_ATTEMPT_COST
         bad_answers = 0
         while True:
             attempt += 1
@@ -347,7 +355,8 @@ class CallStage:
             self._sync_stats()
             if failure.kind == "fatal":
                 raise FatalAPIError(failure.reason)
-            if failure.kind == "row" or attempt >= self._limits.max_attempts:
+            spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
+            if failure.kind == "row" or spent >= self._limits.max_attempts - 1e-9:
                 reason = failure.reason
                 if failure.kind == "retry":
                     reason = f"{reason} (gave up after {attempt} attempts; raise --max-attempts)"

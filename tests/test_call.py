@@ -183,6 +183,27 @@ async def test_a_retry_after_within_max_pause_is_waited_out() -> None:
 
 
 @pytest.mark.looptime
+async def test_429s_cost_a_row_a_quarter_attempt_each() -> None:
+    # Ten 429s in a row (a window full for everyone) with max_attempts 3: being
+    # paced is not the row's failure, so it is still answered.
+    refusals = [rate_limit_error({"retry-after-ms": "100"}) for _ in range(10)]
+    transport = Scripted(*refusals, latency_s=0.0)
+    result = await stage(transport, concurrency=1, max_attempts=3).call(request())
+
+    assert (result.status, result.attempts) == ("ok", 11)
+
+
+@pytest.mark.looptime
+async def test_a_row_refused_with_429_forever_still_ends_in_error() -> None:
+    refusals = [rate_limit_error({"retry-after-ms": "100"}) for _ in range(50)]
+    transport = Scripted(*refusals, latency_s=0.0)
+    result = await stage(transport, concurrency=1, max_attempts=3).call(request())
+
+    assert (result.status, result.attempts) == ("error", 12)  # 12 x 0.25 = 3 attempts
+    assert result.error is not None and "--max-attempts" in result.error
+
+
+@pytest.mark.looptime
 async def test_a_quota_429_ends_the_run_with_a_fatal_error() -> None:
     transport = Scripted(rate_limit_error(code="insufficient_quota", type_="insufficient_quota"))
     call_stage = stage(transport)

@@ -199,7 +199,8 @@ def test_retry_failed_after_exit_1_resends_only_the_failed_rows(
     tmp_path: Path, start_server: StartServer
 ) -> None:
     server = start_server()
-    prompts = [f"fine {i}" for i in range(8)] + ["flaky [[fault:500:1]]", "flaky [[fault:429:1]]"]
+    # (A 429 costs a quarter attempt, so with --max-attempts 1 it would be retried.)
+    prompts = [f"fine {i}" for i in range(8)] + ["flaky [[fault:500:1]]", "shaky [[fault:500:1]]"]
     source = write_questions(tmp_path / "in.csv", prompts)
     output = tmp_path / "out.parquet"
     # Without the response cache, which would hide a re-send of the ok rows.
