@@ -125,6 +125,13 @@ def test_a_rate_limit_429_is_retried_with_its_wait_and_headers() -> None:
     assert failure.headers["x-ratelimit-limit-requests"] == "500"
 
 
+@pytest.mark.parametrize("type_", ["tokens", "requests"])
+def test_a_rate_limit_429_says_which_limit_it_is_about(type_: str) -> None:
+    failure = classify(rate_limit_error(type_=type_), model="m")
+
+    assert failure.limit == type_
+
+
 # -- retries and the run-wide pause ------------------------------------------------
 
 
