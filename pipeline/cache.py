@@ -361,8 +361,13 @@ class ResponseCache:
     def _is_ours(self, conn: sqlite3.Connection) -> bool:
         """True for an enrich cache, False for an empty database; raises for
         anything else (a database of another program, or a newer schema)."""
-        application_id = conn.execute("PRAGMA application_id").fetchone()[0]
-        version = conn.execute("PRAGMA user_version").fetchone()[0]
+        # One statement, so one snapshot: read apart, the three could straddle
+        # the commit of another run creating this same file (id 0, yet a table).
+        application_id, version, tables = conn.execute(
+            "SELECT (SELECT application_id FROM pragma_application_id()),"
+            " (SELECT user_version FROM pragma_user_version()),"
+            " (SELECT count(*) FROM sqlite_master)"
+        ).fetchone()
         if application_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
                 raise CacheError(
@@ -370,7 +375,6 @@ class ResponseCache:
                     f"(schema {version}); upgrade enrich, or {_FIX}"
                 )
             return True
-        tables = conn.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]
         if application_id != 0 or tables:
             raise CacheError(
                 f"{self.path} is an SQLite database but not an enrich response cache; {_FIX}"
