@@ -22,7 +22,7 @@ from typing import Any, Final, Literal
 
 from pipeline import prompt
 from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
-from pipeline.errors import ConfigError, EnrichError
+from pipeline.errors import ConfigError, EnrichError, ExitCode
 from pipeline.read import InputSource
 from pipeline.transport import Messages
 
@@ -185,7 +185,7 @@ def unknown_price_message(model: str) -> str:
 class SpendCapReached(EnrichError):
     """The run stopped before passing ``--max-cost``; the checkpoint is kept."""
 
-    exit_code = 5
+    exit_code = ExitCode.SPEND_CAP
 
     def __init__(self, max_cost: float, spent: float, earlier: float, run_dir: Path | None) -> None:
         saved = f"finished rows are saved in {run_dir}" if run_dir else "finished rows are saved"

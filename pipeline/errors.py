@@ -1,5 +1,5 @@
-"""One hierarchy of typed errors. The library raises these and never prints;
-the CLI maps each class to its documented exit code.
+"""One hierarchy of typed errors and the one table of exit codes. The library
+raises these and never prints; the CLI exits with the error's code.
 
 Every message is one line that names the problem *and* the fix (a flag, a
 config key, an environment variable or a command).
@@ -7,11 +7,49 @@ config key, an environment variable or a command).
 
 from __future__ import annotations
 
+from enum import IntEnum
+
+
+class ExitCode(IntEnum):
+    """Every code ``enrich`` exits with: the README's table, the report's
+    ``outcome`` and the error classes all come from here."""
+
+    OK = 0
+    TOO_MANY_FAILED_ROWS = 1
+    USAGE = 2
+    FATAL_API = 3
+    LOCK_HELD = 4
+    SPEND_CAP = 5
+    # sysexits.h: EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL ("try again later").
+    INTERNAL = 70
+    DISK_FULL = 74
+    API_UNREACHABLE = 75
+    INTERRUPTED = 130
+
+    @property
+    def outcome(self) -> str:
+        """The word the run report uses for this code."""
+        return _OUTCOMES[self]
+
+
+_OUTCOMES: dict[ExitCode, str] = {
+    ExitCode.OK: "done",
+    ExitCode.TOO_MANY_FAILED_ROWS: "too_many_failed_rows",
+    ExitCode.USAGE: "usage_error",
+    ExitCode.FATAL_API: "fatal_api_error",
+    ExitCode.LOCK_HELD: "lock_held",
+    ExitCode.SPEND_CAP: "stopped_by_spend_cap",
+    ExitCode.INTERNAL: "internal_error",
+    ExitCode.DISK_FULL: "disk_full",
+    ExitCode.API_UNREACHABLE: "api_unreachable",
+    ExitCode.INTERRUPTED: "interrupted",
+}
+
 
 class EnrichError(Exception):
     """Base class. ``exit_code`` is what the CLI exits with."""
 
-    exit_code: int = 1
+    exit_code: int = ExitCode.TOO_MANY_FAILED_ROWS
 
     def __init__(self, message: str) -> None:
         # One line, always: cron mail and Airflow logs show the first line only.
@@ -25,7 +63,7 @@ class EnrichError(Exception):
 class UsageError(EnrichError):
     """Bad usage, config or input: nothing was sent, nothing was written."""
 
-    exit_code = 2
+    exit_code = ExitCode.USAGE
 
 
 class ConfigError(UsageError):
@@ -48,14 +86,30 @@ class FatalAPIError(EnrichError):
     """A run-level API failure (bad key, unknown model, no quota): retrying
     row by row would only fail every row, so the run stops early."""
 
-    exit_code = 3
+    exit_code = ExitCode.FATAL_API
 
     def __init__(self, message: str, *, status_code: int | None = None) -> None:
         super().__init__(message)
         self.status_code = status_code
 
 
+class APIUnreachable(EnrichError):
+    """The API failed for transient reasons across the run (connections
+    refused or reset, timeouts, 5xx) for longer than ``--max-outage``. Nothing
+    about the rows is wrong: the checkpoint is kept and the same command,
+    rerun once the API is back, finishes the job."""
+
+    exit_code = ExitCode.API_UNREACHABLE
+
+
+class DiskFull(EnrichError):
+    """No space left where the checkpoint, cache, report or output is written.
+    What was already checkpointed is kept; freeing space and rerunning resumes."""
+
+    exit_code = ExitCode.DISK_FULL
+
+
 class RunInterrupted(EnrichError):
     """Ctrl-C or SIGTERM: what was done is flushed to the checkpoint."""
 
-    exit_code = 130
+    exit_code = ExitCode.INTERRUPTED

@@ -33,7 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
-from pipeline.errors import EnrichError, UsageError
+from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import redact
 
 LOCK_SUFFIX: Final = ".enrich.lock"
@@ -87,7 +87,7 @@ class LockHolder:
 class LockHeld(EnrichError):
     """Another live run holds the lock on this output."""
 
-    exit_code = 4
+    exit_code = ExitCode.LOCK_HELD
 
     def __init__(self, path: Path, holder: LockHolder | None) -> None:
         who = holder.describe() if holder is not None else "another process (not yet identified)"

@@ -31,29 +31,24 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 from pipeline.checkpoint import InputIdentity, settings_hash
 from pipeline.costs import Price, cost, unknown_price_message
 from pipeline.durable import atomic_write_bytes
+from pipeline.errors import ExitCode
 from pipeline.events import REDACTED, json_safe, redact
 
 REPORT_SUFFIX: Final = ".report.json"
 REPORT_VERSION: Final = 1
-
-# What each exit code means, written in the report so a reader (or a
-# dashboard) needs no table. Codes: see the README's exit code table.
-OUTCOME_BY_EXIT_CODE: Final[dict[int, str]] = {
-    0: "done",
-    1: "too_many_failed_rows",
-    2: "usage_error",
-    3: "fatal_api_error",
-    4: "lock_held",
-    5: "stopped_by_spend_cap",
-    70: "internal_error",
-    130: "interrupted",
-}
 
 # Key names whose string values are credentials. Numbers under such names
 # (max_tokens, tpm, prompt_tokens) are counts and limits, never secrets.
 _SECRET_NAME: Final = re.compile(
     r"key|token|secret|passw|credential|auth|bearer|cookie|signature", re.IGNORECASE
 )
+
+
+def _outcome(exit_code: int) -> str:
+    try:
+        return ExitCode(exit_code).outcome
+    except ValueError:
+        return "error"
 
 
 def report_path_for(output: Path) -> Path:
@@ -215,7 +210,7 @@ def build_report(
     report: dict[str, Any] = {
         "report_version": REPORT_VERSION,
         "tool": {"name": "enrich", "version": _tool_version()},
-        "outcome": OUTCOME_BY_EXIT_CODE.get(exit_code, "error"),
+        "outcome": _outcome(exit_code),
         "exit_code": exit_code,
         "message": message,
         "started_at": _iso(started_at),

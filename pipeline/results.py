@@ -33,8 +33,25 @@ RESULT_SCHEMA: Final = pa.schema(
 )
 RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
 
-# What a checkpoint part holds: the row id, then the contract's columns.
-PART_SCHEMA: Final = pa.schema([pa.field(ROW_ID, pa.int64()), *RESULT_SCHEMA])
+TRANSIENT: Final = "_transient"
+"""Internal column: the row's last failure was transient (5xx, timeout, dropped
+connection) and its attempts ran out. Such a row is pending, not final: the next
+plain run sends it again. Never in the output."""
+
+REQUEST_KEY: Final = "_request_key"
+"""Internal column: the row's request key (see ``cache.key_function``), so a run
+over a changed input can reuse every answer whose request did not change."""
+
+# What a checkpoint part holds: the row id, the contract's columns, then the
+# internal ones.
+PART_SCHEMA: Final = pa.schema(
+    [
+        pa.field(ROW_ID, pa.int64()),
+        *RESULT_SCHEMA,
+        pa.field(TRANSIENT, pa.bool_()),
+        pa.field(REQUEST_KEY, pa.binary()),
+    ]
+)
 
 
 @dataclass(slots=True)
@@ -52,6 +69,9 @@ class RowResult:
     finish_reason: str | None = None
     model: str | None = None
     cached: bool = False
+    transient: bool = False
+    """An error whose last failure was transient: pending, retried by the next run."""
+    request_key: bytes | None = None
 
     @classmethod
     def skipped(cls, row_id: int) -> RowResult:
@@ -74,6 +94,8 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             "finish_reason": [r.finish_reason for r in ordered],
             "model": [r.model for r in ordered],
             "cached": [r.cached for r in ordered],
+            TRANSIENT: [r.transient for r in ordered],
+            REQUEST_KEY: [r.request_key for r in ordered],
         },
         schema=PART_SCHEMA,
     )

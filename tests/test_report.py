@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import re
 from array import array
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -17,9 +18,9 @@ import pytest
 from pipeline import enrich
 from pipeline.checkpoint import InputIdentity, settings_hash
 from pipeline.costs import Price, PriceTable, cost
+from pipeline.errors import ExitCode
 from pipeline.events import REDACTED, JsonEventSink
 from pipeline.report import (
-    OUTCOME_BY_EXIT_CODE,
     build_report,
     check_up_to_date,
     fingerprint,
@@ -252,8 +253,12 @@ def test_write_report_is_atomic_and_readable(tmp_path: Path) -> None:
     assert read_report(tmp_path / "missing.json") is None
 
 
-def test_outcomes_cover_every_documented_exit_code() -> None:
-    assert set(OUTCOME_BY_EXIT_CODE) == {0, 1, 2, 3, 4, 5, 70, 130}
+def test_readme_exit_code_table_lists_exactly_the_exit_codes() -> None:
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    table = readme[readme.index("### Exit codes") :]
+    documented = {int(m) for m in re.findall(r"^\| (\d+) \|", table, flags=re.MULTILINE)}
+    assert documented == {int(code) for code in ExitCode}
+    assert all(code.outcome for code in ExitCode)
 
 
 def test_stopped_runs_do_not_describe_the_output_file(tmp_path: Path) -> None:
