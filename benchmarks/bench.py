@@ -626,6 +626,7 @@ def build_resume_checkpoint(input_path: Path, run_dir: Path, done_rows: int) -> 
         run_dir, input_path, answer_settings(config), input_rows=len(questions)
     )
     parts = 0
+    writer = checkpoint.writer(RESUME_PART_ROWS)
     for start in range(0, done_rows, RESUME_PART_ROWS):
         texts = questions.slice(start, min(RESUME_PART_ROWS, done_rows - start)).to_list()
         batch = [
@@ -642,8 +643,9 @@ def build_resume_checkpoint(input_path: Path, run_dir: Path, done_rows: int) -> 
             )
             for row_id, text in enumerate(texts, start=start)
         ]
-        checkpoint.write_part(batch)
+        writer.append(batch)
         parts += 1
+    writer.close()
     return parts
 
 

@@ -42,6 +42,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.max_pause_s": "--max-pause",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
+    "checkpoint.on_input_change": "--on-input-change",
     "max_error_rate": "--max-error-rate",
     "max_cost": "--max-cost",
     "price_file": "--price-file",
@@ -143,8 +144,16 @@ class LimitsConfig(_Section):
 
 
 class CheckpointConfig(_Section):
-    flush_every: int = Field(default=1000, gt=0)
-    flush_interval_s: float = Field(default=5.0, gt=0)
+    # Results per sealed checkpoint part (the journal holds them until then).
+    flush_every: int = Field(default=5000, gt=0)
+    # The longest a finished answer waits before it is durable (journal and
+    # cache, one group commit): what a SIGKILL can cost beyond the requests
+    # in flight.
+    flush_interval_s: float = Field(default=0.1, gt=0)
+    # The input changed since an unfinished run: "restart" starts over on the
+    # new input, reusing every answer whose request is unchanged; "refuse"
+    # stops with exit 2.
+    on_input_change: Literal["restart", "refuse"] = "restart"
 
 
 class CacheConfig(_Section):

@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
     SPEND_CAP = 5
     # sysexits.h: EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL ("try again later").
     INTERNAL = 70
-    DISK_FULL = 74
+    WRITE_FAILED = 74
     API_UNREACHABLE = 75
     INTERRUPTED = 130
 
@@ -40,7 +40,7 @@ _OUTCOMES: dict[ExitCode, str] = {
     ExitCode.LOCK_HELD: "lock_held",
     ExitCode.SPEND_CAP: "stopped_by_spend_cap",
     ExitCode.INTERNAL: "internal_error",
-    ExitCode.DISK_FULL: "disk_full",
+    ExitCode.WRITE_FAILED: "write_failed",
     ExitCode.API_UNREACHABLE: "api_unreachable",
     ExitCode.INTERRUPTED: "interrupted",
 }
@@ -102,11 +102,15 @@ class APIUnreachable(EnrichError):
     exit_code = ExitCode.API_UNREACHABLE
 
 
-class DiskFull(EnrichError):
-    """No space left where the checkpoint, cache, report or output is written.
-    What was already checkpointed is kept; freeing space and rerunning resumes."""
+class WriteFailed(EnrichError):
+    """The checkpoint, report or output cannot be written (an I/O error). What
+    was already checkpointed is kept; fixing the cause and rerunning resumes."""
 
-    exit_code = ExitCode.DISK_FULL
+    exit_code = ExitCode.WRITE_FAILED
+
+
+class DiskFull(WriteFailed):
+    """No space left on the device (or quota) where enrich writes."""
 
 
 class RunInterrupted(EnrichError):

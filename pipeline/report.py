@@ -68,6 +68,8 @@ class SummaryLike(Protocol):
     @property
     def skipped(self) -> int: ...
     @property
+    def pending(self) -> int: ...
+    @property
     def resumed_rows(self) -> int: ...
     @property
     def prompt_tokens(self) -> int: ...
@@ -231,6 +233,8 @@ def build_report(
             "ok": summary.ok,
             "error": summary.error,
             "skipped": summary.skipped,
+            # Errors whose last failure was transient: the next run sends them again.
+            "pending": summary.pending,
             "resumed_rows": summary.resumed_rows,
             "processed_rows": processed,
             "error_rate": round(summary.error / attempted, 6) if attempted else 0.0,
@@ -331,6 +335,11 @@ def check_up_to_date(
     recorded = report.get("output", {})
     if facts is None:
         return Freshness(False, f"the output {output} does not exist")
+    pending = report.get("counts", {}).get("pending", 0)
+    if pending:
+        return Freshness(
+            False, f"{pending:,} rows failed for transient reasons last time; sending them again"
+        )
     if (recorded.get("size"), recorded.get("mtime_ns")) != (facts["size"], facts["mtime_ns"]):
         return Freshness(False, f"the output {output} changed since the last run")
     recorded_input = report.get("input", {})
@@ -346,6 +355,8 @@ def check_up_to_date(
             size=int(recorded_input["size"]),
             mtime_ns=int(recorded_input["mtime_ns"]),
             sha256=str(recorded_input["sha256"]),
+            inode=int(recorded_input.get("inode", 0)),
+            ctime_ns=int(recorded_input.get("ctime_ns", 0)),
         )
     except (KeyError, TypeError, ValueError):
         return Freshness(False, "the run report does not identify the input")
@@ -353,7 +364,7 @@ def check_up_to_date(
         current = InputIdentity.of(input_path, known)
     except OSError:
         return Freshness(False, f"the input {input_path} cannot be read")
-    if (current.sha256, current.size) != (known.sha256, known.size):
+    if not current.same_content(known):
         return Freshness(False, f"the input {input_path} changed since the last run")
     return Freshness(
         True,

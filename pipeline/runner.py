@@ -1,7 +1,12 @@
-"""Orchestration: read -> skip what is done -> call -> checkpoint -> write.
+"""Orchestration: one run, read as its stages.
+
+    up to date? -> plan (price, checkpoint) -> resume point (what is done)
+      -> feed (render, carried answers, cache, dedup, spend cap) -> send (call stage)
+      -> collect (journal + cache, durable within --flush-interval)
+      -> assemble (input order, atomic) -> finish (report, checkpoint removal)
 
 Data flows one way. Memory is bounded by the chunk size, the number of
-requests in flight and the flush buffer, never by the size of the input.
+requests in flight and the commit buffer, never by the size of the input.
 """
 
 from __future__ import annotations
@@ -13,17 +18,15 @@ import statistics
 import time
 from array import array
 from collections.abc import AsyncIterator, Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final
 
 import polars as pl
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import prompt, structured, write
+from pipeline.assemble import Tally, assemble_output
 from pipeline.cache import (
     DEFAULT_ENDPOINT,
     Admission,
@@ -35,7 +38,8 @@ from pipeline.cache import (
     resolve_enabled,
 )
 from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, CallStage, ChatRequest
-from pipeline.checkpoint import Checkpoint, PartSweep
+from pipeline.checkpoint import Checkpoint, DamagedPart
+from pipeline.collect import ResultSink
 from pipeline.config import RunConfig
 from pipeline.costs import (
     CostMeter,
@@ -46,8 +50,15 @@ from pipeline.costs import (
     prompt_token_estimate,
     unknown_price_message,
 )
-from pipeline.durable import remove_stale_temps
-from pipeline.errors import ConfigError, EnrichError, FatalAPIError, RunInterrupted
+from pipeline.crashpoints import crash_point
+from pipeline.durable import disk_full_error, remove_trash, remove_tree
+from pipeline.errors import (
+    ConfigError,
+    EnrichError,
+    ExitCode,
+    RunInterrupted,
+    WriteFailed,
+)
 from pipeline.events import EventSink, NullEventSink
 from pipeline.lock import RunLock, lock_path_for, takeover_message
 from pipeline.progress import NoProgress, Progress
@@ -59,15 +70,9 @@ from pipeline.report import (
     report_path_for,
     write_report,
 )
-from pipeline.results import ROW_ID, RowResult
+from pipeline.results import ROW_ID, TRANSIENT, RowResult
 from pipeline.status import checkpoint_status
 from pipeline.transport import Completion, Messages, Transport, make_transport
-
-# Rows per row group of the final file: big enough for fast scans downstream,
-# small enough that assembling (input chunk, results, enriched chunk and the
-# compressor's buffers at once) is not the run's peak: 65,536 was, by 40 MB at
-# 1M rows.
-ASSEMBLY_ROWS: Final = 32_768
 
 
 @dataclass
@@ -78,6 +83,8 @@ class RunSummary:
     ok: int = 0
     error: int = 0
     skipped: int = 0
+    pending: int = 0
+    """Errors whose last failure was transient: the next run sends them again."""
     resumed_rows: int = 0
     prompt_tokens: int = 0
     completion_tokens: int = 0
@@ -188,81 +195,6 @@ def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
     return PreparedRun(config, source, spec, source.count_rows(), schema)
 
 
-class ResultSink:
-    """Buffers results and hands them to the checkpoint (and successful answers
-    to the response cache) in a worker thread, so disk IO never stalls the
-    event loop. One write in flight at a time keeps parts ordered and memory
-    bounded."""
-
-    def __init__(
-        self,
-        checkpoint: Checkpoint,
-        flush_every: int,
-        flush_interval_s: float,
-        cache: ResponseCache | None = None,
-    ) -> None:
-        self._checkpoint = checkpoint
-        self._cache = cache
-        self._flush_every = flush_every
-        self._flush_interval_s = flush_interval_s
-        self._buffer: list[RowResult] = []
-        self._answers: list[tuple[bytes, CachedAnswer]] = []
-        self._last_flush = time.monotonic()
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-flush")
-        self._pending: asyncio.Future[None] | None = None
-
-    async def add(self, result: RowResult, cache_key: bytes | None = None) -> None:
-        self._buffer.append(result)
-        if self._cache is not None and cache_key is not None and result.status == "ok":
-            self._answers.append((cache_key, _cached_answer(result)))
-        if len(self._buffer) >= self._flush_every or self._interval_elapsed():
-            await self.flush()
-
-    def _interval_elapsed(self) -> bool:
-        return time.monotonic() - self._last_flush >= self._flush_interval_s
-
-    async def flush(self) -> None:
-        """Start writing the buffer; waits only for the previous write."""
-        self._last_flush = time.monotonic()
-        if not self._buffer:
-            return
-        batch, self._buffer = self._buffer, []
-        answers, self._answers = self._answers, []
-        if self._pending is not None:
-            await self._pending
-        loop = asyncio.get_running_loop()
-        self._pending = loop.run_in_executor(self._executor, self._write, batch, answers)
-
-    def _write(self, batch: list[RowResult], answers: list[tuple[bytes, CachedAnswer]]) -> None:
-        # The checkpoint first: it is what resume trusts; the cache is a bonus.
-        self._checkpoint.write_part(batch)
-        if self._cache is not None and answers:
-            self._cache.put_many(answers)
-
-    async def tick(self) -> None:
-        """Flushes on time even when no result arrives (e.g. during a long 429 pause)."""
-        while True:
-            await asyncio.sleep(self._flush_interval_s / 2)
-            if self._interval_elapsed():
-                await self.flush()
-
-    async def close(self) -> None:
-        await self.flush()
-        if self._pending is not None:
-            await self._pending
-        self._executor.shutdown(wait=True)
-
-
-def _cached_answer(result: RowResult) -> CachedAnswer:
-    return CachedAnswer(
-        response=result.response,
-        finish_reason=result.finish_reason,
-        model=result.model,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-    )
-
-
 def _reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
     """A row answered without a request of its own: tokens are the original
     request's (what the answer took), attempts 0 and no latency (nothing paid)."""
@@ -298,9 +230,14 @@ def _prompt_chunks(
 
 def _done_rows(statuses: pl.DataFrame, total: int, retry_failed: bool) -> bytearray:
     """A byte per input row, 1 when its result is final (a bytearray: a million
-    rows cost a megabyte, where a set of ints would cost ~50)."""
-    final = ["ok", "skipped"] if retry_failed else ["ok", "skipped", "error"]
-    row_ids = statuses.filter(pl.col("status").is_in(final) & (pl.col(ROW_ID) < total))[ROW_ID]
+    rows cost a megabyte, where a set of ints would cost ~50). A row that
+    failed for a transient reason is pending, never final; a permanent
+    failure is final unless ``retry_failed``."""
+    status = pl.col("status")
+    final = status.is_in(["ok", "skipped"])
+    if not retry_failed:
+        final = final | ((status == "error") & ~pl.col(TRANSIENT).fill_null(False))
+    row_ids = statuses.filter(final & (pl.col(ROW_ID) < total))[ROW_ID]
     # Vectorised: a Python loop over a million ids costs seconds before the
     # first request of a resumed run.
     mask = pl.zeros(total, dtype=pl.UInt8, eager=True).scatter(row_ids, 1)
@@ -309,12 +246,31 @@ def _done_rows(statuses: pl.DataFrame, total: int, retry_failed: bool) -> bytear
 
 @dataclass
 class Reuse:
-    """The run's ways of not paying twice: the response cache across runs and
-    in-run dedup of identical requests. Both key on the full request."""
+    """The run's ways of not paying twice, all keyed on the full request: the
+    answers carried over from a run over an earlier version of the input, the
+    response cache across runs, and in-run dedup of identical requests."""
 
-    make_key: Callable[[Messages], bytes] | None = None
+    make_key: Callable[[Messages], bytes]
     cache: ResponseCache | None = None
     dedup: InRunDedup[RowResult] | None = None
+    carried: ResponseCache | None = None
+
+    @property
+    def lookups(self) -> list[ResponseCache]:
+        return [store for store in (self.carried, self.cache) if store is not None]
+
+    def close(self) -> None:
+        for store in self.lookups:
+            store.close()
+
+
+async def _answers_for(reuse: Reuse, keys: list[bytes]) -> dict[bytes, CachedAnswer]:
+    hits: dict[bytes, CachedAnswer] = {}
+    for store in reuse.lookups:
+        missing = [key for key in keys if key not in hits]
+        if missing:
+            hits.update(await asyncio.to_thread(store.get_many, missing))
+    return hits
 
 
 async def _run_calls(
@@ -329,54 +285,55 @@ async def _run_calls(
 ) -> None:
     config = prepared.config
     sink = ResultSink(
-        checkpoint, config.checkpoint.flush_every, config.checkpoint.flush_interval_s, reuse.cache
+        checkpoint.writer(config.checkpoint.flush_every),
+        config.checkpoint.flush_interval_s,
+        reuse.cache,
+        # A commit that fails (full disk) stops the sending: answers that
+        # cannot be kept must not be bought.
+        on_failure=lambda _exc: stage.drain(),
     )
     first_todo = done.find(0)
     start_row = first_todo if first_todo >= 0 else prepared.total_rows
     completion_budget = config.model.max_tokens or DEFAULT_COMPLETION_ESTIMATE
     keys_in_flight: dict[int, bytes] = {}
 
-    async def finish_row(result: RowResult, cache_key: bytes | None = None) -> None:
-        await sink.add(result, cache_key)
+    async def finish_row(result: RowResult, key: bytes | None = None) -> None:
+        result.request_key = key
+        await sink.add(result)
         progress.advance(result)
 
     async def requests() -> AsyncIterator[ChatRequest]:
         chunks = _prompt_chunks(prepared, done, start_row)
         while (todo := await asyncio.to_thread(next, chunks, None)) is not None:
-            asks: list[tuple[int, Messages, bytes | None]] = []
+            asks: list[tuple[int, Messages, bytes]] = []
             for row_id, text in todo:
                 if text is None:
                     await finish_row(RowResult.skipped(row_id))
                     continue
                 messages = prompt.messages(prepared.spec, text)
-                key = reuse.make_key(messages) if reuse.make_key is not None else None
-                asks.append((row_id, messages, key))
-            hits: dict[bytes, CachedAnswer] = {}
-            if reuse.cache is not None:
-                keys = [key for _, _, key in asks if key is not None]
-                hits = await asyncio.to_thread(reuse.cache.get_many, keys)
+                asks.append((row_id, messages, reuse.make_key(messages)))
+            hits = await _answers_for(reuse, [key for _, _, key in asks])
             for row_id, ask, key in asks:
-                if key is not None and key in hits:
+                if key in hits:
                     summary.cache_hits += 1
-                    await finish_row(_reused(row_id, hits[key]))
+                    await finish_row(_reused(row_id, hits[key]), key)
                     continue
-                if key is not None and reuse.dedup is not None:
+                if reuse.dedup is not None:
                     admitted = reuse.dedup.admit(key, row_id)
                     if admitted is Admission.PARKED:
                         continue
                     if isinstance(admitted, RowResult):
                         summary.deduplicated += 1
-                        await finish_row(_reused(row_id, admitted))
+                        await finish_row(_reused(row_id, admitted), key)
                         continue
                 if isinstance(spend, SpendCap) and not spend.reserve(
                     row_id, prompt_token_estimate(ask), completion_budget
                 ):
                     return  # the cap: send nothing more; requests in flight finish
-                if key is not None:
-                    keys_in_flight[row_id] = key
+                keys_in_flight[row_id] = key
                 yield ChatRequest(row_id, ask)
 
-    ticker = asyncio.create_task(sink.tick())
+    committer = asyncio.create_task(sink.run())
     try:
         # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
         async with contextlib.aclosing(stage.results(requests())) as results:
@@ -390,69 +347,35 @@ async def _run_calls(
                     followers = reuse.dedup.settle(key, result, ok=result.status == "ok")
                     summary.deduplicated += len(followers)
                     for follower in followers:
-                        await finish_row(_reused(follower, result))
+                        await finish_row(_reused(follower, result), key)
     finally:
-        ticker.cancel()
-        # Runs on success, fatal errors and cancellation alike: what was paid
-        # for reaches the checkpoint.
-        await asyncio.shield(sink.close())
+        committer.cancel()
         summary.requests = stage.stats.requests
         summary.retries = stage.stats.retries
         summary.rate_limited = stage.stats.rate_limited
         summary.bad_answers = stage.stats.bad_answers
         summary.cost_usd = spend.spent_this_run
+        # Runs on success, fatal errors and cancellation alike: what was paid
+        # for reaches the checkpoint.
+        await asyncio.shield(_close_sink(sink, checkpoint.run_dir))
+    if sink.failure is not None:
+        raise _write_failed(sink.failure, checkpoint.run_dir)
 
 
-def assemble_output(prepared: PreparedRun, checkpoint: Checkpoint, summary: RunSummary) -> None:
-    """Write the final file in input order from the input and the parts:
-    exactly one row per input row, atomically. With a schema, the answer's
-    fields follow as typed columns (parts keep only the text)."""
-    config = prepared.config
-    prefix = config.output.column_prefix
-    base_schema = write.output_schema(prepared.source.schema, prefix)
-    schema = base_schema
-    fields = None
-    if prepared.schema is not None:
-        fields = structured.columns_schema(prepared.schema, prefix)
-        schema = pa.schema([*base_schema, *fields])
-    sweep = PartSweep(checkpoint.parts())
-    remove_stale_temps(config.output.path)
-    with write.AtomicParquetWriter(config.output.path, schema) as writer:
-        for chunk in prepared.source.chunks(ASSEMBLY_ROWS):
-            rows = chunk.table.num_rows
-            results = sweep.results(chunk.offset, chunk.offset + rows)
-            if results.num_rows != rows:
-                raise EnrichError(
-                    f"{rows - results.num_rows} rows between {chunk.offset} and "
-                    f"{chunk.offset + rows} have no result in {checkpoint.run_dir}; "
-                    "run the same command again to finish them"
-                )
-            enriched = write.enriched_chunk(chunk.table, results, base_schema)
-            if fields is not None:
-                answers = [
-                    structured.load_answer(text) if status == "ok" else None
-                    for text, status in zip(
-                        results.column("response").to_pylist(),
-                        results.column("status").to_pylist(),
-                        strict=True,
-                    )
-                ]
-                typed = structured.to_columns(answers, fields)
-                for index, field in enumerate(fields):
-                    enriched = enriched.append_column(field, typed.column(index))
-            writer.write(enriched)
-            _tally(summary, results)
+async def _close_sink(sink: ResultSink, run_dir: Path) -> None:
+    try:
+        await sink.close()
+    except Exception as exc:
+        raise _write_failed(exc, run_dir) from None
 
 
-def _tally(summary: RunSummary, results: Any) -> None:
-    summary.rows += results.num_rows
-    counts = results.column("status").value_counts().to_pylist()
-    for entry in counts:
-        status, count = entry["values"], entry["counts"]
-        if status in ("ok", "error", "skipped"):
-            setattr(summary, status, getattr(summary, status) + count)
-    summary.prompt_tokens += pc.sum(results.column("prompt_tokens")).as_py() or 0
-    summary.completion_tokens += pc.sum(results.column("completion_tokens")).as_py() or 0
+def _write_failed(exc: BaseException, run_dir: Path) -> EnrichError:
+    if isinstance(exc, EnrichError):
+        return exc
+    return disk_full_error(exc, run_dir) or WriteFailed(
+        f"cannot write the checkpoint in {run_dir} ({exc}); what was finished before is "
+        "kept: fix the disk or choose another --run-dir, then rerun the same command"
+    )
 
 
 @dataclass(frozen=True)
@@ -514,67 +437,26 @@ async def _locked_run(
     settings = prepared.settings
     summary = RunSummary(output=config.output.path, run_dir=run_dir)
 
-    if not (options.force or options.restart or options.retry_failed):
-        fresh = check_up_to_date(
-            report_path,
-            output=config.output.path,
-            input_path=config.input.path,
-            fingerprint=fingerprint(settings),
-            output_settings={"column_prefix": config.output.column_prefix},
-        )
-        if fresh.up_to_date and fresh.report is not None:
-            events.emit("skip", message=f"{fresh.reason}; nothing sent (--force redoes it)")
-            return _summary_from_report(summary, fresh.report)
+    fresh = _up_to_date(prepared, options, report_path)
+    if fresh is not None:
+        events.emit("skip", message=f"{fresh.reason}; nothing sent (--force redoes it)")
+        failed_rows = fresh.report.get("counts", {}).get("error")
+        if not (failed_rows or config.output.keep_checkpoint):
+            # Left by a kill after the report, before or during the checkpoint's removal.
+            remove_tree(run_dir)
+            remove_trash(run_dir)
+        return _summary_from_report(summary, fresh.report)
 
-    prices = PriceTable.load(config.price_file)
-    if config.max_cost is not None:
-        price: Price | None = prices.require(config.model.name, "--max-cost")
-    else:
-        price = prices.price_for(config.model.name)
-        if price is None:
-            events.emit(
-                "warning",
-                level="warning",
-                kind="unknown_price",
-                message=unknown_price_message(config.model.name),
-            )
-
+    price = _price(config, events)
     checkpoint = Checkpoint.open(
         run_dir,
         config.input.path,
         settings,
         input_rows=prepared.total_rows,
         restart=options.restart or options.force,
+        on_input_change=config.checkpoint.on_input_change,
     )
-    # One read of the checkpoint serves both what is done and what it cost.
-    spent = checkpoint.latest_results(["status", "prompt_tokens", "completion_tokens"])
-    done = _done_rows(spent, prepared.total_rows, options.retry_failed)
-    summary.resumed_rows = done.count(1)
-    already = (
-        cost(
-            int(spent["prompt_tokens"].sum() or 0),
-            int(spent["completion_tokens"].sum() or 0),
-            price,
-        )
-        if price is not None
-        else 0.0
-    )
-    del spent  # a frame of every row done so far: not worth holding for the whole run
-    spend: SpendCap | CostMeter = (
-        SpendCap(config.max_cost, price, already_spent=already)
-        if config.max_cost is not None and price is not None
-        else CostMeter(price, already_spent=already)
-    )
-    events.emit(
-        "start",
-        message=f"enriching {prepared.total_rows:,} rows of {config.input.path} "
-        f"({summary.resumed_rows:,} already done) with {config.model.name}",
-        rows=prepared.total_rows,
-        resumed=summary.resumed_rows,
-        model=config.model.name,
-        output=str(config.output.path),
-        max_cost=config.max_cost,
-    )
+    _emit_warnings(events, checkpoint)
 
     def report(exit_code: int, message: str | None) -> None:
         summary.wall_s = time.perf_counter() - started
@@ -601,9 +483,18 @@ async def _locked_run(
             "deduplicated": summary.deduplicated,
             "requests_saved": summary.cache_hits + summary.deduplicated,
         }
-        write_report(report_path, body, secrets=[config.api_key()])
+        try:
+            write_report(report_path, body, secrets=[config.api_key()])
+        except OSError as exc:
+            # A report is worth having, not worth losing the run's outcome over.
+            events.emit(
+                "warning",
+                level="warning",
+                kind="report_not_written",
+                message=f"the run report {report_path} could not be written ({exc})",
+            )
 
-    reuse = _open_reuse(prepared)
+    reuse = _open_reuse(prepared, checkpoint)
     own_transport = transport is None
     transport = transport or make_transport(
         config.model,
@@ -626,47 +517,45 @@ async def _locked_run(
         assert this_task is not None
         watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
     progress = progress or NoProgress()
-    progress.start(prepared.total_rows, summary.resumed_rows)
     try:
-        await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend, reuse)
-    except (FatalAPIError, asyncio.CancelledError) as exc:
-        _count_checkpoint(summary, run_dir)
-        report(
-            FatalAPIError.exit_code if isinstance(exc, FatalAPIError) else RunInterrupted.exit_code,
-            str(exc) or None,
+        tally = await _send_and_assemble(
+            prepared, options, checkpoint, stage, progress, summary, price, reuse, events
         )
+    except (EnrichError, asyncio.CancelledError) as exc:
+        _count_checkpoint(summary, run_dir)
+        if isinstance(exc, EnrichError):
+            report(exc.exit_code, exc.message)
+        else:
+            report(RunInterrupted.exit_code, str(exc) or None)
         raise
     finally:
         if watcher is not None:
             watcher.cancel()
         progress.close()
-        if reuse.cache is not None:
-            reuse.cache.close()
+        reuse.close()
         if own_transport:
             await transport.aclose()
 
-    stopped: EnrichError | None = None
-    if stage.draining:
-        stopped = _interrupted(config)
-    elif isinstance(spend, SpendCap) and spend.reached:
-        stopped = spend.error(run_dir)
-    if stopped is not None:
-        _count_checkpoint(summary, run_dir)
-        report(stopped.exit_code, stopped.message)
-        raise stopped
-
-    await asyncio.to_thread(assemble_output, prepared, checkpoint, summary)
+    _apply_tally(summary, tally)
     too_many = summary.error_rate > config.max_error_rate
-    # Too many failures: keep the checkpoint so --retry-failed re-sends only those.
-    if not (config.output.keep_checkpoint or too_many):
+    report(ExitCode.TOO_MANY_FAILED_ROWS if too_many else ExitCode.OK, None)
+    crash_point("after-report")
+    # Failed rows keep the checkpoint: it is what re-sends exactly those rows
+    # (pending ones on the next plain run, all with --retry-failed).
+    if not (config.output.keep_checkpoint or summary.error):
         checkpoint.remove()
-    report(1 if too_many else 0, None)
     events.emit(
         "finish",
-        message=f"{summary.rows:,} rows -> {summary.output}",
+        message=f"{summary.rows:,} rows -> {summary.output}"
+        + (
+            f"; {summary.pending:,} failed for transient reasons: the next run sends them again"
+            if summary.pending
+            else ""
+        ),
         rows=summary.rows,
         ok=summary.ok,
         error=summary.error,
+        pending=summary.pending,
         skipped=summary.skipped,
         resumed=summary.resumed_rows,
         prompt_tokens=summary.prompt_tokens,
@@ -679,6 +568,139 @@ async def _locked_run(
         report=str(report_path),
     )
     return summary
+
+
+# A part found damaged while assembling sends its rows again; a disk that
+# keeps damaging what is written gets this many tries.
+MAX_ASSEMBLY_PASSES: Final = 3
+
+
+async def _send_and_assemble(
+    prepared: PreparedRun,
+    options: RunOptions,
+    checkpoint: Checkpoint,
+    stage: CallStage,
+    progress: Progress,
+    summary: RunSummary,
+    price: Price | None,
+    reuse: Reuse,
+    events: EventSink,
+) -> Tally:
+    """Send what the checkpoint lacks, then write the output from it."""
+    config = prepared.config
+    for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
+        # One read of the checkpoint serves both what is done and what it cost.
+        spent = checkpoint.latest_results(
+            ["status", TRANSIENT, "prompt_tokens", "completion_tokens"]
+        )
+        _emit_warnings(events, checkpoint)
+        done = _done_rows(spent, prepared.total_rows, options.retry_failed)
+        already = (
+            cost(
+                int(spent["prompt_tokens"].sum() or 0),
+                int(spent["completion_tokens"].sum() or 0),
+                price,
+            )
+            if price is not None
+            else 0.0
+        )
+        del spent  # a frame of every row done so far: not worth holding for the whole run
+        spend: SpendCap | CostMeter = (
+            SpendCap(config.max_cost, price, already_spent=already)
+            if config.max_cost is not None and price is not None
+            else CostMeter(price, already_spent=already)
+        )
+        if attempt == 1:
+            summary.resumed_rows = done.count(1)
+            _emit_start(events, prepared, summary)
+            progress.start(prepared.total_rows, summary.resumed_rows)
+        await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend, reuse)
+        if stage.draining:
+            raise _interrupted(config)
+        if isinstance(spend, SpendCap) and spend.reached:
+            raise spend.error(checkpoint.run_dir)
+        try:
+            return await asyncio.to_thread(
+                assemble_output,
+                prepared.source,
+                checkpoint,
+                config.output.path,
+                prefix=config.output.column_prefix,
+                schema=prepared.schema,
+            )
+        except DamagedPart:
+            _emit_warnings(events, checkpoint)
+    raise WriteFailed(
+        f"checkpoint parts in {checkpoint.run_dir} were found damaged {MAX_ASSEMBLY_PASSES} "
+        "times in a row; check the disk, then rerun the same command"
+    )
+
+
+@dataclass(frozen=True)
+class UpToDate:
+    reason: str
+    report: dict[str, Any]
+
+
+def _up_to_date(prepared: PreparedRun, options: RunOptions, report_path: Path) -> UpToDate | None:
+    """The last report, when this run has nothing to do; else None."""
+    if options.force or options.restart:
+        return None
+    config = prepared.config
+    fresh = check_up_to_date(
+        report_path,
+        output=config.output.path,
+        input_path=config.input.path,
+        fingerprint=fingerprint(prepared.settings),
+        output_settings={"column_prefix": config.output.column_prefix},
+    )
+    if not fresh.up_to_date or fresh.report is None:
+        return None
+    if options.retry_failed and fresh.report.get("counts", {}).get("error"):
+        return None
+    return UpToDate(fresh.reason, fresh.report)
+
+
+def _price(config: RunConfig, events: EventSink) -> Price | None:
+    prices = PriceTable.load(config.price_file)
+    if config.max_cost is not None:
+        return prices.require(config.model.name, "--max-cost")
+    price = prices.price_for(config.model.name)
+    if price is None:
+        events.emit(
+            "warning",
+            level="warning",
+            kind="unknown_price",
+            message=unknown_price_message(config.model.name),
+        )
+    return price
+
+
+def _emit_warnings(events: EventSink, checkpoint: Checkpoint) -> None:
+    for message in checkpoint.warnings:
+        events.emit("warning", level="warning", kind="checkpoint", message=message)
+    checkpoint.warnings.clear()
+
+
+def _emit_start(events: EventSink, prepared: PreparedRun, summary: RunSummary) -> None:
+    config = prepared.config
+    events.emit(
+        "start",
+        message=f"enriching {prepared.total_rows:,} rows of {config.input.path} "
+        f"({summary.resumed_rows:,} already done) with {config.model.name}",
+        rows=prepared.total_rows,
+        resumed=summary.resumed_rows,
+        model=config.model.name,
+        output=str(config.output.path),
+        max_cost=config.max_cost,
+    )
+
+
+def _apply_tally(summary: RunSummary, tally: Tally) -> None:
+    summary.rows, summary.ok, summary.error = tally.rows, tally.ok, tally.error
+    summary.skipped, summary.pending = tally.skipped, tally.pending
+    summary.prompt_tokens = tally.prompt_tokens
+    summary.completion_tokens = tally.completion_tokens
 
 
 def _answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str | None] | None:
@@ -696,13 +718,13 @@ def _answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str |
     return problem
 
 
-def _open_reuse(prepared: PreparedRun) -> Reuse:
+def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint) -> Reuse:
     config = prepared.config
     params = config.model.request_params()
     use_cache = resolve_enabled(config.cache.enabled, params)
     use_dedup = resolve_enabled(config.cache.dedup, params)
-    if not (use_cache or use_dedup):
-        return Reuse()
+    # Keys are made even with cache and dedup off: the checkpoint keeps them,
+    # so a run over a changed input can reuse what did not change.
     make_key = key_function(
         endpoint=config.model.resolved_base_url() or DEFAULT_ENDPOINT,
         model=config.model.name,
@@ -714,16 +736,21 @@ def _open_reuse(prepared: PreparedRun) -> Reuse:
         cache=ResponseCache(config.cache.path or default_cache_path()) if use_cache else None,
         # With the cache on, it finds answers dedup has forgotten: remember few.
         dedup=(InRunDedup(10_000 if use_cache else 100_000) if use_dedup else None),
+        carried=checkpoint.carried(),
     )
 
 
 def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:
     """Counts for a stopped run's report: what the checkpoint holds."""
-    status = checkpoint_status(run_dir)
+    try:
+        status = checkpoint_status(run_dir)
+    except EnrichError:
+        return  # a report without counts beats no report
     if status is None:
         return
     summary.rows = status.done
     summary.ok, summary.error, summary.skipped = status.ok, status.error, status.skipped
+    summary.pending = status.pending
     summary.prompt_tokens = status.prompt_tokens
     summary.completion_tokens = status.completion_tokens
 

@@ -13,6 +13,7 @@ import polars as pl
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import OutputError, UsageError
+from pipeline.results import TRANSIENT
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,8 @@ class RunStatus:
     ok: int
     error: int
     skipped: int
+    pending: int
+    """Errors whose last failure was transient: the next run sends them again."""
     prompt_tokens: int
     completion_tokens: int
     last_update: datetime | None
@@ -38,7 +41,13 @@ class RunStatus:
 
 def _tally(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
     counts = dict(frame.group_by(f"{prefix}status").len().iter_rows())
+    pending = 0
+    if TRANSIENT in frame.columns:
+        pending = frame.filter(
+            (pl.col("status") == "error") & pl.col(TRANSIENT).fill_null(False)
+        ).height
     return {
+        "pending": pending,
         "ok": int(counts.get("ok", 0)),
         "error": int(counts.get("error", 0)),
         "skipped": int(counts.get("skipped", 0)),
@@ -52,7 +61,7 @@ def checkpoint_status(run_dir: Path) -> RunStatus | None:
     if manifest is None:
         return None
     checkpoint = Checkpoint(run_dir, manifest)
-    latest = checkpoint.latest_results(["status", "prompt_tokens", "completion_tokens"])
+    latest = checkpoint.latest_results(["status", TRANSIENT, "prompt_tokens", "completion_tokens"])
     return RunStatus(
         source="checkpoint",
         path=run_dir,
@@ -83,8 +92,17 @@ def output_status(output: Path, prefix: str = "") -> RunStatus | None:
 
 
 def run_status(output: Path, run_dir: Path, prefix: str = "") -> RunStatus:
-    """The run directory if there is one (a live or interrupted run), else the output."""
-    status = checkpoint_status(run_dir) or output_status(output, prefix)
+    """The run directory if it is newer than the output (a live or interrupted
+    run), else the output (a finished run keeps its run directory when rows
+    failed, for the rerun that sends them again)."""
+    in_progress = checkpoint_status(run_dir)
+    finished = output_status(output, prefix)
+    status = in_progress or finished
+    if in_progress is not None and finished is not None:
+        newer = in_progress.last_update is not None and (
+            finished.last_update is None or in_progress.last_update > finished.last_update
+        )
+        status = in_progress if newer else finished
     if status is None:
         raise UsageError(
             f"no run found: neither {run_dir} nor {output} exists; "

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.durable import commit_temp, temp_path_for
+from pipeline.durable import commit_temp, disk_full_error, temp_path_for
 from pipeline.errors import ConfigError, OutputError
 from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID
 
@@ -162,7 +162,7 @@ class AtomicParquetWriter:
             self._writer = pq.ParquetWriter(self._temp, self.schema, compression=self.compression)
         except (OSError, pa.ArrowException) as e:
             self._temp.unlink(missing_ok=True)
-            raise OutputError(
+            raise disk_full_error(e, self.path) or OutputError(
                 f"cannot create {self._temp} next to the output ({e}); check that the "
                 f"directory of --output {self.path} exists and is writable"
             ) from None
@@ -176,7 +176,7 @@ class AtomicParquetWriter:
         try:
             self._writer.write_table(table)
         except OSError as e:
-            raise OutputError(
+            raise disk_full_error(e, self.path) or OutputError(
                 f"writing {self.path} failed ({e.strerror or e}); free disk space or "
                 "change --output, then run the same command again"
             ) from None
@@ -197,7 +197,7 @@ class AtomicParquetWriter:
             commit_temp(self._temp, self.path)
         except OSError as e:
             self._discard(None)
-            raise OutputError(
+            raise disk_full_error(e, self.path) or OutputError(
                 f"finishing {self.path} failed ({e.strerror or e}); free disk space or "
                 "change --output, then run the same command again"
             ) from None

@@ -154,12 +154,19 @@ def test_resume_refused_when_settings_change(
     assert server.stats.requests == 0
 
 
-def test_resume_refused_when_input_content_changes(
+def test_resume_refused_when_input_content_changes_with_on_input_change_refuse(
     tmp_path: Path, start_server: StartServer
 ) -> None:
     server = start_server()
     source = write_questions(tmp_path / "in.csv", ["a", "b", "c"])
-    config = keep(make_config(source, tmp_path / "out.parquet", server.base_url))
+    config = keep(
+        make_config(
+            source,
+            tmp_path / "out.parquet",
+            server.base_url,
+            **{"checkpoint.on_input_change": "refuse"},
+        )
+    )
     enrich(config)
     write_questions(source, ["a", "B", "c"])  # same size, other content
 
@@ -246,6 +253,7 @@ def test_status_reports_a_checkpoint_and_a_finished_output(
     config = keep(make_config(source, tmp_path / "out.parquet", server.base_url))
     enrich(config)
     run_dir = config.output.resolved_run_dir
+    (tmp_path / "out.parquet").unlink()  # as if killed before the output was written
     before = sorted(p.name for p in run_dir.rglob("*"))
 
     from_checkpoint = CliRunner().invoke(cli, ["status", str(tmp_path / "out.parquet"), "--json"])

@@ -1,0 +1,137 @@
+"""The collect stage: every result reaches durable storage (the checkpoint's
+journal, and the response cache for successful answers) within a fraction of
+a second of its arrival, without the event loop ever touching the disk.
+
+Group commit: results gather in memory while the previous commit is being
+written; every ``interval_s`` (and whenever a commit finishes late) everything
+gathered goes out as one journal record and one cache transaction, from one
+worker thread. A commit's cost (an fsync) is paid per group, not per row, so
+the run keeps its speed; a SIGKILL loses at most the answers of the last
+``interval_s`` plus the commit in progress.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import Final, Protocol
+
+from pipeline.cache import CachedAnswer
+from pipeline.checkpoint import CheckpointWriter
+from pipeline.crashpoints import crash_point
+from pipeline.results import RowResult
+
+# Results held while a slow commit (a part being sealed, a busy disk) is in
+# progress, beyond which arriving results wait for it: memory stays bounded
+# whatever the disk does.
+MAX_PENDING_RESULTS: Final = 50_000
+
+
+class AnswerStore(Protocol):
+    """Where successful answers go besides the checkpoint (the response cache)."""
+
+    def put_many(self, items: list[tuple[bytes, CachedAnswer]]) -> None: ...
+
+
+def cached_answer(result: RowResult) -> CachedAnswer:
+    return CachedAnswer(
+        response=result.response,
+        finish_reason=result.finish_reason,
+        model=result.model,
+        prompt_tokens=result.prompt_tokens,
+        completion_tokens=result.completion_tokens,
+    )
+
+
+class ResultSink:
+    """Collects results on the event loop and commits them in groups from a
+    worker thread. The first commit that fails (a full disk) is kept in
+    ``failure`` and reported to ``on_failure``, so the run stops sending; its
+    results stay in memory and ``close`` tries them once more."""
+
+    def __init__(
+        self,
+        writer: CheckpointWriter,
+        interval_s: float,
+        cache: AnswerStore | None = None,
+        on_failure: Callable[[BaseException], None] | None = None,
+    ) -> None:
+        self._writer = writer
+        self._cache = cache
+        self._interval_s = interval_s
+        self._on_failure = on_failure
+        self._buffer: list[RowResult] = []
+        self._unwritten: list[RowResult] = []
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="enrich-commit")
+        self._commit: asyncio.Future[None] | None = None
+        self._flushing = asyncio.Lock()
+        self.failure: BaseException | None = None
+
+    async def add(self, result: RowResult) -> None:
+        self._buffer.append(result)
+        if len(self._buffer) >= MAX_PENDING_RESULTS:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Commit what is gathered; waits for the commit in progress first,
+        which is what groups the results that arrive meanwhile."""
+        async with self._flushing:
+            await self._finished_commit()
+            if not self._buffer or self.failure is not None:
+                return
+            batch, self._buffer = self._buffer, []
+            loop = asyncio.get_running_loop()
+            self._commit = loop.run_in_executor(self._executor, self._try_append, batch)
+
+    async def _finished_commit(self) -> None:
+        if self._commit is not None:
+            # Shielded: cancelling the waiter (the committer task, at the end
+            # of the run) must not cancel the commit itself.
+            await asyncio.shield(self._commit)
+
+    def _append(self, batch: list[RowResult]) -> None:
+        # The checkpoint first: it is what resume trusts; the cache is a bonus.
+        self._writer.append(batch)
+        if self._cache is not None:
+            answers = [
+                (result.request_key, cached_answer(result))
+                for result in batch
+                if result.status == "ok" and result.request_key is not None and not result.cached
+            ]
+            if answers:
+                self._cache.put_many(answers)
+        crash_point("after-commit")
+
+    def _try_append(self, batch: list[RowResult]) -> None:
+        try:
+            self._append(batch)
+        except Exception as exc:
+            self._unwritten = batch
+            self.failure = exc
+            if self._on_failure is not None:
+                self._on_failure(exc)
+
+    async def run(self) -> None:
+        """Commit every ``interval_s`` until cancelled or a commit fails."""
+        while self.failure is None:
+            await asyncio.sleep(self._interval_s)
+            await self.flush()
+
+    async def close(self) -> None:
+        """Commit everything left (a failed commit's results included: space
+        may have been freed) and seal the journal into a part. Raises the
+        error of this last commit, if any."""
+        await self._finished_commit()
+        batch = [*self._unwritten, *self._buffer]
+        self._unwritten, self._buffer = [], []
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(self._executor, self._append_and_seal, batch)
+        finally:
+            self._executor.shutdown(wait=True)
+
+    def _append_and_seal(self, batch: list[RowResult]) -> None:
+        if batch:
+            self._append(batch)
+        self._writer.close()
