@@ -44,6 +44,18 @@ Threads
     call it from a worker thread (``asyncio.to_thread``) and the main thread can
     still close it. Calls are serialised; SQLite work here is short.
 
+Damage
+    A file that is not (or no longer) a readable SQLite database, whether
+    garbage, truncated, zeroed or corrupted while in use, is
+    :class:`CacheDamaged`, at open or on any later read or write. It is ours
+    to repair: :func:`clear_cache` removes it and creates an empty cache.
+    :class:`BestEffortCache` is what a run uses: it turns damage into one
+    warning and carries on without the cache, because a cache only saves
+    money and must never cost a run. Every other :class:`CacheError` (another
+    program's database, a newer schema, permission denied) still stops the
+    run before anything is sent: their fix is a flag, and the file is not
+    ours to remove.
+
 In-run dedup
     :class:`InRunDedup` tracks requests in flight by key: the first row with a
     key is sent, later identical rows park behind it and get its outcome when
@@ -55,6 +67,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 import sqlite3
 import threading
 import time
@@ -73,9 +86,12 @@ from pipeline.errors import ConfigError
 __all__ = [
     "DEFAULT_ENDPOINT",
     "Admission",
+    "BestEffortCache",
+    "CacheDamaged",
     "CacheError",
     "CacheStats",
     "CachedAnswer",
+    "Cleared",
     "InRunDedup",
     "ResponseCache",
     "cache_stats",
@@ -116,6 +132,80 @@ _FIX: Final = "choose another file with --cache-path, or run with --no-cache"
 class CacheError(ConfigError):
     """The cache file cannot be used. A ``ConfigError`` (exit 2) because the fix
     is a setting: another ``--cache-path``, or ``--no-cache``."""
+
+
+class CacheDamaged(CacheError):
+    """The file is not a readable SQLite database (any more): garbage, truncated,
+    a zeroed header, pages corrupted while in use, an unreadable WAL. Unlike
+    other :class:`CacheError` s the file is ours, so ``enrich cache clear``
+    repairs it, and a run bypasses it (see :class:`BestEffortCache`)."""
+
+    def __init__(self, path: Path, detail: str) -> None:
+        super().__init__(
+            f"response cache {path} is damaged ({detail}); "
+            f"run {_clear_command(path)} to repair it, or run with --no-cache"
+        )
+        self.path = path
+        self.detail = detail
+
+
+def _clear_command(path: Path) -> str:
+    """The command that repairs ``path``: the flag is needed unless it is the
+    default file, or the user would clear a different cache."""
+    if path == default_cache_path():
+        return "`enrich cache clear`"
+    return f"`enrich cache clear --cache-path {shlex.quote(str(path))}`"
+
+
+def _damage(exc: BaseException) -> str | None:
+    """What is wrong with the file when an error means its bytes are bad; None
+    for other errors (a lock, a permission, a full disk: problems of the system,
+    not of the file)."""
+    if not isinstance(exc, sqlite3.Error):
+        return None
+    # Names rather than sqlite3.SQLITE_* constants: which constants exist depends
+    # on the SQLite Python was built against.
+    name: str | None = getattr(exc, "sqlite_errorname", None)
+    if name is not None:
+        return str(exc) if name.startswith("SQLITE_CORRUPT") or name in _DAMAGE_ERRORS else None
+    # Raised by Python, not SQLite, for a TEXT value that is not UTF-8: we only
+    # ever store str, so those bytes were damaged on disk. Not its message: it
+    # quotes the damaged text, which may be long and may not even print.
+    if str(exc).startswith("Could not decode to UTF-8"):
+        return "an entry's text is not UTF-8"
+    return None
+
+
+_DAMAGE_ERRORS: Final = frozenset(
+    {
+        "SQLITE_NOTADB",  # garbage, or a header that is no longer SQLite's
+        "SQLITE_IOERR_READ",  # the OS cannot read the bytes (a bad block)
+        "SQLITE_IOERR_SHORT_READ",
+        "SQLITE_IOERR_CORRUPTFS",  # the file system says the file is corrupt
+        "SQLITE_IOERR_DATA",  # a checksum VFS found a bad page
+    }
+)
+
+_SQLITE_MAGIC: Final = b"SQLite format 3\x00"
+
+
+def _foreign_sqlite(path: Path) -> bool:
+    """True when the file's header is an intact SQLite header not marked as an
+    enrich cache: another program's database, damaged or not, is never ours to
+    bypass as "damaged" or to remove. Reads the header directly, because
+    SQLite refuses to read anything of a damaged file."""
+    try:
+        with path.open("rb") as file:
+            header = file.read(72)
+    except OSError:
+        return False
+    # The application id is the big-endian int at offset 68. A shorter file, or
+    # one without the magic, is no working database of anyone's.
+    return (
+        len(header) == 72
+        and header.startswith(_SQLITE_MAGIC)
+        and int.from_bytes(header[68:72], "big") != APPLICATION_ID
+    )
 
 
 # ---------------------------------------------------------------------------
@@ -265,6 +355,20 @@ class CacheStats:
     newest: float | None
 
 
+# The last column says whether the entry's values have the types we store.
+# SQLite checks the structure of pages, not values: a damaged record can come
+# back with another type, and would then fail far from here (writing the output)
+# instead of being bypassed as damage. Checked in SQL, because per-row type
+# checks in Python cost ~10% of a large lookup.
+_SELECT: Final = """
+SELECT key, response, finish_reason, model, prompt_tokens, completion_tokens,
+    typeof(response) IN ('text', 'null')
+    AND typeof(finish_reason) IN ('text', 'null')
+    AND typeof(model) IN ('text', 'null')
+    AND typeof(prompt_tokens) IN ('integer', 'null')
+    AND typeof(completion_tokens) IN ('integer', 'null')
+FROM answers"""
+
 _CREATE: Final = """
 CREATE TABLE IF NOT EXISTS answers (
     key BLOB PRIMARY KEY,
@@ -293,7 +397,8 @@ class ResponseCache:
 
     Use as a context manager, or call :meth:`close`. Every method may be called
     from any thread (see the module docstring). Errors are :class:`CacheError`
-    with one line naming the file and the fix.
+    with one line naming the file and the fix; :class:`CacheDamaged` when the
+    file is damaged, at open or in any later call.
     """
 
     def __init__(self, path: Path, *, readonly: bool = False) -> None:
@@ -311,16 +416,12 @@ class ResponseCache:
         except CacheError:
             self.close()
             raise
-        except sqlite3.DatabaseError as exc:
-            self.close()
-            if "not a database" in str(exc):
-                raise CacheError(
-                    f"response cache {self.path} is not an SQLite file; {_FIX}"
-                ) from None
-            raise self._error("cannot be opened", exc) from None
         except (OSError, sqlite3.Error) as exc:
             self.close()
-            raise self._error("cannot be opened", exc) from None
+            error = self._error("cannot be opened", exc)
+            if isinstance(error, CacheDamaged) and _foreign_sqlite(self.path):
+                raise self._not_ours() from None
+            raise error from None
 
     # -- setup ---------------------------------------------------------------
 
@@ -363,10 +464,11 @@ class ResponseCache:
         anything else (a database of another program, or a newer schema)."""
         # One statement, so one snapshot: read apart, the three could straddle
         # the commit of another run creating this same file (id 0, yet a table).
-        application_id, version, tables = conn.execute(
+        application_id, version, tables, answers = conn.execute(
             "SELECT (SELECT application_id FROM pragma_application_id()),"
             " (SELECT user_version FROM pragma_user_version()),"
-            " (SELECT count(*) FROM sqlite_master)"
+            " (SELECT count(*) FROM sqlite_master),"
+            " (SELECT count(*) FROM sqlite_master WHERE name = 'answers')"
         ).fetchone()
         if application_id == APPLICATION_ID:
             if version > SCHEMA_VERSION:
@@ -374,12 +476,19 @@ class ResponseCache:
                     f"response cache {self.path} was written by a newer enrich "
                     f"(schema {version}); upgrade enrich, or {_FIX}"
                 )
+            if not answers:
+                # Marked in the same transaction that created the table, so a
+                # marked file without it lost its schema page.
+                raise CacheDamaged(self.path, "its answers table is missing")
             return True
         if application_id != 0 or tables:
-            raise CacheError(
-                f"{self.path} is an SQLite database but not an enrich response cache; {_FIX}"
-            )
+            raise self._not_ours()
         return False
+
+    def _not_ours(self) -> CacheError:
+        return CacheError(
+            f"{self.path} is an SQLite database but not an enrich response cache; {_FIX}"
+        )
 
     @staticmethod
     def _set_pragmas(conn: sqlite3.Connection) -> None:
@@ -406,6 +515,9 @@ class ResponseCache:
             raise
 
     def _error(self, what: str, exc: BaseException) -> CacheError:
+        damage = _damage(exc)
+        if damage is not None:
+            return CacheDamaged(self.path, damage)
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         return CacheError(f"response cache {self.path} {what} ({detail}); {_FIX}")
 
@@ -431,11 +543,9 @@ class ResponseCache:
             for start in range(0, len(unique), LOOKUP_BATCH):
                 batch = unique[start : start + LOOKUP_BATCH]
                 marks = ",".join("?" * len(batch))
-                rows = conn.execute(
-                    "SELECT key, response, finish_reason, model, prompt_tokens, "
-                    f"completion_tokens FROM answers WHERE key IN ({marks})",
-                    batch,
-                ).fetchall()
+                rows = conn.execute(f"{_SELECT} WHERE key IN ({marks})", batch).fetchall()
+                if not all(r[6] for r in rows):
+                    raise CacheDamaged(self.path, "an entry has values of the wrong type")
                 found.update({r[0]: CachedAnswer(r[1], r[2], r[3], r[4], r[5]) for r in rows})
         return found
 
@@ -500,6 +610,121 @@ class ResponseCache:
         self.close()
 
 
+class BestEffortCache:
+    """A run's response cache: :class:`ResponseCache` that a damaged file cannot stop.
+
+    Open with :meth:`open`. ``get_many`` and ``put_many`` behave like
+    :class:`ResponseCache`'s until :class:`CacheDamaged` is raised, at open or by
+    any later call; then ``on_warning`` is called once with a one-line message,
+    the connection is closed, and from then on every lookup misses and every
+    put is dropped. Damage costs money (answers are asked for again), never the
+    run. Any other :class:`CacheError` still raises.
+
+    Thread-safe like :class:`ResponseCache`: ``on_warning`` is called from
+    whichever thread met the damage (the flush thread, for a put), outside the
+    lock, and must not raise.
+    """
+
+    def __init__(
+        self,
+        path: Path,
+        cache: ResponseCache | None,
+        on_warning: Callable[[str], None],
+    ) -> None:
+        """Prefer :meth:`open`. ``cache=None`` is a cache already bypassed."""
+        self.path = Path(path).expanduser()
+        self._cache = cache
+        self._on_warning = on_warning
+        self._lock = threading.Lock()
+        self._damaged = cache is None
+        self._closed = False
+
+    @classmethod
+    def open(cls, path: Path, on_warning: Callable[[str], None]) -> BestEffortCache:
+        """Open (creating it if needed) the cache at ``path``; a damaged file gives
+        a bypassed cache and one call of ``on_warning``. Raises :class:`CacheError`
+        for a file that is not ours or cannot be used for other reasons."""
+        try:
+            cache = ResponseCache(path)
+        except CacheDamaged as exc:
+            on_warning(cls._warning(exc))
+            return cls(path, None, on_warning)
+        return cls(path, cache, on_warning)
+
+    @property
+    def bypassed(self) -> bool:
+        """True once damage was met: lookups miss and puts are dropped."""
+        return self._damaged
+
+    @staticmethod
+    def _warning(exc: CacheDamaged) -> str:
+        return " ".join(
+            f"response cache {exc.path} is damaged ({exc.detail}); running without it; "
+            f"{_clear_command(exc.path)} repairs it".split()
+        )
+
+    def _bypass(self) -> None:
+        """Stop using the damaged cache; the caller holds the lock."""
+        self._damaged = True
+        cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()
+
+    def get_many(self, keys: Sequence[bytes]) -> dict[bytes, CachedAnswer]:
+        """Like :meth:`ResponseCache.get_many`; all misses once bypassed."""
+        with self._lock:
+            cache = self._usable()
+            if cache is None:
+                return {}
+            try:
+                return cache.get_many(keys)
+            except CacheDamaged as exc:
+                self._bypass()
+                warning = self._warning(exc)
+        # Outside the lock: the callback may log, or even look at this cache.
+        self._on_warning(warning)
+        return {}
+
+    def put_many(self, items: Sequence[tuple[bytes, CachedAnswer]]) -> None:
+        """Like :meth:`ResponseCache.put_many`; dropped once bypassed."""
+        with self._lock:
+            cache = self._usable()
+            if cache is None:
+                return
+            try:
+                cache.put_many(items)
+                return
+            except CacheDamaged as exc:
+                self._bypass()
+                warning = self._warning(exc)
+        self._on_warning(warning)
+
+    def _usable(self) -> ResponseCache | None:
+        if self._closed:
+            # As ResponseCache: a call after close is a bug of the caller, and
+            # answering misses would hide it.
+            raise CacheError(f"response cache {self.path} is closed; open it again")
+        return self._cache
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            cache, self._cache = self._cache, None
+        if cache is not None:
+            cache.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
 def cache_stats(path: Path) -> CacheStats:
     """Stats for ``enrich cache stats``: a cache never written to is empty, and
     looking does not create it."""
@@ -509,12 +734,50 @@ def cache_stats(path: Path) -> CacheStats:
         return cache.stats()
 
 
-def clear_cache(path: Path) -> int:
-    """``enrich cache clear``: entries deleted (0, and nothing created, when absent)."""
-    if not Path(path).expanduser().exists():
-        return 0
-    with ResponseCache(path) as cache:
-        return cache.clear()
+@dataclass(frozen=True, slots=True)
+class Cleared:
+    """What :func:`clear_cache` did."""
+
+    entries: int
+    """Answers deleted (0 when the file was damaged: they could not be counted)."""
+    repaired: bool
+    """The file was damaged, so it was removed and an empty cache created."""
+
+
+def clear_cache(path: Path) -> Cleared:
+    """``enrich cache clear``: delete every entry (nothing is created when the
+    file is absent). A damaged file is removed with its WAL, shared-memory and
+    journal files and created anew; another program's database is refused
+    (:class:`CacheError`) and left untouched."""
+    path = Path(path).expanduser()
+    if not path.exists():
+        return Cleared(0, repaired=False)
+    try:
+        with ResponseCache(path) as cache:
+            return Cleared(cache.clear(), repaired=False)
+    except CacheDamaged:
+        pass
+    # Checked again from the header, whatever said "damaged": removing someone
+    # else's database is the one thing this command must never do.
+    if _foreign_sqlite(path):
+        raise CacheError(
+            f"{path} is an SQLite database but not an enrich response cache; "
+            "not removing it; choose another file with --cache-path"
+        )
+    # The siblings too: a stale WAL or hot journal beside a new file would be
+    # replayed into it.
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        try:
+            path.with_name(path.name + suffix).unlink(missing_ok=True)
+        except OSError as exc:
+            raise CacheError(
+                f"response cache {path} is damaged and cannot be removed "
+                f"({exc.strerror or exc}); remove {path.name}{suffix} by hand"
+            ) from None
+    # Created now rather than by the next run, so a problem with the new file
+    # (permissions, space) shows here, where the user asked for the repair.
+    ResponseCache(path).close()
+    return Cleared(0, repaired=True)
 
 
 # ---------------------------------------------------------------------------

@@ -532,12 +532,15 @@ def cache_stats_command(cache_path: Path | None) -> None:
 @_cache_path_option
 @handle_errors
 def cache_clear_command(cache_path: Path | None) -> None:
-    """Delete every cached answer."""
+    """Delete every cached answer (a damaged cache is removed and created anew)."""
     from pipeline.cache import clear_cache, default_cache_path
 
     path = cache_path or default_cache_path()
-    removed = clear_cache(path)
-    click.echo(f"{path}: removed {removed:,} answers")
+    cleared = clear_cache(path)
+    if cleared.repaired:
+        click.echo(f"{path}: the cache was damaged; removed and created anew")
+    else:
+        click.echo(f"{path}: removed {cleared.entries:,} answers")
 
 
 def main() -> None:

@@ -5,22 +5,30 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import random
 import sqlite3
 import subprocess
 import sys
 import textwrap
+import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
 import pytest
+from click.testing import CliRunner, Result
 
 import pipeline.cache
 from pipeline.cache import (
     Admission,
+    BestEffortCache,
+    CacheDamaged,
     CachedAnswer,
     CacheError,
+    Cleared,
     InRunDedup,
     ResponseCache,
     cache_stats,
@@ -31,6 +39,7 @@ from pipeline.cache import (
     request_key,
     resolve_enabled,
 )
+from pipeline.cli import cli
 from pipeline.errors import ConfigError
 
 ENDPOINT = "http://127.0.0.1:8000/v1"
@@ -316,7 +325,7 @@ def test_stats_and_clear(tmp_path: Path) -> None:
 def test_stats_and_clear_of_a_missing_cache_create_nothing(tmp_path: Path) -> None:
     path = tmp_path / "never" / "cache.sqlite3"
     assert cache_stats(path).entries == 0
-    assert clear_cache(path) == 0
+    assert clear_cache(path) == Cleared(0, repaired=False)
     assert not path.parent.exists()
 
 
@@ -325,7 +334,7 @@ def test_module_level_stats_and_clear_of_an_existing_cache(tmp_path: Path) -> No
     with ResponseCache(path) as cache:
         cache.put_many([(key(), answer())])
     assert cache_stats(path).entries == 1
-    assert clear_cache(path) == 1
+    assert clear_cache(path) == Cleared(1, repaired=False)
     assert cache_stats(path).entries == 0
 
 
@@ -358,6 +367,356 @@ def test_the_cache_can_be_used_from_a_worker_thread(tmp_path: Path) -> None:
             return await asyncio.to_thread(cache.get_many, [key()])
 
     assert asyncio.run(main()) == {key(): answer()}
+
+
+# ---------------------------------------------------------------------------
+# Damage: bypassed with one warning by a run, repaired by `enrich cache clear`.
+
+ENTRIES = 3000
+KEYS = [i.to_bytes(32, "big") for i in range(ENTRIES)]
+
+
+def fill(path: Path) -> None:
+    """A real cache of some hundred pages, closed (so all of it is in the main
+    file, none in the WAL)."""
+    with ResponseCache(path) as cache:
+        cache.put_many([(k, answer(f"answer {i} " + "x" * 100)) for i, k in enumerate(KEYS)])
+    assert not path.with_name(path.name + "-wal").exists()
+
+
+def page_size(path: Path) -> int:
+    size = int.from_bytes(path.read_bytes()[16:18], "big")
+    return 65536 if size == 1 else size
+
+
+def write_garbage(path: Path) -> None:
+    path.write_bytes(b"definitely not SQLite " * 200)
+
+
+def cut_in_half(path: Path) -> None:
+    os.truncate(path, path.stat().st_size // 2)
+
+
+def cut_one_byte_past_a_page(path: Path) -> None:
+    pages = path.stat().st_size // page_size(path)
+    os.truncate(path, pages // 2 * page_size(path) + 1)
+
+
+def zero_the_header(path: Path) -> None:
+    with path.open("r+b") as file:
+        file.write(bytes(100))
+
+
+def overwrite_middle_pages(path: Path) -> None:
+    """Garbage over the middle half of the file's pages (not page 1, so the file
+    still opens: the damage shows when a lookup or a write reaches it)."""
+    size, page = path.stat().st_size, page_size(path)
+    start = size // 4 // page * page
+    with path.open("r+b") as file:
+        file.seek(start)
+        file.write(random.Random(0).randbytes(size // 2 // page * page))
+
+
+AT_REST: dict[str, Callable[[Path], None]] = {
+    "garbage": write_garbage,
+    "cut-in-half": cut_in_half,
+    "cut-one-byte-past-a-page": cut_one_byte_past_a_page,
+    "zeroed-header": zero_the_header,
+}
+EVERY_KIND = {**AT_REST, "middle-pages-overwritten": overwrite_middle_pages}
+
+
+def damaged_cache(path: Path, kind: str) -> Path:
+    """A cache with answers in it, then damaged."""
+    if kind != "garbage":
+        fill(path)
+    EVERY_KIND[kind](path)
+    return path
+
+
+def invoke(*args: str | Path) -> Result:
+    return CliRunner().invoke(cli, [str(arg) for arg in args])
+
+
+def assert_works_as_a_fresh_cache(path: Path) -> None:
+    with ResponseCache(path) as cache:
+        assert cache.get_many(KEYS[:10]) == {}
+        cache.put_many([(key(), answer("fresh"))])
+    with ResponseCache(path) as cache:
+        assert cache.get_many([key()]) == {key(): answer("fresh")}
+    with sqlite3.connect(path) as conn:
+        assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+
+
+def assert_one_damage_warning(warnings: list[str], path: Path) -> None:
+    assert len(warnings) == 1, warnings
+    assert "\n" not in warnings[0]
+    assert f"response cache {path} is damaged (" in warnings[0]
+    assert "running without it" in warnings[0]
+    assert "`enrich cache clear --cache-path" in warnings[0]
+    assert warnings[0].endswith("repairs it")
+
+
+@pytest.mark.parametrize("kind", AT_REST)
+def test_a_damaged_file_is_cache_damaged_naming_the_file_and_the_fix(
+    tmp_path: Path, kind: str
+) -> None:
+    path = damaged_cache(tmp_path / "cache.sqlite3", kind)
+    for readonly in (False, True):
+        with pytest.raises(CacheDamaged) as caught:
+            ResponseCache(path, readonly=readonly)
+        message = str(caught.value)
+        assert "\n" not in message
+        assert message.startswith(f"response cache {path} is damaged (")
+        assert f"`enrich cache clear --cache-path {path}`" in message
+        assert "--no-cache" in message
+        assert isinstance(caught.value, ConfigError)  # exit 2 where nothing bypasses it
+
+
+@pytest.mark.parametrize("kind", AT_REST)
+def test_opening_a_damaged_cache_warns_once_answers_misses_and_drops_puts(
+    tmp_path: Path, kind: str
+) -> None:
+    path = damaged_cache(tmp_path / "cache.sqlite3", kind)
+    before = path.read_bytes()
+    warnings: list[str] = []
+    with BestEffortCache.open(path, warnings.append) as cache:
+        assert cache.bypassed
+        assert cache.get_many(KEYS) == {}
+        cache.put_many([(key(), answer())])
+        assert cache.get_many([key()]) == {}
+    assert_one_damage_warning(warnings, path)
+    assert path.read_bytes() == before  # running without it, not writing into it
+
+
+@pytest.mark.parametrize("first", ["get", "put"])
+def test_damage_while_open_warns_once_then_misses_and_drops_puts_without_raising(
+    tmp_path: Path, first: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    warnings: list[str] = []
+    with BestEffortCache.open(path, warnings.append) as cache:
+        assert cache.get_many(KEYS[:1]) == {KEYS[0]: answer("answer 0 " + "x" * 100)}
+        overwrite_middle_pages(path)
+        if first == "get":
+            assert cache.get_many(KEYS) == {}
+        else:
+            cache.put_many([(k, answer()) for k in KEYS])
+        assert warnings, "the damage was not met"
+        assert cache.bypassed
+        cache.put_many([(k, answer()) for k in KEYS])
+        assert cache.get_many(KEYS) == {}
+        cache.put_many([(key(), answer())])
+    assert_one_damage_warning(warnings, path)
+
+
+@pytest.mark.parametrize("call", ["get", "put"])
+def test_a_response_cache_raises_cache_damaged_when_a_read_or_write_meets_damage(
+    tmp_path: Path, call: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    with ResponseCache(path) as cache:
+        overwrite_middle_pages(path)
+        with pytest.raises(CacheDamaged, match=r"is damaged \(database disk image is malformed\)"):
+            if call == "get":
+                cache.get_many(KEYS)
+            else:
+                cache.put_many([(k, answer()) for k in KEYS])
+
+
+def test_many_threads_meeting_damage_get_one_warning_and_no_error(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    warnings: list[str] = []
+    errors: list[BaseException] = []
+    with BestEffortCache.open(path, warnings.append) as cache:
+        overwrite_middle_pages(path)
+        start = threading.Barrier(8)
+
+        def work(n: int) -> None:
+            try:
+                start.wait()
+                for _ in range(5):
+                    if n % 2:
+                        cache.get_many(KEYS)
+                    else:
+                        cache.put_many([(k, answer()) for k in KEYS[n::8]])
+            except BaseException as exc:  # collected: a thread's error would vanish
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    assert errors == []
+    assert_one_damage_warning(warnings, path)
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [
+        ("response", "CAST(x'c3ff' AS TEXT)"),
+        ("model", "x'00ff'"),
+        ("prompt_tokens", "'many'"),
+        ("completion_tokens", "3.5"),
+    ],
+    ids=["text-that-is-not-utf8", "a-blob", "text-for-a-count", "a-float-for-a-count"],
+)
+def test_an_entry_with_values_sqlite_cannot_vouch_for_is_damage(
+    tmp_path: Path, column: str, value: str
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    with sqlite3.connect(path) as conn:  # what a flipped byte in a record can leave
+        conn.execute(f"UPDATE answers SET {column} = {value} WHERE key = ?", (KEYS[5],))
+    with ResponseCache(path) as cache, pytest.raises(CacheDamaged) as caught:
+        cache.get_many(KEYS[:10])
+    if column == "response":
+        # Not Python's message, which quotes the damaged bytes.
+        assert "(an entry's text is not UTF-8)" in str(caught.value)
+    warnings: list[str] = []
+    with BestEffortCache.open(path, warnings.append) as cache:
+        assert cache.get_many(KEYS[:10]) == {}
+    assert_one_damage_warning(warnings, path)
+
+
+def test_a_file_marked_as_ours_without_its_table_is_damaged_and_clear_repairs_it(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    with sqlite3.connect(path) as conn:
+        conn.execute("DROP TABLE answers")
+    with pytest.raises(CacheDamaged, match="answers table is missing"):
+        ResponseCache(path)
+    assert clear_cache(path) == Cleared(0, repaired=True)
+    assert_works_as_a_fresh_cache(path)
+
+
+def test_the_fix_names_no_cache_path_for_the_default_cache() -> None:
+    path = default_cache_path()  # in this test's own directory (conftest)
+    write_garbage(path)
+    warnings: list[str] = []
+    BestEffortCache.open(path, warnings.append).close()
+    assert warnings[0].endswith("; `enrich cache clear` repairs it")
+
+
+@pytest.mark.parametrize("kind", EVERY_KIND)
+def test_clear_cache_repairs_a_damaged_cache(tmp_path: Path, kind: str) -> None:
+    path = damaged_cache(tmp_path / "cache.sqlite3", kind)
+    journal = path.with_name(path.name + "-journal")
+    journal.write_bytes(b"a stale journal would be played back into the new file")
+    assert clear_cache(path) == Cleared(0, repaired=True)
+    assert not journal.exists()
+    assert_works_as_a_fresh_cache(path)
+
+
+def test_clear_cache_repairs_a_cache_damaged_while_a_run_had_it_open(tmp_path: Path) -> None:
+    path = tmp_path / "cache.sqlite3"
+    fill(path)
+    warnings: list[str] = []
+    with BestEffortCache.open(path, warnings.append) as cache:
+        overwrite_middle_pages(path)
+        cache.put_many([(k, answer()) for k in KEYS])
+        assert cache.bypassed
+        assert clear_cache(path) == Cleared(0, repaired=True)
+    assert_works_as_a_fresh_cache(path)
+    # The next run uses it again.
+    with BestEffortCache.open(path, warnings.append) as cache:
+        cache.put_many([(KEYS[0], answer())])
+        assert cache.get_many([KEYS[0]]) == {KEYS[0]: answer()}
+    assert len(warnings) == 1
+
+
+@pytest.mark.parametrize("kind", EVERY_KIND)
+def test_cli_clear_repairs_a_damaged_cache_and_says_so(tmp_path: Path, kind: str) -> None:
+    path = damaged_cache(tmp_path / "cache.sqlite3", kind)
+    result = invoke("cache", "clear", "--cache-path", path)
+    assert result.exit_code == 0, result.output
+    assert result.output == f"{path}: the cache was damaged; removed and created anew\n"
+    assert_works_as_a_fresh_cache(path)
+
+
+@pytest.mark.parametrize("kind", EVERY_KIND)
+def test_cli_stats_of_a_damaged_cache_says_damaged_with_exit_2(tmp_path: Path, kind: str) -> None:
+    path = damaged_cache(tmp_path / "cache.sqlite3", kind)
+    result = invoke("cache", "stats", "--cache-path", path)
+    assert result.exit_code == 2, result.output
+    assert result.output.count("\n") == 1
+    assert result.output.startswith(f"enrich: error: response cache {path} is damaged (")
+    assert "enrich cache clear" in result.output
+    assert "Traceback" not in result.output
+
+
+def other_programs_database(path: Path, *, application_id: int) -> Path:
+    with sqlite3.connect(path) as conn:
+        conn.execute(f"PRAGMA application_id = {application_id}")
+        conn.execute("CREATE TABLE notes (body TEXT)")
+        conn.executemany("INSERT INTO notes VALUES (?)", [("n" * 200,)] * 500)
+    conn.close()
+    return path
+
+
+@pytest.mark.parametrize("application_id", [0, 0x12345678], ids=["unmarked", "marked"])
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
+def test_clear_refuses_another_programs_database_and_leaves_it_byte_for_byte(
+    tmp_path: Path, application_id: int, damaged: bool
+) -> None:
+    path = other_programs_database(tmp_path / "theirs.db", application_id=application_id)
+    if damaged:
+        cut_in_half(path)
+    before = path.read_bytes()
+    result = invoke("cache", "clear", "--cache-path", path)
+    assert result.exit_code == 2, result.output
+    assert "is an SQLite database but not an enrich response cache" in result.output
+    with pytest.raises(CacheError) as caught:
+        clear_cache(path)
+    assert not isinstance(caught.value, CacheDamaged)
+    assert path.read_bytes() == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["theirs.db"]
+
+
+@pytest.mark.parametrize("damaged", [False, True], ids=["intact", "damaged"])
+def test_a_run_refuses_another_programs_database_instead_of_bypassing_it(
+    tmp_path: Path, damaged: bool
+) -> None:
+    path = other_programs_database(tmp_path / "theirs.db", application_id=0x12345678)
+    if damaged:
+        cut_in_half(path)
+    warnings: list[str] = []
+    with pytest.raises(CacheError, match="not an enrich response cache") as caught:
+        BestEffortCache.open(path, warnings.append)
+    assert not isinstance(caught.value, CacheDamaged)
+    assert warnings == []
+
+
+def test_other_cache_errors_still_raise_from_the_best_effort_cache(tmp_path: Path) -> None:
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    newer = tmp_path / "newer.sqlite3"
+    fill(newer)
+    with sqlite3.connect(newer) as conn:
+        conn.execute("PRAGMA user_version = 99")
+    warnings: list[str] = []
+    with pytest.raises(CacheError, match="--cache-path"):
+        BestEffortCache.open(blocker / "cache.sqlite3", warnings.append)
+    with pytest.raises(CacheError, match="newer enrich"):
+        BestEffortCache.open(newer, warnings.append)
+    assert warnings == []
+
+
+def test_an_intact_best_effort_cache_is_a_response_cache(tmp_path: Path) -> None:
+    warnings: list[str] = []
+    with BestEffortCache.open(tmp_path / "cache.sqlite3", warnings.append) as cache:
+        cache.put_many([(key(), answer())])
+        assert cache.get_many([key(), key(model="other")]) == {key(): answer()}
+        assert not cache.bypassed
+    assert warnings == []
+    with pytest.raises(CacheError, match="closed"):
+        cache.get_many([key()])
 
 
 # ---------------------------------------------------------------------------
