@@ -618,7 +618,9 @@ class BestEffortCache:
     any later call; then ``on_warning`` is called once with a one-line message,
     the connection is closed, and from then on every lookup misses and every
     put is dropped. Damage costs money (answers are asked for again), never the
-    run. Any other :class:`CacheError` still raises.
+    run. Once open, any other :class:`CacheError` of a lookup or a put (a full
+    disk, a lock held past the busy timeout) is bypassed the same way; at open
+    it still raises (its fix is a setting, and nothing has been sent yet).
 
     Thread-safe like :class:`ResponseCache`: ``on_warning`` is called from
     whichever thread met the damage (the flush thread, for a put), outside the
@@ -657,7 +659,11 @@ class BestEffortCache:
         return self._damaged
 
     @staticmethod
-    def _warning(exc: CacheDamaged) -> str:
+    def _warning(exc: CacheError) -> str:
+        if not isinstance(exc, CacheDamaged):
+            # Mid-run, any cache failure (a full disk, a lock held too long)
+            # costs the cache, not the run: the checkpoint has every answer.
+            return f"{exc.message}; running without the response cache from here on"
         return " ".join(
             f"response cache {exc.path} is damaged ({exc.detail}); running without it; "
             f"{_clear_command(exc.path)} repairs it".split()
@@ -678,7 +684,7 @@ class BestEffortCache:
                 return {}
             try:
                 return cache.get_many(keys)
-            except CacheDamaged as exc:
+            except CacheError as exc:
                 self._bypass()
                 warning = self._warning(exc)
         # Outside the lock: the callback may log, or even look at this cache.
@@ -694,7 +700,7 @@ class BestEffortCache:
             try:
                 cache.put_many(items)
                 return
-            except CacheDamaged as exc:
+            except CacheError as exc:
                 self._bypass()
                 warning = self._warning(exc)
         self._on_warning(warning)

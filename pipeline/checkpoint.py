@@ -44,7 +44,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from pipeline.cache import CachedAnswer, ResponseCache
+from pipeline.cache import CachedAnswer, CacheError, ResponseCache
 from pipeline.crashpoints import crash_point
 from pipeline.durable import (
     atomic_write_bytes,
@@ -364,7 +364,7 @@ class Checkpoint:
         finishes: the answers are carried before the old results go, and the
         old manifest (which makes the next open do this again) goes last."""
         previous_path = self.manifest.input.path
-        with ResponseCache(self.run_dir / CARRIED) as carried:
+        with self._carry_store() as carried:
             for part in self.parts():
                 with contextlib.suppress(DamagedPart):
                     carried.put_many(_answers_by_key(read_part(part.path)))
@@ -530,9 +530,24 @@ class Checkpoint:
         return datetime.fromtimestamp(max(times), tz=UTC) if times else None
 
     def carried(self) -> ResponseCache | None:
-        """Answers carried over from an earlier input's run, if any."""
+        """Answers carried over from an earlier input's run, if any (a damaged
+        file is set aside: its answers are asked for again)."""
         path = self.run_dir / CARRIED
-        return ResponseCache(path, readonly=True) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return ResponseCache(path, readonly=True)
+        except CacheError as exc:
+            self.set_aside(path, exc.message)
+            return None
+
+    def _carry_store(self) -> ResponseCache:
+        path = self.run_dir / CARRIED
+        try:
+            return ResponseCache(path)
+        except CacheError as exc:
+            self.set_aside(path, exc.message)
+            return ResponseCache(path)
 
     # -- writing -------------------------------------------------------------
     def writer(self, part_rows: int) -> CheckpointWriter:

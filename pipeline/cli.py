@@ -1,9 +1,6 @@
-"""The command line: the only module that prints, parses flags and maps
-errors to exit codes.
-
-Exit codes: 0 done; 1 done but failed rows above --max-error-rate; 2 bad
-usage, config, input or a mismatched checkpoint; 3 fatal API error (auth,
-model, quota); 130 interrupted (checkpoint saved).
+"""The command line: the only module that prints, parses flags and exits
+with the code of the error that ended the run (``pipeline.errors.ExitCode``,
+the one table of exit codes; the README's table is checked against it).
 """
 
 from __future__ import annotations
@@ -21,7 +18,7 @@ from typing import Any, Final, TypeVar
 import click
 
 from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
-from pipeline.errors import EnrichError, UsageError
+from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import (
     EventSink,
     JsonEventSink,
@@ -31,10 +28,6 @@ from pipeline.events import (
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
 from pipeline.runner import RunOptions, RunSummary, enrich, prepare
-
-EXIT_OK: Final = 0
-EXIT_TOO_MANY_ERRORS: Final = 1
-EXIT_INTERNAL: Final = 70
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -237,12 +230,18 @@ def _fmt_cost(value: float | None) -> str:
     )
 
 
+def _pending(summary: RunSummary) -> str:
+    if not summary.pending:
+        return ""
+    return f" (pending {summary.pending:,}: transient failures, the next run sends them again)"
+
+
 def format_summary(summary: RunSummary) -> str:
     return "\n".join(
         [
             f"done: {summary.rows:,} rows -> {summary.output}",
-            f"  ok {summary.ok:,} · error {summary.error:,} · skipped {summary.skipped:,}"
-            f" · from checkpoint {summary.resumed_rows:,}",
+            f"  ok {summary.ok:,} · error {summary.error:,}{_pending(summary)}"
+            f" · skipped {summary.skipped:,} · from checkpoint {summary.resumed_rows:,}",
             f"  tokens {summary.prompt_tokens:,} in / {summary.completion_tokens:,} out",
             f"  wall {summary.wall_s:,.1f} s · {summary.rows_per_s:,.1f} rows/s"
             f" · latency p50 {_fmt_ms(summary.latency_percentile(50))}"
@@ -271,11 +270,11 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
 
 
 class TooManyErrors(EnrichError):
-    exit_code = EXIT_TOO_MANY_ERRORS
+    exit_code = ExitCode.TOO_MANY_FAILED_ROWS
 
 
 class InternalError(EnrichError):
-    exit_code = EXIT_INTERNAL
+    exit_code = ExitCode.INTERNAL
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})

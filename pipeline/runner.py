@@ -30,6 +30,7 @@ from pipeline.assemble import Tally, assemble_output
 from pipeline.cache import (
     DEFAULT_ENDPOINT,
     Admission,
+    BestEffortCache,
     CachedAnswer,
     InRunDedup,
     ResponseCache,
@@ -251,12 +252,12 @@ class Reuse:
     response cache across runs, and in-run dedup of identical requests."""
 
     make_key: Callable[[Messages], bytes]
-    cache: ResponseCache | None = None
+    cache: BestEffortCache | None = None
     dedup: InRunDedup[RowResult] | None = None
     carried: ResponseCache | None = None
 
     @property
-    def lookups(self) -> list[ResponseCache]:
+    def lookups(self) -> list[ResponseCache | BestEffortCache]:
         return [store for store in (self.carried, self.cache) if store is not None]
 
     def close(self) -> None:
@@ -494,7 +495,7 @@ async def _locked_run(
                 message=f"the run report {report_path} could not be written ({exc})",
             )
 
-    reuse = _open_reuse(prepared, checkpoint)
+    reuse = _open_reuse(prepared, checkpoint, events)
     own_transport = transport is None
     transport = transport or make_transport(
         config.model,
@@ -718,7 +719,7 @@ def _answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str |
     return problem
 
 
-def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint) -> Reuse:
+def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint, events: EventSink) -> Reuse:
     config = prepared.config
     params = config.model.request_params()
     use_cache = resolve_enabled(config.cache.enabled, params)
@@ -733,7 +734,16 @@ def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint) -> Reuse:
     )
     return Reuse(
         make_key=make_key,
-        cache=ResponseCache(config.cache.path or default_cache_path()) if use_cache else None,
+        cache=(
+            BestEffortCache.open(
+                config.cache.path or default_cache_path(),
+                on_warning=lambda message: events.emit(
+                    "warning", level="warning", kind="cache", message=message
+                ),
+            )
+            if use_cache
+            else None
+        ),
         # With the cache on, it finds answers dedup has forgotten: remember few.
         dedup=(InRunDedup(10_000 if use_cache else 100_000) if use_dedup else None),
         carried=checkpoint.carried(),

@@ -19,6 +19,7 @@ import pytest
 
 from pipeline import enrich
 from pipeline.assemble import GROUP_BYTES, rows_per_group
+from pipeline.cache import CachedAnswer, ResponseCache
 from pipeline.checkpoint import DAMAGED, JOURNAL, PARTS, read_part
 from pipeline.config import RunConfig
 from pipeline.errors import CheckpointMismatch
@@ -399,3 +400,31 @@ def test_a_full_disk_stops_with_exit_74_keeps_the_checkpoint_and_a_rerun_finishe
     assert out["response"].to_list() == [answer_for(p) for p in prompts]
     # The rerun paid again only for what had not reached the small disk.
     assert server.stats.answered - saved == len(prompts) - durable.done
+
+
+# -- a damaged response cache ----------------------------------------------------------
+
+
+def test_a_damaged_response_cache_is_bypassed_with_a_warning_and_the_run_finishes(
+    tmp_path: Path, start_server: StartServer, isolated_cache: Path
+) -> None:
+    server = start_server()
+    path = isolated_cache / "cache.sqlite3"
+    with ResponseCache(path) as cache:
+        answer = CachedAnswer("old", "stop", "sim-1", 1, 1)
+        cache.put_many([(bytes([i]) * 32, answer) for i in range(200)])
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    prompts = [f"cache damage {i}" for i in range(30)]
+    config = config_for(
+        tmp_path,
+        write_questions(tmp_path / "in.csv", prompts),
+        server.base_url,
+        **{"cache.enabled": True},
+    )
+    sink = RecordingEventSink()
+
+    summary = enrich(config, events=sink)
+
+    assert (summary.ok, summary.error) == (30, 0)
+    assert server.stats.requests == 30
+    assert any("damaged" in w and "enrich cache clear" in w for w in warnings_of(sink))
