@@ -57,7 +57,7 @@ CHECKPOINT_OFF: Final = ("--flush-every", "1000000000", "--flush-interval", "100
 
 # Rows per hand-made checkpoint part: the default --flush-every, so the resume
 # section reads as many parts as a real run with default settings leaves behind.
-RESUME_PART_ROWS: Final = 1000
+RESUME_PART_ROWS: Final = 5000
 
 # Poll period for the simulator's request counter while timing the first request.
 FIRST_REQUEST_POLL_S: Final = 0.01

@@ -265,9 +265,17 @@ class Checkpoint:
             input_rows=input_rows,
             created_at=datetime.now(UTC).isoformat(timespec="seconds"),
         )
+        input_changed = previous is not None and not previous.input.same_content(identity)
         if previous is not None:
             cls._check_settings(run_dir, previous, settings)
-        if previous is None or not previous.input.same_content(identity):
+            if input_changed and on_input_change == "refuse":
+                raise CheckpointMismatch(
+                    f"the input changed since the checkpoint in {run_dir} was made "
+                    f"(was {previous.input.path}, {previous.input.size} bytes); "
+                    f"{_restart_hint(run_dir)}, or let it start over reusing unchanged "
+                    "answers with --on-input-change restart"
+                )
+        if previous is None or input_changed:
             cls._create(run_dir)
         checkpoint = cls(run_dir, previous or fresh, writable=True)
         checkpoint.warnings = warnings
@@ -278,13 +286,7 @@ class Checkpoint:
         )
         if previous is None:
             checkpoint._write_manifest(fresh)
-        elif not previous.input.same_content(identity):
-            if on_input_change == "refuse":
-                raise CheckpointMismatch(
-                    f"the input changed since the checkpoint in {run_dir} was made "
-                    f"(was {previous.input.path}, {previous.input.size} bytes); "
-                    f"{_restart_hint(run_dir)}"
-                )
+        elif input_changed:
             checkpoint._start_over_on(fresh)
         elif previous.input != identity:
             # Same content, new facts (a touch, a copy): remember them, so the
