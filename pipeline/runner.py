@@ -47,7 +47,7 @@ from pipeline.costs import (
     unknown_price_message,
 )
 from pipeline.durable import remove_stale_temps
-from pipeline.errors import ConfigError, EnrichError, FatalAPIError, RunInterrupted
+from pipeline.errors import APIUnreachable, ConfigError, EnrichError, FatalAPIError, RunInterrupted
 from pipeline.events import EventSink, NullEventSink
 from pipeline.lock import RunLock, lock_path_for, takeover_message
 from pipeline.progress import NoProgress, Progress
@@ -619,6 +619,7 @@ async def _locked_run(
         transport,
         check_answer=_answer_check(prepared.schema),
         answer_attempts=config.structured.max_attempts,
+        events=events,
     )
     watcher = None
     if stop is not None:
@@ -629,10 +630,10 @@ async def _locked_run(
     progress.start(prepared.total_rows, summary.resumed_rows)
     try:
         await _run_calls(prepared, checkpoint, stage, done, progress, summary, spend, reuse)
-    except (FatalAPIError, asyncio.CancelledError) as exc:
+    except (FatalAPIError, APIUnreachable, asyncio.CancelledError) as exc:
         _count_checkpoint(summary, run_dir)
         report(
-            FatalAPIError.exit_code if isinstance(exc, FatalAPIError) else RunInterrupted.exit_code,
+            exc.exit_code if isinstance(exc, EnrichError) else RunInterrupted.exit_code,
             str(exc) or None,
         )
         raise
