@@ -21,8 +21,9 @@ Variable (Admin -> Variables), else the default:
 
 Failures: a bad config or input, a rejected key or unknown model, a spend cap,
 or too many failed rows fail the task at once (retrying would fail again or
-spend again); an interruption or another run holding the lock is retried, and
-the retry resumes from the checkpoint.
+spend again); an interruption, an API unreachable for longer than max_outage_s
+(exit 75) or another run holding the lock is retried, and the retry resumes
+from the checkpoint.
 
 The same job as a BashOperator (the CLI's exit codes decide the task state;
 see the README's exit code table):

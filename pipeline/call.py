@@ -22,6 +22,8 @@ import openai
 
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
+from pipeline.events import EventSink
+from pipeline.outage import OutageGate
 from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
 from pipeline.results import RowResult
 from pipeline.structured import unsupported_message
@@ -235,6 +237,9 @@ class CallStats:
     learned_tpm: int | None = None
     estimated_rpm: float | None = None
     paused_s: float = 0.0
+    # Outages (see pipeline.outage): how many, and how long they held the run.
+    outages: int = 0
+    outage_s: float = 0.0
 
 
 class CallStage:
@@ -242,7 +247,11 @@ class CallStage:
 
     A run-level failure (bad key, unknown model, no quota) raises
     ``FatalAPIError`` out of ``results()`` after every finished result has
-    been yielded, so nothing already paid for is dropped.
+    been yielded, so nothing already paid for is dropped. An outage (the API
+    failing transiently across rows) holds every worker while one probe at a
+    time tests the API (see ``pipeline.outage``); one longer than
+    ``limits.max_outage_s`` raises ``APIUnreachable`` the same way.
+    ``events`` hears when an outage starts and ends.
 
     ``limits.concurrency`` is the number of workers and the ceiling of the
     in-flight limit; with ``adaptive`` (``limits.adaptive`` when that key
@@ -260,6 +269,7 @@ class CallStage:
         limiter: RateLimiter | None = None,
         check_answer: Callable[[Completion], str | None] | None = None,
         answer_attempts: int = 1,
+        events: EventSink | None = None,
     ) -> None:
         self._model = model
         self._limits = limits
@@ -277,6 +287,7 @@ class CallStage:
         )
         self._reservation = TokenReservation(model.max_tokens)
         self._rng = rng or random.Random()
+        self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
         self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
@@ -306,13 +317,20 @@ class CallStage:
         while True:
             attempt += 1
             reserve = functools.partial(self._reservation.reserve, prompt_tokens)
-            async with self.limiter.request(reserve) as permit:
+            # The outage gate first: a worker held by an outage must not hold
+            # a place in flight or a token reservation while it waits.
+            async with self.outage.attempt() as passage, self.limiter.request(reserve) as permit:
                 self.stats.requests += 1
                 started = time.perf_counter()
                 try:
                     completion = await self._transport.complete(request.messages)
                 except Exception as exc:
                     failure = classify(exc, model=self._model.name)
+                    if failure.kind == "retry" and not failure.rate_limited:
+                        self.outage.failed(passage, request.row_id, failure.reason)
+                    else:
+                        # A 429 or a 4xx: whatever it says, the server is up.
+                        self.outage.answered(passage)
                     if failure.rate_limited:
                         self.stats.rate_limited += 1
                         # Without a retry-after the run still pauses, for as
@@ -323,6 +341,7 @@ class CallStage:
                         self.limiter.rate_limited(permit, pause, failure.headers, failure.limit)
                         failure = self._check_pause(failure, pause)
                 else:
+                    self.outage.answered(passage)
                     used = None
                     if completion.prompt_tokens is not None:
                         used = completion.prompt_tokens + (completion.completion_tokens or 0)
@@ -355,13 +374,24 @@ class CallStage:
             self._sync_stats()
             if failure.kind == "fatal":
                 raise FatalAPIError(failure.reason)
+            if passage.run_failure:
+                # The API is down for everyone: being unable to reach it is
+                # the run's business, not the row's (the reasoning of the 429
+                # quarter attempt). The gate decides when the row goes again.
+                self.stats.retries += 1
+                continue
             spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
             if failure.kind == "row" or spent >= self._limits.max_attempts - 1e-9:
                 reason = failure.reason
                 if failure.kind == "retry":
                     reason = f"{reason} (gave up after {attempt} attempts; raise --max-attempts)"
                 return RowResult(
-                    row_id=request.row_id, status="error", error=reason, attempts=attempt
+                    row_id=request.row_id,
+                    status="error",
+                    error=reason,
+                    attempts=attempt,
+                    # Worth sending again on a later run (not the row's fault).
+                    transient=failure.kind == "retry",
                 )
             self.stats.retries += 1
             if not failure.rate_limited:
@@ -388,6 +418,8 @@ class CallStage:
         self.stats.learned_tpm = limiter.learned_tpm
         self.stats.estimated_rpm = limiter.estimated_rpm
         self.stats.paused_s = limiter.stats.paused_s
+        self.stats.outages = self.outage.outages
+        self.stats.outage_s = self.outage.outage_s
 
     async def results(
         self, requests: AsyncIterable[ChatRequest]
@@ -408,6 +440,11 @@ class CallStage:
             for _ in range(concurrency):
                 await todo.put(None)
 
+        async def watch_outage() -> None:
+            # Workers waiting on the gate fail by themselves at the bound; this
+            # also stops a run whose only request in flight is a hanging probe.
+            await done.put(await self.outage.unreachable())
+
         async def work() -> None:
             try:
                 while (request := await todo.get()) is not None:
@@ -419,6 +456,7 @@ class CallStage:
 
         feeder = asyncio.create_task(feed())
         workers = [asyncio.create_task(work()) for _ in range(concurrency)]
+        watcher = asyncio.create_task(watch_outage())
 
         def stop_feeding() -> None:
             feeder.cancel()
@@ -448,8 +486,11 @@ class CallStage:
         finally:
             self._stop_feeding = None
             feeder.cancel()
+            watcher.cancel()
             for worker in workers:
                 worker.cancel()
-            await asyncio.gather(feeder, *workers, return_exceptions=True)
+            await asyncio.gather(feeder, watcher, *workers, return_exceptions=True)
+            self.outage.close()
+            self._sync_stats()
         if failure is not None:
             raise failure

@@ -74,6 +74,13 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
         float,
         "Longest 429 retry-after to wait out, in seconds; longer ends the run (exit 3).",
     ),
+    (
+        "--max-outage",
+        "limits.max_outage_s",
+        float,
+        "Longest API outage (connections refused, timeouts, 5xx across rows) to wait out "
+        "while probing, in seconds [600]; longer ends the run (exit 75, checkpoint kept).",
+    ),
     ("--flush-every", "checkpoint.flush_every", int, "Results per sealed checkpoint part."),
     (
         "--flush-interval",

@@ -15,6 +15,7 @@ from typing import Any, Final, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from pipeline.errors import ConfigError
+from pipeline.outage import DEFAULT_MAX_OUTAGE_S
 
 # Where each config key is set from the command line, so errors can name the flag.
 FLAG_FOR_KEY: Final[dict[str, str]] = {
@@ -40,6 +41,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.max_attempts": "--max-attempts",
     "limits.adaptive": "--adaptive/--no-adaptive",
     "limits.max_pause_s": "--max-pause",
+    "limits.max_outage_s": "--max-outage",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "checkpoint.on_input_change": "--on-input-change",
@@ -141,6 +143,10 @@ class LimitsConfig(_Section):
     # daily limit) ends the run with exit 3 and the checkpoint kept.
     # None: pause as long as the server asks.
     max_pause_s: float | None = Field(default=None, gt=0)
+    # How long the API may stay unreachable (connections refused or reset,
+    # timeouts, 5xx across the run) while the run holds its rows and probes;
+    # longer ends the run with exit 75 and the checkpoint kept.
+    max_outage_s: float = Field(default=DEFAULT_MAX_OUTAGE_S, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -12,7 +12,12 @@ Event names (``event``) used by enrich:
 - ``start``     the run begins: rows, rows already done, model, output
 - ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost
 - ``warning``   something a scheduler's operator should see; ``kind`` says what
-                (``rate_limit_pause``, ``stale_lock``, ``unknown_price``, ...)
+                (``rate_limit_pause``, ``stale_lock``, ``unknown_price``, ``outage``, ...).
+                ``outage``: requests from several rows failed in a row (refused,
+                reset, timed out, 5xx); new requests are held while one probe at a
+                time tests the API. Fields: last_error, failures, rows, max_outage_s
+- ``recovered`` (info, ``kind`` ``outage``) the API answers again after an outage;
+                the run resumes. Fields: outage_s, failures, probes
 - ``finish``    the summary, with the exit code
 - ``error``     the run stopped; ``message`` is the one-line error, ``exit_code`` the code
 - ``skip``      nothing to do (the output is up to date)

@@ -95,6 +95,9 @@ class RunSummary:
     wall_s: float = 0.0
     bad_answers: int = 0
     """Answers that failed the structured-output schema and were asked again."""
+    outages: int = 0
+    """Times the API stopped answering and the run waited, probing."""
+    outage_s: float = 0.0
     cache_hits: int = 0
     """Rows answered from the response cache (no request)."""
     deduplicated: int = 0
@@ -355,6 +358,8 @@ async def _run_calls(
         summary.retries = stage.stats.retries
         summary.rate_limited = stage.stats.rate_limited
         summary.bad_answers = stage.stats.bad_answers
+        summary.outages = stage.stats.outages
+        summary.outage_s = stage.stats.outage_s
         summary.cost_usd = spend.spent_this_run
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
@@ -479,6 +484,8 @@ async def _locked_run(
             secrets=[config.api_key()],
         )
         body["requests"]["bad_structured_answers"] = summary.bad_answers
+        body["requests"]["outages"] = summary.outages
+        body["requests"]["outage_s"] = round(summary.outage_s, 3)
         body["reuse"] = {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,
@@ -511,6 +518,7 @@ async def _locked_run(
         transport,
         check_answer=_answer_check(prepared.schema),
         answer_attempts=config.structured.max_attempts,
+        events=events,
     )
     watcher = None
     if stop is not None:

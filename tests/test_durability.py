@@ -56,7 +56,6 @@ def warnings_of(sink: RecordingEventSink) -> list[str]:
 # -- transient and permanent failures ------------------------------------------
 
 
-@pytest.mark.xfail(strict=True, reason="the call stage marks transient failures: outage branch")
 def test_a_plain_rerun_retries_transient_failures_and_not_permanent_ones(
     tmp_path: Path, start_server: StartServer
 ) -> None:

@@ -219,7 +219,8 @@ def test_mismatched_checkpoint_exits_2_naming_restart_from_cli(
 
 def test_retry_failed_resends_only_error_rows(tmp_path: Path, start_server: StartServer) -> None:
     server = start_server()
-    prompts = ["good 1", "flaky [[fault:500:2]]", "good 2", "good 3"]
+    # A 400 the first time: a permanent failure, which only --retry-failed re-sends.
+    prompts = ["good 1", "rejected once [[fault:400:1]]", "good 2", "good 3"]
     source = write_questions(tmp_path / "in.parquet", prompts)
     config = keep(
         make_config(source, tmp_path / "out.parquet", server.base_url, **{"limits.max_attempts": 2})
@@ -229,7 +230,7 @@ def test_retry_failed_resends_only_error_rows(tmp_path: Path, start_server: Star
     assert first["status"].to_list() == ["ok", "error", "ok", "ok"]
     server.reset_stats()
 
-    enrich(config)  # a plain rerun does not retry failures
+    enrich(config)  # a plain rerun does not retry permanent failures
     assert server.stats.requests == 0
 
     summary = enrich(config, options=RunOptions(retry_failed=True))

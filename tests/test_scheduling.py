@@ -613,6 +613,8 @@ def test_the_report_has_counts_tokens_cost_latency_requests_fingerprint_and_no_s
         "retries": 2,
         "rate_limited_429": 1,
         "bad_structured_answers": 0,
+        "outages": 0,
+        "outage_s": 0.0,
     }
     assert server.stats.requests == 25 and server.stats.rate_limited == 1
     manifest = json.loads((output.with_name(output.name + ".enrich") / MANIFEST).read_text())
