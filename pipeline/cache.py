@@ -801,10 +801,12 @@ class Admission(Enum):
     """An identical request is in flight: its outcome will come from ``settle``."""
 
 
-# Remembered outcomes for rows whose leader already settled. Bounded, because
-# memory must not grow with the input; with the persistent cache on, an answer
-# forgotten here is still found there.
+# Remembered outcomes for rows whose leader already settled. Bounded in count
+# and in bytes, because memory must grow neither with the input nor with the
+# size of the answers (100,000 answers of 100 KB are 10 GB); with the
+# persistent cache on, an answer forgotten here is still found there.
 DEFAULT_REMEMBERED: Final = 100_000
+DEFAULT_REMEMBERED_BYTES: Final = 64 << 20
 
 
 class InRunDedup(Generic[T]):
@@ -836,10 +838,21 @@ class InRunDedup(Generic[T]):
     stage (both sides run there, so no lock is needed).
     """
 
-    def __init__(self, max_remembered: int = DEFAULT_REMEMBERED) -> None:
+    def __init__(
+        self,
+        max_remembered: int = DEFAULT_REMEMBERED,
+        *,
+        max_bytes: int = DEFAULT_REMEMBERED_BYTES,
+        weigh: Callable[[T], int] = lambda _outcome: 0,
+    ) -> None:
+        """``weigh`` says how many bytes an outcome holds (its answer's text):
+        remembered outcomes stay within ``max_bytes`` as well as ``max_remembered``."""
         self._in_flight: dict[bytes, list[int]] = {}
         self._settled: OrderedDict[bytes, T] = OrderedDict()
         self._max_remembered = max_remembered
+        self._max_bytes = max_bytes
+        self._weigh = weigh
+        self._bytes = 0
         self.sent = 0
         """Distinct requests admitted as SEND."""
         self.shared = 0
@@ -865,10 +878,16 @@ class InRunDedup(Generic[T]):
         """The sent request's outcome is in: the parked rows that share it."""
         followers = self._in_flight.pop(key, [])
         if ok and self._max_remembered > 0:
+            previous = self._settled.pop(key, None)
+            if previous is not None:
+                self._bytes -= self._weigh(previous)
             self._settled[key] = outcome
-            self._settled.move_to_end(key)
-            while len(self._settled) > self._max_remembered:
-                self._settled.popitem(last=False)
+            self._bytes += self._weigh(outcome)
+            while self._settled and (
+                len(self._settled) > self._max_remembered or self._bytes > self._max_bytes
+            ):
+                _, forgotten = self._settled.popitem(last=False)
+                self._bytes -= self._weigh(forgotten)
         return followers
 
     @property

@@ -84,6 +84,21 @@ class InputSource(ABC):
     def count_rows(self) -> int:
         """The exact number of rows (known once the file is open)."""
 
+    def bytes_per_row(self, sample_rows: int = 256) -> float:
+        """Mean in-memory size of a row, from the first ``sample_rows``: what
+        sizes chunks by bytes when rows are large (100 KB prompts make a
+        1,000-row chunk 100 MB)."""
+        sample = next(iter(self.chunks(sample_rows)), None)
+        if sample is None or sample.num_rows == 0:
+            return 0.0
+        return float(sample.table.nbytes) / sample.num_rows
+
+    def rows_within(self, budget_bytes: int, max_rows: int, extra_bytes_per_row: float = 0) -> int:
+        """How many rows (at most ``max_rows``, at least 1) fit in ``budget_bytes``
+        together with ``extra_bytes_per_row`` each (their results, say)."""
+        per_row = max(1.0, self.bytes_per_row() + extra_bytes_per_row)
+        return max(1, min(max_rows, int(budget_bytes // per_row)))
+
     def chunks(self, chunk_size: int, start_row: int = 0) -> Iterator[Chunk]:
         """Chunks of exactly ``chunk_size`` rows (the last may be shorter), from ``start_row``.
 

@@ -75,6 +75,9 @@ from pipeline.results import ROW_ID, TRANSIENT, RowResult
 from pipeline.status import checkpoint_status
 from pipeline.transport import Completion, Messages, Transport, make_transport
 
+# Input bytes per chunk at most, whatever --chunk-size says.
+FEED_BYTES: Final = 16 << 20
+
 
 @dataclass
 class RunSummary:
@@ -219,8 +222,10 @@ def _reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
 def _prompt_chunks(
     prepared: PreparedRun, done: bytearray, start_row: int
 ) -> Iterator[list[tuple[int, str | None]]]:
-    """Rows still to do, chunk by chunk, with their rendered prompt (None: skip)."""
-    chunk_size = prepared.config.input.chunk_size
+    """Rows still to do, chunk by chunk, with their rendered prompt (None: skip).
+    Chunks hold ``--chunk-size`` rows, fewer when rows are large: the chunk,
+    its rendered prompts and their messages are in memory at once."""
+    chunk_size = prepared.source.rows_within(FEED_BYTES, prepared.config.input.chunk_size)
     for chunk in prepared.source.chunks(chunk_size, start_row=start_row):
         prompts = prompt.render(prepared.spec, chunk.table)
         todo = [
@@ -753,9 +758,17 @@ def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint, events: EventSink
             else None
         ),
         # With the cache on, it finds answers dedup has forgotten: remember few.
-        dedup=(InRunDedup(10_000 if use_cache else 100_000) if use_dedup else None),
+        dedup=(
+            InRunDedup(10_000 if use_cache else 100_000, weigh=_answer_bytes)
+            if use_dedup
+            else None
+        ),
         carried=checkpoint.carried(),
     )
+
+
+def _answer_bytes(result: RowResult) -> int:
+    return len(result.response or "")
 
 
 def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:

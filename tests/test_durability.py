@@ -356,6 +356,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_exit_74_keeps_the_checkpoint_and_a_rerun_finishes(
     tmp_path: Path, start_server: StartServer, small_disk: Path
 ) -> None:
