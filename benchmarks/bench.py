@@ -1290,7 +1290,7 @@ def _git(*args: str) -> str:
 
 def environment() -> dict[str, Any]:
     versions = {}
-    for package in ("enrich", "openai", "httpx2", "httpcore2", "aiohttp", "polars", "pyarrow"):
+    for package in ("enrich-llm", "openai", "httpx2", "httpcore2", "aiohttp", "polars", "pyarrow"):
         with contextlib.suppress(metadata.PackageNotFoundError):
             versions[package] = metadata.version(package)
     spec = importlib.util.find_spec("pipeline")

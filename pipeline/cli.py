@@ -28,6 +28,7 @@ from pipeline.events import (
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
 from pipeline.runner import RunOptions, RunSummary, enrich, prepare
+from pipeline.version import DISTRIBUTION, version
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -285,7 +286,7 @@ class InternalError(EnrichError):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="enrich")
+@click.version_option(version=version(), package_name=DISTRIBUTION)
 def cli() -> None:
     """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
 
@@ -466,13 +467,11 @@ def demo(
 
 
 def _sample_path() -> Path:
-    for candidate in (
-        Path("data/questions.csv"),
-        Path(__file__).parent.parent / "data" / "questions.csv",
-    ):
-        if candidate.exists():
-            return candidate
-    raise UsageError("the sample data/questions.csv was not found; pass --input")
+    # Package data: the demo works from a wheel install, offline.
+    sample = Path(__file__).resolve().parent / "sample" / "questions.csv"
+    if not sample.exists():
+        raise UsageError(f"the sample {sample} is missing from this install; pass --input")
+    return sample
 
 
 @cli.command()

@@ -27,7 +27,6 @@ import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
 from typing import Any, Final, Literal, Protocol, get_args
 
 import aiohttp
@@ -39,6 +38,7 @@ from yarl import URL
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.version import version
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -72,10 +72,7 @@ _REDACTED: Final = "[redacted]"
 
 
 def _user_agent() -> str:
-    try:
-        return f"enrich/{metadata.version('enrich')}"
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "enrich"
+    return f"enrich/{version()}"
 
 
 USER_AGENT: Final = _user_agent()
