@@ -759,9 +759,7 @@ def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint, events: EventSink
         ),
         # With the cache on, it finds answers dedup has forgotten: remember few.
         dedup=(
-            InRunDedup(10_000 if use_cache else 100_000, weigh=_answer_bytes)
-            if use_dedup
-            else None
+            InRunDedup(10_000 if use_cache else 100_000, weigh=_answer_bytes) if use_dedup else None
         ),
         carried=checkpoint.carried(),
     )
