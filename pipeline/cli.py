@@ -1,6 +1,10 @@
 """The command line: the only module that prints, parses flags and exits
 with the code of the error that ended the run (``pipeline.errors.ExitCode``,
 the one table of exit codes; the README's table is checked against it).
+
+Light to import: ``enrich --help`` (and any subcommand's) loads click and the
+standard library only. The config (pydantic), the runner (pyarrow, aiohttp)
+and the rest are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
-from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
 from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import (
     EventSink,
@@ -27,7 +30,10 @@ from pipeline.events import (
     redact,
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
-from pipeline.runner import RunOptions, RunSummary, enrich, prepare
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.runner import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -150,6 +156,8 @@ def dataset_options(command: F) -> F:
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    from pipeline.config import load_config
+
     overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
     overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
     for _, key, _ in TOGGLE_OPTIONS:
@@ -315,6 +323,8 @@ def run(
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
+    from pipeline.runner import RunOptions, enrich
+
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
@@ -339,6 +349,7 @@ def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: A
     """Rows, tokens, cost and time at the configured limits. Sends nothing."""
     from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
     from pipeline.costs import estimate as estimate_run
+    from pipeline.runner import prepare
 
     config = build_config(config_file, flags)
     prepared = prepare(config, check_output=False)
@@ -363,6 +374,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """How far a run is: done / ok / error / remaining, tokens, last update.
 
     The argument is the run's TOML config or its output file. Reads only."""
+    from pipeline.config import OutputConfig, read_toml
     from pipeline.status import run_status
 
     tree: dict[str, Any] = {}
@@ -424,6 +436,8 @@ def demo(
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
 
+    from pipeline.config import load_config
+    from pipeline.runner import RunOptions, enrich
     from pipeline.simulate import Simulator, SimulatorConfig
 
     input_path = input_path or _sample_path()
