@@ -421,8 +421,12 @@ class AiohttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=model.timeout_s)
         self._limit = limit
         self._redact = _redactable(api_key)
+        # Sent with each request, not as a session default: aiohttp copies a
+        # session's default headers into what it sends a proxy, and turns an
+        # Authorization among them into Proxy-Authorization, which would give
+        # the key to the proxy (in the CONNECT of an https:// API, too).
+        self._auth = {"Authorization": f"Bearer {api_key}"}
         headers = {
-            "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
@@ -462,8 +466,13 @@ class AiohttpTransport:
         found = env_proxy(self._url)
         if found is not None:
             proxy, proxy_auth = found
-            if proxy_auth is not None:
+            if proxy_auth is not None and self._url.scheme == "https":
+                # Sent with the CONNECT that opens the tunnel.
                 self._proxy_headers = {"Proxy-Authorization": proxy_auth}
+            elif proxy_auth is not None:
+                # Plain HTTP is forwarded, not tunnelled: aiohttp sends no
+                # proxy_headers then, so the request itself carries them.
+                self._auth["Proxy-Authorization"] = proxy_auth
         connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -484,7 +493,7 @@ class AiohttpTransport:
         data = _ENCODER.encode(payload).encode()
         try:
             async with session.post(
-                self._url, data=data, proxy_headers=self._proxy_headers
+                self._url, data=data, headers=self._auth, proxy_headers=self._proxy_headers
             ) as response:
                 body = await response.read()
                 status = response.status

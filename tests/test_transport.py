@@ -5,6 +5,7 @@ aiohttp handler); the clients are real."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -478,22 +479,57 @@ def clear_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.delenv(name.lower(), raising=False)
 
 
+PROXY_USER_SECRET = "Basic dXNlcjpzZWNyZXQ="  # user:secret
+
+
 async def test_requests_go_through_the_proxy_the_environment_names(
     echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     seen: dict[str, Any] = {}
 
     async def proxy(request: web.Request) -> web.Response:
-        # A forward proxy sees the absolute URL.
+        # A forward proxy sees the absolute URL, its own credentials, and the
+        # request it forwards.
         seen["url"] = str(request.url)
+        seen["headers"] = dict(request.headers)
         return web.json_response(chat_body("via the proxy"))
 
     proxy_url = (await echo_server(proxy)).removesuffix("/v1")
     clear_proxies(monkeypatch)
-    monkeypatch.setenv("HTTP_PROXY", proxy_url)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("http://", "http://user:secret@"))
     completion = await ask("aiohttp", "http://api.example.invalid/v1", user("hi"))
     assert completion.text == "via the proxy"
     assert seen["url"] == "http://api.example.invalid/v1/chat/completions"
+    assert seen["headers"]["Proxy-Authorization"] == PROXY_USER_SECRET
+    assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+async def test_the_key_never_reaches_the_proxy_of_an_https_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    heads: list[bytes] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # What a proxy sees of an https:// request: the CONNECT, never the request.
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
+    try:
+        exc = await failure("aiohttp", "https://api.example.invalid/v1", user("hi"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert type(exc) is APIConnectionFailed
+    head = heads[0].decode("latin-1")
+    assert head.startswith("CONNECT api.example.invalid:443 ")
+    assert f"Proxy-Authorization: {PROXY_USER_SECRET}\r\n" in head
+    assert KEY not in head
 
 
 async def test_no_proxy_sends_directly(
