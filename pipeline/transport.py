@@ -321,9 +321,11 @@ def _chat_url(base_url: str) -> URL:
     return url
 
 
-def _ssl_context() -> ssl.SSLContext:
+def _ssl_context() -> ssl.SSLContext | bool:
     """The SDK's trust on Linux: ``$SSL_CERT_FILE``, else ``$SSL_CERT_DIR``,
-    else the system store (OpenSSL's default paths)."""
+    else the system store (OpenSSL's default paths): True, aiohttp's default
+    context, which it built at import (loading the store again costs tens of
+    milliseconds before the first request)."""
     import ssl
 
     cafile = os.environ.get("SSL_CERT_FILE")
@@ -332,7 +334,7 @@ def _ssl_context() -> ssl.SSLContext:
     capath = os.environ.get("SSL_CERT_DIR")
     if capath:
         return ssl.create_default_context(capath=capath)
-    return ssl.create_default_context()
+    return True
 
 
 # Proxy schemes aiohttp can talk to (it cannot tunnel TLS to an https:// proxy).

@@ -7,8 +7,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
+from pathlib import Path
 from typing import Any
 
 import openai
@@ -547,6 +551,65 @@ async def test_no_proxy_sends_directly(
     monkeypatch.delenv("NO_PROXY")
     exc = await failure("aiohttp", base_url, user("hi"))
     assert type(exc) is APIConnectionFailed
+
+
+# -- TLS trust -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tls_base_url(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """An https echo server with a self-signed certificate: (base URL, its cert)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*argv, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("over tls"))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    yield f"https://127.0.0.1:{runner.addresses[0][1]}/v1", cert
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+async def test_tls_trusts_what_the_environment_names_and_nothing_else(
+    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    base_url, cert = tls_base_url
+    clear_proxies(monkeypatch)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    # The system store does not know a self-signed certificate.
+    exc = await failure("aiohttp", base_url, user("hi"))
+    assert type(exc) is APIConnectionFailed
+    assert "certificate" in str(exc).lower()
+    if variable == "SSL_CERT_DIR":
+        # A CA directory holds certificates under their subject hash.
+        digest = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(cert)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        shutil.copy(cert, cert.parent / f"{digest}.0")
+        monkeypatch.setenv(variable, str(cert.parent))
+    else:
+        monkeypatch.setenv(variable, str(cert))
+    assert (await ask("aiohttp", base_url, user("hi"))).text == "over tls"
 
 
 # -- pure parts --------------------------------------------------------------
