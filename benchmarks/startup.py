@@ -149,9 +149,17 @@ class Relay:
                 client, _ = self.listener.accept()
             except OSError:
                 return
-            server = socket.create_connection(("127.0.0.1", self.port))
-            threading.Thread(target=self._pipe, args=(client, server, True), daemon=True).start()
-            threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+            threading.Thread(target=self._connect, args=(client,), daemon=True).start()
+
+    def _connect(self, client: socket.socket) -> None:
+        try:
+            server = socket.create_connection(("127.0.0.1", self.port), timeout=30)
+        except OSError:
+            client.close()  # the run sees a refused connection and retries
+            return
+        server.settimeout(None)
+        threading.Thread(target=self._pipe, args=(server, client, False), daemon=True).start()
+        self._pipe(client, server, True)
 
     def _pipe(self, source: socket.socket, sink: socket.socket, upstream: bool) -> None:
         with contextlib.suppress(OSError):

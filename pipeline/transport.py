@@ -396,7 +396,8 @@ class AiohttpTransport:
     ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID`` like the SDK), the same CA
     trust (``$SSL_CERT_FILE``/``$SSL_CERT_DIR``, then the system store),
     proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``...), redirects
-    followed, and the same exception classes. ``model.timeout_s`` bounds each
+    followed, and the same transport errors as the SDK transport translates
+    its exceptions into (same types and fields). ``model.timeout_s`` bounds each
     request as a whole (the SDK applies it to each phase).
 
     Not implemented: Azure OpenAI's classic deployment URLs (``api-key``
