@@ -16,18 +16,24 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
-import openai
-
-from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
 from pipeline.events import EventSink
 from pipeline.outage import OutageGate
 from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
 from pipeline.results import RowResult
 from pipeline.structured import unsupported_message
-from pipeline.transport import Completion, Messages, Transport, UnparseableResponse
+from pipeline.transport_errors import (
+    APIConnectionFailed,
+    APIStatus,
+    APITimeout,
+    UnparseableResponse,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import LimitsConfig, ModelConfig
+    from pipeline.transport import Completion, Messages, Transport
 
 # Completion budget assumed when max_tokens is unset, for the tokens/min bucket,
 # until answers have shown what this job's completions really cost.
@@ -68,31 +74,34 @@ class Failure:
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _non_transient_429(exc: openai.APIStatusError) -> str | None:
+def _non_transient_429(exc: APIStatus) -> str | None:
     # OpenAI names the reason in `code`, and some servers only in `type`
     # ({"type": "insufficient_quota", "code": null}).
-    for value in (getattr(exc, "code", None), getattr(exc, "type", None)):
+    for value in (exc.code, exc.type):
         if value in NON_TRANSIENT_429_CODES:
-            return str(value)
+            return value
     return None
 
 
-def _server_message(exc: openai.APIStatusError, limit: int = 160) -> str:
-    body = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    text = str(message or exc.message or "")
+def _server_message(exc: APIStatus, limit: int = 160) -> str:
+    # The server's message, else "Error code: <status>".
+    text = exc.message or str(exc)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def classify(exc: BaseException, *, model: str) -> Failure:
-    """Decide what a failed attempt means: retry it, fail the row, or stop the run."""
-    if isinstance(exc, openai.APITimeoutError):
+    """Decide what a failed attempt means: retry it, fail the row, or stop the run.
+
+    Only enrich's transport errors are classified (every transport raises
+    them; see ``pipeline.transport_errors``); anything else is a bug and is
+    raised again."""
+    if isinstance(exc, APITimeout):
         return Failure("retry", "request timed out")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, APIConnectionFailed):
         return Failure("retry", "connection error")
     if isinstance(exc, UnparseableResponse):
         return Failure("retry", str(exc))
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, APIStatus):
         status = exc.status_code
         if status == 429:
             code = _non_transient_429(exc)
@@ -105,14 +114,10 @@ def classify(exc: BaseException, *, model: str) -> Failure:
             return Failure(
                 "retry",
                 f"rate limited (429): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.headers),
                 rate_limited=True,
-                limit=exhausted_limit(
-                    getattr(exc, "type", None),
-                    _server_message(exc, limit=1000),
-                    exc.response.headers,
-                ),
-                headers=exc.response.headers,
+                limit=exhausted_limit(exc.type, _server_message(exc, limit=1000), exc.headers),
+                headers=exc.headers,
             )
         if status in (401, 403):
             # The server's text may echo part of the key: never repeat it.
@@ -131,15 +136,13 @@ def classify(exc: BaseException, *, model: str) -> Failure:
             return Failure(
                 "retry",
                 f"server error ({status}): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.headers),
             )
         unsupported = unsupported_message(_server_message(exc, limit=400))
         if status in (400, 422) and unsupported is not None:
             # Every row would fail alike: stop the run with the fix.
             return Failure("fatal", unsupported)
         return Failure("row", f"request rejected ({status}): {_server_message(exc)}")
-    if isinstance(exc, openai.APIResponseValidationError):
-        return Failure("retry", "unparseable response body")
     raise exc
 
 

@@ -38,9 +38,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
-import polars as pl
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -61,6 +60,11 @@ from pipeline.durable import (
 from pipeline.errors import CheckpointMismatch, UsageError
 from pipeline.journal import JournalWriter, read_journal
 from pipeline.results import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
+
+if TYPE_CHECKING:
+    # Imported where results are merged (resume, status, assembly): a fresh
+    # run reaches its first request without paying for polars.
+    import polars as pl
 
 FORMAT_VERSION: Final = 2
 # Format 1 parts lack the internal columns (transient flag, request key);
@@ -498,11 +502,18 @@ class Checkpoint:
                 infos.append(PartInfo(seq, path, *bounds, metadata.num_rows, data_bytes))
         return infos
 
+    def has_results(self) -> bool:
+        """Whether any result was kept (a part, or for a read-only view a
+        journal segment): False for a fresh run, with no file read."""
+        return bool(self._part_files() or (not self.writable and self._segment_files()))
+
     def latest_results(self, columns: Sequence[str] = ("status",)) -> pl.DataFrame:
         """One row per row id seen so far, from its newest result: the row id
         and the requested result columns. A part that cannot be read is set
         aside (skipped, for a read-only view); a read-only view also reads the
         journal of a run that is still going or was killed."""
+        import polars as pl
+
         wanted = [ROW_ID, *columns]
         pieces: list[pl.DataFrame] = []
         for seq, path in self._part_files():
@@ -575,12 +586,16 @@ def replace_input(manifest: Manifest, identity: InputIdentity) -> Manifest:
 
 
 def _frame(table: pa.Table) -> pl.DataFrame:
+    import polars as pl
+
     frame = pl.from_arrow(table)
     assert isinstance(frame, pl.DataFrame)  # a Table always makes a DataFrame
     return frame
 
 
 def _numbered_frame(table: pa.Table, seq: int) -> pl.DataFrame:
+    import polars as pl
+
     return _frame(table).with_columns(pl.lit(seq, dtype=pl.Int64).alias("_seq"))
 
 
@@ -742,6 +757,8 @@ class PartSweep:
 
     def results(self, start: int, stop: int) -> pa.Table:
         """The newest result for each row id in [start, stop), sorted by row id."""
+        import polars as pl
+
         self._active = [(info, table) for info, table in self._active if info.last_row >= start]
         while self._next < len(self._pending) and self._pending[self._next].first_row < stop:
             info = self._pending[self._next]

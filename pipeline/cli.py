@@ -1,6 +1,10 @@
 """The command line: the only module that prints, parses flags and exits
 with the code of the error that ended the run (``pipeline.errors.ExitCode``,
 the one table of exit codes; the README's table is checked against it).
+
+Light to import: ``enrich --help`` (and any subcommand's) loads click and the
+standard library only. The config (pydantic), the runner (pyarrow, aiohttp)
+and the rest are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
-from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
 from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import (
     EventSink,
@@ -27,8 +30,11 @@ from pipeline.events import (
     redact,
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
-from pipeline.runner import RunOptions, RunSummary, enrich, prepare
-from pipeline.version import DISTRIBUTION, version
+from pipeline.version import DISTRIBUTION
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.runner import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -151,6 +157,8 @@ def dataset_options(command: F) -> F:
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    from pipeline.config import load_config
+
     overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
     overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
     for _, key, _ in TOGGLE_OPTIONS:
@@ -286,7 +294,7 @@ class InternalError(EnrichError):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(version=version(), package_name=DISTRIBUTION)
+@click.version_option(package_name=DISTRIBUTION)
 def cli() -> None:
     """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
 
@@ -316,6 +324,8 @@ def run(
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
+    from pipeline.runner import RunOptions, enrich
+
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
@@ -340,6 +350,7 @@ def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: A
     """Rows, tokens, cost and time at the configured limits. Sends nothing."""
     from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
     from pipeline.costs import estimate as estimate_run
+    from pipeline.runner import prepare
 
     config = build_config(config_file, flags)
     prepared = prepare(config, check_output=False)
@@ -364,6 +375,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """How far a run is: done / ok / error / remaining, tokens, last update.
 
     The argument is the run's TOML config or its output file. Reads only."""
+    from pipeline.config import OutputConfig, read_toml
     from pipeline.status import run_status
 
     tree: dict[str, Any] = {}
@@ -425,6 +437,8 @@ def demo(
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
 
+    from pipeline.config import load_config
+    from pipeline.runner import RunOptions, enrich
     from pipeline.simulate import Simulator, SimulatorConfig
 
     input_path = input_path or _sample_path()

@@ -21,9 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline import prompt, structured, write
 from pipeline.assemble import Tally, assemble_output
@@ -72,11 +70,15 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.results import ROW_ID, TRANSIENT, RowResult
-from pipeline.status import checkpoint_status
 from pipeline.transport import Completion, Messages, Transport, make_transport
 
 # Input bytes per chunk at most, whatever --chunk-size says.
 FEED_BYTES: Final = 16 << 20
+
+if TYPE_CHECKING:
+    # polars is imported where a checkpoint's results are read (a resumed
+    # run); a fresh run sends its first request without it.
+    import polars as pl
 
 
 @dataclass
@@ -242,6 +244,8 @@ def _done_rows(statuses: pl.DataFrame, total: int, retry_failed: bool) -> bytear
     rows cost a megabyte, where a set of ints would cost ~50). A row that
     failed for a transient reason is pending, never final; a permanent
     failure is final unless ``retry_failed``."""
+    import polars as pl
+
     status = pl.col("status")
     final = status.is_in(["ok", "skipped"])
     if not retry_failed:
@@ -603,22 +607,8 @@ async def _send_and_assemble(
     """Send what the checkpoint lacks, then write the output from it."""
     config = prepared.config
     for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
-        # One read of the checkpoint serves both what is done and what it cost.
-        spent = checkpoint.latest_results(
-            ["status", TRANSIENT, "prompt_tokens", "completion_tokens"]
-        )
+        done, already = _resume_point(checkpoint, prepared.total_rows, options, price)
         _emit_warnings(events, checkpoint)
-        done = _done_rows(spent, prepared.total_rows, options.retry_failed)
-        already = (
-            cost(
-                int(spent["prompt_tokens"].sum() or 0),
-                int(spent["completion_tokens"].sum() or 0),
-                price,
-            )
-            if price is not None
-            else 0.0
-        )
-        del spent  # a frame of every row done so far: not worth holding for the whole run
         spend: SpendCap | CostMeter = (
             SpendCap(config.max_cost, price, already_spent=already)
             if config.max_cost is not None and price is not None
@@ -648,6 +638,22 @@ async def _send_and_assemble(
         f"checkpoint parts in {checkpoint.run_dir} were found damaged {MAX_ASSEMBLY_PASSES} "
         "times in a row; check the disk, then rerun the same command"
     )
+
+
+def _resume_point(
+    checkpoint: Checkpoint, total: int, options: RunOptions, price: Price | None
+) -> tuple[bytearray, float]:
+    """What is done (see ``_done_rows``) and what it cost, in one read of the
+    checkpoint; a fresh run reads nothing (and so imports no polars)."""
+    if not checkpoint.has_results():
+        return bytearray(total), 0.0
+    spent = checkpoint.latest_results(["status", TRANSIENT, "prompt_tokens", "completion_tokens"])
+    done = _done_rows(spent, total, options.retry_failed)
+    if price is None:
+        return done, 0.0
+    prompt_tokens = int(spent["prompt_tokens"].sum() or 0)
+    completion_tokens = int(spent["completion_tokens"].sum() or 0)
+    return done, cost(prompt_tokens, completion_tokens, price)
 
 
 @dataclass(frozen=True)
@@ -771,6 +777,8 @@ def _answer_bytes(result: RowResult) -> int:
 
 def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:
     """Counts for a stopped run's report: what the checkpoint holds."""
+    from pipeline.status import checkpoint_status  # polars: only a stopped run's report
+
     try:
         status = checkpoint_status(run_dir)
     except EnrichError:

@@ -1,6 +1,8 @@
 """How a request is sent: transports that turn a list of messages into a
-``Completion`` or raise the ``openai`` SDK's exception classes, so the call
-stage classifies failures the same way whichever transport is used.
+``Completion`` or raise enrich's own transport errors
+(``pipeline.transport_errors``), so the call stage classifies failures the
+same way whichever transport is used, and whatever version of the SDK or of
+aiohttp is installed.
 
 Two transports:
 
@@ -8,49 +10,67 @@ Two transports:
     One ``aiohttp.ClientSession`` POSTing JSON to ``{base_url}/chat/completions``
     and reading only the fields a ``Completion`` needs. On a fast local server
     (vLLM, llama.cpp) the client's CPU is the bottleneck; this path costs a
-    fraction of the SDK's per request. Failures are raised as the SDK's own
-    exception classes, built the way the SDK builds them (status code, error
-    body, real response headers), so ``pipeline.call.classify`` is shared.
+    fraction of the SDK's per request. Failures are raised as enrich's
+    transport errors directly (status code, error body, real response headers).
 
 ``OpenAITransport`` (kind ``"openai"``)
     The official ``openai`` client: the reference behaviour, and where
     SDK-only features belong (``openai.AsyncAzureOpenAI`` for Azure's classic
     deployment URLs, which want an ``api-key`` header and an ``api-version``
     query; workload identity...). Neither transport does those today; Azure's
-    OpenAI-compatible ``/openai/v1`` endpoint works with both.
+    OpenAI-compatible ``/openai/v1`` endpoint works with both. The SDK's
+    exceptions are translated into enrich's in one place, ``sdk_error``.
+
+Neither client is imported with this module: each transport imports its own
+when it is built, so ``enrich run`` on the default transport never loads the
+SDK, and a module that only needs ``Completion`` loads neither.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final, Literal, Protocol, get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
-import aiohttp
-import httpx2
-import openai
-import pydantic
-from aiohttp.helpers import get_env_proxy_for_url
-from yarl import URL
-
-from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.transport_errors import (
+    APIConnectionFailed,
+    APIStatus,
+    APITimeout,
+    TransportError,
+    UnparseableResponse,
+    lowered_headers,
+)
 from pipeline.version import version
+
+if TYPE_CHECKING:
+    import ssl
+
+    import aiohttp
+    import openai
+    from yarl import URL
+
+    from pipeline.config import ModelConfig
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "TRANSPORT_KINDS",
+    "APIConnectionFailed",
+    "APIStatus",
+    "APITimeout",
     "AiohttpTransport",
     "Completion",
     "Messages",
     "OpenAITransport",
     "Transport",
+    "TransportError",
     "TransportKind",
     "UnparseableResponse",
     "make_transport",
+    "sdk_error",
 ]
 
 Messages = Sequence[Mapping[str, str]]
@@ -91,16 +111,12 @@ class Completion:
 
 
 class Transport(Protocol):
-    """Sends one chat request. Raises ``openai`` exceptions on failure, so
-    every transport shares one error classification."""
+    """Sends one chat request. Raises ``TransportError`` subclasses on
+    failure, so every transport shares one error classification."""
 
     async def complete(self, messages: Messages) -> Completion: ...
 
     async def aclose(self) -> None: ...
-
-
-class UnparseableResponse(Exception):
-    """A 200 whose body is not a chat completion: transient, worth a retry."""
 
 
 def _redactable(api_key: str) -> str | None:
@@ -145,6 +161,10 @@ class OpenAITransport:
         http_client: Literal["httpx", "aiohttp"] = "httpx",
         extra_params: Mapping[str, Any] | None = None,
     ) -> None:
+        # Imported here, not with the module: the SDK costs about a second of
+        # imports, and only this transport uses it.
+        import openai
+
         self._model = model.name
         self._params = {**model.request_params(), **(extra_params or {})}
         self._client = openai.AsyncOpenAI(
@@ -160,27 +180,33 @@ class OpenAITransport:
         return f"OpenAITransport(base_url={str(self._client.base_url)!r}, model={self._model!r})"
 
     async def complete(self, messages: Messages) -> Completion:
+        # Already loaded by __init__ (and by the SDK): a dictionary lookup.
+        import openai
+        import pydantic
+
         try:
             raw = await self._client.chat.completions.with_raw_response.create(
                 model=self._model,
                 messages=messages,  # type: ignore[arg-type]
                 **self._params,
             )
-        except openai.APIStatusError as exc:
-            # A server that echoes the key would put it in the row's error column.
-            key = self._redact
-            if key is None or key.encode() not in exc.response.content:
+        except openai.OpenAIError as exc:
+            translated = sdk_error(exc, self._redact)
+            if translated is None:
                 raise
-            raise make_status_error(
-                exc.status_code,
-                _scrub_bytes(exc.response.content, key),
-                exc.response.headers.raw,
-                httpx2.Request("POST", exc.request.url),
-            ) from None
+            # Not chained: the SDK's exception carries the request, and a
+            # server that echoes the key puts it in the SDK's message.
+            raise translated from None
         try:
             parsed = raw.parse()
             choice = parsed.choices[0]
-        except (json.JSONDecodeError, pydantic.ValidationError, IndexError, TypeError) as exc:
+        except (
+            openai.APIResponseValidationError,
+            json.JSONDecodeError,
+            pydantic.ValidationError,
+            IndexError,
+            TypeError,
+        ) as exc:
             raise UnparseableResponse(f"unparseable response body ({type(exc).__name__})") from None
         usage = parsed.usage
         return Completion(
@@ -196,50 +222,39 @@ class OpenAITransport:
         await self._client.close()
 
 
+def sdk_error(exc: openai.OpenAIError, redact: str | None = None) -> TransportError | None:
+    """The one place the ``openai`` SDK's exceptions become enrich's, using
+    only the SDK's public exception classes and attributes (the status code,
+    and the response's headers and body, read as the aiohttp transport reads
+    them). ``redact``: a key to blank out of the body, for a server that
+    echoes it. None for an exception that is not about a request (a bug to
+    surface, not a failure to classify)."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return APITimeout("request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        return APIConnectionFailed(_scrub(f"Connection error{detail}", redact))
+    if isinstance(exc, openai.APIStatusError):
+        response = exc.response
+        try:
+            body = response.content
+        except Exception:  # a streamed body that was never read
+            body = b""
+        return APIStatus.from_response(
+            exc.status_code,
+            _scrub_bytes(body, redact),
+            lowered_headers(response.headers.multi_items()),
+        )
+    if isinstance(exc, openai.APIResponseValidationError):
+        return UnparseableResponse("unparseable response body (APIResponseValidationError)")
+    return None
+
+
 # ---------------------------------------------------------------------------
 # The fast path: aiohttp, parsing only what a Completion needs.
-
-# openai/_client.py ``_make_status_error``: the class for each status code.
-_STATUS_ERRORS: Final[Mapping[int, type[openai.APIStatusError]]] = {
-    400: openai.BadRequestError,
-    401: openai.AuthenticationError,
-    403: openai.PermissionDeniedError,
-    404: openai.NotFoundError,
-    409: openai.ConflictError,
-    422: openai.UnprocessableEntityError,
-    429: openai.RateLimitError,
-}
-
-
-def make_status_error(
-    status: int,
-    body: bytes,
-    raw_headers: Sequence[tuple[bytes, bytes]],
-    request: httpx2.Request,
-) -> openai.APIStatusError:
-    """The exception the SDK raises for a non-2xx answer, built the same way
-    (``_make_status_error_from_response`` then ``_make_status_error``): the
-    message is ``Error code: N - <server message>``, ``.body`` the ``error``
-    object of a JSON body (else the body text), ``.response`` an
-    ``httpx2.Response`` with the real headers and body."""
-    response = httpx2.Response(status, headers=list(raw_headers), content=body, request=request)
-    err_msg = f"Error code: {status}"
-    err_text = response.text.strip()
-    parsed: object = err_text
-    try:
-        parsed = json.loads(err_text)
-    except ValueError:
-        pass
-    else:
-        error = parsed.get("error", parsed) if isinstance(parsed, Mapping) else None
-        message = error.get("message") if isinstance(error, Mapping) else None
-        if isinstance(message, str) and message:
-            err_msg += f" - {message}"
-    data = parsed.get("error", parsed) if isinstance(parsed, Mapping) else parsed
-    cls = _STATUS_ERRORS.get(status)
-    if cls is None:
-        cls = openai.InternalServerError if status >= 500 else openai.APIStatusError
-    return cls(err_msg, response=response, body=data)
 
 
 def _optional_str(value: object) -> str | None:
@@ -288,6 +303,8 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
 
 
 def _chat_url(base_url: str) -> URL:
+    from yarl import URL  # aiohttp's URL type (and dependency): parsed once, not per request
+
     try:
         url = URL(f"{base_url}/chat/completions")
     except ValueError:
@@ -301,6 +318,72 @@ def _chat_url(base_url: str) -> URL:
     return url
 
 
+def _ssl_context() -> ssl.SSLContext | bool:
+    """The SDK's trust on Linux: ``$SSL_CERT_FILE``, else ``$SSL_CERT_DIR``,
+    else the system store (OpenSSL's default paths): True, aiohttp's default
+    context, which it built at import (loading the store again costs tens of
+    milliseconds before the first request)."""
+    import ssl
+
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if cafile:
+        return ssl.create_default_context(cafile=cafile)
+    capath = os.environ.get("SSL_CERT_DIR")
+    if capath:
+        return ssl.create_default_context(capath=capath)
+    return True
+
+
+# Proxy schemes aiohttp can talk to (it cannot tunnel TLS to an https:// proxy).
+_PROXY_SCHEMES: Final = ("http",)
+
+
+def env_proxy(url: URL) -> tuple[URL, str | None] | None:
+    """The proxy the environment names for ``url``, and the
+    ``Proxy-Authorization`` value for it (None without credentials); None
+    for no proxy. ``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case, by the URL's
+    scheme) unless ``NO_PROXY`` covers the host; credentials from the proxy
+    URL, else from ``$NETRC`` or ``~/.netrc``. An ``https://`` proxy is
+    ignored: aiohttp cannot use one."""
+    import urllib.request
+
+    from yarl import URL
+
+    if url.host is not None and urllib.request.proxy_bypass(url.host):
+        return None
+    named = urllib.request.getproxies().get(url.scheme)
+    if not named:
+        return None
+    proxy = URL(named)
+    if proxy.scheme not in _PROXY_SCHEMES:
+        return None
+    if proxy.raw_user is not None or proxy.raw_password is not None:
+        return proxy.with_user(None), _basic(proxy.user or "", proxy.password or "")
+    entry = _netrc_entry(proxy.host) if proxy.host else None
+    if entry is None:
+        return proxy, None
+    login, account, password = entry
+    return proxy, _basic(login or account or "", password or "")
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    # latin-1, as aiohttp and httpx encode Basic credentials.
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+
+
+def _netrc_entry(host: str) -> tuple[str, str | None, str | None] | None:
+    import netrc
+
+    path = os.environ.get("NETRC")
+    try:
+        found = netrc.netrc(path or str(Path.home() / ".netrc")).authenticators(host)
+    except (OSError, RuntimeError, netrc.NetrcParseError):
+        return None  # no file, no home, or not a netrc file: no credentials
+    return found
+
+
 class AiohttpTransport:
     """POSTs chat requests with one pooled ``aiohttp.ClientSession``.
 
@@ -310,7 +393,8 @@ class AiohttpTransport:
     ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID`` like the SDK), the same CA
     trust (``$SSL_CERT_FILE``/``$SSL_CERT_DIR``, then the system store),
     proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``...), redirects
-    followed, and the same exception classes. ``model.timeout_s`` bounds each
+    followed, and the same transport errors as the SDK transport translates
+    its exceptions into (same types and fields). ``model.timeout_s`` bounds each
     request as a whole (the SDK applies it to each phase).
 
     Not implemented: Azure OpenAI's classic deployment URLs (``api-key``
@@ -327,6 +411,8 @@ class AiohttpTransport:
         limit: int = 0,
         extra_params: Mapping[str, Any] | None = None,
     ) -> None:
+        import aiohttp  # only this transport uses it (the SDK's own is opt-in)
+
         # Parsed once: aiohttp would parse a string again on every request.
         self._url = _chat_url(resolve_base_url(model))
         self._proxy_headers: dict[str, str] | None = None
@@ -335,8 +421,12 @@ class AiohttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=model.timeout_s)
         self._limit = limit
         self._redact = _redactable(api_key)
+        # Sent with each request, not as a session default: aiohttp copies a
+        # session's default headers into what it sends a proxy, and turns an
+        # Authorization among them into Proxy-Authorization, which would give
+        # the key to the proxy (in the CONNECT of an https:// API, too).
+        self._auth = {"Authorization": f"Bearer {api_key}"}
         headers = {
-            "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
@@ -362,20 +452,27 @@ class AiohttpTransport:
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, created on first use: aiohttp wants a running loop."""
+        import aiohttp
+
         if self._closed:
             raise RuntimeError("AiohttpTransport is closed")
         ssl: Any = True
         if self._url.scheme == "https":
             # The SDK's trust: $SSL_CERT_FILE / $SSL_CERT_DIR, else the system store.
-            ssl = httpx2.create_ssl_context()
+            ssl = _ssl_context()
         proxy: URL | None = None
-        proxy_auth: aiohttp.BasicAuth | None = None
         # Resolved once (the URL never changes), not on every request in a
         # thread as trust_env=True would do; NO_PROXY is honoured.
-        with contextlib.suppress(LookupError):
-            proxy, proxy_auth = get_env_proxy_for_url(self._url)
-        if proxy_auth is not None:
-            self._proxy_headers = {"Proxy-Authorization": proxy_auth.encode()}
+        found = env_proxy(self._url)
+        if found is not None:
+            proxy, proxy_auth = found
+            if proxy_auth is not None and self._url.scheme == "https":
+                # Sent with the CONNECT that opens the tunnel.
+                self._proxy_headers = {"Proxy-Authorization": proxy_auth}
+            elif proxy_auth is not None:
+                # Plain HTTP is forwarded, not tunnelled: aiohttp sends no
+                # proxy_headers then, so the request itself carries them.
+                self._auth["Proxy-Authorization"] = proxy_auth
         connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -387,6 +484,8 @@ class AiohttpTransport:
         return self._session
 
     async def complete(self, messages: Messages) -> Completion:
+        import aiohttp  # loaded by __init__: a dictionary lookup, for the except clause
+
         session = self._session
         if session is None:
             session = self._open()
@@ -394,32 +493,25 @@ class AiohttpTransport:
         data = _ENCODER.encode(payload).encode()
         try:
             async with session.post(
-                self._url, data=data, proxy_headers=self._proxy_headers
+                self._url, data=data, headers=self._auth, proxy_headers=self._proxy_headers
             ) as response:
                 body = await response.read()
                 status = response.status
                 if 200 <= status < 300:
                     headers = {name.lower(): value for name, value in response.headers.items()}
                     return parse_completion(body, headers)
-                raw_headers = response.raw_headers
+                error_headers = lowered_headers(response.headers.items())
         except TimeoutError:
             # aiohttp's total timeout, and ServerTimeoutError (a TimeoutError too).
-            raise openai.APITimeoutError(request=self._request()) from None
+            raise APITimeout("request timed out") from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
             # the request headers, and so the key.
-            raise openai.APIConnectionError(
-                message=_scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact),
-                request=self._request(),
+            raise APIConnectionFailed(
+                _scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact)
             ) from None
-        raise make_status_error(
-            status, _scrub_bytes(body, self._redact), raw_headers, self._request()
-        )
-
-    def _request(self) -> httpx2.Request:
-        # What the SDK's exceptions carry as ``.request``, without the key.
-        return httpx2.Request("POST", str(self._url))
+        raise APIStatus.from_response(status, _scrub_bytes(body, self._redact), error_headers)
 
     async def aclose(self) -> None:
         self._closed = True
