@@ -750,6 +750,21 @@ class Cleared:
     """The file was damaged, so it was removed and an empty cache created."""
 
 
+_CACHE_SUFFIXES: Final = (".sqlite3", ".sqlite", ".db")
+
+
+def _may_be_ours(path: Path) -> bool:
+    """A damaged file that enrich may remove: one that starts as SQLite files
+    do (or was zeroed or cut before its header), or is named like a cache."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+    except OSError:
+        return False
+    sqlite_like = header.startswith(b"SQLite format 3") or not header.strip(b"\0")
+    return sqlite_like or path.suffix.lower() in _CACHE_SUFFIXES
+
+
 def clear_cache(path: Path) -> Cleared:
     """``enrich cache clear``: delete every entry (nothing is created when the
     file is absent). A damaged file is removed with its WAL, shared-memory and
@@ -769,6 +784,13 @@ def clear_cache(path: Path) -> Cleared:
         raise CacheError(
             f"{path} is an SQLite database but not an enrich response cache; "
             "not removing it; choose another file with --cache-path"
+        )
+    if not _may_be_ours(path):
+        # A data file given as --cache-path by mistake (a CSV, say) is not
+        # ours to delete, however much it fails to be a cache.
+        raise CacheError(
+            f"{path} is neither an SQLite file nor named like a cache (.sqlite3, .sqlite, .db); "
+            "not removing it: check --cache-path, or delete the file yourself"
         )
     # The siblings too: a stale WAL or hot journal beside a new file would be
     # replayed into it.
