@@ -18,13 +18,27 @@ Two transports:
     deployment URLs, which want an ``api-key`` header and an ``api-version``
     query; workload identity...). Neither transport does those today; Azure's
     OpenAI-compatible ``/openai/v1`` endpoint works with both.
+
+Both stream answers (``"stream": true`` with ``stream_options.include_usage``)
+and assemble the same ``Completion`` from the chunks, so that a request that
+is producing nothing can be told from one slowly producing a long answer:
+``complete(..., stall_s=S)`` cuts a request that goes ``S`` seconds without
+bytes (``pipeline.stall.StalledRequest``), while ``model.timeout_s`` bounds
+the request as a whole. A server that will not stream (a 400 naming
+``stream``/``stream_options``, a plain JSON body to a streaming request, or
+streamed answers without their usage) gets the same request again without
+streaming, and so does every later request of the run (``streaming`` turns
+False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import metadata
@@ -39,6 +53,7 @@ from yarl import URL
 
 from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.stall import StalledRequest, StallLimit, Watchdog
 
 __all__ = [
     "DEFAULT_BASE_URL",
@@ -47,6 +62,7 @@ __all__ = [
     "Completion",
     "Messages",
     "OpenAITransport",
+    "StreamAssembler",
     "Transport",
     "TransportKind",
     "UnparseableResponse",
@@ -70,6 +86,16 @@ _DECODER: Final = json.JSONDecoder()
 _MIN_REDACTED_KEY: Final = 8
 _REDACTED: Final = "[redacted]"
 
+# Asked of every streamed request: the answer's usage in its last chunk.
+STREAM_PARAMS: Final[Mapping[str, Any]] = {
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+# A 400/422 that names these is a server that will not stream ("upstream" is
+# not one of them).
+_STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
+_EVENT_STREAM: Final = "text/event-stream"
+
 
 def _user_agent() -> str:
     try:
@@ -91,13 +117,21 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The longest the request went without bytes from the server (its time
+    # to first byte, or a gap between chunks), for the stall timeout to
+    # learn from; and whether the answer was streamed.
+    silence_s: float | None = None
+    streamed: bool = False
 
 
 class Transport(Protocol):
     """Sends one chat request. Raises ``openai`` exceptions on failure, so
-    every transport shares one error classification."""
+    every transport shares one error classification, and
+    ``pipeline.stall.StalledRequest`` when no bytes came for ``stall_s``
+    seconds (a number, or a function giving the current number; None: only
+    the total timeout applies)."""
 
-    async def complete(self, messages: Messages) -> Completion: ...
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion: ...
 
     async def aclose(self) -> None: ...
 
@@ -116,6 +150,16 @@ def _scrub(text: str, key: str | None) -> str:
 
 def _scrub_bytes(body: bytes, key: str | None) -> bytes:
     return body.replace(key.encode(), _REDACTED.encode()) if key else body
+
+
+def rejects_streaming(status: int, body: bytes) -> bool:
+    """A 400/422 whose body names ``stream``, ``stream_options`` or
+    streaming: the server does not stream, or not with usage."""
+    return status in (400, 422) and _STREAM_WORD.search(body) is not None
+
+
+def _stalled(watch: Watchdog) -> StalledRequest:
+    return StalledRequest(watch.cut_after or watch.silence(), started=watch.beats > 0)
 
 
 def resolve_base_url(model: ModelConfig) -> str:
@@ -158,18 +202,52 @@ class OpenAITransport:
             http_client=openai.DefaultAioHttpClient() if http_client == "aiohttp" else None,
         )
         self._redact = _redactable(api_key)
+        # The SDK's timeout applies to each phase (connect, each read...);
+        # this bounds the request as a whole, like AiohttpTransport.
+        self._total_s = model.timeout_s
+        self.streaming = model.stream
+        self.stream_fallback: str | None = None
 
     def __repr__(self) -> str:
         return f"OpenAITransport(base_url={str(self._client.base_url)!r}, model={self._model!r})"
 
-    async def complete(self, messages: Messages) -> Completion:
+    def _stop_streaming(self, reason: str) -> None:
+        self.streaming = False
+        if self.stream_fallback is None:
+            self.stream_fallback = reason
+
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        streaming = self.streaming
+        watch: Watchdog | None = None
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(
+            async with asyncio.timeout(None) as scope:
+                watch = Watchdog(scope, stall_s, self._total_s)
+                try:
+                    if streaming:
+                        return await self._streamed(messages, watch)
+                    return await self._whole(messages, watch)
+                finally:
+                    watch.close()
+        except TimeoutError:
+            if watch is not None and watch.expired == "stall":
+                raise _stalled(watch) from None
+            url = f"{self._client.base_url}chat/completions"
+            raise openai.APITimeoutError(request=httpx2.Request("POST", url)) from None
+        except _StreamingRejected:
+            self._stop_streaming("the server rejects streaming requests (400 naming stream)")
+            return await self.complete(messages, stall_s=stall_s)
+
+    async def _create(self, messages: Messages, *, stream: bool) -> Any:
+        params = {**self._params, **STREAM_PARAMS} if stream else self._params
+        try:
+            return await self._client.chat.completions.with_raw_response.create(
                 model=self._model,
                 messages=messages,  # type: ignore[arg-type]
-                **self._params,
+                **params,
             )
         except openai.APIStatusError as exc:
+            if stream and rejects_streaming(exc.status_code, exc.response.content):
+                raise _StreamingRejected from None
             # A server that echoes the key would put it in the row's error column.
             key = self._redact
             if key is None or key.encode() not in exc.response.content:
@@ -180,6 +258,42 @@ class OpenAITransport:
                 exc.response.headers.raw,
                 httpx2.Request("POST", exc.request.url),
             ) from None
+
+    async def _streamed(self, messages: Messages, watch: Watchdog) -> Completion:
+        raw = await self._create(messages, stream=True)
+        watch.beat()
+        response = raw.http_response
+        if _EVENT_STREAM not in response.headers.get("content-type", ""):
+            # The server ignored "stream": one JSON body, the whole answer.
+            body = await response.aread()
+            watch.beat()
+            self._stop_streaming("the server answers streaming requests with one JSON body")
+            return dataclasses.replace(parse_completion(body, raw.headers), silence_s=watch.longest)
+        chunks = raw.parse()
+        assembler = StreamAssembler()
+        try:
+            async for chunk in chunks:
+                watch.beat()
+                assembler.add_sdk_chunk(chunk)
+        except openai.APIConnectionError:
+            raise  # dropped, reset or timed out mid-stream: the SDK's own classes
+        except openai.APIError as exc:
+            # An error event inside the stream.
+            raise UnparseableResponse(
+                _scrub(f"the stream carried an error: {_shorten(exc.message)}", self._redact)
+            ) from None
+        except (ValueError, pydantic.ValidationError) as exc:
+            raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
+        finally:
+            await chunks.close()
+        completion = assembler.completion(raw.headers, silence_s=watch.longest)
+        if completion.prompt_tokens is None:
+            self._stop_streaming("the server streams answers without their token usage")
+        return completion
+
+    async def _whole(self, messages: Messages, watch: Watchdog) -> Completion:
+        raw = await self._create(messages, stream=False)
+        watch.beat()
         try:
             parsed = raw.parse()
             choice = parsed.choices[0]
@@ -193,10 +307,189 @@ class OpenAITransport:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             headers=raw.headers,
+            silence_s=watch.longest,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
+
+
+class _StreamingRejected(Exception):
+    """The server answered a streaming request with a 400 naming streaming."""
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------
+# Streamed answers: server-sent events of chat.completion.chunk objects.
+
+
+class StreamAssembler:
+    """Builds a ``Completion`` from a streamed answer: ``feed`` it the raw
+    bytes of a ``text/event-stream`` body (``AiohttpTransport``), or
+    ``add_sdk_chunk`` the SDK's parsed chunks (``OpenAITransport``); then
+    ``completion()``. The result equals the non-streamed answer's: the text
+    is the content deltas of choice 0 joined (None if none had content), the
+    finish reason the last one given, the model the first one named, the
+    usage that of the chunk that carries it (the last, with
+    ``include_usage``).
+
+    A chunk that is not JSON, an error event, content that is not a string,
+    or a stream that ends before a finish reason or ``[DONE]`` is an
+    ``UnparseableResponse``: transient, the request is worth a retry.
+    """
+
+    __slots__ = (
+        "_choices",
+        "_data",
+        "_parts",
+        "_pending",
+        "completion_tokens",
+        "done",
+        "finish_reason",
+        "model",
+        "prompt_tokens",
+    )
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+        self._parts: list[str] = []
+        self._choices = 0
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Raw bytes of the body, cut anywhere."""
+        if self._pending:
+            data = self._pending + data
+        lines = data.split(b"\n")
+        self._pending = lines.pop()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    self._event(b"\n".join(self._data))
+                    self._data.clear()
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            # Comments (": keep-alive") and other fields (event:, id:) carry no answer.
+
+    def _event(self, data: bytes) -> None:
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            chunk = _DECODER.decode(data.decode("utf-8"))
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
+        if not isinstance(chunk, Mapping):
+            raise UnparseableResponse("a stream chunk is not a JSON object")
+        error = chunk.get("error")
+        if error is not None:
+            message = error.get("message") if isinstance(error, Mapping) else error
+            raise UnparseableResponse(f"the stream carried an error: {_shorten(str(message))}")
+        choices = chunk.get("choices")
+        choice: Mapping[str, Any] | None = None
+        if isinstance(choices, list):
+            for candidate in choices:
+                if isinstance(candidate, Mapping) and candidate.get("index", 0) == 0:
+                    choice = candidate
+                    break
+        elif choices is not None:
+            raise UnparseableResponse("a stream chunk's choices are not a list")
+        content = finish_reason = None
+        if choice is not None:
+            delta = choice.get("delta")
+            content = delta.get("content") if isinstance(delta, Mapping) else None
+            finish_reason = choice.get("finish_reason")
+        usage = chunk.get("usage")
+        if not isinstance(usage, Mapping):
+            usage = {}
+        self.add(
+            chunk.get("model"),
+            choice is not None,
+            content,
+            finish_reason,
+            usage.get("prompt_tokens"),
+            usage.get("completion_tokens"),
+        )
+
+    def add_sdk_chunk(self, chunk: Any) -> None:
+        """One ``ChatCompletionChunk`` as the SDK parsed it (without
+        validation: any attribute may be missing)."""
+        choice = None
+        for candidate in getattr(chunk, "choices", None) or ():
+            if getattr(candidate, "index", 0) == 0:
+                choice = candidate
+                break
+        usage = getattr(chunk, "usage", None)
+        self.add(
+            getattr(chunk, "model", None),
+            choice is not None,
+            getattr(getattr(choice, "delta", None), "content", None),
+            getattr(choice, "finish_reason", None),
+            getattr(usage, "prompt_tokens", None),
+            getattr(usage, "completion_tokens", None),
+        )
+
+    def add(
+        self,
+        model: object,
+        has_choice: bool,
+        content: object,
+        finish_reason: object,
+        prompt_tokens: object,
+        completion_tokens: object,
+    ) -> None:
+        if self.model is None and isinstance(model, str):
+            self.model = model
+        if has_choice:
+            self._choices += 1
+        if content is not None:
+            if not isinstance(content, str):
+                raise UnparseableResponse(
+                    f"response message content is a {type(content).__name__}, not a string"
+                )
+            self._parts.append(content)
+        if isinstance(finish_reason, str):
+            self.finish_reason = finish_reason
+        prompt = _optional_int(prompt_tokens)
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        completion = _optional_int(completion_tokens)
+        if completion is not None:
+            self.completion_tokens = completion
+
+    def completion(
+        self, headers: Mapping[str, str], *, silence_s: float | None = None
+    ) -> Completion:
+        """The answer, once the body has ended."""
+        if self._pending:
+            self.feed(b"\n\n")  # a last event without its blank line
+        elif self._data:
+            self.feed(b"\n")
+        if not self._choices:
+            raise UnparseableResponse("the stream carried no answer")
+        if not self.done and self.finish_reason is None:
+            raise UnparseableResponse("the stream ended before the answer did")
+        return Completion(
+            text="".join(self._parts) if self._parts else None,
+            finish_reason=self.finish_reason,
+            model=self.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            headers=headers,
+            silence_s=silence_s,
+            streamed=True,
+        )
 
 
 # ---------------------------------------------------------------------------
@@ -290,6 +583,14 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
     )
 
 
+async def _read_body(content: aiohttp.StreamReader, watch: Watchdog) -> bytes:
+    parts = []
+    async for data in content.iter_any():
+        watch.beat()
+        parts.append(data)
+    return b"".join(parts)
+
+
 def _chat_url(base_url: str) -> URL:
     try:
         url = URL(f"{base_url}/chat/completions")
@@ -314,7 +615,8 @@ class AiohttpTransport:
     trust (``$SSL_CERT_FILE``/``$SSL_CERT_DIR``, then the system store),
     proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``...), redirects
     followed, and the same exception classes. ``model.timeout_s`` bounds each
-    request as a whole (the SDK applies it to each phase).
+    request as a whole (the SDK applies it to each phase; ``OpenAITransport``
+    adds the same bound), ``stall_s`` its silences (see the module doc).
 
     Not implemented: Azure OpenAI's classic deployment URLs (``api-key``
     header and ``api-version`` query) and the SDK's telemetry headers
@@ -335,7 +637,11 @@ class AiohttpTransport:
         self._proxy_headers: dict[str, str] | None = None
         self._model = model.name
         self._params = {**model.request_params(), **(extra_params or {})}
-        self._timeout = aiohttp.ClientTimeout(total=model.timeout_s)
+        # The Watchdog of each request bounds it (total and stall), not aiohttp.
+        self._timeout = aiohttp.ClientTimeout(total=None)
+        self._total_s = model.timeout_s
+        self.streaming = model.stream
+        self.stream_fallback: str | None = None
         self._limit = limit
         self._redact = _redactable(api_key)
         headers = {
@@ -389,25 +695,45 @@ class AiohttpTransport:
         )
         return self._session
 
-    async def complete(self, messages: Messages) -> Completion:
+    def _stop_streaming(self, reason: str) -> None:
+        self.streaming = False
+        if self.stream_fallback is None:
+            self.stream_fallback = reason
+
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         session = self._session
         if session is None:
             session = self._open()
+        streaming = self.streaming
         payload = {"model": self._model, "messages": messages, **self._params}
+        if streaming:
+            payload.update(STREAM_PARAMS)
         data = _ENCODER.encode(payload).encode()
+        watch: Watchdog | None = None
         try:
-            async with session.post(
-                self._url, data=data, proxy_headers=self._proxy_headers
-            ) as response:
-                body = await response.read()
-                status = response.status
-                if 200 <= status < 300:
-                    headers = {name.lower(): value for name, value in response.headers.items()}
-                    return parse_completion(body, headers)
-                raw_headers = response.raw_headers
+            async with asyncio.timeout(None) as scope:
+                watch = Watchdog(scope, stall_s, self._total_s)
+                try:
+                    async with session.post(
+                        self._url, data=data, proxy_headers=self._proxy_headers
+                    ) as response:
+                        watch.beat()
+                        status = response.status
+                        if 200 <= status < 300:
+                            headers = {k.lower(): v for k, v in response.headers.items()}
+                            return await self._answer(response, headers, watch, streaming)
+                        body = await _read_body(response.content, watch)
+                        raw_headers = response.raw_headers
+                finally:
+                    watch.close()
         except TimeoutError:
-            # aiohttp's total timeout, and ServerTimeoutError (a TimeoutError too).
+            if watch is not None and watch.expired == "stall":
+                raise _stalled(watch) from None
+            # The total timeout, and aiohttp's ServerTimeoutError (a TimeoutError too).
             raise openai.APITimeoutError(request=self._request()) from None
+        except UnparseableResponse as exc:
+            # A stream's error event may quote the request, and so the key.
+            raise UnparseableResponse(_scrub(str(exc), self._redact)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
@@ -416,9 +742,34 @@ class AiohttpTransport:
                 message=_scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact),
                 request=self._request(),
             ) from None
+        if streaming and rejects_streaming(status, body):
+            self._stop_streaming("the server rejects streaming requests (400 naming stream)")
+            return await self.complete(messages, stall_s=stall_s)
         raise make_status_error(
             status, _scrub_bytes(body, self._redact), raw_headers, self._request()
         )
+
+    async def _answer(
+        self,
+        response: aiohttp.ClientResponse,
+        headers: Mapping[str, str],
+        watch: Watchdog,
+        streaming: bool,
+    ) -> Completion:
+        if streaming and response.content_type == _EVENT_STREAM:
+            assembler = StreamAssembler()
+            async for data in response.content.iter_any():
+                watch.beat()
+                assembler.feed(data)
+            completion = assembler.completion(headers, silence_s=watch.longest)
+            if completion.prompt_tokens is None:
+                self._stop_streaming("the server streams answers without their token usage")
+            return completion
+        body = await _read_body(response.content, watch)
+        if streaming:
+            # The server ignored "stream": one JSON body, the whole answer.
+            self._stop_streaming("the server answers streaming requests with one JSON body")
+        return dataclasses.replace(parse_completion(body, headers), silence_s=watch.longest)
 
     def _request(self) -> httpx2.Request:
         # What the SDK's exceptions carry as ``.request``, without the key.

@@ -22,6 +22,7 @@ from pipeline.call import (
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
 
 URL = "http://127.0.0.1:1/v1/chat/completions"
@@ -58,7 +59,7 @@ class Scripted:
         self.latency_s = latency_s
         self.calls: list[float] = []
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         self.calls.append(asyncio.get_running_loop().time())
         await asyncio.sleep(self.latency_s)
         step = next(self._script, None)
