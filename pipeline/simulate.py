@@ -886,10 +886,11 @@ class Simulator:
     ) -> web.StreamResponse:
         """Headers of a 200 event stream, sent with its first chunk (the role).
         Take a new ``_next_id`` first: it is the stream's id."""
+        first = self._chunk(model, {"role": "assistant", "content": ""})  # before any await
         response = web.StreamResponse(status=200, headers=headers)
         response.content_type = "text/event-stream"
         await response.prepare(request)
-        await response.write(self._chunk(model, {"role": "assistant", "content": ""}))
+        await response.write(first)
         return response
 
     async def _stream_answer(

@@ -344,6 +344,7 @@ class StreamAssembler:
     __slots__ = (
         "_choices",
         "_data",
+        "_lines",
         "_parts",
         "_pending",
         "completion_tokens",
@@ -356,6 +357,8 @@ class StreamAssembler:
     def __init__(self) -> None:
         self._pending = b""
         self._data: list[bytes] = []
+        # Parse line by line: set once a CR shows up (CRLF line ends).
+        self._lines = False
         self._parts: list[str] = []
         self._choices = 0
         self.model: str | None = None
@@ -368,8 +371,24 @@ class StreamAssembler:
         """Raw bytes of the body, cut anywhere."""
         if self._pending:
             data = self._pending + data
+        if self._lines or b"\r" in data:
+            self._lines = True
+            self._pending = self._feed_lines(data)
+            return
+        # The usual stream: events of one "data: " line each, a blank line
+        # after each. Anything else in an event goes through the line parser.
+        events = data.split(b"\n\n")
+        self._pending = events.pop()
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                self._event(event[6:])
+            else:
+                self._feed_lines(event + b"\n\n")
+
+    def _feed_lines(self, data: bytes) -> bytes:
+        """Parse ``data`` line by line; returns what follows its last newline."""
         lines = data.split(b"\n")
-        self._pending = lines.pop()
+        rest = lines.pop()
         for line in lines:
             if line.endswith(b"\r"):
                 line = line[:-1]
@@ -381,46 +400,61 @@ class StreamAssembler:
                 value = line[5:]
                 self._data.append(value[1:] if value.startswith(b" ") else value)
             # Comments (": keep-alive") and other fields (event:, id:) carry no answer.
+        return rest
 
     def _event(self, data: bytes) -> None:
+        """One event's data: the hot path of a stream, so plain type checks
+        (JSON gives dicts and lists) and no work for absent fields."""
         if data == b"[DONE]":
             self.done = True
             return
         try:
-            chunk = _DECODER.decode(data.decode("utf-8"))
+            text = data.decode("utf-8")
+            chunk, end = _DECODER.raw_decode(text)
         except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
             raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
-        if not isinstance(chunk, Mapping):
+        if end != len(text) and text[end:].strip():
+            raise UnparseableResponse("unparseable stream chunk (extra data)")
+        if type(chunk) is not dict:
             raise UnparseableResponse("a stream chunk is not a JSON object")
         error = chunk.get("error")
         if error is not None:
-            message = error.get("message") if isinstance(error, Mapping) else error
+            message = error.get("message") if type(error) is dict else error
             raise UnparseableResponse(f"the stream carried an error: {_shorten(str(message))}")
+        if self.model is None:
+            model = chunk.get("model")
+            if type(model) is str:
+                self.model = model
         choices = chunk.get("choices")
-        choice: Mapping[str, Any] | None = None
-        if isinstance(choices, list):
-            for candidate in choices:
-                if isinstance(candidate, Mapping) and candidate.get("index", 0) == 0:
-                    choice = candidate
-                    break
-        elif choices is not None:
+        if choices:
+            if type(choices) is not list:
+                raise UnparseableResponse("a stream chunk's choices are not a list")
+            choice = choices[0]
+            if type(choice) is not dict or choice.get("index", 0) != 0:
+                choice = next(
+                    (c for c in choices if type(c) is dict and c.get("index", 0) == 0), None
+                )
+            if choice is not None:
+                self._choices += 1
+                delta = choice.get("delta")
+                if type(delta) is dict:
+                    content = delta.get("content")
+                    if content is not None:
+                        if type(content) is not str:
+                            raise UnparseableResponse(
+                                f"response message content is a {type(content).__name__}, "
+                                "not a string"
+                            )
+                        self._parts.append(content)
+                finish_reason = choice.get("finish_reason")
+                if type(finish_reason) is str:
+                    self.finish_reason = finish_reason
+        elif choices is not None and type(choices) is not list:
             raise UnparseableResponse("a stream chunk's choices are not a list")
-        content = finish_reason = None
-        if choice is not None:
-            delta = choice.get("delta")
-            content = delta.get("content") if isinstance(delta, Mapping) else None
-            finish_reason = choice.get("finish_reason")
         usage = chunk.get("usage")
-        if not isinstance(usage, Mapping):
-            usage = {}
-        self.add(
-            chunk.get("model"),
-            choice is not None,
-            content,
-            finish_reason,
-            usage.get("prompt_tokens"),
-            usage.get("completion_tokens"),
-        )
+        if usage and type(usage) is dict:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.add(None, False, None, None, prompt, completion)
 
     def add_sdk_chunk(self, chunk: Any) -> None:
         """One ``ChatCompletionChunk`` as the SDK parsed it (without
@@ -472,10 +506,9 @@ class StreamAssembler:
         self, headers: Mapping[str, str], *, silence_s: float | None = None
     ) -> Completion:
         """The answer, once the body has ended."""
-        if self._pending:
-            self.feed(b"\n\n")  # a last event without its blank line
-        elif self._data:
-            self.feed(b"\n")
+        if self._pending or self._data:
+            self._feed_lines(self._pending + b"\n\n")  # a last event without its blank line
+            self._pending = b""
         if not self._choices:
             raise UnparseableResponse("the stream carried no answer")
         if not self.done and self.finish_reason is None:

@@ -685,6 +685,10 @@ def test_a_stream_cut_anywhere_assembles_to_the_same_answer() -> None:
         assert assembled(body, cuts) == whole
     crlf = body.replace(b"\n", b"\r\n")
     assert assembled(b": keep-alive\r\n\r\n" + crlf, 5) == whole
+    # An event whose data spans two lines (joined by a newline: still JSON).
+    multiline = body.replace(b'"model": ', b'"model":\ndata: ', 1)
+    assert multiline != body
+    assert assembled(multiline, 3) == whole
 
 
 @pytest.mark.parametrize(
