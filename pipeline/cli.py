@@ -30,6 +30,7 @@ from pipeline.events import (
     redact,
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
+from pipeline.stall import STALL_DEFAULT_S, STALL_FLOOR_S, STALL_MULTIPLE, STALL_WARMUP
 from pipeline.version import DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -64,7 +65,21 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
     ("--api-key-env", "model.api_key_env", str, "Variable holding the API key [OPENAI_API_KEY]."),
     ("--temperature", "model.temperature", float, "Sampling temperature."),
     ("--max-tokens", "model.max_tokens", int, "Completion token cap per row."),
-    ("--timeout", "model.timeout_s", float, "Per-request timeout in seconds."),
+    (
+        "--timeout",
+        "model.timeout_s",
+        float,
+        "Longest one request may take in all, in seconds [60]; longer is cut and retried.",
+    ),
+    (
+        "--stall-timeout",
+        "model.stall_timeout_s",
+        float,
+        "Cut and retry a request that sends no byte for this many seconds (before its "
+        f"first or between chunks) [learned: {STALL_MULTIPLE:g}x the p99 of recent answers' "
+        f"longest silence, {STALL_FLOOR_S:g} s at least, {STALL_DEFAULT_S:g} s until "
+        f"{STALL_WARMUP} answers; doubled on each retry of a row].",
+    ),
     (
         "--transport",
         "model.transport",
@@ -126,6 +141,12 @@ TOGGLE_OPTIONS: Final[list[tuple[str, str, str]]] = [
     ("--cache/--no-cache", "cache.enabled", "Use the response cache across runs."),
     ("--dedup/--no-dedup", "cache.dedup", "Send identical requests once per run."),
     ("--adaptive/--no-adaptive", "limits.adaptive", "Learn limits from headers and 429s (AIMD)."),
+    (
+        "--stream/--no-stream",
+        "model.stream",
+        "Stream answers, so a stuck request is cut in seconds while a long answer is not "
+        "[on; servers that cannot stream are detected].",
+    ),
 ]
 
 
@@ -263,7 +284,8 @@ def format_summary(summary: RunSummary) -> str:
             f" · latency p50 {_fmt_ms(summary.latency_percentile(50))}"
             f" · p95 {_fmt_ms(summary.latency_percentile(95))}",
             f"  requests {summary.requests:,} (retries {summary.retries:,},"
-            f" rate-limited {summary.rate_limited:,}) · from cache {summary.cache_hits:,}"
+            f" rate-limited {summary.rate_limited:,}, stalled {summary.stalled:,})"
+            f" · from cache {summary.cache_hits:,}"
             f" · deduplicated {summary.deduplicated:,}",
             f"  cost {_fmt_cost(summary.cost_usd)}",
         ]
@@ -501,17 +523,57 @@ def _sample_path() -> Path:
 @click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
 @click.option("--drop-rate", type=float, default=0.0, show_default=True)
 @click.option("--hang-rate", type=float, default=0.0, show_default=True)
+@click.option(
+    "--hang-s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="How long a hanging request sends nothing.",
+)
+@click.option(
+    "--hang-max-s",
+    type=float,
+    default=None,
+    help="Each hang lasts a uniform draw between --hang-s and this.",
+)
+@click.option(
+    "--hang-answers",
+    is_flag=True,
+    help="A hang ends in the answer (a stuck connection that answers late), not a drop.",
+)
+@click.option(
+    "--chunk-delay-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Pause between the chunks of a streamed answer.",
+)
+@click.option(
+    "--no-streaming",
+    is_flag=True,
+    help="Answer stream=true with a 400, like servers that cannot stream.",
+)
 @click.option("--malformed-rate", type=float, default=0.0, show_default=True)
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors
 def simulate(
-    host: str, port: int, no_rate_headers: bool, api_key: str | None, **settings: Any
+    host: str,
+    port: int,
+    no_rate_headers: bool,
+    no_streaming: bool,
+    api_key: str | None,
+    **settings: Any,
 ) -> None:
     """Serve a local OpenAI-compatible API with latency, limits and faults."""
     from pipeline.simulate import SimulatorConfig, serve_forever
 
-    config = SimulatorConfig(rate_headers=not no_rate_headers, api_key=api_key, **settings)
+    config = SimulatorConfig(
+        rate_headers=not no_rate_headers,
+        streaming=not no_streaming,
+        api_key=api_key,
+        **settings,
+    )
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))
 
 

@@ -103,6 +103,12 @@ class RunSummary:
     outages: int = 0
     """Times the API stopped answering and the run waited, probing."""
     outage_s: float = 0.0
+    stalled: int = 0
+    """Requests cut because no byte came for the stall timeout (then retried)."""
+    stall_timeout_s: float | None = None
+    """The stall timeout the run ended with (learned unless --stall-timeout)."""
+    streamed: bool | None = None
+    """Whether answers were streamed (None: no request was answered)."""
     cache_hits: int = 0
     """Rows answered from the response cache (no request)."""
     deduplicated: int = 0
@@ -369,6 +375,9 @@ async def _run_calls(
         summary.bad_answers = stage.stats.bad_answers
         summary.outages = stage.stats.outages
         summary.outage_s = stage.stats.outage_s
+        summary.stalled = stage.stats.stalled
+        summary.stall_timeout_s = stage.stats.stall_timeout_s
+        summary.streamed = stage.stats.streamed
         summary.cost_usd = spend.spent_this_run
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
@@ -495,6 +504,11 @@ async def _locked_run(
         body["requests"]["bad_structured_answers"] = summary.bad_answers
         body["requests"]["outages"] = summary.outages
         body["requests"]["outage_s"] = round(summary.outage_s, 3)
+        body["requests"]["stalled"] = summary.stalled
+        body["requests"]["stall_timeout_s"] = (
+            None if summary.stall_timeout_s is None else round(summary.stall_timeout_s, 3)
+        )
+        body["requests"]["streamed"] = summary.streamed
         body["reuse"] = {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,

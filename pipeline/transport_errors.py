@@ -6,7 +6,8 @@ the errors of the libraries under it into its own hierarchy): the aiohttp
 transport raises them directly, and the openai SDK transport translates the
 SDK's exceptions into them in one function (``pipeline.transport.sdk_error``).
 ``pipeline.call.classify`` matches only these types, so a new SDK or aiohttp
-version cannot silently change how a failure is classified.
+version cannot silently change how a failure is classified. A request cut
+for going silent (``pipeline.stall.StalledRequest``) is one of them too.
 
 Standard library only: importing this costs nothing.
 """

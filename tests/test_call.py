@@ -20,6 +20,7 @@ from pipeline.call import (
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
 from pipeline.transport_errors import APIStatus
 
@@ -61,7 +62,7 @@ class Scripted:
         self.latency_s = latency_s
         self.calls: list[float] = []
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         self.calls.append(asyncio.get_running_loop().time())
         await asyncio.sleep(self.latency_s)
         step = next(self._script, None)

@@ -20,6 +20,7 @@ from pipeline.errors import APIUnreachable, ExitCode
 from pipeline.events import RecordingEventSink
 from pipeline.outage import PROBE_MAX_S, Attempt, OutageGate
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
 from pipeline.transport_errors import APIConnectionFailed, APIStatus
 
@@ -72,7 +73,7 @@ class FakeAPI:
     def is_down(self, at: float) -> bool:
         return any(start <= at - self.origin < end for start, end in self.down)
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         text = str(messages[-1]["content"])
         call = Call(text, now())
         self.calls.append(call)
@@ -367,7 +368,7 @@ async def test_a_row_failing_transiently_outside_an_outage_is_marked_transient()
 @pytest.mark.looptime
 async def test_a_row_the_server_rejects_is_a_permanent_failure() -> None:
     class Rejecting(FakeAPI):
-        async def complete(self, messages: Messages) -> Completion:
+        async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
             raise status_error(400)
 
     [result] = await collect(stage(Rejecting()), ["too long"])

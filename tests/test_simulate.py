@@ -116,6 +116,8 @@ def test_format_reset_uses_openai_duration_format(seconds: float, text: str) -> 
         {"rpm": 0},
         {"window_s": 0},
         {"latency_ms": -1},
+        {"chunk_delay_ms": -1},
+        {"hang_s": 30, "hang_max_s": 10},
     ],
 )
 def test_invalid_config_raises_config_error(kwargs: dict[str, Any]) -> None:
@@ -555,6 +557,90 @@ async def test_max_in_flight_counts_concurrent_requests() -> None:
         await c.chat.completions.create(model="sim-1", messages=user("alone"))
         assert sim.stats.max_in_flight == 1
         assert sim.stats.requests == 1
+
+
+# -- streaming ------------------------------------------------------------------
+
+
+async def stream_chunks(
+    sim: Simulator, content: str, *, timeout: float = 5.0, **kwargs: Any
+) -> list[Any]:
+    async with client(sim, timeout=timeout) as c:
+        stream = await c.chat.completions.create(
+            model="sim-1", messages=user(content), stream=True, **kwargs
+        )
+        return [chunk async for chunk in stream]
+
+
+async def test_a_streamed_answer_is_openai_chunks_with_the_usage_last(sim: Simulator) -> None:
+    async with client(sim) as c:
+        whole = await c.chat.completions.create(model="sim-1", messages=user("row 1 " * 10))
+    chunks = await stream_chunks(sim, "row 1 " * 10, stream_options={"include_usage": True})
+
+    assert {chunk.object for chunk in chunks} == {"chat.completion.chunk"}
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len(chunks) > 10  # in pieces, not one chunk
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+    assert (sim.stats.answered, sim.stats.streamed) == (2, 1)
+    # Without include_usage there is no usage chunk.
+    plain = await stream_chunks(sim, "row 1")
+    assert all(chunk.usage is None for chunk in plain)
+    assert plain[-1].choices[0].finish_reason == "stop"
+
+
+async def test_chunk_delay_spreads_a_streamed_answer_over_time() -> None:
+    async with Simulator(SimulatorConfig(chunk_delay_ms=30)) as sim:
+        arrivals = []
+        async with client(sim) as c:
+            stream = await c.chat.completions.create(
+                model="sim-1", messages=user("a question"), stream=True
+            )
+            async for _chunk in stream:
+                arrivals.append(time.monotonic())
+    # Each chunk after the first waited its delay (a lower bound: never flaky).
+    assert len(arrivals) > 5
+    assert arrivals[-1] - arrivals[0] >= 0.9 * 0.03 * (len(arrivals) - 1)
+
+
+async def test_a_hang_sends_a_streaming_request_nothing_either() -> None:
+    async with Simulator(SimulatorConfig(hang_s=30)) as sim:
+        with pytest.raises(openai.APITimeoutError):
+            await stream_chunks(sim, "[[fault:hang:1]]", timeout=0.5)
+        assert (sim.stats.hangs, sim.stats.faults, sim.stats.answered) == (1, 1, 0)
+        assert len(await stream_chunks(sim, "[[fault:hang:1]]")) > 1
+
+
+async def test_a_hang_that_answers_gives_the_answer_after_the_hang() -> None:
+    config = SimulatorConfig(hang_rate=1.0, hang_s=0.1, hang_max_s=0.2, hang_answers=True)
+    async with Simulator(config) as sim:
+        assert await ask(sim, "late") == expected_answer(user("late"), "sim-1")
+        chunks = await stream_chunks(sim, "late too")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            expected_answer(user("late too"), "sim-1")
+        )
+        assert (sim.stats.hangs, sim.stats.faults, sim.stats.answered) == (2, 2, 2)
+
+
+async def test_a_server_without_streaming_answers_stream_with_a_400() -> None:
+    async with Simulator(SimulatorConfig(streaming=False)) as sim:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await stream_chunks(sim, "hi")
+        assert caught.value.param == "stream"
+        assert await ask(sim, "hi") is not None  # plain requests are answered
+
+
+async def test_stream_options_without_stream_is_a_400(sim: Simulator) -> None:
+    async with client(sim) as c:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await c.chat.completions.create(
+                model="sim-1", messages=user("hi"), stream_options={"include_usage": True}
+            )
+    assert caught.value.param == "stream_options"
 
 
 # -- running outside the test's event loop --------------------------------------

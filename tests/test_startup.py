@@ -38,9 +38,9 @@ from pipeline import transport  # light: neither HTTP client comes with it
 seen = {{}}
 for cls in (transport.AiohttpTransport, transport.OpenAITransport):
     def patched(original):
-        async def complete(self, messages):
+        async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
-            return await original(self, messages)
+            return await original(self, messages, **options)
         return complete
     cls.complete = patched(cls.complete)
 atexit.register(lambda: print("\\nPROBE " + json.dumps({{**seen, "exit": loaded()}})))

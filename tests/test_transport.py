@@ -13,16 +13,24 @@ import ssl
 import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Final, cast
 
 import openai
 import pytest
 from aiohttp import web
 
-from pipeline.call import Failure, classify
-from pipeline.config import ModelConfig
+from pipeline.call import CallStage, ChatRequest, Failure, classify
+from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.simulate import SPURIOUS_RETRY_AFTER_S, Simulator, expected_answer
+from pipeline.simulate import (
+    BAD_JSON,
+    SPURIOUS_RETRY_AFTER_S,
+    Simulator,
+    expected_answer,
+    expected_structured_answer,
+)
+from pipeline.stall import StalledRequest
+from pipeline.structured import load_schema, response_format
 from pipeline.transport import (
     DEFAULT_BASE_URL,
     TRANSPORT_KINDS,
@@ -31,9 +39,12 @@ from pipeline.transport import (
     Completion,
     Messages,
     OpenAITransport,
+    StreamAssembler,
     Transport,
     make_transport,
     parse_completion,
+    rejects_streaming,
+    sdk_error,
 )
 from pipeline.transport_errors import (
     APIConnectionFailed,
@@ -62,11 +73,20 @@ def model_config(base_url: str | None, **settings: Any) -> ModelConfig:
 
 
 async def ask(
-    kind: str, base_url: str | None, messages: Messages, *, key: str = KEY, **settings: Any
+    kind: str,
+    base_url: str | None,
+    messages: Messages,
+    *,
+    key: str = KEY,
+    stall_s: float | None = None,
+    extra_params: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> Completion:
-    transport = make_transport(model_config(base_url, **settings), key, kind)
+    transport = make_transport(
+        model_config(base_url, **settings), key, kind, extra_params=extra_params
+    )
     try:
-        return await transport.complete(messages)
+        return await transport.complete(messages, stall_s=stall_s)
     finally:
         await transport.aclose()
 
@@ -114,8 +134,10 @@ async def test_both_transports_give_the_same_completion(server: Simulator) -> No
     assert fast.completion_tokens is not None and fast.completion_tokens > 0
     # Plain dict, lowercase keys: what a rate limiter reads.
     assert isinstance(fast.headers, dict)
-    assert fast.headers["content-type"].startswith("application/json")
+    # Streamed by default, by both.
+    assert fast.headers["content-type"].startswith("text/event-stream")
     assert sdk.headers["content-type"] == fast.headers["content-type"]
+    assert fast.streamed and sdk.streamed
 
 
 async def test_request_params_are_sent_by_both(server: Simulator) -> None:
@@ -321,6 +343,156 @@ async def test_a_fault_that_clears_then_succeeds(server: Simulator) -> None:
         await transport.aclose()
 
 
+# -- streaming: a stuck request is cut in seconds, a long answer is not -----
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_streamed_answer_equals_the_plain_one(server: Simulator, kind: str) -> None:
+    messages: Messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Qu'est-ce que l'été ? ☀️ " * 20},
+    ]
+    streamed = await ask(kind, server.base_url, messages)
+    plain = await ask(kind, server.base_url, messages, stream=False)
+    cut = await ask(kind, server.base_url, messages, max_tokens=3)
+    cut_plain = await ask(kind, server.base_url, messages, max_tokens=3, stream=False)
+
+    assert (streamed.streamed, plain.streamed) == (True, False)
+    assert comparable(streamed) == comparable(plain)
+    assert streamed.text == expected_answer(messages, MODEL)
+    assert comparable(cut) == comparable(cut_plain)
+    assert cut.finish_reason == "length"
+    assert server.stats.streamed == 2
+    # The rate headers of a streamed answer reach the limiter too.
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    for completion in (streamed, plain):
+        assert completion.silence_s is not None and completion.silence_s >= 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_hang_is_cut_after_the_stall_timeout_not_the_total_timeout(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    # A total timeout the test's own 10 s limit would not survive.
+    exc = await failure(kind, server.base_url, user("[[fault:hang]]"), stall_s=0.3, timeout_s=30)
+
+    assert isinstance(exc, StalledRequest)
+    assert not exc.started
+    failure_ = classified(exc)
+    assert (failure_.kind, failure_.stalled) == ("retry", True)
+    assert server.stats.hangs == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_that_goes_silent_midway_is_cut(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    exc = await failure(kind, server.base_url, user("[[fault:stall]]"), stall_s=0.3, timeout_s=30)
+
+    assert isinstance(exc, StalledRequest)
+    assert exc.started  # the first chunk came, then nothing
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_hung_row_is_cut_and_retried_by_the_call_stage(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    config = model_config(server.base_url, stall_timeout_s=0.3, timeout_s=30)
+    transport = make_transport(config, KEY, kind)
+    limits = LimitsConfig(concurrency=1, backoff_base_s=0.01, backoff_max_s=0.05)
+    stage = CallStage(config, limits, transport)
+    messages = user("[[fault:hang:1]] then fine")
+    try:
+        result = await stage.call(ChatRequest(0, messages))
+    finally:
+        await transport.aclose()
+
+    assert (result.status, result.attempts) == ("ok", 2)
+    assert result.response == expected_answer(messages, MODEL)
+    assert stage.stats.stalled == 1
+    assert stage.stats.requests == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slowly_streaming_long_answer_is_not_cut(
+    start_server: StartServer, kind: str
+) -> None:
+    # About 90 chunks 20 ms apart: some 2 s in all, against a stall timeout of
+    # 0.5 s. Without streaming the same answer would be silent for 2 s.
+    server = start_server(chunk_delay_ms=20)
+    messages = user("a long question " * 20)
+
+    completion = await ask(kind, server.base_url, messages, stall_s=0.5, timeout_s=30)
+
+    assert completion.text == expected_answer(messages, MODEL)
+    assert completion.streamed
+    assert completion.silence_s is not None and completion.silence_s < 0.5
+    assert server.stats.answered == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_cannot_stream_gets_plain_requests_for_the_rest_of_the_run(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(streaming=False)
+    transport = make_transport(model_config(server.base_url), KEY, kind)
+    try:
+        first = await transport.complete(user("one"), stall_s=5.0)
+        requests_for_first = server.stats.requests
+        second = await transport.complete(user("two"), stall_s=5.0)
+    finally:
+        await transport.aclose()
+
+    assert first.text == expected_answer(user("one"), MODEL)
+    assert second.text == expected_answer(user("two"), MODEL)
+    assert not first.streamed and not second.streamed
+    assert requests_for_first == 2  # the refused streaming request, then the plain one
+    assert server.stats.requests == 3  # no second try at streaming
+    assert getattr(transport, "streaming", None) is False
+    assert "400" in str(getattr(transport, "stream_fallback", ""))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_fault_directives_work_when_streaming(server: Simulator, kind: str) -> None:
+    url = server.base_url
+    for content, error, status in (
+        ("[[fault:500]]", APIStatus, 500),
+        ("[[fault:429]]", APIStatus, 429),
+        ("[[fault:400]]", APIStatus, 400),
+        ("[[fault:drop]]", APIConnectionFailed, None),  # dropped mid-stream
+        ("[[fault:malformed]]", UnparseableResponse, None),  # a chunk cut short
+    ):
+        exc = await failure(kind, url, user(content))
+        assert type(exc) is error, content
+        if status is not None:
+            assert isinstance(exc, APIStatus) and exc.status_code == status, content
+        assert classified(exc).kind == ("row" if status == 400 else "retry")
+    bad = await ask(kind, url, user("[[fault:badjson:1]] x"))
+    good = await ask(kind, url, user("[[fault:badjson:1]] x"))
+    assert (bad.text, bad.streamed) == (BAD_JSON, True)
+    assert good.text == expected_answer(user("[[fault:badjson:1]] x"), MODEL)
+    assert server.stats.streamed == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_structured_output_works_when_streaming(server: Simulator, kind: str) -> None:
+    schema = load_schema(
+        '{"type": "object", "properties": {"label": {"enum": ["a", "b"]}, '
+        '"score": {"type": "integer"}}, "required": ["label", "score"]}'
+    )
+    fmt = response_format(schema, "row")
+    messages = user("rate this")
+
+    completion = await ask(kind, server.base_url, messages, extra_params={"response_format": fmt})
+
+    assert completion.streamed
+    assert completion.text is not None
+    assert json.loads(completion.text) == expected_structured_answer(messages, MODEL, schema)
+
+
 # -- a hand-written server for what the simulator never does --------------
 
 EchoServer = Callable[[Callable[[web.Request], Awaitable[web.StreamResponse]]], Awaitable[str]]
@@ -380,7 +552,14 @@ async def test_sends_the_headers_servers_look_at(
     assert headers["User-Agent"] == USER_AGENT
     assert headers["OpenAI-Organization"] == "org-1"
     assert headers["OpenAI-Project"] == "proj-1"
-    assert seen["body"] == {"model": MODEL, "messages": user("hi"), "temperature": 0, "seed": 7}
+    assert seen["body"] == {
+        "model": MODEL,
+        "messages": user("hi"),
+        "temperature": 0,
+        "seed": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 @pytest.mark.parametrize(
@@ -420,6 +599,164 @@ async def test_a_server_that_echoes_the_key_does_not_leak_it(
     for text in (str(exc), repr(exc), repr(exc.body), exc.message, result.reason):
         assert KEY not in text
         assert "[redacted]" in text
+
+
+def sse(*chunks: Any, done: bool = True) -> bytes:
+    events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    return b"".join(events) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def delta_chunk(content: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+USAGE_CHUNK: Final = {"model": MODEL, "choices": [], "usage": chat_body("")["usage"]}
+
+
+async def stream_response(request: web.Request, body: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_rejects_stream_options_gets_plain_requests(
+    echo_server: EchoServer, kind: str
+) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        if "stream_options" in body:
+            error = {
+                "message": "Unrecognized request argument supplied: stream_options",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+            return web.json_response({"error": error}, status=400)
+        return web.json_response(chat_body("plain"))
+
+    completion = await ask(kind, await echo_server(handler), user("hi"), stall_s=5.0)
+
+    assert (completion.text, completion.streamed) == ("plain", False)
+    assert [("stream" in body) for body in bodies] == [True, False]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_ignores_stream_is_read_as_a_plain_answer(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("whole"))
+
+    base_url = await echo_server(handler)
+    transport = make_transport(model_config(base_url), KEY, kind)
+    try:
+        completion = await transport.complete(user("hi"), stall_s=5.0)
+    finally:
+        await transport.aclose()
+
+    assert (completion.text, completion.streamed) == ("whole", False)
+    assert getattr(transport, "streaming", None) is False
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_streams_without_usage_gets_plain_requests_after(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if (await request.json()).get("stream"):
+            return await stream_response(
+                request, sse(delta_chunk("str"), delta_chunk("eamed", "stop"))
+            )
+        return web.json_response(chat_body("plain"))
+
+    base_url = await echo_server(handler)
+    transport = make_transport(model_config(base_url), KEY, kind)
+    try:
+        first = await transport.complete(user("hi"))
+        second = await transport.complete(user("hi"))
+    finally:
+        await transport.aclose()
+
+    # The answer is kept (its tokens unknown); later ones carry their usage.
+    assert (first.text, first.prompt_tokens, first.streamed) == ("streamed", None, True)
+    assert (second.text, second.prompt_tokens, second.streamed) == ("plain", 1, False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_error_event_inside_a_stream_is_transient_and_keeps_the_key_out(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"message": f"overloaded for {request.headers['Authorization']}"}}
+        return await stream_response(request, sse(delta_chunk("par"), error))
+
+    exc = await failure(kind, await echo_server(handler), user("hi"))
+
+    assert isinstance(exc, UnparseableResponse)
+    assert "the stream carried an error: overloaded" in str(exc)
+    assert KEY not in str(exc)
+    assert classified(exc).kind == "retry"
+
+
+def test_a_400_names_streaming_only_in_so_many_words() -> None:
+    assert rejects_streaming(400, b'{"error": {"param": "stream_options"}}')
+    assert rejects_streaming(422, b"streaming is not supported for this model")
+    assert rejects_streaming(400, b"The simulator does not support stream=true.")
+    assert not rejects_streaming(400, b"the upstream model rejected the prompt")
+    assert not rejects_streaming(500, b"stream broke")
+
+
+def assembled(body: bytes, cuts: int = 1) -> Completion:
+    assembler = StreamAssembler()
+    step = max(1, len(body) // cuts)
+    for start in range(0, len(body), step):
+        assembler.feed(body[start : start + step])
+    return assembler.completion({})
+
+
+def test_a_stream_cut_anywhere_assembles_to_the_same_answer() -> None:
+    body = sse(
+        {"model": MODEL, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        delta_chunk("l'été "),
+        delta_chunk("☀️"),
+        delta_chunk(None, "stop"),
+        USAGE_CHUNK,
+    )
+    whole = assembled(body)
+    assert whole == Completion("l'été ☀️", "stop", MODEL, 1, 1, {}, streamed=True)
+    for cuts in (2, 3, 7, len(body)):  # down to one byte at a time
+        assert assembled(body, cuts) == whole
+    crlf = body.replace(b"\n", b"\r\n")
+    assert assembled(b": keep-alive\r\n\r\n" + crlf, 5) == whole
+    # An event whose data spans two lines (joined by a newline: still JSON).
+    multiline = body.replace(b'"model": ', b'"model":\ndata: ', 1)
+    assert multiline != body
+    assert assembled(multiline, 3) == whole
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (sse(delta_chunk("cut off"), done=False), "ended before"),
+        (sse(done=True), "no answer"),
+        (b'data: {"choices": [{"delta": \n\n', "unparseable stream chunk"),
+        (sse({"choices": "nope"}), "not a list"),
+        (sse({"choices": [{"index": 0, "delta": {"content": 3}}]}), "not a string"),
+    ],
+)
+def test_a_broken_stream_is_unparseable(body: bytes, problem: str) -> None:
+    with pytest.raises(UnparseableResponse, match=problem):
+        assembled(body)
 
 
 # What an error body may be: OpenAI's shape, another JSON shape, text, nothing.
@@ -613,6 +950,23 @@ async def test_tls_trusts_what_the_environment_names_and_nothing_else(
 
 
 # -- pure parts --------------------------------------------------------------
+
+
+def test_a_bare_sdk_api_error_is_a_transient_failure_without_the_key() -> None:
+    # What the SDK raises for an error event inside a stream: not a bug.
+    raw = openai.APIError(f"overloaded for Bearer {KEY}", cast(Any, None), body=None)
+    exc = sdk_error(raw, KEY)
+    assert isinstance(exc, UnparseableResponse)
+    assert "the stream carried an error: overloaded" in str(exc)
+    assert KEY not in str(exc)
+    assert classified(exc).kind == "retry"
+
+
+def test_a_stall_is_a_transport_error_classified_as_a_stall() -> None:
+    exc = StalledRequest(3.0, started=False)
+    assert isinstance(exc, TransportError)
+    failure_ = classified(exc)
+    assert (failure_.kind, failure_.stalled) == ("retry", True)
 
 
 def test_parse_completion_tolerates_missing_extras() -> None:
