@@ -23,7 +23,9 @@ from typing import Any, Final, Literal
 from pipeline import prompt
 from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
 from pipeline.errors import ConfigError, EnrichError, ExitCode
+from pipeline.events import EventSink, ThrottledWarning
 from pipeline.read import InputSource
+from pipeline.results import RowResult
 from pipeline.transport import Messages
 
 # Package data, so a wheel install knows the prices too (configs/prices.toml
@@ -297,6 +299,31 @@ def prompt_token_estimate(messages: Messages) -> int:
     estimate and the limiter agree): ``estimate_tokens`` without the
     completion budget."""
     return estimate_tokens(messages, 1) - 1
+
+
+class PromptBound:
+    """``--max-prompt-tokens``: a row whose prompt is estimated above the bound
+    is an error at once, never a request (a 10 MB cell would be a request that
+    fails, or one that is paid for), with a ``warning`` event (``kind``
+    ``prompt_too_long``, one line per 30 s however many rows)."""
+
+    def __init__(self, max_tokens: int | None, events: EventSink) -> None:
+        self._max = max_tokens
+        self._warning = ThrottledWarning(events, "prompt_too_long")
+
+    def refused(self, row_id: int, messages: Messages) -> RowResult | None:
+        """The row's error result when its prompt is over the bound, else None."""
+        if self._max is None:
+            return None
+        tokens = prompt_token_estimate(messages)
+        if tokens <= self._max:
+            return None
+        error = (
+            f"prompt too long: about {tokens:,} tokens, above --max-prompt-tokens "
+            f"{self._max:,}; not sent"
+        )
+        self._warning.hit(f"row {row_id}: {error}", row=row_id, prompt_tokens=tokens)
+        return RowResult(row_id=row_id, status="error", error=error)
 
 
 def iter_prompt_tokens(

@@ -44,6 +44,7 @@ from pipeline.costs import (
     CostMeter,
     Price,
     PriceTable,
+    PromptBound,
     SpendCap,
     cost,
     prompt_token_estimate,
@@ -188,6 +189,7 @@ class PreparedRun:
 def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
     """Validate input, prompt and output; raises typed errors, sends nothing.
     ``check_output=False`` for commands that write nothing (estimate)."""
+    config.model.resolved_base_url()  # a bad $OPENAI_BASE_URL stops here, before any write
     source = open_input(config.input.path)
     spec = prompt_spec(config)
     prompt.validate(spec, source.columns(), source=str(source.path))
@@ -315,6 +317,7 @@ async def _run_calls(
     start_row = first_todo if first_todo >= 0 else prepared.total_rows
     completion_budget = config.model.max_tokens or DEFAULT_COMPLETION_ESTIMATE
     keys_in_flight: dict[int, bytes] = {}
+    bound = PromptBound(config.input.max_prompt_tokens, stage.events)
 
     async def finish_row(result: RowResult, key: bytes | None = None) -> None:
         result.request_key = key
@@ -330,6 +333,9 @@ async def _run_calls(
                     await finish_row(RowResult.skipped(row_id))
                     continue
                 messages = prompt.messages(prepared.spec, text)
+                if (refused := bound.refused(row_id, messages)) is not None:
+                    await finish_row(refused)
+                    continue
                 asks.append((row_id, messages, reuse.make_key(messages)))
             hits = await _answers_for(reuse, [key for _, _, key in asks])
             for row_id, ask, key in asks:
