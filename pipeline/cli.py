@@ -261,10 +261,26 @@ def _pending(summary: RunSummary) -> str:
     return f" (pending {summary.pending:,}: transient failures, the next run sends them again)"
 
 
-def format_summary(summary: RunSummary) -> str:
+def _headline(summary: RunSummary) -> str:
+    if summary.error and not summary.ok:
+        return f"failed: every row sent failed ({summary.error:,} of {summary.rows:,} rows)"
+    if summary.error:
+        return f"done with errors: {summary.rows:,} rows, {summary.error:,} failed"
+    return f"done: {summary.rows:,} rows"
+
+
+def _reasons(reasons: list[tuple[str, int]]) -> list[str]:
+    if not reasons:
+        return []
+    return ["  why rows failed (most common first):"] + [
+        f"    {count:,} × {reason}" for reason, count in reasons
+    ]
+
+
+def format_summary(summary: RunSummary, reasons: list[tuple[str, int]] | None = None) -> str:
     return "\n".join(
         [
-            f"done: {summary.rows:,} rows -> {summary.output}",
+            f"{_headline(summary)} -> {summary.output}",
             f"  ok {summary.ok:,} · error {summary.error:,}{_pending(summary)}"
             f" · skipped {summary.skipped:,} · from checkpoint {summary.resumed_rows:,}",
             f"  tokens {summary.prompt_tokens:,} in / {summary.completion_tokens:,} out",
@@ -276,6 +292,7 @@ def format_summary(summary: RunSummary) -> str:
             f" · from cache {summary.cache_hits:,}"
             f" · deduplicated {summary.deduplicated:,}",
             f"  cost {_fmt_cost(summary.cost_usd)}",
+            *_reasons(reasons or []),
         ]
     )
 
@@ -287,7 +304,12 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
         if summary.up_to_date:
             click.echo(f"up to date: {summary.output} ({summary.rows:,} rows); nothing sent")
         else:
-            click.echo(format_summary(summary))
+            reasons = []
+            if summary.error:
+                from pipeline.status import error_reasons
+
+                reasons = error_reasons(summary.output, config.output.column_prefix)
+            click.echo(format_summary(summary, reasons))
     failed = too_many_failed(summary, config)
     if failed is not None:
         fail(failed)
@@ -383,6 +405,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     The argument is the run's TOML config or its output file. Reads only;
     takes run's flags too (only these are listed)."""
     from pipeline.config import OutputConfig, read_toml
+    from pipeline.lock import live_holder, lock_path_for
     from pipeline.status import run_status
 
     tree: dict[str, Any] = {}
@@ -398,10 +421,21 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     output = OutputConfig.model_validate(tree)
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
+    holder = live_holder(lock_path_for(output.path))
+    if holder is not None:
+        state = "running"
+        said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
+    elif report.source == "checkpoint":
+        state = "interrupted"
+        said = "interrupted (no run holds the lock; the same command resumes it)"
+    else:
+        state, said = "finished", "finished"
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
         body.update(
+            state=state,
+            pid=holder.pid if holder else None,
             source=report.source,
             path=str(report.path),
             prompt_tokens=report.prompt_tokens,
@@ -410,9 +444,8 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         )
         click.echo(json.dumps(body))
         return
-    state = "in progress or interrupted" if report.source == "checkpoint" else "finished"
     click.echo(
-        f"{state}: {report.path}\n"
+        f"{said}: {report.path}\n"
         f"  done {report.done:,} of {report.total_rows:,} · remaining {report.remaining:,}\n"
         f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
         f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"

@@ -193,6 +193,7 @@ def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
     source = open_input(config.input.path)
     spec = prompt_spec(config)
     prompt.validate(spec, source.columns(), source=str(source.path))
+    prompt.check_types(spec, source.schema, source=str(source.path))
     if check_output:
         write.check_output_path(config.output.path, config.input.path)
     taken = [
