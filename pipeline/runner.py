@@ -46,7 +46,7 @@ from pipeline.costs import (
     PriceTable,
     PromptBound,
     SpendCap,
-    cost,
+    checkpoint_spend,
     prompt_token_estimate,
     unknown_price_message,
 )
@@ -352,7 +352,7 @@ async def _run_calls(
                         summary.deduplicated += 1
                         await finish_row(_reused(row_id, admitted), key)
                         continue
-                if isinstance(spend, SpendCap) and not spend.reserve(
+                if isinstance(spend, SpendCap) and not await spend.admit(
                     row_id, prompt_token_estimate(ask), completion_budget
                 ):
                     return  # the cap: send nothing more; requests in flight finish
@@ -668,13 +668,11 @@ def _resume_point(
     checkpoint; a fresh run reads nothing (and so imports no polars)."""
     if not checkpoint.has_results():
         return bytearray(total), 0.0
-    spent = checkpoint.latest_results(["status", TRANSIENT, "prompt_tokens", "completion_tokens"])
+    spent = checkpoint.latest_results(
+        ["status", TRANSIENT, "prompt_tokens", "completion_tokens", "cached"]
+    )
     done = _done_rows(spent, total, options.retry_failed)
-    if price is None:
-        return done, 0.0
-    prompt_tokens = int(spent["prompt_tokens"].sum() or 0)
-    completion_tokens = int(spent["completion_tokens"].sum() or 0)
-    return done, cost(prompt_tokens, completion_tokens, price)
+    return done, 0.0 if price is None else checkpoint_spend(spent, price)
 
 
 @dataclass(frozen=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import gzip
+import json
 from pathlib import Path
 
 import polars as pl
@@ -16,6 +17,7 @@ from click.testing import CliRunner
 
 from pipeline import TooManyFailedRows, enrich, enrich_async, load_config
 from pipeline.cli import cli
+from pipeline.costs import Price, SpendCapReached, checkpoint_spend
 from pipeline.errors import InputError
 from pipeline.events import RecordingEventSink
 from pipeline.lock import RunLock, lock_path_for
@@ -44,6 +46,9 @@ def test_summary_of_a_run_where_every_row_failed_says_failed_and_why(
     assert result.stdout.startswith("failed: every row sent failed (2 of 2 rows)")
     assert "why rows failed" in result.stdout
     assert "2 × " in result.stdout and "400" in result.stdout
+    report = json.loads((tmp_path / "o.parquet.report.json").read_text())
+    (reason,) = report["counts"]["error_reasons"]
+    assert reason["rows"] == 2 and "400" in reason["reason"]
 
 
 def test_a_429_pause_and_retries_are_logged_with_what_the_run_waits_for(
@@ -211,3 +216,37 @@ def test_enrich_raises_when_failed_rows_pass_max_error_rate(
     assert (tmp_path / "o.parquet").exists()  # the output is written, as with the CLI
     summary = enrich(config, raise_on_failed_rows=False)
     assert summary.up_to_date and summary.error == 1
+
+
+# -- the spend cap -------------------------------------------------------------------
+
+
+def test_the_spend_cap_lets_a_run_spend_close_to_it(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(80)])
+    prices = tmp_path / "prices.toml"
+    # $0.001 a token: a request's worst case (256 completion tokens) is about
+    # $0.26, what it really costs a few cents.
+    prices.write_text(f'[models."{MODEL}"]\ninput = 1000.0\noutput = 1000.0\n')
+    config = make_config(
+        source, tmp_path / "o.parquet", server.base_url, max_cost=1.0, price_file=prices
+    )
+    with pytest.raises(SpendCapReached) as caught:
+        enrich(config)
+    # Held-back worst cases used to stop it after 3 requests (about $0.1).
+    assert 0.7 < caught.value.spent <= 1.0
+    assert server.stats.requests < 80
+
+
+def test_rows_answered_from_the_cache_are_not_counted_as_spent() -> None:
+    price = Price("m", 1_000_000.0, 1_000_000.0)  # $1 a token
+    results = pl.DataFrame(
+        {
+            "prompt_tokens": [10, 10, None],
+            "completion_tokens": [5, 5, None],
+            "cached": [False, True, None],
+        }
+    )
+    assert checkpoint_spend(results, price) == 15.0
