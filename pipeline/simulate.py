@@ -30,7 +30,8 @@ that fails answers:
 4. ``insufficient_quota`` -> 429 with code ``insufficient_quota`` (no retry-after);
 5. per-prompt directives (below);
 6. random faults: drop, hang, 5xx, spurious 429, malformed body;
-7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``) -> 429;
+7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``; the requests
+   limit may change over time, ``rpm_schedule``) -> 429;
 8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer.
 
 Per-prompt directives make faults deterministic for tests. They are read from
@@ -68,6 +69,14 @@ request for ``hang_s`` seconds (or until the server stops) and then drops it;
 Stats: ``requests`` counts every completion request; ``answered`` the 200
 completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
 malformed bodies; ``rate_limited`` every 429 that is not ``insufficient_quota``.
+
+A changing limit: ``rpm_schedule`` is a list of (seconds since the first
+completion request, rpm) steps; ``rpm`` applies before the first (no limit if
+unset). The window keeps what it counted when the limit changes, so a lower
+limit refuses everything until the window has drained below it, as a
+provider's would. An rpm of 0 refuses every request, with a retry-after until
+the next step that admits requests (one window if none does): a quota used up
+without the server saying so.
 
 Rate-limit headers: ``x-ratelimit-limit-*`` carry the per-minute figures
 (``rpm``/``tpm``) like OpenAI; ``x-ratelimit-remaining-*`` is what the current
@@ -109,6 +118,7 @@ __all__ = [
     "expected_answer",
     "expected_structured_answer",
     "format_reset",
+    "parse_rpm_schedule",
     "run_in_thread",
     "serve_forever",
 ]
@@ -148,6 +158,10 @@ class SimulatorConfig:
     rpm: int | None = None
     tpm: int | None = None
     window_s: float = 60.0
+    # The requests limit over time: (seconds since the first completion
+    # request, rpm) steps, times increasing; ``rpm`` applies before the first.
+    # An rpm of 0 refuses every request (see the module docstring).
+    rpm_schedule: tuple[tuple[float, int], ...] = ()
     rate_headers: bool = True
     retry_after: bool = True
     fail_rate_5xx: float = 0.0
@@ -174,6 +188,16 @@ class SimulatorConfig:
                 raise ConfigError(
                     f"simulator {name} must be >= 1, got {value}; leave it unset for no limit"
                 )
+        previous = -math.inf
+        for at, rpm in self.rpm_schedule:
+            if not math.isfinite(at) or at < 0 or at <= previous:
+                raise ConfigError(
+                    f"simulator rpm_schedule times must be >= 0 and increasing, got {at:g} "
+                    f"after {previous:g}"
+                )
+            if rpm < 0:
+                raise ConfigError(f"simulator rpm_schedule rpm must be >= 0, got {rpm}")
+            previous = at
         total = 0.0
         for name in ("fail_rate_5xx", "fail_rate_429", "drop_rate", "hang_rate", "malformed_rate"):
             rate = getattr(self, name)
@@ -406,6 +430,24 @@ def format_reset(seconds: float) -> str:
 # Rate limiting.
 
 
+def parse_rpm_schedule(text: str) -> tuple[tuple[float, int], ...]:
+    """``"10:600,25:6000"`` -> ``((10.0, 600), (25.0, 6000))``: seconds since
+    the first request, and the requests/min from then on."""
+    steps: list[tuple[float, int]] = []
+    for part in text.split(","):
+        at, sep, rpm = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            steps.append((float(at), int(rpm)))
+        except ValueError:
+            raise ConfigError(
+                f"bad rpm schedule step {part.strip()!r}; write SECONDS:RPM steps separated "
+                "by commas, e.g. 10:600,25:6000"
+            ) from None
+    return tuple(steps)
+
+
 def _per_window(per_minute: int, window_s: float) -> int:
     # round() before floor() so that 100 rpm over 0.6 s is 1, not 0.9999999999999999.
     return max(1, math.floor(round(per_minute * window_s / 60.0, 9)))
@@ -416,7 +458,8 @@ class _SlidingWindow:
 
     __slots__ = ("_log", "capacity", "used", "window_s")
 
-    def __init__(self, capacity: int, window_s: float) -> None:
+    def __init__(self, capacity: int | None, window_s: float) -> None:
+        # None: no limit for now (requests are still logged, for when one starts).
         self.capacity = capacity
         self.window_s = window_s
         self.used = 0
@@ -430,6 +473,8 @@ class _SlidingWindow:
 
     def wait(self, amount: int, now: float) -> float:
         """Seconds until ``amount`` fits; 0 if it fits now. Call ``expire`` first."""
+        if self.capacity is None:
+            return 0.0
         # An oversized request only has to wait for an empty window: it must be
         # able to pass eventually, or a client would retry it forever.
         excess = min(self.used + amount - self.capacity, self.used)
@@ -448,7 +493,7 @@ class _SlidingWindow:
         self.used += amount
 
     def remaining(self) -> int:
-        return max(0, self.capacity - self.used)
+        return 0 if self.capacity is None else max(0, self.capacity - self.used)
 
     def reset_in(self, now: float) -> float:
         return self._log[-1][0] + self.window_s - now if self._log else 0.0
@@ -523,10 +568,14 @@ class Simulator:
         self._random_faults = sum(rates) > 0
         self._thresholds = tuple(itertools.accumulate(rates))
         self._requests = (
-            _SlidingWindow(_per_window(cfg.rpm, cfg.window_s), cfg.window_s)
-            if cfg.rpm is not None
+            _SlidingWindow(
+                None if cfg.rpm is None else _per_window(cfg.rpm, cfg.window_s), cfg.window_s
+            )
+            if cfg.rpm is not None or cfg.rpm_schedule
             else None
         )
+        # The server's clock at the first completion request: rpm_schedule's origin.
+        self._started_at: float | None = None
         self._tokens = (
             _SlidingWindow(_per_window(cfg.tpm, cfg.window_s), cfg.window_s)
             if cfg.tpm is not None
@@ -610,6 +659,8 @@ class Simulator:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
+        if self._started_at is None:
+            self._started_at = time.monotonic()
         self._in_flight += 1
         if self._in_flight > stats.max_in_flight:
             stats.max_in_flight = self._in_flight
@@ -855,13 +906,40 @@ class Simulator:
         status = int(kind)
         return _error(status, _SERVER_ERRORS[status], "server_error")
 
+    def rpm_at(self, now: float) -> int | None:
+        """The requests limit in force at ``now`` (server clock): the last
+        ``rpm_schedule`` step reached, else ``rpm``; None for no limit."""
+        rpm = self.config.rpm
+        if self._started_at is not None:
+            for at, scheduled in self.config.rpm_schedule:
+                if now - self._started_at < at:
+                    break
+                rpm = scheduled
+        return rpm
+
+    def _refused_for(self, now: float) -> float:
+        """How long an rpm of 0 lasts from ``now``: until the next step that
+        admits requests, else one window."""
+        assert self._started_at is not None
+        for at, scheduled in self.config.rpm_schedule:
+            if at > now - self._started_at and scheduled > 0:
+                return self._started_at + at - now
+        return self.config.window_s
+
     def _admit(self, tokens: int, now: float, model: str) -> web.Response | None:
         """None if the request fits the limits (and then it is counted), else its 429."""
         requests, token_window = self._requests, self._tokens
         wait_requests = wait_tokens = 0.0
+        rpm = self.rpm_at(now)
         if requests is not None:
             requests.expire(now)
-            wait_requests = requests.wait(1, now)
+            if rpm is None:
+                requests.capacity = None
+            elif rpm == 0:
+                wait_requests = self._refused_for(now)
+            else:
+                requests.capacity = _per_window(rpm, self.config.window_s)
+                wait_requests = requests.wait(1, now)
         if token_window is not None:
             token_window.expire(now)
             wait_tokens = token_window.wait(tokens, now)
@@ -877,7 +955,7 @@ class Simulator:
         wait = max(wait_requests, wait_tokens)
         if wait_requests > 0.0:
             assert requests is not None
-            kind, limit, used, asked = "requests", self.config.rpm, requests.used, 1
+            kind, limit, used, asked = "requests", rpm, requests.used, 1
             unit = "requests per min (RPM)"
         else:
             assert token_window is not None
@@ -908,10 +986,12 @@ class Simulator:
         headers: dict[str, str] = {}
         if not cfg.rate_headers:
             return headers
-        if self._requests is not None:
+        rpm = self.rpm_at(now)
+        if self._requests is not None and rpm is not None:
             self._requests.expire(now)
-            headers["x-ratelimit-limit-requests"] = str(cfg.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(self._requests.remaining())
+            headers["x-ratelimit-limit-requests"] = str(rpm)
+            remaining = self._requests.remaining() if rpm else 0
+            headers["x-ratelimit-remaining-requests"] = str(remaining)
             headers["x-ratelimit-reset-requests"] = format_reset(self._requests.reset_in(now))
         if self._tokens is not None:
             self._tokens.expire(now)

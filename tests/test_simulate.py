@@ -29,6 +29,7 @@ from pipeline.simulate import (
     expected_answer,
     expected_structured_answer,
     format_reset,
+    parse_rpm_schedule,
     run_in_thread,
 )
 from pipeline.structured import StructuredAnswerError, load_schema, parse_answer, response_format
@@ -116,6 +117,9 @@ def test_format_reset_uses_openai_duration_format(seconds: float, text: str) -> 
         {"rpm": 0},
         {"window_s": 0},
         {"latency_ms": -1},
+        {"rpm_schedule": ((1.0, 100), (0.5, 100))},
+        {"rpm_schedule": ((-1.0, 100),)},
+        {"rpm_schedule": ((1.0, -1),)},
     ],
 )
 def test_invalid_config_raises_config_error(kwargs: dict[str, Any]) -> None:
@@ -438,6 +442,107 @@ async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
         await c.chat.completions.create(model="sim-1", messages=user("b"))
     assert sim.stats.answered == 2
     assert sim.stats.rate_limited == 1
+
+
+async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_first_request() -> (
+    None
+):
+    # 5 requests per 0.5 s window; from 0.3 s on, 1; from 0.9 s on, 5 again.
+    config = SimulatorConfig(rpm=600, window_s=0.5, rpm_schedule=((0.3, 120), (0.9, 600)))
+    async with Simulator(config) as sim, client(sim) as c:
+        await asyncio.sleep(0.5)  # the schedule starts with the first request, not the server
+        started = time.monotonic()
+        for i in range(3):
+            raw = await c.chat.completions.with_raw_response.create(
+                model="sim-1", messages=user(f"before {i}")
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "600"
+        await asyncio.sleep(max(0.0, started + 0.35 - time.monotonic()))
+        # The lower limit counts what the window already holds: 3 > 1.
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("storm"))
+        headers = err.value.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "120"
+        assert "Limit 120" in err.value.message
+        # Until the last of the three leaves the window, about 0.15 s on.
+        wait_s = int(headers["retry-after-ms"]) / 1000
+        assert 0.05 < wait_s <= 0.2
+        await asyncio.sleep(wait_s)
+        await c.chat.completions.create(model="sim-1", messages=user("storm"))
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model="sim-1", messages=user("one too many"))
+        await asyncio.sleep(max(0.0, started + 0.95 - time.monotonic()))
+        for i in range(4):
+            raw = await c.chat.completions.with_raw_response.create(
+                model="sim-1", messages=user(f"after {i}")
+            )
+        assert raw.headers["x-ratelimit-limit-requests"] == "600"
+    assert sim.stats.rate_limited == 2
+
+
+async def test_an_rpm_of_zero_refuses_every_request_until_the_next_step() -> None:
+    config = SimulatorConfig(rpm=600, window_s=1.0, rpm_schedule=((0.2, 0), (0.6, 600)))
+    async with Simulator(config) as sim, client(sim) as c:
+        started = time.monotonic()
+        await c.chat.completions.create(model="sim-1", messages=user("admitted"))
+        await asyncio.sleep(max(0.0, started + 0.25 - time.monotonic()))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("refused"))
+        headers = err.value.response.headers
+        assert err.value.code == "rate_limit_exceeded"  # not a quota error: nothing says so
+        assert headers["x-ratelimit-limit-requests"] == "0"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        # Until the step at 0.6 s.
+        wait_s = int(headers["retry-after-ms"]) / 1000
+        assert 0.2 < wait_s <= 0.35
+        await asyncio.sleep(wait_s)
+        await c.chat.completions.create(model="sim-1", messages=user("admitted again"))
+    assert (sim.stats.answered, sim.stats.rate_limited) == (2, 1)
+
+
+def test_an_rpm_schedule_is_written_as_seconds_and_rpm_pairs() -> None:
+    assert parse_rpm_schedule("10:600, 25:6000") == ((10.0, 600), (25.0, 6000))
+    assert parse_rpm_schedule("0.5:0") == ((0.5, 0),)
+    for bad in ("10-600", "10:", "x:5", "10:6.5"):
+        with pytest.raises(ConfigError, match="SECONDS:RPM"):
+            parse_rpm_schedule(bad)
+
+
+@pytest.mark.timeout(30)
+def test_the_simulate_command_takes_an_rpm_schedule() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline", "simulate", "--port", "0",
+            "--rpm", "600", "--window-s", "1", "--rpm-schedule", "0:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("serving "), line
+        with (
+            openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c,
+            pytest.raises(openai.RateLimitError) as err,
+        ):
+            c.chat.completions.create(model="sim-1", messages=user("refused"))
+        assert err.value.response.headers["x-ratelimit-limit-requests"] == "0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "simulate", "--rpm-schedule", "soon"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "SECONDS:RPM" in bad.stderr
 
 
 async def test_token_limit_answers_429_of_type_tokens() -> None:
