@@ -498,6 +498,14 @@ def _sample_path() -> Path:
     "rpm from then on, e.g. 10:600,25:6000 (0 refuses everything).",
 )
 @click.option("--no-rate-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option(
+    "--rate-headers-until",
+    "rate_headers_until_s",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Stop sending x-ratelimit-* headers S seconds after the first request.",
+)
 @click.option("--fail-rate-5xx", type=float, default=0.0, show_default=True)
 @click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
 @click.option("--drop-rate", type=float, default=0.0, show_default=True)

@@ -600,7 +600,7 @@ class _SendLog:
         if excess <= 0 and times[0] > now - self.horizon_s:
             return
         stale = bisect.bisect_right(times, now - self.horizon_s)
-        # In batches: dropping the front of a list costs its whole length.
+        # In batches: dropping the front of an array costs its whole length.
         if excess > 0:
             drop = max(stale, excess + self.max_sends // 8)
         elif stale >= max(1024, len(times) // 8):
@@ -782,19 +782,20 @@ class RateEstimate:
         ``wait`` is its retry-after (None without one); not ``exact`` when
         it is whole seconds rounded up. True if the estimate changed."""
         self._log.refuse(number)
+        freed_at: float | None = None
         if wait is not None:
             # A rounded retry-after is half a second out, on average.
             freed_at = now + (wait if exact else max(0.0, wait - 0.5))
             if freed_at - now <= MAX_WINDOW_S:
                 self._longest_wait = max(self._longest_wait, freed_at - now)
             self._learn_window(now, freed_at)
-        if wait is None and self.window_s is None:
+        elif self.window_s is None:
             # Nothing to read this 429 against yet: the end of this run of
             # refusals will show when capacity freed (see ``admitted``).
             if self._refusing_since is None:
                 self._refusing_since = now
             return False
-        measured = self._measure(now, freed_at if wait is not None and exact else None)
+        measured = self._measure(now, freed_at if exact else None)
         if measured is None:
             return False
         if number <= self._cut_number:
@@ -820,15 +821,18 @@ class RateEstimate:
         freed_at = sent_at if last_refused is None else (last_refused + sent_at) / 2
         if self.window_s is None:
             self._learn_window(since, freed_at)
-            if self.window_s is None:
-                return False
         window = self.window_s
-        held = self._log.admitted(freed_at - window * (1.0 + EDGE_SLACK), since)
-        if held < MIN_HELD:
+        if window is None:
+            # A window full evenly: read against the provisional one.
+            measured = self._measure(now, None)
+        else:
+            held = self._log.admitted(freed_at - window * (1.0 + EDGE_SLACK), since)
+            measured = held / window if held >= MIN_HELD else None
+        if measured is None:
             return False
-        # Dated to within the spacing of the retries, the window comes out
-        # long, and the limit low: probing starts at once.
-        return self._cut(now, held / window, exact=False, resume_at=now, hold=False)
+        # Dated to within the spacing of the probes (a few percent, either
+        # way) rather than exactly: probing starts at once, not after a hold.
+        return self._cut(now, measured, exact=False, resume_at=now, hold=False)
 
     def wait_hint(self, now: float) -> float | None:
         """How long a 429 without retry-after should pause the run, if the log

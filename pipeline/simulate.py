@@ -78,8 +78,10 @@ provider's would. An rpm of 0 refuses every request, with a retry-after until
 the next step that admits requests (one window if none does): a quota used up
 without the server saying so.
 
-Rate-limit headers: ``x-ratelimit-limit-*`` carry the per-minute figures
-(``rpm``/``tpm``) like OpenAI; ``x-ratelimit-remaining-*`` is what the current
+Rate-limit headers (none with ``rate_headers=False``, and none from
+``rate_headers_until_s`` after the first request on): ``x-ratelimit-limit-*``
+carry the per-minute figures (``rpm``/``tpm``, the scheduled rpm in force)
+like OpenAI; ``x-ratelimit-remaining-*`` is what the current
 window would still admit right now, and ``x-ratelimit-reset-*`` the time until
 the window is empty again, in OpenAI's duration format (:func:`format_reset`).
 A request larger than the whole token window is admitted into an empty window,
@@ -163,6 +165,9 @@ class SimulatorConfig:
     # An rpm of 0 refuses every request (see the module docstring).
     rpm_schedule: tuple[tuple[float, int], ...] = ()
     rate_headers: bool = True
+    # Send no x-ratelimit-* headers from this many seconds after the first
+    # completion request on (a server that stops reporting its limits).
+    rate_headers_until_s: float | None = None
     retry_after: bool = True
     fail_rate_5xx: float = 0.0
     fail_rate_429: float = 0.0
@@ -182,6 +187,10 @@ class SimulatorConfig:
                 raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
         if self.window_s <= 0:
             raise ConfigError(f"simulator window_s must be > 0, got {self.window_s}")
+        if self.rate_headers_until_s is not None and self.rate_headers_until_s < 0:
+            raise ConfigError(
+                f"simulator rate_headers_until_s must be >= 0, got {self.rate_headers_until_s}"
+            )
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is not None and value < 1:
@@ -985,6 +994,9 @@ class Simulator:
         cfg = self.config
         headers: dict[str, str] = {}
         if not cfg.rate_headers:
+            return headers
+        until = cfg.rate_headers_until_s
+        if until is not None and self._started_at is not None and now - self._started_at >= until:
             return headers
         rpm = self.rpm_at(now)
         if self._requests is not None and rpm is not None:

@@ -30,6 +30,7 @@ from pipeline.ratelimit import (
     RateLimiter,
     RateLimitHeaders,
     TokenBucket,
+    _SendLog,
     exhausted_limit,
     parse_count,
     parse_duration,
@@ -1050,3 +1051,20 @@ async def test_a_retry_after_longer_than_max_refusal_is_waited_out_if_the_server
 
     assert [result.status for result in results] == ["ok"] * 100
     assert api.admitted[-1] >= 1200.0
+
+
+def test_the_send_log_keeps_a_bounded_history_and_counts_what_was_admitted() -> None:
+    log = _SendLog(horizon_s=10.0, max_sends=5_000)
+    for number in range(100_000):  # 1,000 a second for 100 s
+        assert log.append(number / 1000.0) == number
+        if number % 10 == 0:
+            log.refuse(number)
+
+    assert log.count == 100_000
+    # Never more than the size bound (a trim drops an eighth more, in a batch).
+    assert len(log._times) <= 5_000
+    # What is still logged is counted exactly: every tenth request refused.
+    assert log.admitted(98.0, 99.0 - 1e-9) == 900
+    assert log.counts(98.0, 99.0 - 1e-9) == (1000, 100)
+    assert log.last_refused_before(99.0) == pytest.approx(98.99)
+    assert log.first_admitted_after(98.995) == pytest.approx(98.996, abs=1e-6)

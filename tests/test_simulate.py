@@ -500,6 +500,17 @@ async def test_an_rpm_of_zero_refuses_every_request_until_the_next_step() -> Non
     assert (sim.stats.answered, sim.stats.rate_limited) == (2, 1)
 
 
+async def test_rate_headers_can_stop_some_time_after_the_first_request() -> None:
+    config = SimulatorConfig(rpm=600, window_s=1.0, rate_headers_until_s=0.2)
+    async with Simulator(config) as sim, client(sim) as c:
+        await asyncio.sleep(0.3)  # counted from the first request
+        raw = await c.chat.completions.with_raw_response.create(model="sim-1", messages=user("a"))
+        assert raw.headers["x-ratelimit-limit-requests"] == "600"
+        await asyncio.sleep(0.25)
+        raw = await c.chat.completions.with_raw_response.create(model="sim-1", messages=user("b"))
+        assert not any(h.startswith("x-ratelimit") for h in raw.headers)
+
+
 def test_an_rpm_schedule_is_written_as_seconds_and_rpm_pairs() -> None:
     assert parse_rpm_schedule("10:600, 25:6000") == ((10.0, 600), (25.0, 6000))
     assert parse_rpm_schedule("0.5:0") == ((0.5, 0),)
