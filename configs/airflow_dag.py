@@ -2,7 +2,7 @@
 
 Copy this file into your DAGs folder (or point ``[core] dags_folder`` at
 configs/). It needs ``enrich`` installed in the workers' environment
-(``pip install enrich`` or ``pip install -e /path/to/repo``) and the API key in
+(``pip install enrich-llm`` or ``pip install -e /path/to/repo``) and the API key in
 the workers' environment (``OPENAI_API_KEY``, or the variable the config's
 ``model.api_key_env`` names). Tested for real by ``.ci/airflow-check``
 (``airflow dags test enrich_nightly`` against the local simulator).

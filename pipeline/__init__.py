@@ -4,40 +4,98 @@ Library use (what an Airflow task calls)::
 
     from pipeline import enrich, load_config
     summary = enrich(load_config(Path("configs/example.toml")))
+
+Importing ``pipeline`` loads none of the heavy libraries (openai, polars,
+pyarrow, aiohttp, pydantic): each name below is imported from its module the
+first time it is used (a module ``__getattr__``), so ``enrich --help`` and an
+Airflow DAG file that only names a task stay fast.
 """
 
-from pipeline.call import CallStage, ChatRequest
-from pipeline.config import (
-    CheckpointConfig,
-    InputConfig,
-    LimitsConfig,
-    ModelConfig,
-    OutputConfig,
-    RunConfig,
-    load_config,
-)
-from pipeline.errors import (
-    CheckpointMismatch,
-    ConfigError,
-    EnrichError,
-    FatalAPIError,
-    InputError,
-    OutputError,
-    RunInterrupted,
-    UsageError,
-)
-from pipeline.results import RESULT_COLUMNS, RowResult
-from pipeline.runner import RunOptions, RunSummary, enrich, enrich_async
-from pipeline.transport import (
-    AiohttpTransport,
-    Completion,
-    OpenAITransport,
-    Transport,
-    make_transport,
-)
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any, Final
+
+if TYPE_CHECKING:
+    from pipeline.call import CallStage, ChatRequest
+    from pipeline.config import (
+        CheckpointConfig,
+        InputConfig,
+        LimitsConfig,
+        ModelConfig,
+        OutputConfig,
+        RunConfig,
+        load_config,
+    )
+    from pipeline.errors import (
+        CheckpointMismatch,
+        ConfigError,
+        EnrichError,
+        FatalAPIError,
+        InputError,
+        OutputError,
+        RunInterrupted,
+        UsageError,
+    )
+    from pipeline.results import RESULT_COLUMNS, RowResult
+    from pipeline.runner import RunOptions, RunSummary, enrich, enrich_async
+    from pipeline.transport import (
+        AiohttpTransport,
+        Completion,
+        OpenAITransport,
+        Transport,
+        make_transport,
+    )
+    from pipeline.transport_errors import (
+        APIConnectionFailed,
+        APIStatus,
+        APITimeout,
+        TransportError,
+        UnparseableResponse,
+    )
+
+# Where each public name lives.
+_EXPORTS: Final[dict[str, str]] = {
+    "CallStage": "pipeline.call",
+    "ChatRequest": "pipeline.call",
+    "CheckpointConfig": "pipeline.config",
+    "InputConfig": "pipeline.config",
+    "LimitsConfig": "pipeline.config",
+    "ModelConfig": "pipeline.config",
+    "OutputConfig": "pipeline.config",
+    "RunConfig": "pipeline.config",
+    "load_config": "pipeline.config",
+    "CheckpointMismatch": "pipeline.errors",
+    "ConfigError": "pipeline.errors",
+    "EnrichError": "pipeline.errors",
+    "FatalAPIError": "pipeline.errors",
+    "InputError": "pipeline.errors",
+    "OutputError": "pipeline.errors",
+    "RunInterrupted": "pipeline.errors",
+    "UsageError": "pipeline.errors",
+    "RESULT_COLUMNS": "pipeline.results",
+    "RowResult": "pipeline.results",
+    "RunOptions": "pipeline.runner",
+    "RunSummary": "pipeline.runner",
+    "enrich": "pipeline.runner",
+    "enrich_async": "pipeline.runner",
+    "AiohttpTransport": "pipeline.transport",
+    "Completion": "pipeline.transport",
+    "OpenAITransport": "pipeline.transport",
+    "Transport": "pipeline.transport",
+    "make_transport": "pipeline.transport",
+    "APIConnectionFailed": "pipeline.transport_errors",
+    "APIStatus": "pipeline.transport_errors",
+    "APITimeout": "pipeline.transport_errors",
+    "TransportError": "pipeline.transport_errors",
+    "UnparseableResponse": "pipeline.transport_errors",
+}
 
 __all__ = [
     "RESULT_COLUMNS",
+    "APIConnectionFailed",
+    "APIStatus",
+    "APITimeout",
     "AiohttpTransport",
     "CallStage",
     "ChatRequest",
@@ -60,9 +118,28 @@ __all__ = [
     "RunOptions",
     "RunSummary",
     "Transport",
+    "TransportError",
+    "UnparseableResponse",
     "UsageError",
     "enrich",
     "enrich_async",
     "load_config",
     "make_transport",
 ]
+
+
+if not TYPE_CHECKING:
+    # Hidden from type checkers: they see the imports above, so a misspelled
+    # name is still an error for them, not an Any.
+
+    def __getattr__(name: str) -> Any:
+        module = _EXPORTS.get(name)
+        if module is None:
+            raise AttributeError(f"module 'pipeline' has no attribute {name!r}")
+        value = getattr(importlib.import_module(module), name)
+        globals()[name] = value  # the next lookup does not come here
+        return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *__all__})

@@ -29,8 +29,6 @@ from pipeline.results import TRANSIENT
 GROUP_ROWS: Final = 32_768
 # Bytes of input plus results per row group at most.
 GROUP_BYTES: Final = 32 << 20
-# Rows read to learn how large an input row is.
-_SAMPLE_ROWS: Final = 256
 
 
 @dataclass(frozen=True)
@@ -67,10 +65,7 @@ class Tally:
 
 
 def rows_per_group(source: InputSource, result_bytes_per_row: float) -> int:
-    sample = next(iter(source.chunks(_SAMPLE_ROWS)), None)
-    input_bytes = sample.table.nbytes / sample.num_rows if sample and sample.num_rows else 0.0
-    per_row = max(1.0, input_bytes + result_bytes_per_row)
-    return max(1, min(GROUP_ROWS, int(GROUP_BYTES // per_row)))
+    return source.rows_within(GROUP_BYTES, GROUP_ROWS, result_bytes_per_row)
 
 
 def assemble_output(

@@ -750,6 +750,21 @@ class Cleared:
     """The file was damaged, so it was removed and an empty cache created."""
 
 
+_CACHE_SUFFIXES: Final = (".sqlite3", ".sqlite", ".db")
+
+
+def _may_be_ours(path: Path) -> bool:
+    """A damaged file that enrich may remove: one that starts as SQLite files
+    do (or was zeroed or cut before its header), or is named like a cache."""
+    try:
+        with path.open("rb") as handle:
+            header = handle.read(16)
+    except OSError:
+        return False
+    sqlite_like = header.startswith(b"SQLite format 3") or not header.strip(b"\0")
+    return sqlite_like or path.suffix.lower() in _CACHE_SUFFIXES
+
+
 def clear_cache(path: Path) -> Cleared:
     """``enrich cache clear``: delete every entry (nothing is created when the
     file is absent). A damaged file is removed with its WAL, shared-memory and
@@ -769,6 +784,13 @@ def clear_cache(path: Path) -> Cleared:
         raise CacheError(
             f"{path} is an SQLite database but not an enrich response cache; "
             "not removing it; choose another file with --cache-path"
+        )
+    if not _may_be_ours(path):
+        # A data file given as --cache-path by mistake (a CSV, say) is not
+        # ours to delete, however much it fails to be a cache.
+        raise CacheError(
+            f"{path} is neither an SQLite file nor named like a cache (.sqlite3, .sqlite, .db); "
+            "not removing it: check --cache-path, or delete the file yourself"
         )
     # The siblings too: a stale WAL or hot journal beside a new file would be
     # replayed into it.
@@ -801,10 +823,12 @@ class Admission(Enum):
     """An identical request is in flight: its outcome will come from ``settle``."""
 
 
-# Remembered outcomes for rows whose leader already settled. Bounded, because
-# memory must not grow with the input; with the persistent cache on, an answer
-# forgotten here is still found there.
+# Remembered outcomes for rows whose leader already settled. Bounded in count
+# and in bytes, because memory must grow neither with the input nor with the
+# size of the answers (100,000 answers of 100 KB are 10 GB); with the
+# persistent cache on, an answer forgotten here is still found there.
 DEFAULT_REMEMBERED: Final = 100_000
+DEFAULT_REMEMBERED_BYTES: Final = 64 << 20
 
 
 class InRunDedup(Generic[T]):
@@ -836,10 +860,21 @@ class InRunDedup(Generic[T]):
     stage (both sides run there, so no lock is needed).
     """
 
-    def __init__(self, max_remembered: int = DEFAULT_REMEMBERED) -> None:
+    def __init__(
+        self,
+        max_remembered: int = DEFAULT_REMEMBERED,
+        *,
+        max_bytes: int = DEFAULT_REMEMBERED_BYTES,
+        weigh: Callable[[T], int] = lambda _outcome: 0,
+    ) -> None:
+        """``weigh`` says how many bytes an outcome holds (its answer's text):
+        remembered outcomes stay within ``max_bytes`` as well as ``max_remembered``."""
         self._in_flight: dict[bytes, list[int]] = {}
         self._settled: OrderedDict[bytes, T] = OrderedDict()
         self._max_remembered = max_remembered
+        self._max_bytes = max_bytes
+        self._weigh = weigh
+        self._bytes = 0
         self.sent = 0
         """Distinct requests admitted as SEND."""
         self.shared = 0
@@ -865,10 +900,16 @@ class InRunDedup(Generic[T]):
         """The sent request's outcome is in: the parked rows that share it."""
         followers = self._in_flight.pop(key, [])
         if ok and self._max_remembered > 0:
+            previous = self._settled.pop(key, None)
+            if previous is not None:
+                self._bytes -= self._weigh(previous)
             self._settled[key] = outcome
-            self._settled.move_to_end(key)
-            while len(self._settled) > self._max_remembered:
-                self._settled.popitem(last=False)
+            self._bytes += self._weigh(outcome)
+            while self._settled and (
+                len(self._settled) > self._max_remembered or self._bytes > self._max_bytes
+            ):
+                _, forgotten = self._settled.popitem(last=False)
+                self._bytes -= self._weigh(forgotten)
         return followers
 
     @property

@@ -16,18 +16,25 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
-import openai
-
-from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
-from pipeline.events import EventSink
+from pipeline.events import EventSink, NullEventSink
 from pipeline.outage import OutageGate
 from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
 from pipeline.results import RowResult
+from pipeline.stall import StalledRequest, StallTimeout
 from pipeline.structured import unsupported_message
-from pipeline.transport import Completion, Messages, Transport, UnparseableResponse
+from pipeline.transport_errors import (
+    APIConnectionFailed,
+    APIStatus,
+    APITimeout,
+    UnparseableResponse,
+)
+
+if TYPE_CHECKING:
+    from pipeline.config import LimitsConfig, ModelConfig
+    from pipeline.transport import Completion, Messages, Transport
 
 # Completion budget assumed when max_tokens is unset, for the tokens/min bucket,
 # until answers have shown what this job's completions really cost.
@@ -63,36 +70,43 @@ class Failure:
     rate_limited: bool = False
     # Which limit a 429 names, if it says (see ratelimit.exhausted_limit).
     limit: LimitKind | None = None
+    # Cut after the stall timeout without a byte (see pipeline.stall).
+    stalled: bool = False
     # The response's headers, for the limiter to learn from; not part of what
     # the failure *is* (transports differ in which other headers they keep).
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
 
 
-def _non_transient_429(exc: openai.APIStatusError) -> str | None:
+def _non_transient_429(exc: APIStatus) -> str | None:
     # OpenAI names the reason in `code`, and some servers only in `type`
     # ({"type": "insufficient_quota", "code": null}).
-    for value in (getattr(exc, "code", None), getattr(exc, "type", None)):
+    for value in (exc.code, exc.type):
         if value in NON_TRANSIENT_429_CODES:
-            return str(value)
+            return value
     return None
 
 
-def _server_message(exc: openai.APIStatusError, limit: int = 160) -> str:
-    body = exc.body
-    message = body.get("message") if isinstance(body, dict) else None
-    text = str(message or exc.message or "")
+def _server_message(exc: APIStatus, limit: int = 160) -> str:
+    # The server's message, else "Error code: <status>".
+    text = exc.message or str(exc)
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
 def classify(exc: BaseException, *, model: str) -> Failure:
-    """Decide what a failed attempt means: retry it, fail the row, or stop the run."""
-    if isinstance(exc, openai.APITimeoutError):
+    """Decide what a failed attempt means: retry it, fail the row, or stop the run.
+
+    Only enrich's transport errors are classified (every transport raises
+    them; see ``pipeline.transport_errors``); anything else is a bug and is
+    raised again."""
+    if isinstance(exc, StalledRequest):
+        return Failure("retry", str(exc), stalled=True)
+    if isinstance(exc, APITimeout):
         return Failure("retry", "request timed out")
-    if isinstance(exc, openai.APIConnectionError):
+    if isinstance(exc, APIConnectionFailed):
         return Failure("retry", "connection error")
     if isinstance(exc, UnparseableResponse):
         return Failure("retry", str(exc))
-    if isinstance(exc, openai.APIStatusError):
+    if isinstance(exc, APIStatus):
         status = exc.status_code
         if status == 429:
             code = _non_transient_429(exc)
@@ -105,14 +119,10 @@ def classify(exc: BaseException, *, model: str) -> Failure:
             return Failure(
                 "retry",
                 f"rate limited (429): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.headers),
                 rate_limited=True,
-                limit=exhausted_limit(
-                    getattr(exc, "type", None),
-                    _server_message(exc, limit=1000),
-                    exc.response.headers,
-                ),
-                headers=exc.response.headers,
+                limit=exhausted_limit(exc.type, _server_message(exc, limit=1000), exc.headers),
+                headers=exc.headers,
             )
         if status in (401, 403):
             # The server's text may echo part of the key: never repeat it.
@@ -131,15 +141,13 @@ def classify(exc: BaseException, *, model: str) -> Failure:
             return Failure(
                 "retry",
                 f"server error ({status}): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.response.headers),
+                retry_after=retry_after_seconds(exc.headers),
             )
         unsupported = unsupported_message(_server_message(exc, limit=400))
         if status in (400, 422) and unsupported is not None:
             # Every row would fail alike: stop the run with the fix.
             return Failure("fatal", unsupported)
         return Failure("row", f"request rejected ({status}): {_server_message(exc)}")
-    if isinstance(exc, openai.APIResponseValidationError):
-        return Failure("retry", "unparseable response body")
     raise exc
 
 
@@ -240,6 +248,12 @@ class CallStats:
     # Outages (see pipeline.outage): how many, and how long they held the run.
     outages: int = 0
     outage_s: float = 0.0
+    # Requests cut because no byte came for the stall timeout (each retried,
+    # each counted in `requests`); the stall timeout the run ended with, and
+    # whether answers were streamed (None: no answer yet).
+    stalled: int = 0
+    stall_timeout_s: float | None = None
+    streamed: bool | None = None
 
 
 class CallStage:
@@ -287,6 +301,10 @@ class CallStage:
             adaptive=bool(getattr(limits, "adaptive", True)),
         )
         self._reservation = TokenReservation(model.max_tokens)
+        # How long a request may go without a byte (see pipeline.stall).
+        self.stall = StallTimeout(model.stall_timeout_s, model.timeout_s)
+        self._events = events or NullEventSink()
+        self._said_not_streaming = False
         self._rng = rng or random.Random()
         self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
         self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
@@ -317,6 +335,7 @@ class CallStage:
         attempt = 0
         spent = 0.0  # attempts used up: a 429 counts RATE_LIMITED_ATTEMPT_COST
         bad_answers = 0
+        stalls = 0  # this row's requests cut as stalled: each doubles the next one's patience
         while True:
             attempt += 1
             reserve = functools.partial(self._reservation.reserve, prompt_tokens)
@@ -327,9 +346,16 @@ class CallStage:
                 self.stats.requests += 1
                 started = time.perf_counter()
                 try:
-                    completion = await self._transport.complete(request.messages)
+                    # A function: a request sent before the stall timeout is
+                    # learned (or while it falls) gets the current one.
+                    completion = await self._transport.complete(
+                        request.messages, stall_s=functools.partial(self.stall.for_attempt, stalls)
+                    )
                 except Exception as exc:
                     failure = classify(exc, model=self._model.name)
+                    if failure.stalled:
+                        stalls += 1
+                        self.stats.stalled += 1
                     if failure.kind == "retry" and not failure.rate_limited:
                         self.outage.failed(passage, request.row_id, failure.reason)
                     else:
@@ -363,6 +389,7 @@ class CallStage:
                     self._reservation.observe(
                         prompt_tokens, completion.prompt_tokens, completion.completion_tokens
                     )
+                    self._observe_silence(completion)
                     self._sync_stats()
                     problem = self._check_answer(completion) if self._check_answer else None
                     if problem is not None:
@@ -415,6 +442,23 @@ class CallStage:
                 # A 429 already paused the whole run, this row included.
                 await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
 
+    def _observe_silence(self, completion: Completion) -> None:
+        self.stall.observe(completion.silence_s, streamed=completion.streamed)
+        if completion.streamed or self._said_not_streaming:
+            return
+        # The transport says why it stopped streaming (a fake transport never does).
+        reason = getattr(self._transport, "stream_fallback", None)
+        if reason is not None:
+            self._said_not_streaming = True
+            self._events.emit(
+                "warning",
+                level="warning",
+                kind="no_streaming",
+                message=f"answers are not streamed ({reason}): requests go without "
+                "streaming for the rest of the run, and a stuck one is cut after a "
+                "timeout learned from recent latencies",
+            )
+
     def _check_pause(self, failure: Failure, pause_s: float) -> Failure:
         """A pause longer than ``limits.max_pause_s`` (a daily limit, say) ends
         the run instead: a scheduled job should not sit on its lock for hours."""
@@ -462,6 +506,8 @@ class CallStage:
         self.stats.paused_s = limiter.stats.paused_s
         self.stats.outages = self.outage.outages
         self.stats.outage_s = self.outage.outage_s
+        self.stats.stall_timeout_s = self.stall.value()
+        self.stats.streamed = self.stall.streamed
 
     async def results(
         self, requests: AsyncIterable[ChatRequest]

@@ -1,6 +1,10 @@
 """The command line: the only module that prints, parses flags and exits
 with the code of the error that ended the run (``pipeline.errors.ExitCode``,
 the one table of exit codes; the README's table is checked against it).
+
+Light to import: ``enrich --help`` (and any subcommand's) loads click and the
+standard library only. The config (pydantic), the runner (pyarrow, aiohttp)
+and the rest are imported inside the commands that use them.
 """
 
 from __future__ import annotations
@@ -13,11 +17,10 @@ import traceback
 from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
-from pipeline.config import OutputConfig, RunConfig, load_config, read_toml
 from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import (
     EventSink,
@@ -27,7 +30,12 @@ from pipeline.events import (
     redact,
 )
 from pipeline.progress import NoProgress, Progress, TqdmProgress
-from pipeline.runner import RunOptions, RunSummary, enrich, prepare
+from pipeline.stall import STALL_DEFAULT_S, STALL_FLOOR_S, STALL_MULTIPLE, STALL_WARMUP
+from pipeline.version import DISTRIBUTION
+
+if TYPE_CHECKING:
+    from pipeline.config import RunConfig
+    from pipeline.runner import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -57,7 +65,21 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
     ("--api-key-env", "model.api_key_env", str, "Variable holding the API key [OPENAI_API_KEY]."),
     ("--temperature", "model.temperature", float, "Sampling temperature."),
     ("--max-tokens", "model.max_tokens", int, "Completion token cap per row."),
-    ("--timeout", "model.timeout_s", float, "Per-request timeout in seconds."),
+    (
+        "--timeout",
+        "model.timeout_s",
+        float,
+        "Longest one request may take in all, in seconds [60]; longer is cut and retried.",
+    ),
+    (
+        "--stall-timeout",
+        "model.stall_timeout_s",
+        float,
+        "Cut and retry a request that sends no byte for this many seconds (before its "
+        f"first or between chunks) [learned: {STALL_MULTIPLE:g}x the p99 of recent answers' "
+        f"longest silence, {STALL_FLOOR_S:g} s at least, {STALL_DEFAULT_S:g} s until "
+        f"{STALL_WARMUP} answers; doubled on each retry of a row].",
+    ),
     (
         "--transport",
         "model.transport",
@@ -126,6 +148,12 @@ TOGGLE_OPTIONS: Final[list[tuple[str, str, str]]] = [
     ("--cache/--no-cache", "cache.enabled", "Use the response cache across runs."),
     ("--dedup/--no-dedup", "cache.dedup", "Send identical requests once per run."),
     ("--adaptive/--no-adaptive", "limits.adaptive", "Learn limits from headers and 429s (AIMD)."),
+    (
+        "--stream/--no-stream",
+        "model.stream",
+        "Stream answers, so a stuck request is cut in seconds while a long answer is not "
+        "[on; servers that cannot stream are detected].",
+    ),
 ]
 
 
@@ -157,6 +185,8 @@ def dataset_options(command: F) -> F:
 
 
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+    from pipeline.config import load_config
+
     overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
     overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
     for _, key, _ in TOGGLE_OPTIONS:
@@ -261,7 +291,8 @@ def format_summary(summary: RunSummary) -> str:
             f" · latency p50 {_fmt_ms(summary.latency_percentile(50))}"
             f" · p95 {_fmt_ms(summary.latency_percentile(95))}",
             f"  requests {summary.requests:,} (retries {summary.retries:,},"
-            f" rate-limited {summary.rate_limited:,}) · from cache {summary.cache_hits:,}"
+            f" rate-limited {summary.rate_limited:,}, stalled {summary.stalled:,})"
+            f" · from cache {summary.cache_hits:,}"
             f" · deduplicated {summary.deduplicated:,}",
             f"  cost {_fmt_cost(summary.cost_usd)}",
         ]
@@ -292,7 +323,7 @@ class InternalError(EnrichError):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name="enrich")
+@click.version_option(package_name=DISTRIBUTION)
 def cli() -> None:
     """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
 
@@ -322,6 +353,8 @@ def run(
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
+    from pipeline.runner import RunOptions, enrich
+
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
@@ -346,6 +379,7 @@ def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: A
     """Rows, tokens, cost and time at the configured limits. Sends nothing."""
     from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
     from pipeline.costs import estimate as estimate_run
+    from pipeline.runner import prepare
 
     config = build_config(config_file, flags)
     prepared = prepare(config, check_output=False)
@@ -370,6 +404,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """How far a run is: done / ok / error / remaining, tokens, last update.
 
     The argument is the run's TOML config or its output file. Reads only."""
+    from pipeline.config import OutputConfig, read_toml
     from pipeline.status import run_status
 
     tree: dict[str, Any] = {}
@@ -431,6 +466,8 @@ def demo(
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
 
+    from pipeline.config import load_config
+    from pipeline.runner import RunOptions, enrich
     from pipeline.simulate import Simulator, SimulatorConfig
 
     input_path = input_path or _sample_path()
@@ -473,13 +510,11 @@ def demo(
 
 
 def _sample_path() -> Path:
-    for candidate in (
-        Path("data/questions.csv"),
-        Path(__file__).parent.parent / "data" / "questions.csv",
-    ):
-        if candidate.exists():
-            return candidate
-    raise UsageError("the sample data/questions.csv was not found; pass --input")
+    # Package data: the demo works from a wheel install, offline.
+    sample = Path(__file__).resolve().parent / "sample" / "questions.csv"
+    if not sample.exists():
+        raise UsageError(f"the sample {sample} is missing from this install; pass --input")
+    return sample
 
 
 @cli.command()
@@ -510,6 +545,36 @@ def _sample_path() -> Path:
 @click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
 @click.option("--drop-rate", type=float, default=0.0, show_default=True)
 @click.option("--hang-rate", type=float, default=0.0, show_default=True)
+@click.option(
+    "--hang-s",
+    type=float,
+    default=30.0,
+    show_default=True,
+    help="How long a hanging request sends nothing.",
+)
+@click.option(
+    "--hang-max-s",
+    type=float,
+    default=None,
+    help="Each hang lasts a uniform draw between --hang-s and this.",
+)
+@click.option(
+    "--hang-answers",
+    is_flag=True,
+    help="A hang ends in the answer (a stuck connection that answers late), not a drop.",
+)
+@click.option(
+    "--chunk-delay-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Pause between the chunks of a streamed answer.",
+)
+@click.option(
+    "--no-streaming",
+    is_flag=True,
+    help="Answer stream=true with a 400, like servers that cannot stream.",
+)
 @click.option("--malformed-rate", type=float, default=0.0, show_default=True)
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
 @click.option("--seed", type=int, default=0, show_default=True)
@@ -518,6 +583,7 @@ def simulate(
     host: str,
     port: int,
     no_rate_headers: bool,
+    no_streaming: bool,
     api_key: str | None,
     rpm_schedule: str | None,
     **settings: Any,
@@ -527,6 +593,7 @@ def simulate(
 
     config = SimulatorConfig(
         rate_headers=not no_rate_headers,
+        streaming=not no_streaming,
         api_key=api_key,
         rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
         **settings,

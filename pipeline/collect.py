@@ -82,7 +82,7 @@ class ResultSink:
                 return
             batch, self._buffer = self._buffer, []
             loop = asyncio.get_running_loop()
-            self._commit = loop.run_in_executor(self._executor, self._try_append, batch)
+            self._commit = loop.run_in_executor(self._executor, self._try_append, batch, loop)
 
     async def _finished_commit(self) -> None:
         if self._commit is not None:
@@ -103,14 +103,15 @@ class ResultSink:
                 self._cache.put_many(answers)
         crash_point("after-commit")
 
-    def _try_append(self, batch: list[RowResult]) -> None:
+    def _try_append(self, batch: list[RowResult], loop: asyncio.AbstractEventLoop) -> None:
         try:
             self._append(batch)
         except Exception as exc:
             self._unwritten = batch
             self.failure = exc
             if self._on_failure is not None:
-                self._on_failure(exc)
+                # This is the commit thread: what stops the sending lives on the loop.
+                loop.call_soon_threadsafe(self._on_failure, exc)
 
     async def run(self) -> None:
         """Commit every ``interval_s`` until cancelled or a commit fails."""

@@ -36,6 +36,8 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "model.temperature": "--temperature",
     "model.max_tokens": "--max-tokens",
     "model.timeout_s": "--timeout",
+    "model.stall_timeout_s": "--stall-timeout",
+    "model.stream": "--stream/--no-stream",
     "model.transport": "--transport",
     "limits.concurrency": "--concurrency",
     "limits.rpm": "--rpm",
@@ -106,7 +108,15 @@ class ModelConfig(_Section):
     seed: int | None = None
     # Anything else the endpoint accepts (e.g. {"presence_penalty": 0.5}); part of the fingerprint.
     extra_params: dict[str, Any] = Field(default_factory=dict)
+    # The longest one request may take in all; a longer one is cut and retried.
     timeout_s: float = Field(default=60.0, gt=0)
+    # A request that goes this long without a byte from the server (before the
+    # first one, or between chunks of a streamed answer) is stuck: it is cut and
+    # retried. None: learned from the answers (see pipeline.stall).
+    stall_timeout_s: float | None = Field(default=None, gt=0)
+    # Stream answers, so that a stuck request can be told from a long answer.
+    # Servers that cannot are detected and sent plain requests; false: never stream.
+    stream: bool = True
     # How requests are sent; never changes an answer, so not in the fingerprint.
     # aiohttp: a lean client at a fraction of the SDK's CPU per request;
     # openai: the official SDK's own client.

@@ -26,9 +26,9 @@ from pipeline.errors import ConfigError, EnrichError, ExitCode
 from pipeline.read import InputSource
 from pipeline.transport import Messages
 
-# Beside the package in a source checkout or an editable install (configs/ is
-# not package data); when it is missing, only --price-file prices are known.
-DEFAULT_PRICE_FILE: Final = Path(__file__).resolve().parent.parent / "configs" / "prices.toml"
+# Package data, so a wheel install knows the prices too (configs/prices.toml
+# in a checkout is a link to it).
+DEFAULT_PRICE_FILE: Final = Path(__file__).resolve().parent / "prices.toml"
 
 # Assumed time for one request when estimating a run's duration: a short
 # answer from a hosted model. Only matters when concurrency is the bottleneck.

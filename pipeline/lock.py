@@ -33,6 +33,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Final, Self
 
+from pipeline.durable import disk_full_error
 from pipeline.errors import EnrichError, ExitCode, UsageError
 from pipeline.events import redact
 
@@ -185,7 +186,7 @@ class RunLock:
             os.fsync(fd)
         except OSError as exc:
             os.close(fd)
-            raise LockError(
+            raise disk_full_error(exc, self.path) or LockError(
                 f"cannot write the lock file {self.path} ({exc.strerror}); "
                 "check the permissions of the output directory"
             ) from None
@@ -199,7 +200,7 @@ class RunLock:
         try:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
         except OSError as exc:
-            raise LockError(
+            raise disk_full_error(exc, self.path) or LockError(
                 f"cannot create the lock file {self.path} ({exc.strerror}); make sure the "
                 "output directory exists and is writable, or choose another --output"
             ) from None

@@ -3,11 +3,12 @@ lives behind it so the library never writes to a terminal by itself."""
 
 from __future__ import annotations
 
-from typing import IO, Protocol
+from typing import IO, TYPE_CHECKING, Protocol
 
-from tqdm import tqdm
+if TYPE_CHECKING:
+    from tqdm import tqdm
 
-from pipeline.results import RowResult
+    from pipeline.results import RowResult
 
 
 class Progress(Protocol):
@@ -40,6 +41,8 @@ class TqdmProgress:
         self._counts = {"ok": 0, "error": 0, "skipped": 0}
 
     def start(self, total: int, already_done: int) -> None:
+        from tqdm import tqdm  # only a terminal run draws a bar
+
         self._bar = tqdm(
             total=total,
             initial=already_done,

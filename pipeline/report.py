@@ -23,7 +23,6 @@ import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from datetime import UTC, datetime
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final, Protocol
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -33,6 +32,7 @@ from pipeline.costs import Price, cost, unknown_price_message
 from pipeline.durable import atomic_write_bytes
 from pipeline.errors import ExitCode
 from pipeline.events import REDACTED, json_safe, redact
+from pipeline.version import version
 
 REPORT_SUFFIX: Final = ".report.json"
 REPORT_VERSION: Final = 1
@@ -159,10 +159,7 @@ def _file_facts(path: Path) -> dict[str, Any] | None:
 
 
 def _tool_version() -> str:
-    try:
-        return metadata.version("enrich")
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    return version()
 
 
 def _iso(moment: datetime | None) -> str | None:

@@ -21,9 +21,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
-
-import polars as pl
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline import prompt, structured, write
 from pipeline.assemble import Tally, assemble_output
@@ -72,8 +70,15 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.results import ROW_ID, TRANSIENT, RowResult
-from pipeline.status import checkpoint_status
 from pipeline.transport import Completion, Messages, Transport, make_transport
+
+# Input bytes per chunk at most, whatever --chunk-size says.
+FEED_BYTES: Final = 16 << 20
+
+if TYPE_CHECKING:
+    # polars is imported where a checkpoint's results are read (a resumed
+    # run); a fresh run sends its first request without it.
+    import polars as pl
 
 
 @dataclass
@@ -98,6 +103,12 @@ class RunSummary:
     outages: int = 0
     """Times the API stopped answering and the run waited, probing."""
     outage_s: float = 0.0
+    stalled: int = 0
+    """Requests cut because no byte came for the stall timeout (then retried)."""
+    stall_timeout_s: float | None = None
+    """The stall timeout the run ended with (learned unless --stall-timeout)."""
+    streamed: bool | None = None
+    """Whether answers were streamed (None: no request was answered)."""
     cache_hits: int = 0
     """Rows answered from the response cache (no request)."""
     deduplicated: int = 0
@@ -219,8 +230,10 @@ def _reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
 def _prompt_chunks(
     prepared: PreparedRun, done: bytearray, start_row: int
 ) -> Iterator[list[tuple[int, str | None]]]:
-    """Rows still to do, chunk by chunk, with their rendered prompt (None: skip)."""
-    chunk_size = prepared.config.input.chunk_size
+    """Rows still to do, chunk by chunk, with their rendered prompt (None: skip).
+    Chunks hold ``--chunk-size`` rows, fewer when rows are large: the chunk,
+    its rendered prompts and their messages are in memory at once."""
+    chunk_size = prepared.source.rows_within(FEED_BYTES, prepared.config.input.chunk_size)
     for chunk in prepared.source.chunks(chunk_size, start_row=start_row):
         prompts = prompt.render(prepared.spec, chunk.table)
         todo = [
@@ -237,6 +250,8 @@ def _done_rows(statuses: pl.DataFrame, total: int, retry_failed: bool) -> bytear
     rows cost a megabyte, where a set of ints would cost ~50). A row that
     failed for a transient reason is pending, never final; a permanent
     failure is final unless ``retry_failed``."""
+    import polars as pl
+
     status = pl.col("status")
     final = status.is_in(["ok", "skipped"])
     if not retry_failed:
@@ -360,6 +375,9 @@ async def _run_calls(
         summary.bad_answers = stage.stats.bad_answers
         summary.outages = stage.stats.outages
         summary.outage_s = stage.stats.outage_s
+        summary.stalled = stage.stats.stalled
+        summary.stall_timeout_s = stage.stats.stall_timeout_s
+        summary.streamed = stage.stats.streamed
         summary.cost_usd = spend.spent_this_run
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
@@ -486,6 +504,11 @@ async def _locked_run(
         body["requests"]["bad_structured_answers"] = summary.bad_answers
         body["requests"]["outages"] = summary.outages
         body["requests"]["outage_s"] = round(summary.outage_s, 3)
+        body["requests"]["stalled"] = summary.stalled
+        body["requests"]["stall_timeout_s"] = (
+            None if summary.stall_timeout_s is None else round(summary.stall_timeout_s, 3)
+        )
+        body["requests"]["streamed"] = summary.streamed
         body["reuse"] = {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,
@@ -598,22 +621,8 @@ async def _send_and_assemble(
     """Send what the checkpoint lacks, then write the output from it."""
     config = prepared.config
     for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
-        # One read of the checkpoint serves both what is done and what it cost.
-        spent = checkpoint.latest_results(
-            ["status", TRANSIENT, "prompt_tokens", "completion_tokens"]
-        )
+        done, already = _resume_point(checkpoint, prepared.total_rows, options, price)
         _emit_warnings(events, checkpoint)
-        done = _done_rows(spent, prepared.total_rows, options.retry_failed)
-        already = (
-            cost(
-                int(spent["prompt_tokens"].sum() or 0),
-                int(spent["completion_tokens"].sum() or 0),
-                price,
-            )
-            if price is not None
-            else 0.0
-        )
-        del spent  # a frame of every row done so far: not worth holding for the whole run
         spend: SpendCap | CostMeter = (
             SpendCap(config.max_cost, price, already_spent=already)
             if config.max_cost is not None and price is not None
@@ -643,6 +652,22 @@ async def _send_and_assemble(
         f"checkpoint parts in {checkpoint.run_dir} were found damaged {MAX_ASSEMBLY_PASSES} "
         "times in a row; check the disk, then rerun the same command"
     )
+
+
+def _resume_point(
+    checkpoint: Checkpoint, total: int, options: RunOptions, price: Price | None
+) -> tuple[bytearray, float]:
+    """What is done (see ``_done_rows``) and what it cost, in one read of the
+    checkpoint; a fresh run reads nothing (and so imports no polars)."""
+    if not checkpoint.has_results():
+        return bytearray(total), 0.0
+    spent = checkpoint.latest_results(["status", TRANSIENT, "prompt_tokens", "completion_tokens"])
+    done = _done_rows(spent, total, options.retry_failed)
+    if price is None:
+        return done, 0.0
+    prompt_tokens = int(spent["prompt_tokens"].sum() or 0)
+    completion_tokens = int(spent["completion_tokens"].sum() or 0)
+    return done, cost(prompt_tokens, completion_tokens, price)
 
 
 @dataclass(frozen=True)
@@ -753,13 +778,21 @@ def _open_reuse(prepared: PreparedRun, checkpoint: Checkpoint, events: EventSink
             else None
         ),
         # With the cache on, it finds answers dedup has forgotten: remember few.
-        dedup=(InRunDedup(10_000 if use_cache else 100_000) if use_dedup else None),
+        dedup=(
+            InRunDedup(10_000 if use_cache else 100_000, weigh=_answer_bytes) if use_dedup else None
+        ),
         carried=checkpoint.carried(),
     )
 
 
+def _answer_bytes(result: RowResult) -> int:
+    return len(result.response or "")
+
+
 def _count_checkpoint(summary: RunSummary, run_dir: Path) -> None:
     """Counts for a stopped run's report: what the checkpoint holds."""
+    from pipeline.status import checkpoint_status  # polars: only a stopped run's report
+
     try:
         status = checkpoint_status(run_dir)
     except EnrichError:

@@ -14,6 +14,17 @@ that models without structured outputs give (``param`` ``response_format``).
 Other ``response_format`` types (``text``, ``json_object``) are accepted and
 change nothing.
 
+Streaming: a request with ``"stream": true`` gets the same answer as
+server-sent events of ``chat.completion.chunk`` objects, like OpenAI: a first
+chunk with the role, the content in pieces of ``STREAM_CHUNK_CHARS``
+characters, a chunk with the finish reason, with ``"stream_options":
+{"include_usage": true}`` a last chunk with no choices and the usage, then
+``data: [DONE]``. The latency is the time to the first chunk (headers and
+first chunk go together); ``chunk_delay_ms`` spaces the chunks, so that a
+long answer streams slowly. With ``SimulatorConfig(streaming=False)`` a
+streaming request gets the 400 that servers without streaming give (``param``
+``stream``). Directives and structured output work the same when streaming.
+
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /_stats``
 (the :class:`SimulatorStats` as JSON). Anything else answers 404 with an
 OpenAI-style JSON error.
@@ -23,16 +34,19 @@ that fails answers:
 
 1. auth: with ``api_key`` set, no ``Authorization: Bearer <api_key>`` -> 401
    ``invalid_api_key``;
-2. a body that is not a chat request -> 400 ``invalid_request_error``;
+2. a body that is not a chat request (or ``stream`` with ``streaming=False``)
+   -> 400 ``invalid_request_error``;
 3. model: with ``models`` set, any other model -> 404 ``model_not_found``;
    then ``response_format`` ``json_schema`` with ``structured=False`` -> 400
    ``invalid_request_error``, ``param`` ``response_format``;
 4. ``insufficient_quota`` -> 429 with code ``insufficient_quota`` (no retry-after);
 5. per-prompt directives (below);
-6. random faults: drop, hang, 5xx, spurious 429, malformed body;
+6. random faults: drop, hang, 5xx, spurious 429, malformed body (a hang with
+   ``hang_answers`` goes on to 7 and 8 once it is over);
 7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``; the requests
    limit may change over time, ``rpm_schedule``) -> 429;
-8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer.
+8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer, whole
+   or streamed.
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -40,7 +54,7 @@ the content of the LAST user message:
 ``[[fault:400]]``
     always answers 400 ``context_length_exceeded``.
 ``[[fault:<kind>:<n>]]``, kind one of ``500``, ``429``, ``drop``, ``malformed``,
-``hang`` (and ``400``)
+``hang``, ``stall`` (and ``400``)
     the first ``n`` requests carrying exactly this content fail with that fault,
     later ones succeed. Without ``:<n>`` the fault is permanent.
 ``[[fault:badjson]]``, ``[[fault:badjson:<n>]]``
@@ -62,13 +76,23 @@ after one is a row paid twice) and NOT in ``faults``; they are also counted in
 ``bad_answers``.
 
 Faults: ``drop`` closes the connection without a response; ``hang`` holds the
-request for ``hang_s`` seconds (or until the server stops) and then drops it;
-``malformed`` is a 200 whose JSON body is cut short; ``429`` is a spurious
-``rate_limit_exceeded`` with retry headers.
+request for ``hang_s`` seconds (or until the server stops), sending nothing at
+all, and then drops it, or with ``hang_answers`` answers it normally (a stuck
+connection that answers after a while: latency, rate limit and answer as
+usual); with ``hang_max_s`` each hang lasts a uniform draw between ``hang_s``
+and ``hang_max_s``; ``malformed`` is a 200 whose JSON body is cut short;
+``429`` is a spurious ``rate_limit_exceeded`` with retry headers. A streaming
+request fails inside the stream instead, after its first chunk: ``drop``
+closes the connection, ``malformed`` sends a chunk cut short. ``stall`` (a
+directive only) is a hang that starts after the first chunk of a stream (for
+a request that does not stream it is a ``hang``); it always drops.
 
 Stats: ``requests`` counts every completion request; ``answered`` the 200
 completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
-malformed bodies; ``rate_limited`` every 429 that is not ``insufficient_quota``.
+malformed bodies; ``hangs`` the requests held by ``hang`` or ``stall`` (also in
+``faults``, and in ``answered`` too when ``hang_answers`` delivers them);
+``streamed`` the answers delivered as a stream; ``rate_limited`` every 429
+that is not ``insufficient_quota``.
 
 A changing limit: ``rpm_schedule`` is a list of (seconds since the first
 completion request, rpm) steps; ``rpm`` applies before the first (no limit if
@@ -139,7 +163,7 @@ SHUTDOWN_TIMEOUT_S: Final = 0.5
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
 _DIRECTIVE: Final = re.compile(
-    r"\[\[fault:(400|500|429|drop|malformed|hang|badjson|invalid)(?::(\d+))?\]\]"
+    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|badjson|invalid)(?::(\d+))?\]\]"
 )
 # Directives that shape a 200 answer rather than fail the request.
 _ANSWER_KINDS: Final = frozenset({"badjson", "invalid"})
@@ -149,6 +173,9 @@ _DIRECTIVE_MARK: Final = "[[fault:"
 
 # Random faults in the order they are drawn; the config rates line up with these.
 _RANDOM_KINDS: Final = ("drop", "hang", "5xx", "429", "malformed")
+
+# Characters of the answer per streamed chunk: about one token, like real APIs.
+STREAM_CHUNK_CHARS: Final = 4
 
 
 @dataclass(frozen=True)
@@ -174,17 +201,25 @@ class SimulatorConfig:
     drop_rate: float = 0.0
     hang_rate: float = 0.0
     hang_s: float = 30.0
+    hang_max_s: float | None = None
+    hang_answers: bool = False
     malformed_rate: float = 0.0
     api_key: str | None = None
     models: tuple[str, ...] = ()
     insufficient_quota: bool = False
     structured: bool = True
+    streaming: bool = True
+    chunk_delay_ms: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("latency_ms", "jitter_ms", "hang_s"):
+        for name in ("latency_ms", "jitter_ms", "hang_s", "chunk_delay_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
+        if self.hang_max_s is not None and self.hang_max_s < self.hang_s:
+            raise ConfigError(
+                f"simulator hang_max_s must be >= hang_s ({self.hang_s}), got {self.hang_max_s}"
+            )
         if self.window_s <= 0:
             raise ConfigError(f"simulator window_s must be > 0, got {self.window_s}")
         if self.rate_headers_until_s is not None and self.rate_headers_until_s < 0:
@@ -239,6 +274,8 @@ class SimulatorStats:
     last_admitted_at: float | None = None
     answered_by_content: collections.Counter[str] = field(default_factory=collections.Counter)
     max_in_flight: int = 0
+    hangs: int = 0
+    streamed: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -258,6 +295,8 @@ class SimulatorStats:
             # dict() of a Counter is one C-level copy: safe while the loop thread counts.
             "answered_by_content": dict(self.answered_by_content),
             "max_in_flight": self.max_in_flight,
+            "hangs": self.hangs,
+            "streamed": self.streamed,
         }
 
 
@@ -533,6 +572,11 @@ def _error(
     return _json(status, payload, headers)
 
 
+def _event(data: Mapping[str, Any]) -> bytes:
+    """One server-sent event carrying ``data`` as JSON."""
+    return b"data: " + json.dumps(data).encode() + b"\n\n"
+
+
 def _bad_request(message: str, param: str | None = None) -> web.Response:
     return _error(400, message, "invalid_request_error", None, param)
 
@@ -650,6 +694,7 @@ class Simulator:
         stats = self.stats
         stats.requests = stats.answered = stats.rate_limited = stats.faults = stats.tokens = 0
         stats.bad_answers = stats.admitted = stats.admitted_tokens = 0
+        stats.hangs = stats.streamed = 0
         stats.first_admitted_at = stats.last_admitted_at = None
         stats.answered_by_content = collections.Counter()
         stats.max_in_flight = self._in_flight
@@ -702,8 +747,10 @@ class Simulator:
             or not all(isinstance(m, dict) for m in messages)
         ):
             return _bad_request("'messages' must be a non-empty array of objects.", "messages")
-        if body.get("stream"):
-            return _bad_request("The simulator does not support stream=true.", "stream")
+        streaming = self._streaming(body)
+        if isinstance(streaming, web.Response):
+            return streaming
+        stream, include_usage = streaming
         max_tokens = body.get("max_completion_tokens")
         if max_tokens is None:
             max_tokens = body.get("max_tokens")
@@ -772,14 +819,23 @@ class Simulator:
                 else:
                     if counted:
                         self._directive_counts[content] += 1
-                    return await self._fault(kind, request, model)
+                    failed = await self._fail(kind, request, model, stream)
+                    if failed is not None:
+                        return failed
         if self._random_faults:
             draw = self._rng.random()
             for kind, threshold in zip(_RANDOM_KINDS, self._thresholds, strict=True):
                 if draw < threshold:
                     if kind == "5xx":
                         kind = str(self._rng.choice((500, 502, 503)))
-                    return await self._fault(kind, request, model)
+                    failed = await self._fail(kind, request, model, stream)
+                    if failed is not None:
+                        return failed
+                    break
+        if shaped_counted and self._directive(content) is None:
+            # A hang that answered (hang_answers) waited: another request with
+            # this content may have had the last bad answer meanwhile.
+            shaped, shaped_counted = None, False
 
         if shaped == "badjson":
             answer = BAD_JSON
@@ -819,6 +875,42 @@ class Simulator:
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
 
+        usage = {
+            "prompt_tokens": prompt_tokens,
+            "completion_tokens": completion_tokens,
+            "total_tokens": total_tokens,
+        }
+        response: web.StreamResponse
+        if stream:
+            response, delivered = await self._stream_answer(
+                request, model, answer, finish_reason, usage if include_usage else None, headers
+            )
+        else:
+            response, delivered = self._whole_answer(model, answer, finish_reason, usage, headers)
+        transport = request.transport
+        # A client that gave up during the latency (or the stream) never gets this
+        # answer: counting it would make "answered exactly once" checks lie.
+        if delivered and transport is not None and not transport.is_closing():
+            stats = self.stats
+            stats.answered += 1
+            stats.tokens += total_tokens
+            stats.answered_by_content[content] += 1
+            stats.streamed += stream
+            if shaped is not None:
+                stats.bad_answers += 1
+        elif shaped_counted:
+            # Not delivered: the next request with this content gets the bad answer.
+            self._directive_counts[content] -= 1
+        return response
+
+    def _whole_answer(
+        self,
+        model: str,
+        answer: str,
+        finish_reason: str,
+        usage: Mapping[str, int],
+        headers: Mapping[str, str] | None,
+    ) -> tuple[web.Response, bool]:
         self._next_id += 1
         payload = {
             "id": f"chatcmpl-{self._next_id}",
@@ -832,26 +924,77 @@ class Simulator:
                     "finish_reason": finish_reason,
                 }
             ],
-            "usage": {
-                "prompt_tokens": prompt_tokens,
-                "completion_tokens": completion_tokens,
-                "total_tokens": total_tokens,
-            },
+            "usage": usage,
         }
-        transport = request.transport
-        # A client that gave up during the latency never gets this answer: counting
-        # it would make "answered exactly once" checks lie.
-        if transport is not None and not transport.is_closing():
-            stats = self.stats
-            stats.answered += 1
-            stats.tokens += total_tokens
-            stats.answered_by_content[content] += 1
-            if shaped is not None:
-                stats.bad_answers += 1
-        elif shaped_counted:
-            # Not delivered: the next request with this content gets the bad answer.
-            self._directive_counts[content] -= 1
-        return _json(200, payload, headers)
+        return _json(200, payload, headers), True
+
+    def _chunk(
+        self, model: str, delta: Mapping[str, str], finish_reason: str | None = None
+    ) -> bytes:
+        """One server-sent event of a ``chat.completion.chunk`` (the id is the stream's)."""
+        chunk = {
+            "id": f"chatcmpl-{self._next_id}",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+        }
+        return _event(chunk)
+
+    async def _open_stream(
+        self, request: web.Request, model: str, headers: Mapping[str, str] | None = None
+    ) -> web.StreamResponse:
+        """Headers of a 200 event stream, sent with its first chunk (the role).
+        Take a new ``_next_id`` first: it is the stream's id."""
+        first = self._chunk(model, {"role": "assistant", "content": ""})  # before any await
+        response = web.StreamResponse(status=200, headers=headers)
+        response.content_type = "text/event-stream"
+        await response.prepare(request)
+        await response.write(first)
+        return response
+
+    async def _stream_answer(
+        self,
+        request: web.Request,
+        model: str,
+        answer: str,
+        finish_reason: str,
+        usage: Mapping[str, int] | None,
+        headers: Mapping[str, str] | None,
+    ) -> tuple[web.StreamResponse, bool]:
+        """The answer as server-sent events, ``chunk_delay_ms`` apart; whether
+        the whole stream was written (False: the client went away)."""
+        self._next_id += 1
+        events = [
+            self._chunk(model, {"content": answer[start : start + STREAM_CHUNK_CHARS]})
+            for start in range(0, len(answer), STREAM_CHUNK_CHARS)
+        ]
+        events.append(self._chunk(model, {}, finish_reason))
+        if usage is not None:
+            last = {
+                "id": f"chatcmpl-{self._next_id}",
+                "object": "chat.completion.chunk",
+                "created": int(time.time()),
+                "model": model,
+                "choices": [],
+                "usage": usage,
+            }
+            events.append(_event(last))
+        events.append(b"data: [DONE]\n\n")
+        delay = self.config.chunk_delay_ms / 1000.0
+        response = web.StreamResponse()
+        try:
+            response = await self._open_stream(request, model, headers)
+            if delay > 0:
+                for event in events:
+                    await asyncio.sleep(delay)
+                    await response.write(event)
+            else:
+                await response.write(b"".join(events))
+            await response.write_eof()
+        except ConnectionError:  # the client went away (aiohttp's ClientConnectionResetError)
+            return response, False
+        return response, True
 
     def _count_admitted(self, tokens: int) -> None:
         stats = self.stats
@@ -873,7 +1016,87 @@ class Simulator:
             return None
         return kind, count is not None
 
-    async def _fault(self, kind: str, request: web.Request, model: str) -> web.StreamResponse:
+    def _streaming(self, body: Mapping[str, Any]) -> tuple[bool, bool] | web.Response:
+        """Whether the request streams, and with its usage; or its 400."""
+        stream = body.get("stream")
+        if stream is None:
+            stream = False
+        if not isinstance(stream, bool):
+            return _bad_request("'stream' must be a boolean.", "stream")
+        options = body.get("stream_options")
+        if options is not None:
+            if not stream:
+                return _bad_request(
+                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                    "stream_options",
+                )
+            if not isinstance(options, dict):
+                return _bad_request("'stream_options' must be an object.", "stream_options")
+        if stream and not self.config.streaming:
+            return _bad_request("The simulator does not support stream=true.", "stream")
+        include_usage = isinstance(options, dict) and options.get("include_usage") is True
+        return stream, include_usage
+
+    async def _fail(
+        self, kind: str, request: web.Request, model: str, stream: bool
+    ) -> web.StreamResponse | None:
+        """The response of a fault; None when a hang ends in an answer
+        (``hang_answers``), which the caller then gives as usual."""
+        if kind == "hang" and self.config.hang_answers:
+            self.stats.faults += 1
+            if await self._hold():
+                return self._drop(request)  # the server is stopping
+            return None
+        return await self._fault(kind, request, model, stream)
+
+    async def _hold(self) -> bool:
+        """Hold a request for the hang time, sending nothing. True if the
+        server began to stop meanwhile."""
+        cfg = self.config
+        self.stats.hangs += 1
+        hang_s = cfg.hang_s
+        if cfg.hang_max_s is not None:
+            hang_s = self._rng.uniform(cfg.hang_s, cfg.hang_max_s)
+        assert self._closing is not None
+        try:
+            await asyncio.wait_for(self._closing.wait(), hang_s)
+        except TimeoutError:
+            return False
+        return True
+
+    def _drop(self, request: web.Request) -> web.StreamResponse:
+        transport = request.transport
+        if transport is not None:
+            transport.close()
+        # aiohttp fails to write this to the closed transport and drops it quietly.
+        return web.Response(status=500)
+
+    async def _broken_stream(
+        self, kind: str, request: web.Request, model: str
+    ) -> web.StreamResponse:
+        """A stream that fails after its first chunk: ``malformed`` sends a
+        chunk cut short, ``drop`` closes the connection, ``stall`` holds it
+        silent for the hang time first."""
+        self._next_id += 1
+        response = web.StreamResponse()
+        with contextlib.suppress(ConnectionError):
+            response = await self._open_stream(request, model)
+            if kind == "malformed":
+                await response.write(
+                    f'data: {{"id": "chatcmpl-{self._next_id}", "object": "chat.completion.chunk", '
+                    '"choi\n\n'.encode()
+                )
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
+            if kind == "stall":
+                await self._hold()
+        self._drop(request)
+        return response
+
+    async def _fault(
+        self, kind: str, request: web.Request, model: str, stream: bool = False
+    ) -> web.StreamResponse:
         stats = self.stats
         if kind == "400":
             return _error(
@@ -897,21 +1120,17 @@ class Simulator:
                 headers=headers,
             )
         stats.faults += 1
+        if stream and kind in ("malformed", "drop", "stall"):
+            return await self._broken_stream(kind, request, model)
         if kind == "malformed":
             self._next_id += 1
             # Valid start, cut short: exactly what a proxy that drops mid-body yields.
             body = f'{{"id": "chatcmpl-{self._next_id}", "object": "chat.completion", "choi'
             return web.Response(status=200, body=body.encode(), content_type="application/json")
-        if kind in ("drop", "hang"):
-            if kind == "hang":
-                assert self._closing is not None
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._closing.wait(), self.config.hang_s)
-            transport = request.transport
-            if transport is not None:
-                transport.close()
-            # aiohttp fails to write this to the closed transport and drops it quietly.
-            return web.Response(status=500)
+        if kind in ("drop", "hang", "stall"):
+            if kind != "drop":
+                await self._hold()
+            return self._drop(request)
         status = int(kind)
         return _error(status, _SERVER_ERRORS[status], "server_error")
 

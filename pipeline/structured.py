@@ -47,7 +47,6 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
-import jsonschema  # type: ignore[import-untyped, unused-ignore]
 import pyarrow as pa
 
 from pipeline.errors import ConfigError
@@ -166,6 +165,9 @@ def _check_schema(schema: Any, where: str, setting: str) -> None:
     shape = 'a JSON object like {"type": "object", "properties": {...}}'
     if not isinstance(schema, dict):
         raise ConfigError(f"{where} must be {shape}; fix {setting}")
+    # Imported only with a schema: a plain run does not pay for it.
+    import jsonschema  # type: ignore[import-untyped, unused-ignore]
+
     try:
         jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator).check_schema(
             schema
@@ -357,6 +359,8 @@ def _validator(schema: Mapping[str, Any]) -> Any:
     entry = _VALIDATORS.get(id(schema))
     if entry is not None and entry[0] is schema:
         return entry[1]
+    import jsonschema  # type: ignore[import-untyped, unused-ignore]
+
     cls = jsonschema.validators.validator_for(schema, jsonschema.Draft202012Validator)
     validator = cls(schema)
     if len(_VALIDATORS) >= 16:
@@ -468,6 +472,8 @@ def parse_answer(
         raise StructuredAnswerError(f"not JSON: {exc.msg} at char {exc.pos}") from None
     if not isinstance(value, dict):
         raise StructuredAnswerError(f"not a JSON object (got {_json_type(value)})")
+    import jsonschema  # type: ignore[import-untyped, unused-ignore]  # loaded by _validator
+
     error = jsonschema.exceptions.best_match(_validator(schema).iter_errors(value))
     if error is not None:
         raise StructuredAnswerError(_reason(error))

@@ -1,6 +1,8 @@
 """How a request is sent: transports that turn a list of messages into a
-``Completion`` or raise the ``openai`` SDK's exception classes, so the call
-stage classifies failures the same way whichever transport is used.
+``Completion`` or raise enrich's own transport errors
+(``pipeline.transport_errors``), so the call stage classifies failures the
+same way whichever transport is used, and whatever version of the SDK or of
+aiohttp is installed.
 
 Two transports:
 
@@ -8,49 +10,83 @@ Two transports:
     One ``aiohttp.ClientSession`` POSTing JSON to ``{base_url}/chat/completions``
     and reading only the fields a ``Completion`` needs. On a fast local server
     (vLLM, llama.cpp) the client's CPU is the bottleneck; this path costs a
-    fraction of the SDK's per request. Failures are raised as the SDK's own
-    exception classes, built the way the SDK builds them (status code, error
-    body, real response headers), so ``pipeline.call.classify`` is shared.
+    fraction of the SDK's per request. Failures are raised as enrich's
+    transport errors directly (status code, error body, real response headers).
 
 ``OpenAITransport`` (kind ``"openai"``)
     The official ``openai`` client: the reference behaviour, and where
     SDK-only features belong (``openai.AsyncAzureOpenAI`` for Azure's classic
     deployment URLs, which want an ``api-key`` header and an ``api-version``
     query; workload identity...). Neither transport does those today; Azure's
-    OpenAI-compatible ``/openai/v1`` endpoint works with both.
+    OpenAI-compatible ``/openai/v1`` endpoint works with both. The SDK's
+    exceptions are translated into enrich's in one place, ``sdk_error``.
+
+Both stream answers (``"stream": true`` with ``stream_options.include_usage``)
+and assemble the same ``Completion`` from the chunks, so that a request that
+is producing nothing can be told from one slowly producing a long answer:
+``complete(..., stall_s=S)`` cuts a request that goes ``S`` seconds without
+bytes (``pipeline.stall.StalledRequest``), while ``model.timeout_s`` bounds
+the request as a whole. A server that will not stream (a 400 naming
+``stream``/``stream_options``, a plain JSON body to a streaming request, or
+streamed answers without their usage) gets the same request again without
+streaming, and so does every later request of the run (``streaming`` turns
+False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
+
+Neither client is imported with this module: each transport imports its own
+when it is built, so ``enrich run`` on the default transport never loads the
+SDK, and a module that only needs ``Completion`` loads neither.
 """
 
 from __future__ import annotations
 
-import contextlib
+import asyncio
+import dataclasses
 import json
 import os
+import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from importlib import metadata
-from typing import Any, Final, Literal, Protocol, get_args
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
-import aiohttp
-import httpx2
-import openai
-import pydantic
-from aiohttp.helpers import get_env_proxy_for_url
-from yarl import URL
-
-from pipeline.config import ModelConfig
 from pipeline.errors import ConfigError
+from pipeline.stall import StalledRequest, StallLimit, Watchdog
+from pipeline.transport_errors import (
+    APIConnectionFailed,
+    APIStatus,
+    APITimeout,
+    TransportError,
+    UnparseableResponse,
+    lowered_headers,
+)
+from pipeline.version import version
+
+if TYPE_CHECKING:
+    import ssl
+
+    import aiohttp
+    import openai
+    from yarl import URL
+
+    from pipeline.config import ModelConfig
 
 __all__ = [
     "DEFAULT_BASE_URL",
     "TRANSPORT_KINDS",
+    "APIConnectionFailed",
+    "APIStatus",
+    "APITimeout",
     "AiohttpTransport",
     "Completion",
     "Messages",
     "OpenAITransport",
+    "StreamAssembler",
     "Transport",
+    "TransportError",
     "TransportKind",
     "UnparseableResponse",
     "make_transport",
+    "sdk_error",
 ]
 
 Messages = Sequence[Mapping[str, str]]
@@ -70,12 +106,19 @@ _DECODER: Final = json.JSONDecoder()
 _MIN_REDACTED_KEY: Final = 8
 _REDACTED: Final = "[redacted]"
 
+# Asked of every streamed request: the answer's usage in its last chunk.
+STREAM_PARAMS: Final[Mapping[str, Any]] = {
+    "stream": True,
+    "stream_options": {"include_usage": True},
+}
+# A 400/422 that names these is a server that will not stream ("upstream" is
+# not one of them).
+_STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
+_EVENT_STREAM: Final = "text/event-stream"
+
 
 def _user_agent() -> str:
-    try:
-        return f"enrich/{metadata.version('enrich')}"
-    except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-        return "enrich"
+    return f"enrich/{version()}"
 
 
 USER_AGENT: Final = _user_agent()
@@ -91,19 +134,23 @@ class Completion:
     prompt_tokens: int | None
     completion_tokens: int | None
     headers: Mapping[str, str] = field(default_factory=dict)
+    # The longest the request went without bytes from the server (its time
+    # to first byte, or a gap between chunks), for the stall timeout to
+    # learn from; and whether the answer was streamed.
+    silence_s: float | None = None
+    streamed: bool = False
 
 
 class Transport(Protocol):
-    """Sends one chat request. Raises ``openai`` exceptions on failure, so
-    every transport shares one error classification."""
+    """Sends one chat request. Raises ``TransportError`` subclasses on
+    failure, so every transport shares one error classification, among them
+    ``pipeline.stall.StalledRequest`` when no bytes came for ``stall_s``
+    seconds (a number, or a function giving the current number; None: only
+    the total timeout applies)."""
 
-    async def complete(self, messages: Messages) -> Completion: ...
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion: ...
 
     async def aclose(self) -> None: ...
-
-
-class UnparseableResponse(Exception):
-    """A 200 whose body is not a chat completion: transient, worth a retry."""
 
 
 def _redactable(api_key: str) -> str | None:
@@ -116,6 +163,16 @@ def _scrub(text: str, key: str | None) -> str:
 
 def _scrub_bytes(body: bytes, key: str | None) -> bytes:
     return body.replace(key.encode(), _REDACTED.encode()) if key else body
+
+
+def rejects_streaming(status: int, body: bytes) -> bool:
+    """A 400/422 whose body names ``stream``, ``stream_options`` or
+    streaming: the server does not stream, or not with usage."""
+    return status in (400, 422) and _STREAM_WORD.search(body) is not None
+
+
+def _stalled(watch: Watchdog) -> StalledRequest:
+    return StalledRequest(watch.cut_after or watch.silence(), started=watch.beats > 0)
 
 
 def resolve_base_url(model: ModelConfig) -> str:
@@ -148,6 +205,10 @@ class OpenAITransport:
         http_client: Literal["httpx", "aiohttp"] = "httpx",
         extra_params: Mapping[str, Any] | None = None,
     ) -> None:
+        # Imported here, not with the module: the SDK costs about a second of
+        # imports, and only this transport uses it.
+        import openai
+
         self._model = model.name
         self._params = {**model.request_params(), **(extra_params or {})}
         self._client = openai.AsyncOpenAI(
@@ -158,32 +219,121 @@ class OpenAITransport:
             http_client=openai.DefaultAioHttpClient() if http_client == "aiohttp" else None,
         )
         self._redact = _redactable(api_key)
+        # The SDK's timeout applies to each phase (connect, each read...);
+        # this bounds the request as a whole, like AiohttpTransport.
+        self._total_s = model.timeout_s
+        self.streaming = model.stream
+        self.stream_fallback: str | None = None
 
     def __repr__(self) -> str:
         return f"OpenAITransport(base_url={str(self._client.base_url)!r}, model={self._model!r})"
 
-    async def complete(self, messages: Messages) -> Completion:
+    def _stop_streaming(self, reason: str) -> None:
+        self.streaming = False
+        if self.stream_fallback is None:
+            self.stream_fallback = reason
+
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        streaming = self.streaming
+        watch: Watchdog | None = None
         try:
-            raw = await self._client.chat.completions.with_raw_response.create(
+            async with asyncio.timeout(None) as scope:
+                watch = Watchdog(scope, stall_s, self._total_s)
+                try:
+                    if streaming:
+                        return await self._streamed(messages, watch)
+                    return await self._whole(messages, watch)
+                finally:
+                    watch.close()
+        except TimeoutError:
+            if watch is not None and watch.expired == "stall":
+                raise _stalled(watch) from None
+            raise APITimeout("request timed out") from None
+        except _StreamingRejected:
+            self._stop_streaming("the server rejects streaming requests (400 naming stream)")
+            return await self.complete(messages, stall_s=stall_s)
+
+    async def _create(self, messages: Messages, *, stream: bool) -> Any:
+        # Already loaded by __init__ (and by the SDK): a dictionary lookup.
+        import openai
+
+        params = {**self._params, **STREAM_PARAMS} if stream else self._params
+        try:
+            return await self._client.chat.completions.with_raw_response.create(
                 model=self._model,
                 messages=messages,  # type: ignore[arg-type]
-                **self._params,
+                **params,
             )
-        except openai.APIStatusError as exc:
-            # A server that echoes the key would put it in the row's error column.
-            key = self._redact
-            if key is None or key.encode() not in exc.response.content:
-                raise
-            raise make_status_error(
-                exc.status_code,
-                _scrub_bytes(exc.response.content, key),
-                exc.response.headers.raw,
-                httpx2.Request("POST", exc.request.url),
-            ) from None
+        except openai.OpenAIError as exc:
+            if (
+                stream
+                and isinstance(exc, openai.APIStatusError)
+                and rejects_streaming(exc.status_code, _sdk_body(exc))
+            ):
+                raise _StreamingRejected from None
+            raise self._translated(exc) from None
+
+    def _translated(self, exc: openai.OpenAIError) -> BaseException:
+        """``sdk_error`` of ``exc``, or ``exc`` itself when it is not about
+        the request (a bug, raised as it is). Raise it ``from None``: the
+        SDK's exception carries the request, and a server that echoes the
+        key puts it in the SDK's message."""
+        translated = sdk_error(exc, self._redact)
+        return exc if translated is None else translated
+
+    async def _streamed(self, messages: Messages, watch: Watchdog) -> Completion:
+        import openai
+        import pydantic
+
+        raw = await self._create(messages, stream=True)
+        watch.beat()
+        response = raw.http_response
+        if _EVENT_STREAM not in response.headers.get("content-type", ""):
+            # The server ignored "stream": one JSON body, the whole answer.
+            try:
+                body = await response.aread()
+            except Exception as exc:
+                # httpx's own errors (read timeout, dropped connection), as
+                # the SDK would report them.
+                raise _connection_failed(exc, self._redact) from None
+            watch.beat()
+            self._stop_streaming("the server answers streaming requests with one JSON body")
+            return dataclasses.replace(parse_completion(body, raw.headers), silence_s=watch.longest)
+        chunks = raw.parse()
+        assembler = StreamAssembler()
+        try:
+            async for chunk in chunks:
+                watch.beat()
+                assembler.add_sdk_chunk(chunk)
+        except openai.OpenAIError as exc:
+            # Dropped, reset or timed out mid-stream, or an error event inside
+            # the stream (a bare APIError: transient, see sdk_error).
+            raise self._translated(exc) from None
+        except (ValueError, pydantic.ValidationError) as exc:
+            raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
+        finally:
+            await chunks.close()
+        completion = assembler.completion(raw.headers, silence_s=watch.longest)
+        if completion.prompt_tokens is None:
+            self._stop_streaming("the server streams answers without their token usage")
+        return completion
+
+    async def _whole(self, messages: Messages, watch: Watchdog) -> Completion:
+        import openai
+        import pydantic
+
+        raw = await self._create(messages, stream=False)
+        watch.beat()
         try:
             parsed = raw.parse()
             choice = parsed.choices[0]
-        except (json.JSONDecodeError, pydantic.ValidationError, IndexError, TypeError) as exc:
+        except (
+            openai.APIResponseValidationError,
+            json.JSONDecodeError,
+            pydantic.ValidationError,
+            IndexError,
+            TypeError,
+        ) as exc:
             raise UnparseableResponse(f"unparseable response body ({type(exc).__name__})") from None
         usage = parsed.usage
         return Completion(
@@ -193,56 +343,272 @@ class OpenAITransport:
             prompt_tokens=usage.prompt_tokens if usage else None,
             completion_tokens=usage.completion_tokens if usage else None,
             headers=raw.headers,
+            silence_s=watch.longest,
         )
 
     async def aclose(self) -> None:
         await self._client.close()
 
 
+def sdk_error(exc: openai.OpenAIError, redact: str | None = None) -> TransportError | None:
+    """The one place the ``openai`` SDK's exceptions become enrich's, using
+    only the SDK's public exception classes and attributes (the status code,
+    and the response's headers and body, read as the aiohttp transport reads
+    them). ``redact``: a key to blank out of the body, for a server that
+    echoes it. A bare ``APIError`` is an error event inside a streamed
+    answer: transient, like the aiohttp transport's. None for an exception
+    that is not about a request (a bug to surface, not a failure to
+    classify)."""
+    import openai
+
+    if isinstance(exc, openai.APITimeoutError):
+        return APITimeout("request timed out")
+    if isinstance(exc, openai.APIConnectionError):
+        cause = exc.__cause__
+        detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
+        return APIConnectionFailed(_scrub(f"Connection error{detail}", redact))
+    if isinstance(exc, openai.APIStatusError):
+        return APIStatus.from_response(
+            exc.status_code,
+            _scrub_bytes(_sdk_body(exc), redact),
+            lowered_headers(exc.response.headers.multi_items()),
+        )
+    if isinstance(exc, openai.APIResponseValidationError):
+        return UnparseableResponse("unparseable response body (APIResponseValidationError)")
+    if isinstance(exc, openai.APIError):
+        return UnparseableResponse(
+            _scrub(f"the stream carried an error: {_shorten(exc.message)}", redact)
+        )
+    return None
+
+
+def _sdk_body(exc: openai.APIStatusError) -> bytes:
+    """The body of an SDK status error's response (b"" if never read)."""
+    try:
+        return exc.response.content
+    except Exception:  # a streamed body that was never read
+        return b""
+
+
+def _connection_failed(exc: Exception, redact: str | None) -> APIConnectionFailed:
+    """An error of the SDK's HTTP client outside the SDK's own handling (a
+    body read after the SDK returned), as the SDK reports a connection error."""
+    return APIConnectionFailed(_scrub(f"Connection error: {type(exc).__name__}: {exc}", redact))
+
+
+class _StreamingRejected(Exception):
+    """The server answered a streaming request with a 400 naming streaming."""
+
+
+def _shorten(text: str, limit: int = 160) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+# ---------------------------------------------------------------------------
+# Streamed answers: server-sent events of chat.completion.chunk objects.
+
+
+class StreamAssembler:
+    """Builds a ``Completion`` from a streamed answer: ``feed`` it the raw
+    bytes of a ``text/event-stream`` body (``AiohttpTransport``), or
+    ``add_sdk_chunk`` the SDK's parsed chunks (``OpenAITransport``); then
+    ``completion()``. The result equals the non-streamed answer's: the text
+    is the content deltas of choice 0 joined (None if none had content), the
+    finish reason the last one given, the model the first one named, the
+    usage that of the chunk that carries it (the last, with
+    ``include_usage``).
+
+    A chunk that is not JSON, an error event, content that is not a string,
+    or a stream that ends before a finish reason or ``[DONE]`` is an
+    ``UnparseableResponse``: transient, the request is worth a retry.
+    """
+
+    __slots__ = (
+        "_choices",
+        "_data",
+        "_lines",
+        "_parts",
+        "_pending",
+        "completion_tokens",
+        "done",
+        "finish_reason",
+        "model",
+        "prompt_tokens",
+    )
+
+    def __init__(self) -> None:
+        self._pending = b""
+        self._data: list[bytes] = []
+        # Parse line by line: set once a CR shows up (CRLF line ends).
+        self._lines = False
+        self._parts: list[str] = []
+        self._choices = 0
+        self.model: str | None = None
+        self.finish_reason: str | None = None
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.done = False
+
+    def feed(self, data: bytes) -> None:
+        """Raw bytes of the body, cut anywhere."""
+        if self._pending:
+            data = self._pending + data
+        if self._lines or b"\r" in data:
+            self._lines = True
+            self._pending = self._feed_lines(data)
+            return
+        # The usual stream: events of one "data: " line each, a blank line
+        # after each. Anything else in an event goes through the line parser.
+        events = data.split(b"\n\n")
+        self._pending = events.pop()
+        for event in events:
+            if event.startswith(b"data: ") and b"\n" not in event:
+                self._event(event[6:])
+            else:
+                self._feed_lines(event + b"\n\n")
+
+    def _feed_lines(self, data: bytes) -> bytes:
+        """Parse ``data`` line by line; returns what follows its last newline."""
+        lines = data.split(b"\n")
+        rest = lines.pop()
+        for line in lines:
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if not line:
+                if self._data:
+                    self._event(b"\n".join(self._data))
+                    self._data.clear()
+            elif line.startswith(b"data:"):
+                value = line[5:]
+                self._data.append(value[1:] if value.startswith(b" ") else value)
+            # Comments (": keep-alive") and other fields (event:, id:) carry no answer.
+        return rest
+
+    def _event(self, data: bytes) -> None:
+        """One event's data: the hot path of a stream, so plain type checks
+        (JSON gives dicts and lists) and no work for absent fields."""
+        if data == b"[DONE]":
+            self.done = True
+            return
+        try:
+            text = data.decode("utf-8")
+            chunk, end = _DECODER.raw_decode(text)
+        except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
+            raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
+        if end != len(text) and text[end:].strip():
+            raise UnparseableResponse("unparseable stream chunk (extra data)")
+        if type(chunk) is not dict:
+            raise UnparseableResponse("a stream chunk is not a JSON object")
+        error = chunk.get("error")
+        if error is not None:
+            message = error.get("message") if type(error) is dict else error
+            raise UnparseableResponse(f"the stream carried an error: {_shorten(str(message))}")
+        if self.model is None:
+            model = chunk.get("model")
+            if type(model) is str:
+                self.model = model
+        choices = chunk.get("choices")
+        if choices:
+            if type(choices) is not list:
+                raise UnparseableResponse("a stream chunk's choices are not a list")
+            choice = choices[0]
+            if type(choice) is not dict or choice.get("index", 0) != 0:
+                choice = next(
+                    (c for c in choices if type(c) is dict and c.get("index", 0) == 0), None
+                )
+            if choice is not None:
+                self._choices += 1
+                delta = choice.get("delta")
+                if type(delta) is dict:
+                    content = delta.get("content")
+                    if content is not None:
+                        if type(content) is not str:
+                            raise UnparseableResponse(
+                                f"response message content is a {type(content).__name__}, "
+                                "not a string"
+                            )
+                        self._parts.append(content)
+                finish_reason = choice.get("finish_reason")
+                if type(finish_reason) is str:
+                    self.finish_reason = finish_reason
+        elif choices is not None and type(choices) is not list:
+            raise UnparseableResponse("a stream chunk's choices are not a list")
+        usage = chunk.get("usage")
+        if usage and type(usage) is dict:
+            prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+            self.add(None, False, None, None, prompt, completion)
+
+    def add_sdk_chunk(self, chunk: Any) -> None:
+        """One ``ChatCompletionChunk`` as the SDK parsed it (without
+        validation: any attribute may be missing)."""
+        choice = None
+        for candidate in getattr(chunk, "choices", None) or ():
+            if getattr(candidate, "index", 0) == 0:
+                choice = candidate
+                break
+        usage = getattr(chunk, "usage", None)
+        self.add(
+            getattr(chunk, "model", None),
+            choice is not None,
+            getattr(getattr(choice, "delta", None), "content", None),
+            getattr(choice, "finish_reason", None),
+            getattr(usage, "prompt_tokens", None),
+            getattr(usage, "completion_tokens", None),
+        )
+
+    def add(
+        self,
+        model: object,
+        has_choice: bool,
+        content: object,
+        finish_reason: object,
+        prompt_tokens: object,
+        completion_tokens: object,
+    ) -> None:
+        if self.model is None and isinstance(model, str):
+            self.model = model
+        if has_choice:
+            self._choices += 1
+        if content is not None:
+            if not isinstance(content, str):
+                raise UnparseableResponse(
+                    f"response message content is a {type(content).__name__}, not a string"
+                )
+            self._parts.append(content)
+        if isinstance(finish_reason, str):
+            self.finish_reason = finish_reason
+        prompt = _optional_int(prompt_tokens)
+        if prompt is not None:
+            self.prompt_tokens = prompt
+        completion = _optional_int(completion_tokens)
+        if completion is not None:
+            self.completion_tokens = completion
+
+    def completion(
+        self, headers: Mapping[str, str], *, silence_s: float | None = None
+    ) -> Completion:
+        """The answer, once the body has ended."""
+        if self._pending or self._data:
+            self._feed_lines(self._pending + b"\n\n")  # a last event without its blank line
+            self._pending = b""
+        if not self._choices:
+            raise UnparseableResponse("the stream carried no answer")
+        if not self.done and self.finish_reason is None:
+            raise UnparseableResponse("the stream ended before the answer did")
+        return Completion(
+            text="".join(self._parts) if self._parts else None,
+            finish_reason=self.finish_reason,
+            model=self.model,
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            headers=headers,
+            silence_s=silence_s,
+            streamed=True,
+        )
+
+
 # ---------------------------------------------------------------------------
 # The fast path: aiohttp, parsing only what a Completion needs.
-
-# openai/_client.py ``_make_status_error``: the class for each status code.
-_STATUS_ERRORS: Final[Mapping[int, type[openai.APIStatusError]]] = {
-    400: openai.BadRequestError,
-    401: openai.AuthenticationError,
-    403: openai.PermissionDeniedError,
-    404: openai.NotFoundError,
-    409: openai.ConflictError,
-    422: openai.UnprocessableEntityError,
-    429: openai.RateLimitError,
-}
-
-
-def make_status_error(
-    status: int,
-    body: bytes,
-    raw_headers: Sequence[tuple[bytes, bytes]],
-    request: httpx2.Request,
-) -> openai.APIStatusError:
-    """The exception the SDK raises for a non-2xx answer, built the same way
-    (``_make_status_error_from_response`` then ``_make_status_error``): the
-    message is ``Error code: N - <server message>``, ``.body`` the ``error``
-    object of a JSON body (else the body text), ``.response`` an
-    ``httpx2.Response`` with the real headers and body."""
-    response = httpx2.Response(status, headers=list(raw_headers), content=body, request=request)
-    err_msg = f"Error code: {status}"
-    err_text = response.text.strip()
-    parsed: object = err_text
-    try:
-        parsed = json.loads(err_text)
-    except ValueError:
-        pass
-    else:
-        error = parsed.get("error", parsed) if isinstance(parsed, Mapping) else None
-        message = error.get("message") if isinstance(error, Mapping) else None
-        if isinstance(message, str) and message:
-            err_msg += f" - {message}"
-    data = parsed.get("error", parsed) if isinstance(parsed, Mapping) else parsed
-    cls = _STATUS_ERRORS.get(status)
-    if cls is None:
-        cls = openai.InternalServerError if status >= 500 else openai.APIStatusError
-    return cls(err_msg, response=response, body=data)
 
 
 def _optional_str(value: object) -> str | None:
@@ -290,7 +656,17 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
     )
 
 
+async def _read_body(content: aiohttp.StreamReader, watch: Watchdog) -> bytes:
+    parts = []
+    async for data in content.iter_any():
+        watch.beat()
+        parts.append(data)
+    return b"".join(parts)
+
+
 def _chat_url(base_url: str) -> URL:
+    from yarl import URL  # aiohttp's URL type (and dependency): parsed once, not per request
+
     try:
         url = URL(f"{base_url}/chat/completions")
     except ValueError:
@@ -304,6 +680,72 @@ def _chat_url(base_url: str) -> URL:
     return url
 
 
+def _ssl_context() -> ssl.SSLContext | bool:
+    """The SDK's trust on Linux: ``$SSL_CERT_FILE``, else ``$SSL_CERT_DIR``,
+    else the system store (OpenSSL's default paths): True, aiohttp's default
+    context, which it built at import (loading the store again costs tens of
+    milliseconds before the first request)."""
+    import ssl
+
+    cafile = os.environ.get("SSL_CERT_FILE")
+    if cafile:
+        return ssl.create_default_context(cafile=cafile)
+    capath = os.environ.get("SSL_CERT_DIR")
+    if capath:
+        return ssl.create_default_context(capath=capath)
+    return True
+
+
+# Proxy schemes aiohttp can talk to (it cannot tunnel TLS to an https:// proxy).
+_PROXY_SCHEMES: Final = ("http",)
+
+
+def env_proxy(url: URL) -> tuple[URL, str | None] | None:
+    """The proxy the environment names for ``url``, and the
+    ``Proxy-Authorization`` value for it (None without credentials); None
+    for no proxy. ``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case, by the URL's
+    scheme) unless ``NO_PROXY`` covers the host; credentials from the proxy
+    URL, else from ``$NETRC`` or ``~/.netrc``. An ``https://`` proxy is
+    ignored: aiohttp cannot use one."""
+    import urllib.request
+
+    from yarl import URL
+
+    if url.host is not None and urllib.request.proxy_bypass(url.host):
+        return None
+    named = urllib.request.getproxies().get(url.scheme)
+    if not named:
+        return None
+    proxy = URL(named)
+    if proxy.scheme not in _PROXY_SCHEMES:
+        return None
+    if proxy.raw_user is not None or proxy.raw_password is not None:
+        return proxy.with_user(None), _basic(proxy.user or "", proxy.password or "")
+    entry = _netrc_entry(proxy.host) if proxy.host else None
+    if entry is None:
+        return proxy, None
+    login, account, password = entry
+    return proxy, _basic(login or account or "", password or "")
+
+
+def _basic(user: str, password: str) -> str:
+    import base64
+
+    # latin-1, as aiohttp and httpx encode Basic credentials.
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode("latin-1")).decode("ascii")
+
+
+def _netrc_entry(host: str) -> tuple[str, str | None, str | None] | None:
+    import netrc
+
+    path = os.environ.get("NETRC")
+    try:
+        found = netrc.netrc(path or str(Path.home() / ".netrc")).authenticators(host)
+    except (OSError, RuntimeError, netrc.NetrcParseError):
+        return None  # no file, no home, or not a netrc file: no credentials
+    return found
+
+
 class AiohttpTransport:
     """POSTs chat requests with one pooled ``aiohttp.ClientSession``.
 
@@ -313,8 +755,10 @@ class AiohttpTransport:
     ``$OPENAI_ORG_ID`` / ``$OPENAI_PROJECT_ID`` like the SDK), the same CA
     trust (``$SSL_CERT_FILE``/``$SSL_CERT_DIR``, then the system store),
     proxies from the environment (``HTTPS_PROXY``, ``NO_PROXY``...), redirects
-    followed, and the same exception classes. ``model.timeout_s`` bounds each
-    request as a whole (the SDK applies it to each phase).
+    followed, and the same transport errors as the SDK transport translates
+    its exceptions into (same types and fields). ``model.timeout_s`` bounds each
+    request as a whole (the SDK applies it to each phase; ``OpenAITransport``
+    adds the same bound), ``stall_s`` its silences (see the module doc).
 
     Not implemented: Azure OpenAI's classic deployment URLs (``api-key``
     header and ``api-version`` query) and the SDK's telemetry headers
@@ -330,16 +774,26 @@ class AiohttpTransport:
         limit: int = 0,
         extra_params: Mapping[str, Any] | None = None,
     ) -> None:
+        import aiohttp  # only this transport uses it (the SDK's own is opt-in)
+
         # Parsed once: aiohttp would parse a string again on every request.
         self._url = _chat_url(resolve_base_url(model))
         self._proxy_headers: dict[str, str] | None = None
         self._model = model.name
         self._params = {**model.request_params(), **(extra_params or {})}
-        self._timeout = aiohttp.ClientTimeout(total=model.timeout_s)
+        # The Watchdog of each request bounds it (total and stall), not aiohttp.
+        self._timeout = aiohttp.ClientTimeout(total=None)
+        self._total_s = model.timeout_s
+        self.streaming = model.stream
+        self.stream_fallback: str | None = None
         self._limit = limit
         self._redact = _redactable(api_key)
+        # Sent with each request, not as a session default: aiohttp copies a
+        # session's default headers into what it sends a proxy, and turns an
+        # Authorization among them into Proxy-Authorization, which would give
+        # the key to the proxy (in the CONNECT of an https:// API, too).
+        self._auth = {"Authorization": f"Bearer {api_key}"}
         headers = {
-            "Authorization": f"Bearer {api_key}",
             "Content-Type": "application/json",
             "Accept": "application/json",
             "User-Agent": USER_AGENT,
@@ -365,20 +819,27 @@ class AiohttpTransport:
 
     def _open(self) -> aiohttp.ClientSession:
         """The session, created on first use: aiohttp wants a running loop."""
+        import aiohttp
+
         if self._closed:
             raise RuntimeError("AiohttpTransport is closed")
         ssl: Any = True
         if self._url.scheme == "https":
             # The SDK's trust: $SSL_CERT_FILE / $SSL_CERT_DIR, else the system store.
-            ssl = httpx2.create_ssl_context()
+            ssl = _ssl_context()
         proxy: URL | None = None
-        proxy_auth: aiohttp.BasicAuth | None = None
         # Resolved once (the URL never changes), not on every request in a
         # thread as trust_env=True would do; NO_PROXY is honoured.
-        with contextlib.suppress(LookupError):
-            proxy, proxy_auth = get_env_proxy_for_url(self._url)
-        if proxy_auth is not None:
-            self._proxy_headers = {"Proxy-Authorization": proxy_auth.encode()}
+        found = env_proxy(self._url)
+        if found is not None:
+            proxy, proxy_auth = found
+            if proxy_auth is not None and self._url.scheme == "https":
+                # Sent with the CONNECT that opens the tunnel.
+                self._proxy_headers = {"Proxy-Authorization": proxy_auth}
+            elif proxy_auth is not None:
+                # Plain HTTP is forwarded, not tunnelled: aiohttp sends no
+                # proxy_headers then, so the request itself carries them.
+                self._auth["Proxy-Authorization"] = proxy_auth
         connector = aiohttp.TCPConnector(limit=self._limit, ssl=ssl)
         self._session = aiohttp.ClientSession(
             connector=connector,
@@ -389,40 +850,83 @@ class AiohttpTransport:
         )
         return self._session
 
-    async def complete(self, messages: Messages) -> Completion:
+    def _stop_streaming(self, reason: str) -> None:
+        self.streaming = False
+        if self.stream_fallback is None:
+            self.stream_fallback = reason
+
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        import aiohttp  # loaded by __init__: a dictionary lookup, for the except clause
+
         session = self._session
         if session is None:
             session = self._open()
+        streaming = self.streaming
         payload = {"model": self._model, "messages": messages, **self._params}
+        if streaming:
+            payload.update(STREAM_PARAMS)
         data = _ENCODER.encode(payload).encode()
+        watch: Watchdog | None = None
         try:
-            async with session.post(
-                self._url, data=data, proxy_headers=self._proxy_headers
-            ) as response:
-                body = await response.read()
-                status = response.status
-                if 200 <= status < 300:
-                    headers = {name.lower(): value for name, value in response.headers.items()}
-                    return parse_completion(body, headers)
-                raw_headers = response.raw_headers
+            async with asyncio.timeout(None) as scope:
+                watch = Watchdog(scope, stall_s, self._total_s)
+                try:
+                    async with session.post(
+                        self._url,
+                        data=data,
+                        headers=self._auth,
+                        proxy_headers=self._proxy_headers,
+                    ) as response:
+                        watch.beat()
+                        status = response.status
+                        if 200 <= status < 300:
+                            headers = {k.lower(): v for k, v in response.headers.items()}
+                            return await self._answer(response, headers, watch, streaming)
+                        body = await _read_body(response.content, watch)
+                        error_headers = lowered_headers(response.headers.items())
+                finally:
+                    watch.close()
         except TimeoutError:
-            # aiohttp's total timeout, and ServerTimeoutError (a TimeoutError too).
-            raise openai.APITimeoutError(request=self._request()) from None
+            if watch is not None and watch.expired == "stall":
+                raise _stalled(watch) from None
+            # The total timeout, and aiohttp's ServerTimeoutError (a TimeoutError too).
+            raise APITimeout("request timed out") from None
+        except UnparseableResponse as exc:
+            # A stream's error event may quote the request, and so the key.
+            raise UnparseableResponse(_scrub(str(exc), self._redact)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
             # the request headers, and so the key.
-            raise openai.APIConnectionError(
-                message=_scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact),
-                request=self._request(),
+            raise APIConnectionFailed(
+                _scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact)
             ) from None
-        raise make_status_error(
-            status, _scrub_bytes(body, self._redact), raw_headers, self._request()
-        )
+        if streaming and rejects_streaming(status, body):
+            self._stop_streaming("the server rejects streaming requests (400 naming stream)")
+            return await self.complete(messages, stall_s=stall_s)
+        raise APIStatus.from_response(status, _scrub_bytes(body, self._redact), error_headers)
 
-    def _request(self) -> httpx2.Request:
-        # What the SDK's exceptions carry as ``.request``, without the key.
-        return httpx2.Request("POST", str(self._url))
+    async def _answer(
+        self,
+        response: aiohttp.ClientResponse,
+        headers: Mapping[str, str],
+        watch: Watchdog,
+        streaming: bool,
+    ) -> Completion:
+        if streaming and response.content_type == _EVENT_STREAM:
+            assembler = StreamAssembler()
+            async for data in response.content.iter_any():
+                watch.beat()
+                assembler.feed(data)
+            completion = assembler.completion(headers, silence_s=watch.longest)
+            if completion.prompt_tokens is None:
+                self._stop_streaming("the server streams answers without their token usage")
+            return completion
+        body = await _read_body(response.content, watch)
+        if streaming:
+            # The server ignored "stream": one JSON body, the whole answer.
+            self._stop_streaming("the server answers streaming requests with one JSON body")
+        return dataclasses.replace(parse_completion(body, headers), silence_s=watch.longest)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -751,3 +751,21 @@ def test_dedup_remembers_a_bounded_number_of_answers() -> None:
         dedup.settle(bytes([i]), i, ok=True)
     assert dedup.admit(bytes([0]), 9) is Admission.SEND  # the oldest was forgotten
     assert dedup.admit(bytes([2]), 9) == 2
+
+
+def test_dedup_remembers_answers_within_a_byte_bound_whatever_their_size() -> None:
+    dedup: InRunDedup[str] = InRunDedup(max_remembered=100, max_bytes=250, weigh=len)
+    for i in range(5):
+        assert dedup.admit(bytes([i]), i) is Admission.SEND
+        dedup.settle(bytes([i]), "x" * 100, ok=True)
+    # Only the two newest 100-byte answers fit in 250 bytes.
+    assert [dedup.admit(bytes([i]), 9) for i in (3, 4)] == ["x" * 100] * 2
+    assert dedup.admit(bytes([2]), 9) is Admission.SEND
+
+
+def test_cache_clear_never_removes_a_data_file_given_as_the_cache_path(tmp_path: Path) -> None:
+    data = tmp_path / "questions.csv"
+    data.write_text("question\nwhat is a cache?\n")
+    with pytest.raises(CacheError, match="not removing it"):
+        clear_cache(data)
+    assert data.read_text() == "question\nwhat is a cache?\n"

@@ -7,8 +7,6 @@ import asyncio
 from collections.abc import AsyncIterator, Iterator, Mapping
 from typing import Any
 
-import httpx2
-import openai
 import pytest
 
 from pipeline.call import (
@@ -22,9 +20,9 @@ from pipeline.call import (
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
-
-URL = "http://127.0.0.1:1/v1/chat/completions"
+from pipeline.transport_errors import APIStatus
 
 
 def rate_limit_error(
@@ -32,10 +30,16 @@ def rate_limit_error(
     *,
     code: str | None = "rate_limit_exceeded",
     type_: str | None = "requests",
-) -> openai.RateLimitError:
-    response = httpx2.Response(429, headers=headers or {}, request=httpx2.Request("POST", URL))
+) -> APIStatus:
     body = {"message": "Rate limit reached", "type": type_, "code": code, "param": None}
-    return openai.RateLimitError("Rate limit reached", response=response, body=body)
+    return APIStatus(
+        429,
+        headers=headers,
+        body=body,
+        code=code,
+        type=type_,
+        message="Rate limit reached",
+    )
 
 
 def answer(headers: Mapping[str, str] | None = None, completion_tokens: int = 5) -> Completion:
@@ -58,7 +62,7 @@ class Scripted:
         self.latency_s = latency_s
         self.calls: list[float] = []
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         self.calls.append(asyncio.get_running_loop().time())
         await asyncio.sleep(self.latency_s)
         step = next(self._script, None)

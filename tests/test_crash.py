@@ -21,6 +21,9 @@ from pipeline.status import checkpoint_status
 
 from conftest import StartServer, answer_for, write_questions
 
+# Real processes started, killed and rerun: seconds each.
+pytestmark = pytest.mark.slow
+
 CONCURRENCY = 32
 
 

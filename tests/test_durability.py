@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import polars as pl
+import pyarrow as pa
 import pytest
 
 from pipeline import enrich
@@ -187,20 +188,29 @@ def test_a_damaged_part_costs_only_its_own_rows(
     )
 
 
-def test_a_damaged_journal_segment_keeps_its_records_before_the_damage(
-    checkpointed: tuple[RunConfig, Any],
-) -> None:
-    """What a killed run leaves: results in a journal segment, not yet a part."""
-    config, server = checkpointed
+def last_part_as_journal(config: RunConfig, *records: int) -> tuple[Path, pa.Table, list[int]]:
+    """What a killed run leaves: the last part's results back in a journal
+    segment, as records of ``records`` rows. Returns the segment, the results
+    and the segment's size after each record."""
     last = part(config, 4)
     table = read_part(last)
     last.unlink()
     segment = config.output.resolved_run_dir / JOURNAL / "seg-00000099.log"
     writer = JournalWriter(segment)
-    writer.append(table.slice(0, 10))
-    end_of_first = writer.size
-    writer.append(table.slice(10, 10))
+    ends, offset = [], 0
+    for rows in records:
+        writer.append(table.slice(offset, rows))
+        offset += rows
+        ends.append(writer.size)
     writer.close()
+    return segment, table, ends
+
+
+def test_a_damaged_journal_segment_keeps_its_records_before_the_damage(
+    checkpointed: tuple[RunConfig, Any],
+) -> None:
+    config, server = checkpointed
+    segment, table, (end_of_first, _) = last_part_as_journal(config, 10, 10)
     data = bytearray(segment.read_bytes())
     data[end_of_first + 40] ^= 0xFF
     segment.write_bytes(bytes(data))
@@ -214,14 +224,7 @@ def test_a_segment_cut_short_by_a_kill_is_sealed_without_a_warning(
     checkpointed: tuple[RunConfig, Any],
 ) -> None:
     config, server = checkpointed
-    last = part(config, 4)
-    table = read_part(last)
-    last.unlink()
-    segment = config.output.resolved_run_dir / JOURNAL / "seg-00000099.log"
-    writer = JournalWriter(segment)
-    writer.append(table.slice(0, 15))
-    writer.append(table.slice(15, 5))
-    writer.close()
+    segment, table, _ = last_part_as_journal(config, 15, 5)
     segment.write_bytes(segment.read_bytes()[:-7])  # the last append, torn
 
     warnings = finishes_sending_only(config, server, table.column("_row_id").to_pylist()[15:])
@@ -356,6 +359,7 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
+@pytest.mark.slow
 def test_a_full_disk_stops_with_exit_74_keeps_the_checkpoint_and_a_rerun_finishes(
     tmp_path: Path, start_server: StartServer, small_disk: Path
 ) -> None:

@@ -12,8 +12,6 @@ from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-import openai
 import pytest
 
 from pipeline.call import CallStage, ChatRequest
@@ -22,9 +20,10 @@ from pipeline.errors import APIUnreachable, ExitCode
 from pipeline.events import RecordingEventSink
 from pipeline.outage import PROBE_MAX_S, Attempt, OutageGate
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
+from pipeline.transport_errors import APIConnectionFailed, APIStatus
 
-URL = "http://127.0.0.1:1/v1/chat/completions"
 POISON = "poison"
 """A prompt the fake API always answers 500, whether it is up or not."""
 
@@ -33,14 +32,13 @@ def now() -> float:
     return asyncio.get_running_loop().time()
 
 
-def connection_error() -> openai.APIConnectionError:
-    return openai.APIConnectionError(request=httpx2.Request("POST", URL))
+def connection_error() -> APIConnectionFailed:
+    return APIConnectionFailed("Connection error: ClientConnectorError: refused")
 
 
-def status_error(status: int) -> openai.APIStatusError:
-    response = httpx2.Response(status, request=httpx2.Request("POST", URL))
+def status_error(status: int) -> APIStatus:
     body = {"message": f"status {status}", "type": "x", "code": None, "param": None}
-    return openai.APIStatusError(f"status {status}", response=response, body=body)
+    return APIStatus(status, body=body, type="x", message=f"status {status}")
 
 
 @dataclass
@@ -75,7 +73,7 @@ class FakeAPI:
     def is_down(self, at: float) -> bool:
         return any(start <= at - self.origin < end for start, end in self.down)
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         text = str(messages[-1]["content"])
         call = Call(text, now())
         self.calls.append(call)
@@ -370,7 +368,7 @@ async def test_a_row_failing_transiently_outside_an_outage_is_marked_transient()
 @pytest.mark.looptime
 async def test_a_row_the_server_rejects_is_a_permanent_failure() -> None:
     class Rejecting(FakeAPI):
-        async def complete(self, messages: Messages) -> Completion:
+        async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
             raise status_error(400)
 
     [result] = await collect(stage(Rejecting()), ["too long"])

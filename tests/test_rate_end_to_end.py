@@ -51,6 +51,10 @@ def run_against(
     overrides: dict[str, Any] = {f"limits.{key}": value for key, value in limits.items()}
     # The official SDK client, whose retries are off: the limiter is all there is.
     overrides["model.transport"] = "openai"
+    # Plain answers: the limiter is under test, and the server shares this
+    # process; streaming its chunks would make the CPU, not the limiter, the
+    # bound on a loaded machine (tests/test_stall*.py cover streaming).
+    overrides["model.stream"] = False
     config = make_config(source, tmp_path / "out.parquet", server.base_url, **overrides)
 
     started = time.perf_counter()

@@ -16,8 +16,6 @@ from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-import httpx2
-import openai
 import pytest
 
 from pipeline.call import CallStage, ChatRequest, TokenReservation
@@ -37,7 +35,9 @@ from pipeline.ratelimit import (
     retry_after_seconds,
 )
 from pipeline.results import RowResult
+from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages
+from pipeline.transport_errors import APIStatus
 
 
 def now() -> float:
@@ -814,13 +814,17 @@ async def test_answers_of_unpredictable_length_cost_some_rate_not_a_stream_of_42
 # These drive the call stage itself (its retries, backoff and pauses) against a
 # model of a provider on the loop clock, given to it as its transport.
 
-URL = "http://127.0.0.1:1/v1/chat/completions"
 
-
-def rate_limit_error(headers: Mapping[str, str]) -> openai.RateLimitError:
-    response = httpx2.Response(429, headers=headers, request=httpx2.Request("POST", URL))
+def rate_limit_error(headers: Mapping[str, str]) -> APIStatus:
     body = {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}
-    return openai.RateLimitError("Rate limit reached", response=response, body=body)
+    return APIStatus(
+        429,
+        headers=headers,
+        body=body,
+        code="rate_limit_exceeded",
+        type="requests",
+        message="Rate limit reached",
+    )
 
 
 class SlidingWindowAPI:
@@ -878,7 +882,7 @@ class SlidingWindowAPI:
             "x-ratelimit-reset-requests": f"{self.window_s}s",
         }
 
-    async def complete(self, messages: Messages) -> Completion:
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
         arrived = now()
         if not self.admitted and not self.refused:
             self.started = arrived

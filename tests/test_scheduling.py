@@ -615,6 +615,9 @@ def test_the_report_has_counts_tokens_cost_latency_requests_fingerprint_and_no_s
         "bad_structured_answers": 0,
         "outages": 0,
         "outage_s": 0.0,
+        "stalled": 0,
+        "stall_timeout_s": 5.0,  # too few answers to learn: the default, capped by --timeout
+        "streamed": True,
     }
     assert server.stats.requests == 25 and server.stats.rate_limited == 1
     manifest = json.loads((output.with_name(output.name + ".enrich") / MANIFEST).read_text())

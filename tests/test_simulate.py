@@ -120,6 +120,8 @@ def test_format_reset_uses_openai_duration_format(seconds: float, text: str) -> 
         {"rpm_schedule": ((1.0, 100), (0.5, 100))},
         {"rpm_schedule": ((-1.0, 100),)},
         {"rpm_schedule": ((1.0, -1),)},
+        {"chunk_delay_ms": -1},
+        {"hang_s": 30, "hang_max_s": 10},
     ],
 )
 def test_invalid_config_raises_config_error(kwargs: dict[str, Any]) -> None:
@@ -312,8 +314,9 @@ async def test_badjson_directive_answers_200_not_json_then_the_valid_answer(
 
 
 async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
-    # 300 rpm over 0.2 s: one request per window.
-    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim:
+    # 60 rpm over 1 s: one request per window (long enough that a loaded
+    # machine's second request still lands inside it).
+    async with Simulator(SimulatorConfig(rpm=60, window_s=1.0)) as sim:
         await ask(sim, "fill the window")
         with pytest.raises(openai.RateLimitError) as err:
             await ask_structured(sim, "[[fault:badjson:1]]")
@@ -323,8 +326,8 @@ async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
 
 
 async def test_stats_count_admitted_requests_tokens_and_their_span_but_not_429s() -> None:
-    # 300 rpm over 0.2 s: one request per window.
-    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim, client(sim) as c:
+    # 60 rpm over 1 s: one request per window.
+    async with Simulator(SimulatorConfig(rpm=60, window_s=1.0)) as sim, client(sim) as c:
         first = await c.chat.completions.create(model="sim-1", messages=user("one"))
         with pytest.raises(openai.RateLimitError) as err:
             await c.chat.completions.create(model="sim-1", messages=user("refused"))
@@ -334,8 +337,8 @@ async def test_stats_count_admitted_requests_tokens_and_their_span_but_not_429s(
     assert first.usage is not None and second.usage is not None
     assert (stats["requests"], stats["admitted"], stats["rate_limited"]) == (3, 2, 1)
     assert stats["admitted_tokens"] == first.usage.total_tokens + second.usage.total_tokens
-    # The second could only be admitted once the first left the 0.2 s window.
-    assert 0.15 <= stats["admitted_span_s"] < 2.0
+    # The second could only be admitted once the first left the 1 s window.
+    assert 0.95 <= stats["admitted_span_s"] < 10.0
 
 
 async def test_invalid_directive_answers_json_that_fails_the_schema(sim: Simulator) -> None:
@@ -430,13 +433,13 @@ async def test_rate_limited_request_gets_429_with_retry_headers() -> None:
 
 
 async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
-    # 300 rpm over 0.2 s: one request per window.
-    async with Simulator(SimulatorConfig(rpm=300, window_s=0.2)) as sim, client(sim) as c:
+    # 60 rpm over 1 s: one request per window.
+    async with Simulator(SimulatorConfig(rpm=60, window_s=1.0)) as sim, client(sim) as c:
         await c.chat.completions.create(model="sim-1", messages=user("a"))
         with pytest.raises(openai.RateLimitError) as err:
             await c.chat.completions.create(model="sim-1", messages=user("b"))
         wait_ms = int(err.value.response.headers["retry-after-ms"])
-        assert 0 < wait_ms <= 200
+        assert 0 < wait_ms <= 1000
         await asyncio.sleep(wait_ms / 1000)
         # The refused request did not use up the window.
         await c.chat.completions.create(model="sim-1", messages=user("b"))
@@ -447,8 +450,9 @@ async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
 async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_first_request() -> (
     None
 ):
-    # 5 requests per 0.5 s window; from 0.3 s on, 1; from 0.9 s on, 5 again.
-    config = SimulatorConfig(rpm=600, window_s=0.5, rpm_schedule=((0.3, 120), (0.9, 600)))
+    # 5 requests per 2 s window; from 1.2 s on, 1; from 3.6 s on, 5 again (a
+    # window long enough for the steps to hold on a loaded machine).
+    config = SimulatorConfig(rpm=150, window_s=2.0, rpm_schedule=((1.2, 30), (3.6, 150)))
     async with Simulator(config) as sim, client(sim) as c:
         await asyncio.sleep(0.5)  # the schedule starts with the first request, not the server
         started = time.monotonic()
@@ -456,45 +460,46 @@ async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_fir
             raw = await c.chat.completions.with_raw_response.create(
                 model="sim-1", messages=user(f"before {i}")
             )
-            assert raw.headers["x-ratelimit-limit-requests"] == "600"
-        await asyncio.sleep(max(0.0, started + 0.35 - time.monotonic()))
+            assert raw.headers["x-ratelimit-limit-requests"] == "150"
+        await asyncio.sleep(max(0.0, started + 1.4 - time.monotonic()))
         # The lower limit counts what the window already holds: 3 > 1.
         with pytest.raises(openai.RateLimitError) as err:
             await c.chat.completions.create(model="sim-1", messages=user("storm"))
         headers = err.value.response.headers
-        assert headers["x-ratelimit-limit-requests"] == "120"
-        assert "Limit 120" in err.value.message
-        # Until the last of the three leaves the window, about 0.15 s on.
+        assert headers["x-ratelimit-limit-requests"] == "30"
+        assert "Limit 30" in err.value.message
+        # Until the last of the three leaves the window, about 0.6-0.9 s on.
         wait_s = int(headers["retry-after-ms"]) / 1000
-        assert 0.05 < wait_s <= 0.2
+        assert 0.2 < wait_s <= 1.0
         await asyncio.sleep(wait_s)
         await c.chat.completions.create(model="sim-1", messages=user("storm"))
         with pytest.raises(openai.RateLimitError):
             await c.chat.completions.create(model="sim-1", messages=user("one too many"))
-        await asyncio.sleep(max(0.0, started + 0.95 - time.monotonic()))
+        await asyncio.sleep(max(0.0, started + 3.8 - time.monotonic()))
         for i in range(4):
             raw = await c.chat.completions.with_raw_response.create(
                 model="sim-1", messages=user(f"after {i}")
             )
-        assert raw.headers["x-ratelimit-limit-requests"] == "600"
+        assert raw.headers["x-ratelimit-limit-requests"] == "150"
     assert sim.stats.rate_limited == 2
 
 
 async def test_an_rpm_of_zero_refuses_every_request_until_the_next_step() -> None:
-    config = SimulatorConfig(rpm=600, window_s=1.0, rpm_schedule=((0.2, 0), (0.6, 600)))
+    config = SimulatorConfig(rpm=600, window_s=5.0, rpm_schedule=((0.2, 0), (1.0, 600)))
     async with Simulator(config) as sim, client(sim) as c:
         started = time.monotonic()
         await c.chat.completions.create(model="sim-1", messages=user("admitted"))
-        await asyncio.sleep(max(0.0, started + 0.25 - time.monotonic()))
+        await asyncio.sleep(max(0.0, started + 0.4 - time.monotonic()))
         with pytest.raises(openai.RateLimitError) as err:
             await c.chat.completions.create(model="sim-1", messages=user("refused"))
         headers = err.value.response.headers
         assert err.value.code == "rate_limit_exceeded"  # not a quota error: nothing says so
         assert headers["x-ratelimit-limit-requests"] == "0"
         assert headers["x-ratelimit-remaining-requests"] == "0"
-        # Until the step at 0.6 s.
+        # Until the step at 1.0 s, not until the 5 s window drains (the margin
+        # leaves room for a loaded machine).
         wait_s = int(headers["retry-after-ms"]) / 1000
-        assert 0.2 < wait_s <= 0.35
+        assert 0.0 < wait_s <= 0.8
         await asyncio.sleep(wait_s)
         await c.chat.completions.create(model="sim-1", messages=user("admitted again"))
     assert (sim.stats.answered, sim.stats.rate_limited) == (2, 1)
@@ -672,6 +677,90 @@ async def test_max_in_flight_counts_concurrent_requests() -> None:
         assert sim.stats.requests == 1
 
 
+# -- streaming ------------------------------------------------------------------
+
+
+async def stream_chunks(
+    sim: Simulator, content: str, *, timeout: float = 5.0, **kwargs: Any
+) -> list[Any]:
+    async with client(sim, timeout=timeout) as c:
+        stream = await c.chat.completions.create(
+            model="sim-1", messages=user(content), stream=True, **kwargs
+        )
+        return [chunk async for chunk in stream]
+
+
+async def test_a_streamed_answer_is_openai_chunks_with_the_usage_last(sim: Simulator) -> None:
+    async with client(sim) as c:
+        whole = await c.chat.completions.create(model="sim-1", messages=user("row 1 " * 10))
+    chunks = await stream_chunks(sim, "row 1 " * 10, stream_options={"include_usage": True})
+
+    assert {chunk.object for chunk in chunks} == {"chat.completion.chunk"}
+    assert len({chunk.id for chunk in chunks}) == 1
+    assert chunks[0].choices[0].delta.role == "assistant"
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == whole.choices[0].message.content
+    assert len(chunks) > 10  # in pieces, not one chunk
+    assert chunks[-2].choices[0].finish_reason == "stop"
+    assert chunks[-1].choices == []
+    assert chunks[-1].usage == whole.usage
+    assert (sim.stats.answered, sim.stats.streamed) == (2, 1)
+    # Without include_usage there is no usage chunk.
+    plain = await stream_chunks(sim, "row 1")
+    assert all(chunk.usage is None for chunk in plain)
+    assert plain[-1].choices[0].finish_reason == "stop"
+
+
+async def test_chunk_delay_spreads_a_streamed_answer_over_time() -> None:
+    async with Simulator(SimulatorConfig(chunk_delay_ms=30)) as sim:
+        arrivals = []
+        async with client(sim) as c:
+            stream = await c.chat.completions.create(
+                model="sim-1", messages=user("a question"), stream=True
+            )
+            async for _chunk in stream:
+                arrivals.append(time.monotonic())
+    # Each chunk after the first waited its delay (a lower bound: never flaky).
+    assert len(arrivals) > 5
+    assert arrivals[-1] - arrivals[0] >= 0.9 * 0.03 * (len(arrivals) - 1)
+
+
+async def test_a_hang_sends_a_streaming_request_nothing_either() -> None:
+    async with Simulator(SimulatorConfig(hang_s=30)) as sim:
+        with pytest.raises(openai.APITimeoutError):
+            await stream_chunks(sim, "[[fault:hang:1]]", timeout=0.5)
+        assert (sim.stats.hangs, sim.stats.faults, sim.stats.answered) == (1, 1, 0)
+        assert len(await stream_chunks(sim, "[[fault:hang:1]]")) > 1
+
+
+async def test_a_hang_that_answers_gives_the_answer_after_the_hang() -> None:
+    config = SimulatorConfig(hang_rate=1.0, hang_s=0.1, hang_max_s=0.2, hang_answers=True)
+    async with Simulator(config) as sim:
+        assert await ask(sim, "late") == expected_answer(user("late"), "sim-1")
+        chunks = await stream_chunks(sim, "late too")
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == (
+            expected_answer(user("late too"), "sim-1")
+        )
+        assert (sim.stats.hangs, sim.stats.faults, sim.stats.answered) == (2, 2, 2)
+
+
+async def test_a_server_without_streaming_answers_stream_with_a_400() -> None:
+    async with Simulator(SimulatorConfig(streaming=False)) as sim:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await stream_chunks(sim, "hi")
+        assert caught.value.param == "stream"
+        assert await ask(sim, "hi") is not None  # plain requests are answered
+
+
+async def test_stream_options_without_stream_is_a_400(sim: Simulator) -> None:
+    async with client(sim) as c:
+        with pytest.raises(openai.BadRequestError) as caught:
+            await c.chat.completions.create(
+                model="sim-1", messages=user("hi"), stream_options={"include_usage": True}
+            )
+    assert caught.value.param == "stream_options"
+
+
 # -- running outside the test's event loop --------------------------------------
 
 
@@ -694,6 +783,8 @@ def test_run_in_thread_classmethod_is_the_same_helper() -> None:
         assert sim.base_url.startswith("http://127.0.0.1:")
 
 
+# A fresh interpreter importing the server: seconds on a loaded machine.
+@pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_forever_calls_ready_and_stops_cleanly_on_signal(sig: signal.Signals) -> None:
     script = (
@@ -712,12 +803,12 @@ def test_serve_forever_calls_ready_and_stops_cleanly_on_signal(sig: signal.Signa
     try:
         assert proc.stdout is not None
         base_url = proc.stdout.readline().strip()
-        assert base_url.startswith("http://127.0.0.1:"), proc.communicate(timeout=5)
+        assert base_url.startswith("http://127.0.0.1:"), proc.communicate(timeout=30)
         with openai.OpenAI(base_url=base_url, api_key=KEY, max_retries=0) as c:
             completion = c.chat.completions.create(model="sim-1", messages=user("cli"))
         assert completion.choices[0].message.content == "[sim-1] answer to: cli"
         proc.send_signal(sig)
-        out, err = proc.communicate(timeout=5)
+        out, err = proc.communicate(timeout=30)
     finally:
         proc.kill()
     assert proc.returncode == 0, err

@@ -1,22 +1,36 @@
 """Both transports over real loopback HTTP: the same answers, the same
-``openai`` exception classes, the same classification."""
+enrich transport errors (never the SDK's or aiohttp's), the same
+classification. The servers are fakes (the simulator, or a hand-written
+aiohttp handler); the clients are real."""
 
 from __future__ import annotations
 
+import asyncio
 import json
+import shutil
 import socket
+import ssl
+import subprocess
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, Final, cast
 
-import httpx2
 import openai
 import pytest
 from aiohttp import web
 
-from pipeline.call import Failure, classify
-from pipeline.config import ModelConfig
+from pipeline.call import CallStage, ChatRequest, Failure, classify
+from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import ConfigError
-from pipeline.simulate import SPURIOUS_RETRY_AFTER_S, Simulator, expected_answer
+from pipeline.simulate import (
+    BAD_JSON,
+    SPURIOUS_RETRY_AFTER_S,
+    Simulator,
+    expected_answer,
+    expected_structured_answer,
+)
+from pipeline.stall import StalledRequest
+from pipeline.structured import load_schema, response_format
 from pipeline.transport import (
     DEFAULT_BASE_URL,
     TRANSPORT_KINDS,
@@ -25,11 +39,19 @@ from pipeline.transport import (
     Completion,
     Messages,
     OpenAITransport,
+    StreamAssembler,
     Transport,
-    UnparseableResponse,
-    make_status_error,
     make_transport,
     parse_completion,
+    rejects_streaming,
+    sdk_error,
+)
+from pipeline.transport_errors import (
+    APIConnectionFailed,
+    APIStatus,
+    APITimeout,
+    TransportError,
+    UnparseableResponse,
 )
 
 from conftest import MODEL, StartServer
@@ -51,11 +73,20 @@ def model_config(base_url: str | None, **settings: Any) -> ModelConfig:
 
 
 async def ask(
-    kind: str, base_url: str | None, messages: Messages, *, key: str = KEY, **settings: Any
+    kind: str,
+    base_url: str | None,
+    messages: Messages,
+    *,
+    key: str = KEY,
+    stall_s: float | None = None,
+    extra_params: dict[str, Any] | None = None,
+    **settings: Any,
 ) -> Completion:
-    transport = make_transport(model_config(base_url, **settings), key, kind)
+    transport = make_transport(
+        model_config(base_url, **settings), key, kind, extra_params=extra_params
+    )
     try:
-        return await transport.complete(messages)
+        return await transport.complete(messages, stall_s=stall_s)
     finally:
         await transport.aclose()
 
@@ -103,8 +134,10 @@ async def test_both_transports_give_the_same_completion(server: Simulator) -> No
     assert fast.completion_tokens is not None and fast.completion_tokens > 0
     # Plain dict, lowercase keys: what a rate limiter reads.
     assert isinstance(fast.headers, dict)
-    assert fast.headers["content-type"].startswith("application/json")
+    # Streamed by default, by both.
+    assert fast.headers["content-type"].startswith("text/event-stream")
     assert sdk.headers["content-type"] == fast.headers["content-type"]
+    assert fast.streamed and sdk.streamed
 
 
 async def test_request_params_are_sent_by_both(server: Simulator) -> None:
@@ -145,14 +178,14 @@ def test_base_url_defaults_to_openai_like_the_sdk(monkeypatch: pytest.MonkeyPatc
     )
 
 
-# -- failures: the SDK's classes, from both transports --------------------
+# -- failures: enrich's own errors, from both transports --------------------
 
 
 def failure_facts(exc: Exception) -> tuple[Any, ...]:
     """What callers may look at, as comparable values."""
     facts: tuple[Any, ...] = (type(exc), str(exc))
-    if isinstance(exc, openai.APIStatusError):
-        facts += (exc.status_code, exc.body, exc.code, exc.param, exc.type)
+    if isinstance(exc, APIStatus):
+        facts += (exc.status_code, exc.body, exc.code, exc.param, exc.type, exc.message)
     return facts
 
 
@@ -171,28 +204,30 @@ async def both_fail(
 
 
 @pytest.mark.parametrize(
-    ("content", "error", "code", "kind"),
+    ("content", "status", "code", "kind"),
     [
-        ("[[fault:400]] too long", openai.BadRequestError, "context_length_exceeded", "row"),
-        ("[[fault:500]]", openai.InternalServerError, None, "retry"),
-        ("[[fault:429]]", openai.RateLimitError, "rate_limit_exceeded", "retry"),
+        ("[[fault:400]] too long", 400, "context_length_exceeded", "row"),
+        ("[[fault:500]]", 500, None, "retry"),
+        ("[[fault:429]]", 429, "rate_limit_exceeded", "retry"),
     ],
 )
-async def test_status_errors_match_the_sdk(
-    server: Simulator, content: str, error: type[openai.APIStatusError], code: str | None, kind: str
+async def test_status_errors_are_the_same_from_both_transports(
+    server: Simulator, content: str, status: int, code: str | None, kind: str
 ) -> None:
     for exc in await both_fail(server.base_url, user(content)):
-        assert isinstance(exc, error)
+        assert type(exc) is APIStatus
+        assert exc.status_code == status
         assert exc.code == code
         assert classified(exc).kind == kind
 
 
 async def test_rate_limit_headers_reach_the_caller(server: Simulator) -> None:
     for exc in await both_fail(server.base_url, user("[[fault:429]]")):
-        assert isinstance(exc, openai.RateLimitError)
-        headers = exc.response.headers
-        assert headers["retry-after-ms"] == str(round(SPURIOUS_RETRY_AFTER_S * 1000))
-        assert headers["Retry-After"] == "1"
+        assert isinstance(exc, APIStatus)
+        # Plain dict, lowercase keys, like Completion.headers.
+        assert isinstance(exc.headers, dict)
+        assert exc.headers["retry-after-ms"] == str(round(SPURIOUS_RETRY_AFTER_S * 1000))
+        assert exc.headers["retry-after"] == "1"
         result = classified(exc)
         assert result.rate_limited
         assert result.retry_after == pytest.approx(SPURIOUS_RETRY_AFTER_S)
@@ -204,7 +239,8 @@ async def test_bad_key_is_an_authentication_error_without_the_key(server: Simula
     sdk = await failure("openai", server.base_url, user("hi"), key=wrong)
     assert failure_facts(fast) == failure_facts(sdk)
     for exc in (fast, sdk):
-        assert isinstance(exc, openai.AuthenticationError)
+        assert isinstance(exc, APIStatus)
+        assert exc.status_code == 401
         assert exc.code == "invalid_api_key"
         assert classified(exc).kind == "fatal"
         assert wrong not in str(exc) and wrong not in repr(exc)
@@ -212,7 +248,8 @@ async def test_bad_key_is_an_authentication_error_without_the_key(server: Simula
 
 async def test_unknown_model_is_not_found(server: Simulator) -> None:
     for exc in await both_fail(server.base_url, user("hi"), name="no-such-model"):
-        assert isinstance(exc, openai.NotFoundError)
+        assert isinstance(exc, APIStatus)
+        assert exc.status_code == 404
         assert exc.code == "model_not_found"
         assert classified(exc).kind == "fatal"
 
@@ -220,15 +257,48 @@ async def test_unknown_model_is_not_found(server: Simulator) -> None:
 async def test_insufficient_quota_keeps_its_code(start_server: StartServer) -> None:
     server = start_server(insufficient_quota=True)
     for exc in await both_fail(server.base_url, user("hi")):
-        assert isinstance(exc, openai.RateLimitError)
+        assert isinstance(exc, APIStatus)
+        assert exc.status_code == 429
         assert exc.code == "insufficient_quota"
         assert classified(exc).kind == "fatal"
+
+
+@pytest.mark.parametrize(
+    ("content", "settings", "error", "status", "kind"),
+    [
+        ("[[fault:400]]", {}, APIStatus, 400, "row"),
+        ("hi", {"key": "sk-wrong-key-987654321"}, APIStatus, 401, "fatal"),
+        ("hi", {"name": "no-such-model"}, APIStatus, 404, "fatal"),
+        ("[[fault:429]]", {}, APIStatus, 429, "retry"),
+        ("[[fault:500]]", {}, APIStatus, 500, "retry"),
+        ("[[fault:drop]]", {}, APIConnectionFailed, None, "retry"),
+        ("[[fault:hang]]", {"timeout_s": 0.5}, APITimeout, None, "retry"),
+        ("[[fault:malformed]]", {}, UnparseableResponse, None, "retry"),
+    ],
+)
+async def test_the_sdk_transport_translates_every_failure_into_enrich_errors(
+    start_server: StartServer,
+    content: str,
+    settings: dict[str, Any],
+    error: type[TransportError],
+    status: int | None,
+    kind: str,
+) -> None:
+    server = start_server(api_key=KEY, models=(MODEL,), hang_s=5)
+    exc = await failure("openai", server.base_url, user(content), **settings)
+    assert type(exc) is error
+    assert not isinstance(exc, openai.OpenAIError)
+    # Not chained: the SDK's exception (its request, its message) stays behind.
+    assert exc.__cause__ is None and exc.__suppress_context__
+    if status is not None:
+        assert isinstance(exc, APIStatus) and exc.status_code == status
+    assert classified(exc).kind == kind
 
 
 @pytest.mark.parametrize("kind", KINDS)
 async def test_dropped_connection_is_a_connection_error(server: Simulator, kind: str) -> None:
     exc = await failure(kind, server.base_url, user("[[fault:drop]]"))
-    assert type(exc) is openai.APIConnectionError
+    assert type(exc) is APIConnectionFailed
     assert classified(exc) == Failure("retry", "connection error")
 
 
@@ -239,7 +309,7 @@ async def test_refused_connection_is_a_connection_error(kind: str) -> None:
         port = sock.getsockname()[1]
     # Nothing listens there any more.
     exc = await failure(kind, f"http://127.0.0.1:{port}/v1", user("hi"))
-    assert type(exc) is openai.APIConnectionError
+    assert type(exc) is APIConnectionFailed
     assert KEY not in str(exc)
 
 
@@ -247,7 +317,7 @@ async def test_refused_connection_is_a_connection_error(kind: str) -> None:
 async def test_hang_times_out(start_server: StartServer, kind: str) -> None:
     server = start_server(hang_s=5)
     exc = await failure(kind, server.base_url, user("[[fault:hang]]"), timeout_s=0.5)
-    assert type(exc) is openai.APITimeoutError
+    assert type(exc) is APITimeout
     assert classified(exc) == Failure("retry", "request timed out")
 
 
@@ -262,14 +332,165 @@ async def test_a_fault_that_clears_then_succeeds(server: Simulator) -> None:
     content = "[[fault:500:1]] once"
     transport = make_transport(model_config(server.base_url), KEY, "aiohttp")
     try:
-        with pytest.raises(openai.InternalServerError):
+        with pytest.raises(APIStatus) as caught:
             await transport.complete(user(content))
+        assert caught.value.status_code == 500
         # The same session goes on after an error answer.
         assert (await transport.complete(user(content))).text == expected_answer(
             user(content), MODEL
         )
     finally:
         await transport.aclose()
+
+
+# -- streaming: a stuck request is cut in seconds, a long answer is not -----
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_streamed_answer_equals_the_plain_one(server: Simulator, kind: str) -> None:
+    messages: Messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "Qu'est-ce que l'été ? ☀️ " * 20},
+    ]
+    streamed = await ask(kind, server.base_url, messages)
+    plain = await ask(kind, server.base_url, messages, stream=False)
+    cut = await ask(kind, server.base_url, messages, max_tokens=3)
+    cut_plain = await ask(kind, server.base_url, messages, max_tokens=3, stream=False)
+
+    assert (streamed.streamed, plain.streamed) == (True, False)
+    assert comparable(streamed) == comparable(plain)
+    assert streamed.text == expected_answer(messages, MODEL)
+    assert comparable(cut) == comparable(cut_plain)
+    assert cut.finish_reason == "length"
+    assert server.stats.streamed == 2
+    # The rate headers of a streamed answer reach the limiter too.
+    assert streamed.headers["content-type"].startswith("text/event-stream")
+    for completion in (streamed, plain):
+        assert completion.silence_s is not None and completion.silence_s >= 0
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_hang_is_cut_after_the_stall_timeout_not_the_total_timeout(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    # A total timeout the test's own 10 s limit would not survive.
+    exc = await failure(kind, server.base_url, user("[[fault:hang]]"), stall_s=0.3, timeout_s=30)
+
+    assert isinstance(exc, StalledRequest)
+    assert not exc.started
+    failure_ = classified(exc)
+    assert (failure_.kind, failure_.stalled) == ("retry", True)
+    assert server.stats.hangs == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_stream_that_goes_silent_midway_is_cut(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    exc = await failure(kind, server.base_url, user("[[fault:stall]]"), stall_s=0.3, timeout_s=30)
+
+    assert isinstance(exc, StalledRequest)
+    assert exc.started  # the first chunk came, then nothing
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_hung_row_is_cut_and_retried_by_the_call_stage(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(hang_s=30)
+    config = model_config(server.base_url, stall_timeout_s=0.3, timeout_s=30)
+    transport = make_transport(config, KEY, kind)
+    limits = LimitsConfig(concurrency=1, backoff_base_s=0.01, backoff_max_s=0.05)
+    stage = CallStage(config, limits, transport)
+    messages = user("[[fault:hang:1]] then fine")
+    try:
+        result = await stage.call(ChatRequest(0, messages))
+    finally:
+        await transport.aclose()
+
+    assert (result.status, result.attempts) == ("ok", 2)
+    assert result.response == expected_answer(messages, MODEL)
+    assert stage.stats.stalled == 1
+    assert stage.stats.requests == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_slowly_streaming_long_answer_is_not_cut(
+    start_server: StartServer, kind: str
+) -> None:
+    # About 90 chunks 20 ms apart: some 2 s in all, against a stall timeout of
+    # 0.5 s. Without streaming the same answer would be silent for 2 s.
+    server = start_server(chunk_delay_ms=20)
+    messages = user("a long question " * 20)
+
+    completion = await ask(kind, server.base_url, messages, stall_s=0.5, timeout_s=30)
+
+    assert completion.text == expected_answer(messages, MODEL)
+    assert completion.streamed
+    assert completion.silence_s is not None and completion.silence_s < 0.5
+    assert server.stats.answered == 1
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_cannot_stream_gets_plain_requests_for_the_rest_of_the_run(
+    start_server: StartServer, kind: str
+) -> None:
+    server = start_server(streaming=False)
+    transport = make_transport(model_config(server.base_url), KEY, kind)
+    try:
+        first = await transport.complete(user("one"), stall_s=5.0)
+        requests_for_first = server.stats.requests
+        second = await transport.complete(user("two"), stall_s=5.0)
+    finally:
+        await transport.aclose()
+
+    assert first.text == expected_answer(user("one"), MODEL)
+    assert second.text == expected_answer(user("two"), MODEL)
+    assert not first.streamed and not second.streamed
+    assert requests_for_first == 2  # the refused streaming request, then the plain one
+    assert server.stats.requests == 3  # no second try at streaming
+    assert getattr(transport, "streaming", None) is False
+    assert "400" in str(getattr(transport, "stream_fallback", ""))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_fault_directives_work_when_streaming(server: Simulator, kind: str) -> None:
+    url = server.base_url
+    for content, error, status in (
+        ("[[fault:500]]", APIStatus, 500),
+        ("[[fault:429]]", APIStatus, 429),
+        ("[[fault:400]]", APIStatus, 400),
+        ("[[fault:drop]]", APIConnectionFailed, None),  # dropped mid-stream
+        ("[[fault:malformed]]", UnparseableResponse, None),  # a chunk cut short
+    ):
+        exc = await failure(kind, url, user(content))
+        assert type(exc) is error, content
+        if status is not None:
+            assert isinstance(exc, APIStatus) and exc.status_code == status, content
+        assert classified(exc).kind == ("row" if status == 400 else "retry")
+    bad = await ask(kind, url, user("[[fault:badjson:1]] x"))
+    good = await ask(kind, url, user("[[fault:badjson:1]] x"))
+    assert (bad.text, bad.streamed) == (BAD_JSON, True)
+    assert good.text == expected_answer(user("[[fault:badjson:1]] x"), MODEL)
+    assert server.stats.streamed == 2
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_structured_output_works_when_streaming(server: Simulator, kind: str) -> None:
+    schema = load_schema(
+        '{"type": "object", "properties": {"label": {"enum": ["a", "b"]}, '
+        '"score": {"type": "integer"}}, "required": ["label", "score"]}'
+    )
+    fmt = response_format(schema, "row")
+    messages = user("rate this")
+
+    completion = await ask(kind, server.base_url, messages, extra_params={"response_format": fmt})
+
+    assert completion.streamed
+    assert completion.text is not None
+    assert json.loads(completion.text) == expected_structured_answer(messages, MODEL, schema)
 
 
 # -- a hand-written server for what the simulator never does --------------
@@ -331,7 +552,14 @@ async def test_sends_the_headers_servers_look_at(
     assert headers["User-Agent"] == USER_AGENT
     assert headers["OpenAI-Organization"] == "org-1"
     assert headers["OpenAI-Project"] == "proj-1"
-    assert seen["body"] == {"model": MODEL, "messages": user("hi"), "temperature": 0, "seed": 7}
+    assert seen["body"] == {
+        "model": MODEL,
+        "messages": user("hi"),
+        "temperature": 0,
+        "seed": 7,
+        "stream": True,
+        "stream_options": {"include_usage": True},
+    }
 
 
 @pytest.mark.parametrize(
@@ -364,45 +592,381 @@ async def test_a_server_that_echoes_the_key_does_not_leak_it(
         return web.json_response({"error": {"message": message, "code": "nope"}}, status=404)
 
     exc = await failure(kind, await echo_server(handler), user("hi"))
-    assert isinstance(exc, openai.NotFoundError)
+    assert isinstance(exc, APIStatus)
+    assert exc.status_code == 404
     assert exc.code == "nope"
     result = classified(exc)
-    for text in (str(exc), repr(exc), repr(exc.body), exc.response.text, result.reason):
+    for text in (str(exc), repr(exc), repr(exc.body), exc.message, result.reason):
         assert KEY not in text
         assert "[redacted]" in text
+
+
+def sse(*chunks: Any, done: bool = True) -> bytes:
+    events = [b"data: " + json.dumps(chunk).encode() + b"\n\n" for chunk in chunks]
+    return b"".join(events) + (b"data: [DONE]\n\n" if done else b"")
+
+
+def delta_chunk(content: str | None, finish_reason: str | None = None) -> dict[str, Any]:
+    delta = {} if content is None else {"content": content}
+    return {
+        "model": MODEL,
+        "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
+    }
+
+
+USAGE_CHUNK: Final = {"model": MODEL, "choices": [], "usage": chat_body("")["usage"]}
+
+
+async def stream_response(request: web.Request, body: bytes) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(body)
+    await response.write_eof()
+    return response
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_rejects_stream_options_gets_plain_requests(
+    echo_server: EchoServer, kind: str
+) -> None:
+    bodies: list[dict[str, Any]] = []
+
+    async def handler(request: web.Request) -> web.Response:
+        body = await request.json()
+        bodies.append(body)
+        if "stream_options" in body:
+            error = {
+                "message": "Unrecognized request argument supplied: stream_options",
+                "type": "invalid_request_error",
+                "param": None,
+                "code": None,
+            }
+            return web.json_response({"error": error}, status=400)
+        return web.json_response(chat_body("plain"))
+
+    completion = await ask(kind, await echo_server(handler), user("hi"), stall_s=5.0)
+
+    assert (completion.text, completion.streamed) == ("plain", False)
+    assert [("stream" in body) for body in bodies] == [True, False]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_ignores_stream_is_read_as_a_plain_answer(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("whole"))
+
+    base_url = await echo_server(handler)
+    transport = make_transport(model_config(base_url), KEY, kind)
+    try:
+        completion = await transport.complete(user("hi"), stall_s=5.0)
+    finally:
+        await transport.aclose()
+
+    assert (completion.text, completion.streamed) == ("whole", False)
+    assert getattr(transport, "streaming", None) is False
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_server_that_streams_without_usage_gets_plain_requests_after(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        if (await request.json()).get("stream"):
+            return await stream_response(
+                request, sse(delta_chunk("str"), delta_chunk("eamed", "stop"))
+            )
+        return web.json_response(chat_body("plain"))
+
+    base_url = await echo_server(handler)
+    transport = make_transport(model_config(base_url), KEY, kind)
+    try:
+        first = await transport.complete(user("hi"))
+        second = await transport.complete(user("hi"))
+    finally:
+        await transport.aclose()
+
+    # The answer is kept (its tokens unknown); later ones carry their usage.
+    assert (first.text, first.prompt_tokens, first.streamed) == ("streamed", None, True)
+    assert (second.text, second.prompt_tokens, second.streamed) == ("plain", 1, False)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+async def test_an_error_event_inside_a_stream_is_transient_and_keeps_the_key_out(
+    echo_server: EchoServer, kind: str
+) -> None:
+    async def handler(request: web.Request) -> web.StreamResponse:
+        error = {"error": {"message": f"overloaded for {request.headers['Authorization']}"}}
+        return await stream_response(request, sse(delta_chunk("par"), error))
+
+    exc = await failure(kind, await echo_server(handler), user("hi"))
+
+    assert isinstance(exc, UnparseableResponse)
+    assert "the stream carried an error: overloaded" in str(exc)
+    assert KEY not in str(exc)
+    assert classified(exc).kind == "retry"
+
+
+def test_a_400_names_streaming_only_in_so_many_words() -> None:
+    assert rejects_streaming(400, b'{"error": {"param": "stream_options"}}')
+    assert rejects_streaming(422, b"streaming is not supported for this model")
+    assert rejects_streaming(400, b"The simulator does not support stream=true.")
+    assert not rejects_streaming(400, b"the upstream model rejected the prompt")
+    assert not rejects_streaming(500, b"stream broke")
+
+
+def assembled(body: bytes, cuts: int = 1) -> Completion:
+    assembler = StreamAssembler()
+    step = max(1, len(body) // cuts)
+    for start in range(0, len(body), step):
+        assembler.feed(body[start : start + step])
+    return assembler.completion({})
+
+
+def test_a_stream_cut_anywhere_assembles_to_the_same_answer() -> None:
+    body = sse(
+        {"model": MODEL, "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]},
+        delta_chunk("l'été "),
+        delta_chunk("☀️"),
+        delta_chunk(None, "stop"),
+        USAGE_CHUNK,
+    )
+    whole = assembled(body)
+    assert whole == Completion("l'été ☀️", "stop", MODEL, 1, 1, {}, streamed=True)
+    for cuts in (2, 3, 7, len(body)):  # down to one byte at a time
+        assert assembled(body, cuts) == whole
+    crlf = body.replace(b"\n", b"\r\n")
+    assert assembled(b": keep-alive\r\n\r\n" + crlf, 5) == whole
+    # An event whose data spans two lines (joined by a newline: still JSON).
+    multiline = body.replace(b'"model": ', b'"model":\ndata: ', 1)
+    assert multiline != body
+    assert assembled(multiline, 3) == whole
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        (sse(delta_chunk("cut off"), done=False), "ended before"),
+        (sse(done=True), "no answer"),
+        (b'data: {"choices": [{"delta": \n\n', "unparseable stream chunk"),
+        (sse({"choices": "nope"}), "not a list"),
+        (sse({"choices": [{"index": 0, "delta": {"content": 3}}]}), "not a string"),
+    ],
+)
+def test_a_broken_stream_is_unparseable(body: bytes, problem: str) -> None:
+    with pytest.raises(UnparseableResponse, match=problem):
+        assembled(body)
+
+
+# What an error body may be: OpenAI's shape, another JSON shape, text, nothing.
+ERROR_BODIES: dict[str, tuple[bytes, dict[str, Any]]] = {
+    "openai": (
+        b'{"error": {"message": "nope", "type": "t", "param": "p", "code": "c"}}',
+        {
+            "body": {"message": "nope", "type": "t", "param": "p", "code": "c"},
+            "code": "c",
+            "type": "t",
+            "param": "p",
+            "message": "nope",
+        },
+    ),
+    "other json": (
+        b'{"detail": "not an OpenAI error object", "code": 7}',
+        {
+            "body": {"detail": "not an OpenAI error object", "code": 7},
+            "code": "7",
+            "type": None,
+            "message": "",
+        },
+    ),
+    "html": (b"<html>Bad Gateway</html>", {"body": "<html>Bad Gateway</html>", "code": None}),
+    "empty": (b"", {"body": "", "code": None, "message": ""}),
+}
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 409, 418, 422, 429, 500, 503])
+@pytest.mark.parametrize("body_kind", list(ERROR_BODIES))
+async def test_every_status_and_body_reads_the_same_from_both_transports(
+    echo_server: EchoServer, status: int, body_kind: str
+) -> None:
+    body, expected = ERROR_BODIES[body_kind]
+
+    async def handler(request: web.Request) -> web.Response:
+        headers = {"Retry-After": "2", "X-Request-ID": "req-1", "Content-Type": "application/json"}
+        return web.Response(status=status, body=body, headers=headers)
+
+    fast, sdk = await both_fail(await echo_server(handler), user("hi"))
+    for exc in (fast, sdk):
+        assert type(exc) is APIStatus
+        assert exc.status_code == status
+        for name, value in expected.items():
+            assert getattr(exc, name) == value, name
+        assert exc.request_id == "req-1"
+        assert exc.headers["retry-after"] == "2"
+        message = expected.get("message")
+        assert str(exc) == f"Error code: {status}" + (f" - {message}" if message else "")
+    expected_kind = {401: "fatal", 403: "fatal", 404: "fatal", 418: "row", 400: "row"}
+    kind = "retry" if status in (408, 409, 429) or status >= 500 else expected_kind.get(status)
+    assert classified(fast).kind == (kind or "row")
+
+
+# -- proxies from the environment ----------------------------------------------
+
+
+def clear_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in ("HTTP_PROXY", "HTTPS_PROXY", "ALL_PROXY", "NO_PROXY"):
+        monkeypatch.delenv(name, raising=False)
+        monkeypatch.delenv(name.lower(), raising=False)
+
+
+PROXY_USER_SECRET = "Basic dXNlcjpzZWNyZXQ="  # user:secret
+
+
+async def test_requests_go_through_the_proxy_the_environment_names(
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    seen: dict[str, Any] = {}
+
+    async def proxy(request: web.Request) -> web.Response:
+        # A forward proxy sees the absolute URL, its own credentials, and the
+        # request it forwards.
+        seen["url"] = str(request.url)
+        seen["headers"] = dict(request.headers)
+        return web.json_response(chat_body("via the proxy"))
+
+    proxy_url = (await echo_server(proxy)).removesuffix("/v1")
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("http://", "http://user:secret@"))
+    completion = await ask("aiohttp", "http://api.example.invalid/v1", user("hi"))
+    assert completion.text == "via the proxy"
+    assert seen["url"] == "http://api.example.invalid/v1/chat/completions"
+    assert seen["headers"]["Proxy-Authorization"] == PROXY_USER_SECRET
+    assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
+
+
+async def test_the_key_never_reaches_the_proxy_of_an_https_api(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    heads: list[bytes] = []
+
+    async def refuse(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        # What a proxy sees of an https:// request: the CONNECT, never the request.
+        heads.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(b"HTTP/1.1 403 Forbidden\r\nContent-Length: 0\r\n\r\n")
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(refuse, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
+    try:
+        exc = await failure("aiohttp", "https://api.example.invalid/v1", user("hi"))
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert type(exc) is APIConnectionFailed
+    head = heads[0].decode("latin-1")
+    assert head.startswith("CONNECT api.example.invalid:443 ")
+    assert f"Proxy-Authorization: {PROXY_USER_SECRET}\r\n" in head
+    assert KEY not in head
+
+
+async def test_no_proxy_sends_directly(
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def direct(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("direct"))
+
+    base_url = await echo_server(direct)
+    clear_proxies(monkeypatch)
+    # A proxy that is not there: going through it would fail.
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert (await ask("aiohttp", base_url, user("hi"))).text == "direct"
+    monkeypatch.delenv("NO_PROXY")
+    exc = await failure("aiohttp", base_url, user("hi"))
+    assert type(exc) is APIConnectionFailed
+
+
+# -- TLS trust -------------------------------------------------------------------
+
+
+@pytest.fixture
+async def tls_base_url(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
+    """An https echo server with a self-signed certificate: (base URL, its cert)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("needs the openssl command to make a certificate")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    argv = ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1"]
+    argv += ["-subj", "/CN=127.0.0.1", "-addext", "subjectAltName=IP:127.0.0.1"]
+    subprocess.run(
+        [*argv, "-keyout", str(key), "-out", str(cert)],
+        check=True,
+        capture_output=True,
+    )
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.load_cert_chain(cert, key)
+
+    async def handler(request: web.Request) -> web.Response:
+        return web.json_response(chat_body("over tls"))
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", handler)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=context)
+    await site.start()
+    yield f"https://127.0.0.1:{runner.addresses[0][1]}/v1", cert
+    await runner.cleanup()
+
+
+@pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+async def test_tls_trusts_what_the_environment_names_and_nothing_else(
+    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, variable: str
+) -> None:
+    base_url, cert = tls_base_url
+    clear_proxies(monkeypatch)
+    monkeypatch.delenv("SSL_CERT_FILE", raising=False)
+    monkeypatch.delenv("SSL_CERT_DIR", raising=False)
+    # The system store does not know a self-signed certificate.
+    exc = await failure("aiohttp", base_url, user("hi"))
+    assert type(exc) is APIConnectionFailed
+    assert "certificate" in str(exc).lower()
+    if variable == "SSL_CERT_DIR":
+        # A CA directory holds certificates under their subject hash.
+        digest = subprocess.run(
+            ["openssl", "x509", "-hash", "-noout", "-in", str(cert)],
+            check=True,
+            capture_output=True,
+            text=True,
+        ).stdout.strip()
+        shutil.copy(cert, cert.parent / f"{digest}.0")
+        monkeypatch.setenv(variable, str(cert.parent))
+    else:
+        monkeypatch.setenv(variable, str(cert))
+    assert (await ask("aiohttp", base_url, user("hi"))).text == "over tls"
 
 
 # -- pure parts --------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def sdk_client() -> openai.AsyncOpenAI:
-    # One client: building one loads the CA store, which is slow.
-    return openai.AsyncOpenAI(api_key=KEY, base_url="http://h/v1")
+def test_a_bare_sdk_api_error_is_a_transient_failure_without_the_key() -> None:
+    # What the SDK raises for an error event inside a stream: not a bug.
+    raw = openai.APIError(f"overloaded for Bearer {KEY}", cast(Any, None), body=None)
+    exc = sdk_error(raw, KEY)
+    assert isinstance(exc, UnparseableResponse)
+    assert "the stream carried an error: overloaded" in str(exc)
+    assert KEY not in str(exc)
+    assert classified(exc).kind == "retry"
 
 
-@pytest.mark.parametrize("status", [400, 401, 403, 404, 409, 418, 422, 429, 500, 503])
-@pytest.mark.parametrize(
-    "body",
-    [
-        b'{"error": {"message": "nope", "type": "t", "param": "p", "code": "c"}}',
-        b'{"detail": "not an OpenAI error object"}',
-        b"<html>Bad Gateway</html>",
-        b"",
-    ],
-)
-def test_status_errors_are_built_exactly_like_the_sdk(
-    sdk_client: openai.AsyncOpenAI, status: int, body: bytes
-) -> None:
-    request = httpx2.Request("POST", "http://h/v1/chat/completions")
-    raw_headers = [(b"Retry-After", b"2"), (b"x-request-id", b"req-1")]
-    ours = make_status_error(status, body, raw_headers, request)
-    sdk_response = httpx2.Response(status, headers=raw_headers, content=body, request=request)
-    sdk = sdk_client._make_status_error_from_response(sdk_response)
-    assert failure_facts(ours) == failure_facts(sdk)
-    assert ours.request_id == sdk.request_id == "req-1"
-    assert ours.response.headers["retry-after"] == "2"
-    assert classified(ours) == classified(sdk)
+def test_a_stall_is_a_transport_error_classified_as_a_stall() -> None:
+    exc = StalledRequest(3.0, started=False)
+    assert isinstance(exc, TransportError)
+    failure_ = classified(exc)
+    assert (failure_.kind, failure_.stalled) == ("retry", True)
 
 
 def test_parse_completion_tolerates_missing_extras() -> None:

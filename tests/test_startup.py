@@ -1,0 +1,197 @@
+"""Start-up stays light: what each entry point imports, checked in a fresh
+interpreter (never timed: the machine may be shared). The heavy libraries
+(openai, polars, pyarrow, aiohttp, pydantic) cost about a second of imports;
+each is imported where it is used, and not before."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Final
+
+import click
+import pytest
+
+import pipeline
+from pipeline.cli import cli
+
+from conftest import MODEL, StartServer, write_questions
+
+pytestmark = pytest.mark.timeout(60)
+
+HEAVY: Final = ("openai", "polars", "pyarrow", "aiohttp", "pydantic")
+
+# Runs the CLI as the console script does, and prints (as its last line) the
+# heavy modules loaded when the first request went out and at exit.
+PROBE: Final = """
+import atexit, json, sys
+HEAVY = {heavy!r}
+
+def loaded():
+    return sorted(m for m in HEAVY if m in sys.modules)
+
+from pipeline import transport  # light: neither HTTP client comes with it
+
+seen = {{}}
+for cls in (transport.AiohttpTransport, transport.OpenAITransport):
+    def patched(original):
+        async def complete(self, messages, **options):
+            seen.setdefault("first_request", loaded())
+            return await original(self, messages, **options)
+        return complete
+    cls.complete = patched(cls.complete)
+atexit.register(lambda: print("\\nPROBE " + json.dumps({{**seen, "exit": loaded()}})))
+from pipeline.cli import main
+sys.argv = ["enrich", *sys.argv[1:]]
+main()
+"""
+
+
+def probe(*args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess[str], Any]:
+    done = subprocess.run(
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, "OPENAI_API_KEY": "sk-startup-test", "NO_PROXY": "127.0.0.1"},
+        timeout=50,
+    )
+    last = done.stdout.rstrip().rsplit("\n", 1)[-1]
+    assert last.startswith("PROBE "), (done.stdout, done.stderr)
+    return done, json.loads(last.removeprefix("PROBE "))
+
+
+def heavy_after(statement: str) -> list[str]:
+    code = f"{statement}\nimport json, sys\n"
+    code += f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))"
+    done = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=50
+    )
+    loaded: list[str] = json.loads(done.stdout)
+    return loaded
+
+
+def test_import_pipeline_loads_no_heavy_library() -> None:
+    assert heavy_after("import pipeline") == []
+
+
+def test_the_errors_and_the_transport_errors_load_no_heavy_library() -> None:
+    # What an Airflow DAG file or a caller's except clause imports.
+    statement = "from pipeline import EnrichError, FatalAPIError, TransportError, APIStatus"
+    assert heavy_after(statement) == []
+
+
+def test_the_public_names_are_there_when_used() -> None:
+    for name in pipeline.__all__:
+        assert getattr(pipeline, name) is not None, name
+    assert set(pipeline.__all__) <= set(dir(pipeline))
+    with pytest.raises(AttributeError, match="no_such_name"):
+        _ = pipeline.no_such_name  # type: ignore[attr-defined]
+
+
+def help_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tuple[str, ...]]:
+    """Every command path, the group itself first: (), ("run",), ("cache", "stats")..."""
+    paths = [prefix]
+    for name, command in sorted(group.commands.items()):
+        if isinstance(command, click.Group):
+            paths += help_commands(command, (*prefix, name))
+        else:
+            paths.append((*prefix, name))
+    return paths
+
+
+@pytest.mark.parametrize("command", help_commands(cli), ids=lambda path: " ".join(path) or "enrich")
+def test_help_loads_no_heavy_library(command: tuple[str, ...]) -> None:
+    done, loaded = probe(*command, "--help")
+    assert done.returncode == 0, done.stderr
+    assert "Usage: enrich" in done.stdout
+    assert loaded["exit"] == []
+
+
+def test_python_m_pipeline_help_imports_no_heavy_library() -> None:
+    # The import log names every module the interpreter loaded.
+    done = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "pipeline", "--help"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=50,
+    )
+    imported = {
+        line.split("|")[-1].strip().split(".")[0]
+        for line in done.stderr.splitlines()
+        if line.startswith("import time:")
+    }
+    assert "pipeline" in imported and "click" in imported
+    assert imported.isdisjoint(HEAVY)
+
+
+def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]:
+    return [
+        "run",
+        "--quiet",
+        "--input",
+        str(source),
+        "--column",
+        "question",
+        "--output",
+        str(output),
+        "--model",
+        MODEL,
+        "--base-url",
+        base_url,
+        *more,
+    ]
+
+
+@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
+def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
+    tmp_path: Path, start_server: StartServer, suffix: str
+) -> None:
+    server = start_server()
+    source = write_questions(tmp_path / f"in{suffix}", [f"question {i}" for i in range(20)])
+    output = tmp_path / "out.parquet"
+
+    done, loaded = probe(*run_args(source, output, server.base_url))
+
+    assert done.returncode == 0, done.stderr
+    assert output.exists()
+    # The default transport's client, the input's reader and the config: no more.
+    assert loaded["first_request"] == ["aiohttp", "pyarrow", "pydantic"]
+    # Assembling the output may use polars; nothing ever loads the SDK.
+    assert "openai" not in loaded["exit"]
+
+
+def test_a_resumed_run_never_loads_the_sdk_either(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    prompts = [f"question {i}" for i in range(20)] + ["[[fault:500]] fails"]
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    first, _ = probe(*run_args(source, output, server.base_url, "--max-attempts", "1"))
+    assert first.returncode == 0, first.stderr  # one failed row: the checkpoint is kept
+
+    again = run_args(source, output, server.base_url, "--retry-failed", "--max-attempts", "1")
+    done, loaded = probe(*again)
+
+    assert done.returncode == 0, done.stderr
+    assert "first_request" in loaded  # the failed row was sent again
+    assert "openai" not in loaded["exit"]
+
+
+def test_the_openai_transport_loads_the_sdk_when_chosen(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    source = write_questions(tmp_path / "in.csv", ["one question"])
+    output = tmp_path / "out.parquet"
+
+    done, loaded = probe(*run_args(source, output, server.base_url, "--transport", "openai"))
+
+    assert done.returncode == 0, done.stderr
+    assert "openai" in loaded["first_request"]
+    assert "polars" not in loaded["first_request"]
