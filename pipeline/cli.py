@@ -599,7 +599,22 @@ def _sample_path() -> Path:
     show_default=True,
     help="Window the --rpm/--tpm limits are counted over.",
 )
+@click.option(
+    "--rpm-schedule",
+    default=None,
+    metavar="S:RPM,...",
+    help="Change the requests/min over time: seconds since the first request and the "
+    "rpm from then on, e.g. 10:600,25:6000 (0 refuses everything).",
+)
 @click.option("--no-rate-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option(
+    "--rate-headers-until",
+    "rate_headers_until_s",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Stop sending x-ratelimit-* headers S seconds after the first request.",
+)
 @click.option(
     "--fail-rate-5xx",
     type=float,
@@ -676,15 +691,17 @@ def simulate(
     no_rate_headers: bool,
     no_streaming: bool,
     api_key: str | None,
+    rpm_schedule: str | None,
     **settings: Any,
 ) -> None:
     """Serve a local OpenAI-compatible API with latency, limits and faults."""
-    from pipeline.simulate import SimulatorConfig, serve_forever
+    from pipeline.simulate import SimulatorConfig, parse_rpm_schedule, serve_forever
 
     config = SimulatorConfig(
         rate_headers=not no_rate_headers,
         streaming=not no_streaming,
         api_key=api_key,
+        rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
         **settings,
     )
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -18,6 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from pipeline.errors import ConfigError, MissingSetting
 from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
+
+DEFAULT_MAX_REFUSAL_S: Final = 900.0
 
 
 class _Section(BaseModel):
@@ -168,6 +170,10 @@ class LimitsConfig(_Section):
     # timeouts, 5xx across the run) while the run holds its rows and probes;
     # longer ends the run with exit 75 and the checkpoint kept.
     max_outage_s: float = Field(default=DEFAULT_MAX_OUTAGE_S, gt=0)
+    # How long the API may answer every request with 429 (no request admitted)
+    # before the run ends with exit 3 and the checkpoint kept: a quota used up
+    # without saying so, a key with no limit left.
+    max_refusal_s: float = Field(default=DEFAULT_MAX_REFUSAL_S, gt=0)
 
 
 class CheckpointConfig(_Section):

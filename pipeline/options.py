@@ -266,6 +266,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "600",
     ),
     Option(
+        "--max-refusal",
+        "limits.max_refusal_s",
+        "float",
+        "Longest time the API may answer every request with 429 (none admitted), in "
+        "seconds; longer ends the run (exit 3, checkpoint kept).",
+        "900",
+    ),
+    Option(
         "--flush-every",
         "checkpoint.flush_every",
         "int",
