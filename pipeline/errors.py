@@ -8,6 +8,10 @@ config key, an environment variable or a command).
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.runner import RunSummary
 
 
 class ExitCode(IntEnum):
@@ -85,7 +89,7 @@ class TooManyFailedRows(EnrichError):
 
     exit_code = ExitCode.TOO_MANY_FAILED_ROWS
 
-    def __init__(self, message: str, *, summary: object = None) -> None:
+    def __init__(self, message: str, *, summary: RunSummary | None = None) -> None:
         super().__init__(message)
         self.summary = summary
 

@@ -212,7 +212,7 @@ def test_enrich_raises_when_failed_rows_pass_max_error_rate(
     with pytest.raises(TooManyFailedRows, match="max_error_rate") as caught:
         enrich(config)
     assert caught.value.exit_code == 1
-    assert caught.value.summary is not None and caught.value.summary.error == 1  # type: ignore[attr-defined]
+    assert caught.value.summary is not None and caught.value.summary.error == 1
     assert (tmp_path / "o.parquet").exists()  # the output is written, as with the CLI
     summary = enrich(config, raise_on_failed_rows=False)
     assert summary.up_to_date and summary.error == 1
