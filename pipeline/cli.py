@@ -510,7 +510,9 @@ def demo(
         seed=7,
     )
     with Simulator.run_in_thread(server_config) as server:
-        click.echo(_demo_intro(server.base_url, input_path, column, fail_rate), err=True)
+        click.echo(
+            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate), err=True
+        )
         config = load_config(
             None,
             {
@@ -540,7 +542,9 @@ def demo(
     click.echo(_demo_next_steps(output, column), err=True)
 
 
-def _demo_intro(base_url: str, input_path: Path, column: str, fail_rate: float) -> str:
+def _demo_intro(
+    base_url: str, input_path: Path, column: str, latency_ms: float, fail_rate: float
+) -> str:
     faults = (
         f"  It answers {fail_rate:.0%} of requests with a 5xx and {fail_rate:.0%} with a 429 "
         "on purpose: enrich retries them (attempts > 1) and slows down on 429s, so every row "
@@ -550,7 +554,8 @@ def _demo_intro(base_url: str, input_path: Path, column: str, fail_rate: float) 
     )
     return (
         f"enrich demo: a local OpenAI-compatible server at {base_url} answers every prompt "
-        f"with a made-up sentence after about its latency (no key, no network).\n"
+        f"with '[sim-1] answer to: <the prompt>' after about {latency_ms:g} ms (no key, no "
+        "network).\n"
         f"{faults}"
         f"  Rows of {input_path} whose '{column}' is blank are skipped (status skipped), "
         "never sent."
