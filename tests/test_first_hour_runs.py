@@ -86,6 +86,7 @@ def test_status_tells_a_running_job_from_an_interrupted_one(
     assert "interrupted" in CliRunner().invoke(cli, ["status", str(output)]).output
 
 
+@pytest.mark.slow
 def test_demo_says_what_the_faults_are_and_what_to_try_next(tmp_path: Path) -> None:
     result = CliRunner().invoke(
         cli, ["demo", "--output", str(tmp_path / "demo.parquet"), "--latency-ms", "1", "--quiet"]
