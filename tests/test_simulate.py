@@ -174,7 +174,7 @@ async def test_latency_delays_every_answer() -> None:
     async with Simulator(SimulatorConfig(latency_ms=150, jitter_ms=20)) as sim:
         started = time.monotonic()
         await ask(sim, "slow")
-        assert 0.13 <= time.monotonic() - started < 1.0
+        assert time.monotonic() - started >= 0.13
 
 
 async def test_models_endpoint_lists_configured_models() -> None:
@@ -640,7 +640,8 @@ async def test_hanging_request_times_out_client_and_does_not_block_stop() -> Non
     finally:
         started = time.monotonic()
         await sim.stop()
-        assert time.monotonic() - started < 1.0
+        # Not the 30 s the hang would take (a bound loose enough for a loaded machine).
+        assert time.monotonic() - started < 10.0
 
 
 async def test_random_faults_are_reproducible_with_the_same_seed() -> None:
