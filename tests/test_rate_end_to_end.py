@@ -67,6 +67,7 @@ def run_against(
     return out, stats.requests, stats.rate_limited
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_configured_limits_are_sustained_with_almost_no_429s(
     tmp_path: Path, start_server: StartServer
@@ -81,6 +82,7 @@ def test_configured_limits_are_sustained_with_almost_no_429s(
     assert rate_limited <= max(3, 0.01 * requests)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_auto_mode_learns_the_limit_from_the_servers_headers(
     tmp_path: Path, start_server: StartServer
@@ -93,6 +95,7 @@ def test_auto_mode_learns_the_limit_from_the_servers_headers(
     assert rate_limited <= max(3, 0.02 * requests)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     tmp_path: Path, start_server: StartServer
@@ -105,7 +108,7 @@ def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     # The first seconds find the limit by running into it; a run this short
     # pays for that more than a long one does (the measured share over a few
     # thousand rows is under 2%).
-    assert rate_limited <= 0.06 * requests
+    assert rate_limited <= 0.08 * requests
 
 
 # -- tokens per minute -------------------------------------------------------------
@@ -118,6 +121,7 @@ SERVER_TPM = 60_000  # 1,000 tokens per 1 s window: about 25 of these requests
     [({"tpm": SERVER_TPM}, True), ({}, True), ({}, False)],
     ids=["configured", "auto-headers", "auto-no-headers"],
 )
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 def test_a_tokens_limit_is_run_close_to_without_losing_rows(
     tmp_path: Path, start_server: StartServer, limits: dict[str, Any], rate_headers: bool
