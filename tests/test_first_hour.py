@@ -229,6 +229,13 @@ def test_argument_errors_are_one_json_event_with_json_logs(args: list[str]) -> N
     assert "enrich run --help" in event["message"]
 
 
+def test_an_unreadable_config_path_is_one_json_event_with_json_logs(tmp_path: Path) -> None:
+    result = invoke("run", tmp_path, "--log-format", "json")
+    assert result.exit_code == 2
+    event = json.loads(result.stderr)
+    assert event["exit_code"] == 2 and "cannot be read" in event["message"]
+
+
 def test_argument_errors_stay_clicks_usage_text_without_json_logs() -> None:
     result = enrich_process("run", "--concurrency", "abc")
     assert result.returncode == 2
