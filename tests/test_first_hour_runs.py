@@ -5,8 +5,11 @@ against the simulator on 127.0.0.1."""
 from __future__ import annotations
 
 import asyncio
+import fcntl
 import gzip
 import json
+import os
+import threading
 from pathlib import Path
 
 import polars as pl
@@ -84,6 +87,22 @@ def test_status_tells_a_running_job_from_an_interrupted_one(
         running = CliRunner().invoke(cli, ["status", str(output)])
     assert running.output.startswith("running (pid "), running.output
     assert "interrupted" in CliRunner().invoke(cli, ["status", str(output)]).output
+
+
+def test_a_run_starting_while_status_looks_at_its_lock_waits_instead_of_exiting_4(
+    tmp_path: Path,
+) -> None:
+    lock_path = lock_path_for(tmp_path / "o.parquet")
+    lock_path.touch()
+    looking = os.open(lock_path, os.O_RDONLY)
+    fcntl.flock(looking, fcntl.LOCK_SH | fcntl.LOCK_NB)  # what `enrich status` does
+    done_looking = threading.Timer(0.005, os.close, [looking])
+    done_looking.start()
+    try:
+        with RunLock(lock_path) as lock:
+            assert lock.locked
+    finally:
+        done_looking.join()
 
 
 @pytest.mark.slow
