@@ -346,10 +346,14 @@ def run(
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
-    from pipeline.runner import RunOptions, enrich
+    from pipeline.transport import preload
 
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
+    # The HTTP client loads while the runner's modules do (see preload).
+    preload(config.model.transport)
+    from pipeline.runner import RunOptions, enrich
+
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
     summary = enrich(
         config,

@@ -27,7 +27,7 @@ HEAVY: Final = ("openai", "polars", "pyarrow", "aiohttp", "pydantic")
 # Runs the CLI as the console script does, and prints (as its last line) the
 # heavy modules loaded when the first request went out and at exit.
 PROBE: Final = """
-import atexit, json, sys
+import atexit, json, sys, threading
 HEAVY = {heavy!r}
 
 def loaded():
@@ -36,10 +36,21 @@ def loaded():
 from pipeline import transport  # light: neither HTTP client comes with it
 
 seen = {{}}
+
+class FirstLookup:
+    # Notes which thread looked for aiohttp first; finds nothing itself.
+    def find_spec(self, name, path=None, target=None):
+        if name == "aiohttp":
+            main = threading.current_thread() is threading.main_thread()
+            seen.setdefault("aiohttp_imported_by", "main" if main else "background")
+        return None
+
+sys.meta_path.insert(0, FirstLookup())
 for cls in (transport.AiohttpTransport, transport.OpenAITransport):
     def patched(original):
         async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
+            seen.setdefault("parquet_at_first_request", "pyarrow.parquet" in sys.modules)
             return await original(self, messages, **options)
         return complete
     cls.complete = patched(cls.complete)
@@ -129,6 +140,56 @@ def test_python_m_pipeline_help_imports_no_heavy_library() -> None:
     assert imported.isdisjoint(HEAVY)
 
 
+# Notes which thread imports aiohttp, lets preload() start, then waits for
+# every thread it started and prints what was imported where.
+PRELOAD: Final = """
+import json, sys, threading
+first = []
+
+class FirstLookup:
+    def find_spec(self, name, path=None, target=None):
+        if name == "aiohttp" and not first:
+            first.append(threading.current_thread() is threading.main_thread())
+        return None
+
+sys.meta_path.insert(0, FirstLookup())
+from pipeline.transport import preload
+before = set(threading.enumerate())
+preload({kind!r})
+started = [t for t in threading.enumerate() if t not in before]
+for thread in started:
+    thread.join(50)
+print(json.dumps({{
+    "daemon": all(t.daemon for t in started),
+    "by_main": first[0] if first else None,
+    "loaded": sorted(m for m in ("aiohttp", "openai") if m in sys.modules),
+}}))
+"""
+
+
+def preloaded(kind: str) -> Any:
+    done = subprocess.run(
+        [sys.executable, "-c", PRELOAD.format(kind=kind)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=50,
+    )
+    assert done.stderr == ""
+    return json.loads(done.stdout)
+
+
+def test_preload_imports_aiohttp_off_the_main_thread() -> None:
+    found = preloaded("aiohttp")
+    # A daemon: a run that fails on its input exits without waiting for it.
+    assert found == {"daemon": True, "by_main": False, "loaded": ["aiohttp"]}
+
+
+def test_preload_of_the_sdk_transport_imports_nothing() -> None:
+    # The SDK is opt-in and brings its own client when the transport is built.
+    assert preloaded("openai") == {"daemon": True, "by_main": None, "loaded": []}
+
+
 def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]:
     return [
         "run",
@@ -161,6 +222,10 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     assert output.exists()
     # The default transport's client, the input's reader and the config: no more.
     assert loaded["first_request"] == ["aiohttp", "pyarrow", "pydantic"]
+    # The client was imported while the rest started up, not before the request.
+    assert loaded["aiohttp_imported_by"] == "background"
+    # Parquet support loads for Parquet input; checkpoint parts and the output wait.
+    assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
     # Assembling the output may use polars; nothing ever loads the SDK.
     assert "openai" not in loaded["exit"]
 
