@@ -165,9 +165,11 @@ class Relay:
         with contextlib.suppress(OSError):
             while data := source.recv(65536):
                 if upstream and self.first is None:
-                    self.first = time.perf_counter()
+                    first = time.perf_counter()
                     with contextlib.suppress(OSError):
                         self.cpu = cpu_seconds(self.pid)
+                    # Set last: the caller stops waiting when it sees it.
+                    self.first = first
                 sink.sendall(data)
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
