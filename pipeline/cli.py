@@ -350,8 +350,11 @@ def run(
 
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
-    # The HTTP client loads while the runner's modules do (see preload).
-    preload(config.model.transport)
+    # The HTTP client loads while the runner's modules do (see preload), unless
+    # the output exists: then the run may be up to date and send nothing, and
+    # an import beside it would only slow it down.
+    if restart or force or not config.output.path.exists():
+        preload(config.model.transport)
     from pipeline.runner import RunOptions, enrich
 
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])

@@ -261,6 +261,24 @@ def test_a_resumed_run_never_loads_the_sdk_either(
     assert "openai" not in loaded["exit"]
 
 
+def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: StartServer) -> None:
+    # Nothing is sent, so nothing may be loaded to send it: a cron job that
+    # finds its output complete pays no client import, in the background or not.
+    server = start_server()
+    source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(5)])
+    output = tmp_path / "out.parquet"
+    first, _ = probe(*run_args(source, output, server.base_url))
+    assert first.returncode == 0, first.stderr
+
+    done, loaded = probe(*run_args(source, output, server.base_url))
+
+    assert done.returncode == 0, done.stderr
+    assert "up to date" in done.stdout
+    assert "first_request" not in loaded
+    assert "aiohttp_imported_by" not in loaded
+    assert "aiohttp" not in loaded["exit"]
+
+
 def test_the_openai_transport_loads_the_sdk_when_chosen(
     tmp_path: Path, start_server: StartServer
 ) -> None:
