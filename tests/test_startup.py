@@ -114,6 +114,7 @@ def help_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", help_commands(cli), ids=lambda path: " ".join(path) or "enrich")
 def test_help_loads_no_heavy_library(command: tuple[str, ...]) -> None:
     done, loaded = probe(*command, "--help")
@@ -192,12 +193,14 @@ def preloaded(kind: str) -> Any:
     return json.loads(done.stdout)
 
 
+@pytest.mark.slow
 def test_preload_imports_aiohttp_off_the_main_thread() -> None:
     found = preloaded("aiohttp")
     # A daemon: a run that fails on its input exits without waiting for it.
     assert found == {"daemon": True, "by_main": False, "loaded": ["aiohttp"]}
 
 
+@pytest.mark.slow
 def test_preload_of_the_sdk_transport_imports_nothing() -> None:
     # The SDK is opt-in and brings its own client when the transport is built.
     assert preloaded("openai") == {"daemon": True, "by_main": None, "loaded": []}
@@ -221,6 +224,7 @@ def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     tmp_path: Path, start_server: StartServer, suffix: str
@@ -243,6 +247,7 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     assert "openai" not in loaded["exit"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_never_loads_the_sdk_either(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -261,6 +266,7 @@ def test_a_resumed_run_never_loads_the_sdk_either(
     assert "openai" not in loaded["exit"]
 
 
+@pytest.mark.slow
 def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: StartServer) -> None:
     # Nothing is sent, so nothing may be loaded to send it: a cron job that
     # finds its output complete pays no client import, in the background or not.
@@ -279,6 +285,7 @@ def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: St
     assert "aiohttp" not in loaded["exit"]
 
 
+@pytest.mark.slow
 def test_the_openai_transport_loads_the_sdk_when_chosen(
     tmp_path: Path, start_server: StartServer
 ) -> None:
