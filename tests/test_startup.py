@@ -286,6 +286,28 @@ def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: St
 
 
 @pytest.mark.slow
+def test_a_rerun_over_a_newer_input_imports_the_client_in_the_background(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # A nightly job writes the same output from tonight's input: the output
+    # exists, but it is older than the input, so the run will send.
+    server = start_server()
+    source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(5)])
+    output = tmp_path / "out.parquet"
+    first, _ = probe(*run_args(source, output, server.base_url))
+    assert first.returncode == 0, first.stderr
+    write_questions(source, [f"question {i}" for i in range(5, 10)])
+    later = output.stat().st_mtime_ns + 10**9
+    os.utime(source, ns=(later, later))
+
+    done, loaded = probe(*run_args(source, output, server.base_url))
+
+    assert done.returncode == 0, done.stderr
+    assert "first_request" in loaded
+    assert loaded["aiohttp_imported_by"] == "background"
+
+
+@pytest.mark.slow
 def test_the_openai_transport_loads_the_sdk_when_chosen(
     tmp_path: Path, start_server: StartServer
 ) -> None:
