@@ -958,16 +958,16 @@ def make_transport(
 
 
 def preload(kind: str) -> None:
-    """Start importing the HTTP client of transport ``kind`` in a background
-    thread, for a caller that will build that transport after more start-up
+    """Start importing aiohttp in a background thread when ``kind`` is its
+    transport, for a caller that will build the transport after more start-up
     work. aiohttp builds its default TLS contexts when imported, loading the
     system's CA store twice: tens of milliseconds inside OpenSSL, which lets
     other threads run meanwhile, so begun early they overlap the rest of the
     start-up instead of delaying the first request. The transport still
-    imports its client itself: it waits for this import if it is running,
-    and repeats it (raising the error where it is handled) if it failed."""
+    imports aiohttp itself: it waits for this import if it is running, and
+    repeats it (raising the error where it is handled) if it failed."""
     if kind != "aiohttp" or "aiohttp" in sys.modules:
-        return  # the SDK is opt-in and does not build contexts at import
+        return  # the SDK transport is opt-in and loads its own stack when built
     threading.Thread(target=_import_quietly, args=("aiohttp",), daemon=True).start()
 
 

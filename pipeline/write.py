@@ -22,6 +22,7 @@ from pipeline.errors import ConfigError, OutputError
 from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID
 
 if TYPE_CHECKING:
+    # Imported where the output is written (AtomicParquetWriter).
     import pyarrow.parquet as pq
 
 __all__ = [
