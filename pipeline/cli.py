@@ -184,21 +184,6 @@ def dataset_options(command: F) -> F:
     )(command)
 
 
-def _may_send(config: RunConfig) -> bool:
-    """A guess from two stats, for the preload only: False when the run will
-    likely send nothing, because the output is newer than its input (it may
-    be up to date) or the input is missing (the run stops on it). An import
-    beside such a run would only slow it down."""
-    try:
-        input_mtime = config.input.path.stat().st_mtime_ns
-    except OSError:
-        return False
-    try:
-        return config.output.path.stat().st_mtime_ns < input_mtime
-    except OSError:
-        return True  # no output yet
-
-
 def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
     from pipeline.config import load_config
 
@@ -368,15 +353,10 @@ def run(
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
-    from pipeline.transport import preload
+    from pipeline.runner import RunOptions, enrich
 
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
-    # The HTTP client loads while the runner's modules do (see preload).
-    if restart or force or _may_send(config):
-        preload(config.model.transport)
-    from pipeline.runner import RunOptions, enrich
-
     progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
     summary = enrich(
         config,

@@ -40,14 +40,10 @@ SDK, and a module that only needs ``Completion`` loads neither.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import dataclasses
-import importlib
 import json
 import os
 import re
-import sys
-import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -90,7 +86,6 @@ __all__ = [
     "TransportKind",
     "UnparseableResponse",
     "make_transport",
-    "preload",
     "sdk_error",
 ]
 
@@ -955,23 +950,3 @@ def make_transport(
     if kind == "openai":
         return OpenAITransport(model, api_key, extra_params=extra_params)
     raise ConfigError(f"unknown transport '{kind}'; use one of: {', '.join(TRANSPORT_KINDS)}")
-
-
-def preload(kind: str) -> None:
-    """Start importing aiohttp in a background thread when ``kind`` is its
-    transport, for a caller that will build the transport after more start-up
-    work. aiohttp builds its default TLS contexts when imported, loading the
-    system's CA store twice: tens of milliseconds inside OpenSSL, which lets
-    other threads run meanwhile, so begun early they overlap the rest of the
-    start-up instead of delaying the first request. The transport still
-    imports aiohttp itself: it waits for this import if it is running, and
-    repeats it (raising the error where it is handled) if it failed."""
-    if kind != "aiohttp" or "aiohttp" in sys.modules:
-        return  # the SDK transport is opt-in and loads its own stack when built
-    threading.Thread(target=_import_quietly, args=("aiohttp",), daemon=True).start()
-
-
-def _import_quietly(module: str) -> None:
-    # The library never prints: a failure here is raised by the transport's own import.
-    with contextlib.suppress(Exception):
-        importlib.import_module(module)

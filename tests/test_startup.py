@@ -27,7 +27,7 @@ HEAVY: Final = ("openai", "polars", "pyarrow", "aiohttp", "pydantic")
 # Runs the CLI as the console script does, and prints (as its last line) the
 # heavy modules loaded when the first request went out and at exit.
 PROBE: Final = """
-import atexit, json, sys, threading
+import atexit, json, sys
 HEAVY = {heavy!r}
 
 def loaded():
@@ -36,16 +36,6 @@ def loaded():
 from pipeline import transport  # light: neither HTTP client comes with it
 
 seen = {{}}
-
-class FirstLookup:
-    # Notes which thread looked for aiohttp first; finds nothing itself.
-    def find_spec(self, name, path=None, target=None):
-        if name == "aiohttp":
-            main = threading.current_thread() is threading.main_thread()
-            seen.setdefault("aiohttp_imported_by", "main" if main else "background")
-        return None
-
-sys.meta_path.insert(0, FirstLookup())
 for cls in (transport.AiohttpTransport, transport.OpenAITransport):
     def patched(original):
         async def complete(self, messages, **options):
@@ -154,58 +144,6 @@ def test_help_loads_no_event_loop_and_no_package_metadata() -> None:
     assert "importlib.metadata" not in imported
 
 
-# Notes which thread imports aiohttp, lets preload() start, then waits for
-# every thread it started and prints what was imported where.
-PRELOAD: Final = """
-import json, sys, threading
-first = []
-
-class FirstLookup:
-    def find_spec(self, name, path=None, target=None):
-        if name == "aiohttp" and not first:
-            first.append(threading.current_thread() is threading.main_thread())
-        return None
-
-sys.meta_path.insert(0, FirstLookup())
-from pipeline.transport import preload
-before = set(threading.enumerate())
-preload({kind!r})
-started = [t for t in threading.enumerate() if t not in before]
-for thread in started:
-    thread.join(50)
-print(json.dumps({{
-    "daemon": all(t.daemon for t in started),
-    "by_main": first[0] if first else None,
-    "loaded": sorted(m for m in ("aiohttp", "openai") if m in sys.modules),
-}}))
-"""
-
-
-def preloaded(kind: str) -> Any:
-    done = subprocess.run(
-        [sys.executable, "-c", PRELOAD.format(kind=kind)],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=50,
-    )
-    assert done.stderr == ""
-    return json.loads(done.stdout)
-
-
-@pytest.mark.slow
-def test_preload_imports_aiohttp_off_the_main_thread() -> None:
-    found = preloaded("aiohttp")
-    # A daemon: a run that fails on its input exits without waiting for it.
-    assert found == {"daemon": True, "by_main": False, "loaded": ["aiohttp"]}
-
-
-@pytest.mark.slow
-def test_preload_of_the_sdk_transport_imports_nothing() -> None:
-    # The SDK is opt-in and brings its own client when the transport is built.
-    assert preloaded("openai") == {"daemon": True, "by_main": None, "loaded": []}
-
-
 def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]:
     return [
         "run",
@@ -239,8 +177,6 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     assert output.exists()
     # The default transport's client, the input's reader and the config: no more.
     assert loaded["first_request"] == ["aiohttp", "pyarrow", "pydantic"]
-    # The client was imported while the rest started up, not before the request.
-    assert loaded["aiohttp_imported_by"] == "background"
     # Parquet support loads for Parquet input; checkpoint parts and the output wait.
     assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
     # Assembling the output may use polars; nothing ever loads the SDK.
@@ -269,7 +205,7 @@ def test_a_resumed_run_never_loads_the_sdk_either(
 @pytest.mark.slow
 def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: StartServer) -> None:
     # Nothing is sent, so nothing may be loaded to send it: a cron job that
-    # finds its output complete pays no client import, in the background or not.
+    # finds its output complete pays no client import.
     server = start_server()
     source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(5)])
     output = tmp_path / "out.parquet"
@@ -281,30 +217,7 @@ def test_an_up_to_date_run_loads_no_http_client(tmp_path: Path, start_server: St
     assert done.returncode == 0, done.stderr
     assert "up to date" in done.stdout
     assert "first_request" not in loaded
-    assert "aiohttp_imported_by" not in loaded
     assert "aiohttp" not in loaded["exit"]
-
-
-@pytest.mark.slow
-def test_a_rerun_over_a_newer_input_imports_the_client_in_the_background(
-    tmp_path: Path, start_server: StartServer
-) -> None:
-    # A nightly job writes the same output from tonight's input: the output
-    # exists, but it is older than the input, so the run will send.
-    server = start_server()
-    source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(5)])
-    output = tmp_path / "out.parquet"
-    first, _ = probe(*run_args(source, output, server.base_url))
-    assert first.returncode == 0, first.stderr
-    write_questions(source, [f"question {i}" for i in range(5, 10)])
-    later = output.stat().st_mtime_ns + 10**9
-    os.utime(source, ns=(later, later))
-
-    done, loaded = probe(*run_args(source, output, server.base_url))
-
-    assert done.returncode == 0, done.stderr
-    assert "first_request" in loaded
-    assert loaded["aiohttp_imported_by"] == "background"
 
 
 @pytest.mark.slow
