@@ -17,6 +17,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import ConfigError
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
 
+DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
+"""What the openai client talks to when neither ``model.base_url`` nor
+$OPENAI_BASE_URL is set."""
+
 # Where each config key is set from the command line, so errors can name the flag.
 FLAG_FOR_KEY: Final[dict[str, str]] = {
     "input.path": "--input",
@@ -136,6 +140,11 @@ class ModelConfig(_Section):
 
     def resolved_base_url(self) -> str | None:
         return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+
+    def endpoint(self) -> str:
+        """Where requests go: ``base_url``, then $OPENAI_BASE_URL, then
+        OpenAI's (what the transports send to and what cache keys name)."""
+        return self.resolved_base_url() or DEFAULT_BASE_URL
 
 
 class LimitsConfig(_Section):

@@ -7,7 +7,7 @@ point, not an invoice.
 
 Token counts before a run are estimates made offline (no tokenizer download:
 about 4 bytes a token plus per-message overhead, the same rule the rate
-limiter uses, see ``pipeline.call.estimate_tokens``); after a request they
+limiter uses, see ``pipeline.prompt.estimate_prompt_tokens``); after a request they
 are the API's own ``usage`` numbers.
 """
 
@@ -21,10 +21,9 @@ from pathlib import Path
 from typing import Any, Final, Literal
 
 from pipeline import prompt
-from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
 from pipeline.errors import ConfigError, EnrichError, ExitCode
+from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
 from pipeline.read import InputSource
-from pipeline.transport import Messages
 
 # Package data, so a wheel install knows the prices too (configs/prices.toml
 # in a checkout is a link to it).
@@ -292,13 +291,6 @@ class CostMeter:
 # -- estimate ----------------------------------------------------------------
 
 
-def prompt_token_estimate(messages: Messages) -> int:
-    """Prompt tokens of one request, by the rate limiter's own rule (so the
-    estimate and the limiter agree): ``estimate_tokens`` without the
-    completion budget."""
-    return estimate_tokens(messages, 1) - 1
-
-
 def iter_prompt_tokens(
     source: InputSource, spec: prompt.PromptSpec, chunk_size: int = 1000
 ) -> Iterator[int | None]:
@@ -307,7 +299,7 @@ def iter_prompt_tokens(
     memory follows the chunk size."""
     for chunk in source.chunks(chunk_size):
         for text in prompt.render(spec, chunk.table):
-            yield None if text is None else prompt_token_estimate(prompt.messages(spec, text))
+            yield None if text is None else estimate_prompt_tokens(prompt.messages(spec, text))
 
 
 Bound = Literal["rpm", "tpm", "concurrency", "none"]

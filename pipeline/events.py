@@ -35,39 +35,17 @@ from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Any, Final, Literal, Protocol
 
+# Re-exported: the sinks' callers name them from here.
+from pipeline.redact import REDACTED as REDACTED
+from pipeline.redact import redact as redact
+from pipeline.redact import usable_secrets
+
 if TYPE_CHECKING:
     # Only a type here: the lock (which imports this module) stays light
     # enough for a process to load in milliseconds.
     from pipeline.results import RowResult
 
 Level = Literal["debug", "info", "warning", "error"]
-
-REDACTED: Final = "[redacted]"
-
-# Shorter "keys" are placeholders for local servers that accept anything
-# (OPENAI_API_KEY=x for llama.cpp); scrubbing every "x" from the logs would
-# destroy them and protect nothing. Real provider keys are 20+ characters.
-MIN_SECRET_LENGTH: Final = 8
-
-
-def usable_secrets(secrets: Iterable[str | None]) -> tuple[str, ...]:
-    """The secrets worth scrubbing, longest first (so a secret that contains
-    another is replaced whole)."""
-    kept = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
-    return tuple(sorted(kept, key=len, reverse=True))
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every occurrence of each secret replaced by ``[redacted]``.
-
-    JSON-escaped forms are covered too, since a key with a quote or a
-    backslash is written differently inside a JSON string."""
-    for secret in usable_secrets(secrets):
-        text = text.replace(secret, REDACTED)
-        escaped = json.dumps(secret)[1:-1]
-        if escaped != secret:
-            text = text.replace(escaped, REDACTED)
-    return text
 
 
 def _now_iso() -> str:
