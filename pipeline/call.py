@@ -19,7 +19,6 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final, Literal
 
 from pipeline.errors import FatalAPIError
-from pipeline.events import EventSink, NullEventSink
 from pipeline.outage import Attempt, OutageGate
 from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
 from pipeline.ratelimit import LimitKind, Permit, RateLimiter, exhausted_limit, retry_after_seconds
@@ -35,6 +34,7 @@ from pipeline.transport_errors import (
 
 if TYPE_CHECKING:
     from pipeline.config import LimitsConfig, ModelConfig
+    from pipeline.events import EventSink
     from pipeline.transport import Completion, Messages, Transport
 
 # What a 429 costs a row against --max-attempts. Being paced is the run's
@@ -307,7 +307,7 @@ class CallStage:
         self._reservation = TokenReservation(model.max_tokens)
         # How long a request may go without a byte (see pipeline.stall).
         self.stall = StallTimeout(model.stall_timeout_s, model.timeout_s)
-        self._events = events or NullEventSink()
+        self._events = events
         self._said_not_streaming = False
         self._rng = rng or random.Random()
         self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
@@ -458,7 +458,7 @@ class CallStage:
             return
         # The transport says why it stopped streaming (a fake transport never does).
         reason = getattr(self._transport, "stream_fallback", None)
-        if reason is not None:
+        if reason is not None and self._events is not None:
             self._said_not_streaming = True
             self._events.emit(
                 "warning",

@@ -88,10 +88,6 @@ class FatalAPIError(EnrichError):
 
     exit_code = ExitCode.FATAL_API
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
 
 class APIUnreachable(EnrichError):
     """The API failed for transient reasons across the run (connections

@@ -1,4 +1,4 @@
-"""One run, read as its stages (the README's "How a run goes")::
+"""One run, read as its stages::
 
     plan -> up to date? -> resume point -> feed -> send -> collect
          -> assemble (input order, atomic) -> finish (report, cleanup)

@@ -9,7 +9,7 @@ import os
 import re
 from array import array
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import FrozenInstanceError, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -397,3 +397,10 @@ def test_price_table_and_report_agree_on_the_model(finished: dict[str, Any]) -> 
     )
     assert report["cost"]["estimated_total"] == pytest.approx(0.75)
     assert report["cost"]["price"]["model"] == "gpt-4o-mini"
+
+
+def test_the_run_summary_is_frozen(tmp_path: Path) -> None:
+    summary = summary_for(tmp_path / "out.parquet", rows=3, ok=3)
+    with pytest.raises(FrozenInstanceError):
+        summary.ok = 2  # type: ignore[misc]
+    assert replace(summary, ok=2).ok == 2 and summary.ok == 3

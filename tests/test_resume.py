@@ -9,10 +9,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from pipeline import CheckpointMismatch, RunConfig, enrich
+from pipeline import CheckpointMismatch, FatalAPIError, RunConfig, enrich
 from pipeline.checkpoint import PARTS
 from pipeline.cli import cli
+from pipeline.report import read_report, report_path_for
 from pipeline.runner import RunOptions
+from pipeline.status import run_status
 
 from conftest import StartServer, answer_for, make_config, write_questions
 
@@ -280,3 +282,34 @@ def test_status_without_a_run_says_how_to_start_one(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["status", str(tmp_path / "nothing.parquet")])
     assert result.exit_code == 2
     assert "enrich run" in result.stderr
+
+
+def test_a_stopped_rerun_reports_what_its_checkpoint_holds_as_status_does(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    # ok, skipped, a transient failure (pending), a permanent one.
+    prompts = ["a", None, "down [[fault:500:50]]", "rejected [[fault:400]]", "e"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    config = keep(make_config(source, output, server.base_url, **{"limits.max_attempts": 2}))
+    first = enrich(config)
+    assert (first.ok, first.error, first.pending, first.skipped) == (2, 2, 1, 1)
+    output.unlink()  # the next run must go back to the checkpoint
+
+    # The rerun re-sends both failed rows and stops at once: this server
+    # refuses the key (401, a fatal error), so no row gets a new result.
+    refusing = start_server(api_key="sk-another-key-0123456789")
+    stopped_config = with_changes(config, model={"base_url": refusing.base_url})
+    with pytest.raises(FatalAPIError):
+        enrich(stopped_config, options=RunOptions(retry_failed=True))
+
+    report = read_report(report_path_for(output))
+    assert report is not None and report["exit_code"] == 3
+    assert report["counts"]["resumed_rows"] == 3  # ok and skipped rows were final
+    held = run_status(output, config.output.resolved_run_dir)
+    assert held.source == "checkpoint"
+    counts = report["counts"]
+    assert (counts["ok"], counts["error"], counts["pending"], counts["skipped"]) == (2, 2, 1, 1)
+    assert (held.ok, held.error, held.pending, held.skipped) == (2, 2, 1, 1)
+    assert counts["rows"] == held.done == len(prompts)
