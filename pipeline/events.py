@@ -39,6 +39,7 @@ from typing import IO, TYPE_CHECKING, Any, Final, Literal, Protocol
 from pipeline.redact import REDACTED as REDACTED
 from pipeline.redact import redact as redact
 from pipeline.redact import usable_secrets
+from pipeline.tally import TallyCounter
 
 if TYPE_CHECKING:
     # Only a type here: the lock (which imports this module) stays light
@@ -229,7 +230,7 @@ class ProgressEvents:
         self._clock = clock
         self._total = 0
         self._already_done = 0
-        self._counts = {"ok": 0, "error": 0, "skipped": 0}
+        self._counter = TallyCounter()
         self._started = 0.0
         self._last_emit = 0.0
         self._closed = False
@@ -240,7 +241,7 @@ class ProgressEvents:
         self._started = self._last_emit = self._clock()
 
     def advance(self, result: RowResult) -> None:
-        self._counts[result.status] += 1
+        self._counter.add(result)
         now = self._clock()
         if now - self._last_emit >= self._interval_s:
             self._last_emit = now
@@ -254,7 +255,8 @@ class ProgressEvents:
     def fields(self, now: float | None = None) -> dict[str, Any]:
         """The numbers of a progress event (also handy for a final summary)."""
         now = self._clock() if now is None else now
-        processed = sum(self._counts.values())
+        counts = self._counter.by_status()
+        processed = sum(counts.values())
         done = self._already_done + processed
         elapsed = max(now - self._started, 1e-9)
         rate = processed / elapsed
@@ -263,7 +265,7 @@ class ProgressEvents:
             "done": done,
             "total": self._total,
             "percent": round(100.0 * done / self._total, 1) if self._total else 100.0,
-            **self._counts,
+            **counts,
             "rows_per_s": round(rate, 2),
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
         }

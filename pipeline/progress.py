@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import IO, TYPE_CHECKING, Protocol
 
+from pipeline.tally import TallyCounter
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -38,7 +40,7 @@ class TqdmProgress:
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._bar: tqdm | None = None
-        self._counts = {"ok": 0, "error": 0, "skipped": 0}
+        self._counter = TallyCounter()
 
     def start(self, total: int, already_done: int) -> None:
         from tqdm import tqdm  # only a terminal run draws a bar
@@ -54,15 +56,15 @@ class TqdmProgress:
         )
 
     def advance(self, result: RowResult) -> None:
-        self._counts[result.status] += 1
+        self._counter.add(result)
         if self._bar is None:
             return
         self._bar.update(1)
         # tqdm throttles redraws itself; the postfix only needs to be fresh when it draws.
         if self._bar.n % 50 == 0 or result.status == "error":
-            self._bar.set_postfix(self._counts, refresh=False)
+            self._bar.set_postfix(self._counter.by_status(), refresh=False)
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(self._counts, refresh=False)
+            self._bar.set_postfix(self._counter.by_status(), refresh=False)
             self._bar.close()

@@ -13,10 +13,10 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any
 
-from pipeline.results import TRANSIENT, RowResult
-
 if TYPE_CHECKING:
     import pyarrow as pa
+
+    from pipeline.results import RowResult
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,7 +35,10 @@ class Tally:
         """Counts of a table with ``status`` and token columns (named with
         ``prefix`` in an output that used one); a table without the internal
         transient column (a finished output) has no pending rows."""
-        import pyarrow.compute as pc  # a fresh run counts without it
+        # Here, not at the top: progress displays count results without pyarrow.
+        import pyarrow.compute as pc
+
+        from pipeline.results import TRANSIENT
 
         status = results.column(f"{prefix}status")
         counts = {entry["values"]: entry["counts"] for entry in status.value_counts().to_pylist()}
@@ -103,3 +106,7 @@ class TallyCounter:
 
     def tally(self) -> Tally:
         return Tally(*self._counts)
+
+    def by_status(self) -> dict[str, int]:
+        """Rows by status so far, for progress displays."""
+        return {"ok": self._counts[1], "error": self._counts[2], "skipped": self._counts[3]}
