@@ -259,10 +259,6 @@ class SpendCap:
         self.spent += actual
         return actual
 
-    def release(self, key: Any) -> None:
-        """Forget a reservation whose request was never sent."""
-        self._reserved.pop(key, None)
-
     def error(self, run_dir: Path | None = None) -> SpendCapReached:
         return SpendCapReached(self.max_cost, self.spent, self.already_spent, run_dir)
 

@@ -214,7 +214,6 @@ def test_spend_cap_counts_what_earlier_runs_spent() -> None:
     assert not cap.reserve(2, 1, 0)
     cap.settle(1, 1, None)  # a failed row reports no completion tokens
     assert cap.spent_this_run == pytest.approx(1)
-    cap.release(2)  # never sent: nothing to forget, nothing breaks
     error = cap.error(Path("out.parquet.enrich"))
     assert isinstance(error, SpendCapReached)
     assert error.exit_code == 5
