@@ -404,3 +404,25 @@ def test_the_run_summary_is_frozen(tmp_path: Path) -> None:
     with pytest.raises(FrozenInstanceError):
         summary.ok = 2  # type: ignore[misc]
     assert replace(summary, ok=2).ok == 2 and summary.ok == 3
+
+
+def test_the_report_says_what_the_rate_limiter_learned(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server(rpm=60_000, tpm=5_000_000, rate_headers=True)
+    source = write_questions(tmp_path / "in.csv", [f"limits {i}" for i in range(8)])
+    output = tmp_path / "out.parquet"
+    summary = enrich(make_config(source, output, server.base_url, **{"limits.concurrency": 4}))
+
+    report = read_report(report_path_for(output))
+    assert report is not None
+    # The limits the server reported in x-ratelimit-* headers, for the next
+    # run's --rpm and --tpm; nothing paused, no 429 to learn a rate from.
+    assert report["limits"] == {
+        "concurrency": round(summary.concurrency_limit, 3),
+        "learned_rpm": 60_000,
+        "learned_tpm": 5_000_000,
+        "estimated_rpm": None,
+        "paused_s": 0.0,
+    }
+    assert 1 <= summary.concurrency_limit <= 4
