@@ -72,6 +72,8 @@ class Failure:
     # The outage gate's verdict: the run's failure, not the row's (see
     # ``outage.Attempt.run_failure``).
     run_failure: bool = False
+    # The request was the limiter's probe of a window (``Permit.probe``).
+    probe: bool = False
     # The response's headers, for the limiter to learn from; not part of what
     # the failure *is* (transports differ in which other headers they keep).
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -269,9 +271,10 @@ class _Row:
 class CallStage:
     """Sends requests concurrently under limits, retrying what is transient.
 
-    A run-level failure (bad key, unknown model, no quota) raises
-    ``FatalAPIError`` out of ``results()`` after every finished result has
-    been yielded, so nothing already paid for is dropped. An outage (the API
+    A run-level failure (bad key, unknown model, no quota, every answer a
+    429 for longer than ``limits.max_refusal_s``) raises ``FatalAPIError``
+    out of ``results()`` after every finished result has been yielded, so
+    nothing already paid for is dropped. An outage (the API
     failing transiently across rows) holds every worker while one probe at a
     time tests the API (see ``pipeline.outage``); one longer than
     ``limits.max_outage_s`` raises ``APIUnreachable`` the same way.
@@ -314,6 +317,8 @@ class CallStage:
         self._counts = _Counts()
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
+        # When the current run of 429s began (None: the last answer was not one).
+        self._refused_since: float | None = None
 
     @property
     def stats(self) -> CallStats:
@@ -384,6 +389,7 @@ class CallStage:
             except Exception as exc:
                 return self._failed(row, exc, passage, permit)
             self.outage.answered(passage)
+            self._refused_since = None
             used = None
             if completion.prompt_tokens is not None:
                 used = completion.prompt_tokens + (completion.completion_tokens or 0)
@@ -418,8 +424,21 @@ class CallStage:
             pause = failure.retry_after
             if pause is None:
                 pause = self.backoff_delay(row.attempt, None)
-            self.limiter.rate_limited(permit, pause, failure.headers, failure.limit)
-            failure = self._check_pause(failure, pause)
+            self.limiter.rate_limited(
+                permit,
+                pause,
+                failure.headers,
+                failure.limit,
+                retry_after=failure.retry_after is not None,
+            )
+            # A 429 to a probe (sent alone to test whether a window with no
+            # retry-after has room) is the run's business: it costs the row nothing.
+            failure = replace(
+                self._check_refusal(self._check_pause(failure, pause)), probe=permit.probe
+            )
+        elif failure.kind == "row":
+            # The server took the request (and refused its content).
+            self._refused_since = None
         return failure
 
     async def _after_failure(self, row: _Row, failure: Failure) -> RowResult | None:
@@ -433,7 +452,8 @@ class CallStage:
             # attempt). The gate decides when the row goes again.
             self._counts.retries += 1
             return None
-        row.spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
+        if not (failure.rate_limited and failure.probe):
+            row.spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
         if failure.kind == "row" or row.spent >= self._limits.max_attempts - 1e-9:
             reason = failure.reason
             if failure.kind == "retry":
@@ -480,6 +500,31 @@ class CallStage:
             f"the API asks to wait {pause_s:,.0f} s before more requests (429 retry-after), "
             f"more than --max-pause {max_pause:g} s; rerun later to resume from the "
             "checkpoint, or raise --max-pause",
+        )
+
+    def _check_refusal(self, failure: Failure) -> Failure:
+        """Every answer a 429 for longer than ``limits.max_refusal_s`` (a quota
+        exhausted without saying so, a key with no limit left) ends the run
+        instead of grinding through retries. Counted from the first 429 since
+        the last request the server admitted, and checked when a 429 comes:
+        a long retry-after is waited out, and the answer after it decides."""
+        if failure.kind == "fatal":
+            return failure
+        now = asyncio.get_running_loop().time()
+        if self._refused_since is None:
+            self._refused_since = now
+            return failure
+        max_refusal = self._limits.max_refusal_s
+        refused_for = now - self._refused_since
+        if refused_for <= max_refusal:
+            return failure
+        return Failure(
+            "fatal",
+            f"the API has answered every request with 429 (rate limited) for "
+            f"{refused_for:,.0f} s, longer than --max-refusal {max_refusal:g} s: a sustained "
+            "refusal, as when the account's quota or the key's limit is used up; the "
+            "checkpoint is kept: rerun later to resume, check the account's quota and "
+            "limits, or raise --max-refusal",
         )
 
     async def results(

@@ -21,6 +21,8 @@ DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 """What the openai client talks to when neither ``model.base_url`` nor
 $OPENAI_BASE_URL is set."""
 
+DEFAULT_MAX_REFUSAL_S: Final = 900.0
+
 # Where each config key is set from the command line, so errors can name the flag.
 FLAG_FOR_KEY: Final[dict[str, str]] = {
     "input.path": "--input",
@@ -48,6 +50,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.adaptive": "--adaptive/--no-adaptive",
     "limits.max_pause_s": "--max-pause",
     "limits.max_outage_s": "--max-outage",
+    "limits.max_refusal_s": "--max-refusal",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "checkpoint.on_input_change": "--on-input-change",
@@ -166,6 +169,10 @@ class LimitsConfig(_Section):
     # timeouts, 5xx across the run) while the run holds its rows and probes;
     # longer ends the run with exit 75 and the checkpoint kept.
     max_outage_s: float = Field(default=DEFAULT_MAX_OUTAGE_S, gt=0)
+    # How long the API may answer every request with 429 (no request admitted)
+    # before the run ends with exit 3 and the checkpoint kept: a quota used up
+    # without saying so, a key with no limit left.
+    max_refusal_s: float = Field(default=DEFAULT_MAX_REFUSAL_S, gt=0)
 
 
 class CheckpointConfig(_Section):
