@@ -8,6 +8,7 @@ config key, an environment variable or a command).
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 
 
 class ExitCode(IntEnum):
@@ -113,3 +114,10 @@ class RunInterrupted(EnrichError):
     """Ctrl-C or SIGTERM: what was done is flushed to the checkpoint."""
 
     exit_code = ExitCode.INTERRUPTED
+
+    @classmethod
+    def saved_in(cls, run_dir: Path) -> RunInterrupted:
+        return cls(
+            f"interrupted; finished rows are saved in {run_dir}; "
+            "run the same command again to resume"
+        )

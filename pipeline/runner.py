@@ -103,17 +103,10 @@ def enrich(
             )
         except asyncio.CancelledError:
             if stop.is_set():
-                raise _interrupted(config) from None
+                raise RunInterrupted.saved_in(config.output.resolved_run_dir) from None
             raise
 
     try:
         return asyncio.run(main())
     except KeyboardInterrupt:
-        raise _interrupted(config) from None
-
-
-def _interrupted(config: RunConfig) -> RunInterrupted:
-    return RunInterrupted(
-        f"interrupted; finished rows are saved in {config.output.resolved_run_dir}; "
-        "run the same command again to resume"
-    )
+        raise RunInterrupted.saved_in(config.output.resolved_run_dir) from None

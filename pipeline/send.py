@@ -75,13 +75,6 @@ async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any
     run.cancel()
 
 
-def interrupted(plan: Plan) -> RunInterrupted:
-    return RunInterrupted(
-        f"interrupted; finished rows are saved in {plan.run_dir}; "
-        "run the same command again to resume"
-    )
-
-
 async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
     """Send the feed's requests and collect every result, the feed's own
     (skipped, reused) included. Raises what stopped the sending, after
@@ -107,7 +100,7 @@ async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
     if sink.failure is not None:
         raise commit_error(sink.failure, checkpoint.run_dir)
     if stage.draining:
-        raise interrupted(feed.plan)
+        raise RunInterrupted.saved_in(feed.plan.run_dir)
     if feed.spend_cap_reached:
         raise feed.spend_cap_error(checkpoint.run_dir)
 
