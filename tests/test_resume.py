@@ -317,3 +317,20 @@ def test_a_stopped_rerun_reports_what_its_checkpoint_holds_as_status_does(
     assert (counts["ok"], counts["error"], counts["pending"], counts["skipped"]) == (2, 2, 1, 1)
     assert (held.ok, held.error, held.pending, held.skipped) == (2, 2, 1, 1)
     assert counts["rows"] == held.done == len(prompts)
+
+
+def test_status_counts_a_finished_output_written_with_a_column_prefix(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    source = write_questions(tmp_path / "in.parquet", ["a", None, "c [[fault:400]]", "d"])
+    output = tmp_path / "out.parquet"
+    config = make_config(source, output, server.base_url, **{"output.column_prefix": "llm_"})
+    enrich(config)
+
+    status = run_status(output, config.output.resolved_run_dir, "llm_")
+
+    assert status.source == "output"
+    assert (status.ok, status.error, status.skipped, status.pending) == (2, 1, 1, 0)
+    assert status.done == status.total_rows == 4
+    assert status.prompt_tokens > 0 and status.completion_tokens > 0
