@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -9,11 +10,12 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from pipeline import CheckpointMismatch, FatalAPIError, RunConfig, enrich
+from pipeline import CheckpointMismatch, FatalAPIError, RunConfig, RunInterrupted, enrich
 from pipeline.checkpoint import PARTS
 from pipeline.cli import cli
 from pipeline.report import read_report, report_path_for
-from pipeline.runner import RunOptions
+from pipeline.results import RowResult
+from pipeline.runner import RunOptions, enrich_async
 from pipeline.status import run_status
 
 from conftest import StartServer, answer_for, make_config, write_questions
@@ -334,3 +336,47 @@ def test_status_counts_a_finished_output_written_with_a_column_prefix(
     assert (status.ok, status.error, status.skipped, status.pending) == (2, 1, 1, 0)
     assert status.done == status.total_rows == 4
     assert status.prompt_tokens > 0 and status.completion_tokens > 0
+
+
+class StopAfterFirstResult:
+    """A progress display that asks the run to stop once a result arrives."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def start(self, total: int, already_done: int) -> None:
+        pass
+
+    def advance(self, result: RowResult) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stopped_rerun_counts_a_resent_row_once_with_its_new_result(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    # The flaky row fails both attempts of the first run (pending), then answers.
+    prompts = ["a", "b", "flaky [[fault:500:2]]", "d"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    config = keep(make_config(source, output, server.base_url, **{"limits.max_attempts": 2}))
+    first = enrich(config)
+    assert (first.ok, first.pending) == (3, 1)
+    output.unlink()
+
+    async def rerun() -> None:
+        stop = asyncio.Event()
+        await enrich_async(config, progress=StopAfterFirstResult(stop), stop=stop)
+
+    with pytest.raises(RunInterrupted):
+        asyncio.run(rerun())
+
+    report = read_report(report_path_for(output))
+    assert report is not None and report["exit_code"] == 130
+    counts = report["counts"]
+    assert (counts["rows"], counts["ok"], counts["error"], counts["pending"]) == (4, 4, 0, 0)
+    held = run_status(output, config.output.resolved_run_dir)
+    assert (held.done, held.ok, held.error) == (4, 4, 0)
