@@ -8,20 +8,21 @@ small row groups instead of a 3 GB one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
-import pyarrow.compute as pc
 
 from pipeline import structured, write
-from pipeline.checkpoint import Checkpoint, PartSweep, bytes_per_row
+from pipeline.checkpoint import Checkpoint, DamagedPart, PartSweep, bytes_per_row
 from pipeline.crashpoints import crash_point
 from pipeline.durable import remove_stale_temps
 from pipeline.errors import EnrichError
 from pipeline.read import InputSource
-from pipeline.results import TRANSIENT
+from pipeline.tally import Tally
+
+if TYPE_CHECKING:
+    from pipeline.plan import Plan
 
 # Rows per row group at most: big enough for fast scans downstream, small
 # enough that the input chunk, the results, the enriched chunk and the
@@ -31,41 +32,24 @@ GROUP_ROWS: Final = 32_768
 GROUP_BYTES: Final = 32 << 20
 
 
-@dataclass(frozen=True)
-class Tally:
-    """What the output holds, counted as it is written."""
-
-    rows: int = 0
-    ok: int = 0
-    error: int = 0
-    skipped: int = 0
-    pending: int = 0
-    """Errors whose last failure was transient (sent again by the next run)."""
-    prompt_tokens: int = 0
-    completion_tokens: int = 0
-
-    def plus(self, results: pa.Table) -> Tally:
-        counts = {
-            entry["values"]: entry["counts"]
-            for entry in results.column("status").value_counts().to_pylist()
-        }
-        errors = pc.equal(results.column("status"), "error")
-        transient = pc.and_(errors, pc.fill_null(results.column(TRANSIENT), False))
-        return Tally(
-            rows=self.rows + results.num_rows,
-            ok=self.ok + counts.get("ok", 0),
-            error=self.error + counts.get("error", 0),
-            skipped=self.skipped + counts.get("skipped", 0),
-            pending=self.pending + int(pc.sum(transient).as_py() or 0),
-            prompt_tokens=self.prompt_tokens
-            + int(pc.sum(results.column("prompt_tokens")).as_py() or 0),
-            completion_tokens=self.completion_tokens
-            + int(pc.sum(results.column("completion_tokens")).as_py() or 0),
-        )
-
-
 def rows_per_group(source: InputSource, result_bytes_per_row: float) -> int:
     return source.rows_within(GROUP_BYTES, GROUP_ROWS, result_bytes_per_row)
+
+
+def assemble(plan: Plan, checkpoint: Checkpoint) -> Tally | None:
+    """The output from the checkpoint, and what it holds; None when a part
+    turned out damaged (set aside: its rows are to be sent again)."""
+    config = plan.config
+    try:
+        return assemble_output(
+            plan.prepared.source,
+            checkpoint,
+            config.output.path,
+            prefix=config.output.column_prefix,
+            schema=plan.prepared.schema,
+        )
+    except DamagedPart:
+        return None
 
 
 def assemble_output(
@@ -102,7 +86,7 @@ def assemble_output(
             if fields is not None:
                 enriched = _with_answer_fields(enriched, results, fields)
             writer.write(enriched)
-            tally = tally.plus(results)
+            tally += Tally.of_table(results)
         crash_point("before-output-rename")
     crash_point("after-output-rename")
     return tally

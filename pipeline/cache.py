@@ -84,7 +84,6 @@ from urllib.parse import urlsplit, urlunsplit
 from pipeline.errors import ConfigError
 
 __all__ = [
-    "DEFAULT_ENDPOINT",
     "Admission",
     "BestEffortCache",
     "CacheDamaged",
@@ -103,9 +102,6 @@ __all__ = [
     "resolve_enabled",
 ]
 
-DEFAULT_ENDPOINT: Final = "https://api.openai.com/v1"
-"""What the openai client talks to when no base URL is set: pass this, not an
-empty string, so a run with and without ``--base-url <that URL>`` share keys."""
 
 KEY_VERSION: Final = 1
 """Part of every key: bump when the canonical document changes, so old entries

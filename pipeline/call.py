@@ -14,32 +14,24 @@ import collections
 import functools
 import random
 import time
-from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import AsyncGenerator, AsyncIterable, Callable
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Final
 
+from pipeline.classify import Failure, classify
 from pipeline.errors import FatalAPIError
-from pipeline.events import EventSink, NullEventSink, ThrottledWarning
-from pipeline.outage import OutageGate
-from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
+from pipeline.events import NullEventSink, ThrottledWarning
+from pipeline.outage import Attempt, OutageGate
+from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
+from pipeline.ratelimit import Permit, RateLimiter
 from pipeline.results import RowResult
-from pipeline.stall import StalledRequest, StallTimeout
-from pipeline.structured import unsupported_message
-from pipeline.transport_errors import (
-    APIConnectionFailed,
-    APIStatus,
-    APITimeout,
-    UnparseableResponse,
-)
+from pipeline.stall import StallTimeout
 
 if TYPE_CHECKING:
     from pipeline.config import LimitsConfig, ModelConfig
+    from pipeline.events import EventSink
     from pipeline.transport import Completion, Messages, Transport
-
-# Completion budget assumed when max_tokens is unset, for the tokens/min bucket,
-# until answers have shown what this job's completions really cost.
-DEFAULT_COMPLETION_ESTIMATE = 256
 
 # What a 429 costs a row against --max-attempts. Being paced is the run's
 # business, not the row's: when 429s cluster (a server window that is full
@@ -48,122 +40,11 @@ DEFAULT_COMPLETION_ESTIMATE = 256
 # still ends a row that a server refuses forever ("request too large").
 RATE_LIMITED_ATTEMPT_COST: Final = 0.25
 
-# 429 error codes that no amount of waiting fixes: the account, not the rate.
-NON_TRANSIENT_429_CODES: Final = frozenset(
-    {"insufficient_quota", "billing_hard_limit_reached", "billing_not_active", "access_terminated"}
-)
-
 
 @dataclass(frozen=True, slots=True)
 class ChatRequest:
     row_id: int
     messages: Messages
-
-
-FailureKind = Literal["retry", "row", "fatal"]
-
-
-@dataclass(frozen=True, slots=True)
-class Failure:
-    kind: FailureKind
-    reason: str
-    retry_after: float | None = None
-    rate_limited: bool = False
-    # Which limit a 429 names, if it says (see ratelimit.exhausted_limit).
-    limit: LimitKind | None = None
-    # Cut after the stall timeout without a byte (see pipeline.stall).
-    stalled: bool = False
-    # The response's headers, for the limiter to learn from; not part of what
-    # the failure *is* (transports differ in which other headers they keep).
-    headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
-
-
-def _non_transient_429(exc: APIStatus) -> str | None:
-    # OpenAI names the reason in `code`, and some servers only in `type`
-    # ({"type": "insufficient_quota", "code": null}).
-    for value in (exc.code, exc.type):
-        if value in NON_TRANSIENT_429_CODES:
-            return value
-    return None
-
-
-def _server_message(exc: APIStatus, limit: int = 160) -> str:
-    # The server's message, else "Error code: <status>".
-    text = exc.message or str(exc)
-    return text if len(text) <= limit else text[: limit - 1] + "…"
-
-
-def classify(exc: BaseException, *, model: str) -> Failure:
-    """Decide what a failed attempt means: retry it, fail the row, or stop the run.
-
-    Only enrich's transport errors are classified (every transport raises
-    them; see ``pipeline.transport_errors``); anything else is a bug and is
-    raised again."""
-    if isinstance(exc, StalledRequest):
-        return Failure("retry", str(exc), stalled=True)
-    if isinstance(exc, APITimeout):
-        return Failure("retry", "request timed out")
-    if isinstance(exc, APIConnectionFailed):
-        return Failure("retry", "connection error")
-    if isinstance(exc, UnparseableResponse):
-        return Failure("retry", str(exc))
-    if isinstance(exc, APIStatus):
-        status = exc.status_code
-        if status == 429:
-            code = _non_transient_429(exc)
-            if code is not None:
-                return Failure(
-                    "fatal",
-                    f"the API says the quota is exhausted (429 {code}); "
-                    "add credit to the account or use another key",
-                )
-            return Failure(
-                "retry",
-                f"rate limited (429): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.headers),
-                rate_limited=True,
-                limit=exhausted_limit(exc.type, _server_message(exc, limit=1000), exc.headers),
-                headers=exc.headers,
-            )
-        if status in (401, 403):
-            # The server's text may echo part of the key: never repeat it.
-            return Failure(
-                "fatal",
-                f"the API rejected the credentials ({status}); set a valid key in "
-                "$OPENAI_API_KEY or the variable named by --api-key-env",
-            )
-        if status == 404:
-            return Failure(
-                "fatal",
-                f"the API answered 404 for model '{model}': {_server_message(exc)}; "
-                "check --model and --base-url",
-            )
-        if status in (408, 409) or status >= 500:
-            return Failure(
-                "retry",
-                f"server error ({status}): {_server_message(exc)}",
-                retry_after=retry_after_seconds(exc.headers),
-            )
-        unsupported = unsupported_message(_server_message(exc, limit=400))
-        if status in (400, 422) and unsupported is not None:
-            # Every row would fail alike: stop the run with the fix.
-            return Failure("fatal", unsupported)
-        return Failure("row", f"request rejected ({status}): {_server_message(exc)}")
-    raise exc
-
-
-def estimate_prompt_tokens(messages: Messages) -> int:
-    """A cheap offline estimate of a prompt's tokens: about 4 characters a
-    token plus per-message overhead. A tokenizer would need a download at run
-    time, and the budget is a rate, not an invoice: the reservation is settled
-    with the usage the API reports."""
-    return sum(len((message.get("content") or "").encode()) // 4 + 4 for message in messages) + 3
-
-
-def estimate_tokens(messages: Messages, max_tokens: int | None) -> int:
-    """Prompt estimate plus the completion budget (``max_tokens``, or
-    ``DEFAULT_COMPLETION_ESTIMATE`` when unset)."""
-    return estimate_prompt_tokens(messages) + (max_tokens or DEFAULT_COMPLETION_ESTIMATE)
 
 
 class TokenReservation:
@@ -226,9 +107,10 @@ class TokenReservation:
             self._reported_sum += prompt_tokens
 
 
-@dataclass
+@dataclass(frozen=True)
 class CallStats:
-    """Counters for the summary and the report."""
+    """What the stage did and what its limiter settled on, read once when
+    wanted (the run's summary and report), never copied per attempt."""
 
     requests: int = 0
     retries: int = 0
@@ -257,6 +139,29 @@ class CallStats:
     streamed: bool | None = None
 
 
+@dataclass(slots=True)
+class _Counts:
+    """The stage's own counters, bumped as attempts happen."""
+
+    requests: int = 0
+    retries: int = 0
+    bad_answers: int = 0
+    rate_limited: int = 0
+    stalled: int = 0
+
+
+@dataclass(slots=True)
+class _Row:
+    """One row's attempts so far."""
+
+    request: ChatRequest
+    prompt_tokens: int
+    attempt: int = 0
+    spent: float = 0.0  # attempts used up: a 429 counts RATE_LIMITED_ATTEMPT_COST
+    bad_answers: int = 0
+    stalls: int = 0  # requests cut as stalled: each doubles the next one's patience
+
+
 class CallStage:
     """Sends requests concurrently under limits, retrying what is transient.
 
@@ -270,9 +175,8 @@ class CallStage:
     ``events`` hears when an outage starts and ends.
 
     ``limits.concurrency`` is the number of workers and the ceiling of the
-    in-flight limit; with ``adaptive`` (``limits.adaptive`` when that key
-    exists, else on) the limiter learns the server's limits and moves the
-    in-flight limit below that ceiling by AIMD.
+    in-flight limit; with ``limits.adaptive`` the limiter learns the server's
+    limits and moves the in-flight limit below that ceiling by AIMD.
     """
 
     def __init__(
@@ -282,7 +186,6 @@ class CallStage:
         transport: Transport,
         *,
         rng: random.Random | None = None,
-        limiter: RateLimiter | None = None,
         check_answer: Callable[[Completion], str | None] | None = None,
         answer_attempts: int = 1,
         events: EventSink | None = None,
@@ -295,30 +198,47 @@ class CallStage:
         # through the limiter like any request.
         self._check_answer = check_answer
         self._answer_attempts = answer_attempts
-        self.limiter = limiter or RateLimiter(
-            limits.rpm,
-            limits.tpm,
-            concurrency=limits.concurrency,
-            adaptive=bool(getattr(limits, "adaptive", True)),
+        self.limiter = RateLimiter(
+            limits.rpm, limits.tpm, concurrency=limits.concurrency, adaptive=limits.adaptive
         )
         self._reservation = TokenReservation(model.max_tokens)
         # How long a request may go without a byte (see pipeline.stall).
         self.stall = StallTimeout(model.stall_timeout_s, model.timeout_s)
-        self._events = events or NullEventSink()
-        self.events = self._events
+        self._events = events
+        self.events: EventSink = events or NullEventSink()
         # What the run waits for, said at most every 30 s: a pause of an hour
         # or a minute of retries must not look like a hung process.
-        self._paused_warning = ThrottledWarning(self._events, "rate_limit_pause")
-        self._retry_warning = ThrottledWarning(self._events, "retrying")
+        self._paused_warning = ThrottledWarning(self.events, "rate_limit_pause")
+        self._retry_warning = ThrottledWarning(self.events, "retrying")
         self._backing_off = 0
         self._said_not_streaming = False
         self._rng = rng or random.Random()
         self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
-        self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
+        self._counts = _Counts()
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
         # When the current run of 429s began (None: the last answer was not one).
         self._refused_since: float | None = None
+
+    @property
+    def stats(self) -> CallStats:
+        limiter = self.limiter
+        return CallStats(
+            requests=self._counts.requests,
+            retries=self._counts.retries,
+            bad_answers=self._counts.bad_answers,
+            rate_limited=self._counts.rate_limited,
+            concurrency_limit=limiter.gate.limit,
+            learned_rpm=limiter.learned_rpm,
+            learned_tpm=limiter.learned_tpm,
+            estimated_rpm=limiter.estimated_rpm,
+            paused_s=limiter.stats.paused_s,
+            outages=self.outage.outages,
+            outage_s=self.outage.outage_s,
+            stalled=self._counts.stalled,
+            stall_timeout_s=self.stall.value() if self._counts.requests else None,
+            streamed=self.stall.streamed,
+        )
 
     def drain(self) -> None:
         """Send no new request; those in flight finish and are still yielded
@@ -338,124 +258,127 @@ class CallStage:
 
     async def call(self, request: ChatRequest) -> RowResult:
         """One row, retried until it succeeds, fails for good, or runs out of attempts."""
-        prompt_tokens = estimate_prompt_tokens(request.messages)
-        attempt = 0
-        spent = 0.0  # attempts used up: a 429 counts RATE_LIMITED_ATTEMPT_COST
-        bad_answers = 0
-        stalls = 0  # this row's requests cut as stalled: each doubles the next one's patience
+        row = _Row(request, estimate_prompt_tokens(request.messages))
         while True:
-            attempt += 1
-            reserve = functools.partial(self._reservation.reserve, prompt_tokens)
-            # The outage gate first: a worker held by an outage must not hold
-            # a place in flight or a token reservation while it waits.
-            async with self.outage.attempt() as passage, self.limiter.request(reserve) as permit:
-                probe = permit.probe
-                self.stats.requests += 1
-                started = time.perf_counter()
-                try:
-                    # A function: a request sent before the stall timeout is
-                    # learned (or while it falls) gets the current one.
-                    completion = await self._transport.complete(
-                        request.messages, stall_s=functools.partial(self.stall.for_attempt, stalls)
-                    )
-                except Exception as exc:
-                    failure = classify(exc, model=self._model.name)
-                    if failure.stalled:
-                        stalls += 1
-                        self.stats.stalled += 1
-                    if failure.kind == "retry" and not failure.rate_limited:
-                        self.outage.failed(passage, request.row_id, failure.reason)
-                    else:
-                        # A 429 or a 4xx: whatever it says, the server is up.
-                        self.outage.answered(passage)
-                    if failure.rate_limited:
-                        self.stats.rate_limited += 1
-                        # Without a retry-after the run still pauses, for as
-                        # long as this row's own backoff would have been.
-                        pause = failure.retry_after
-                        if pause is None:
-                            pause = self.backoff_delay(attempt, None)
-                        self.limiter.rate_limited(
-                            permit,
-                            pause,
-                            failure.headers,
-                            failure.limit,
-                            retry_after=failure.retry_after is not None,
-                        )
-                        failure = self._check_refusal(self._check_pause(failure, pause))
-                        if failure.kind == "retry":
-                            self._say_paused(pause, failure.reason)
-                    elif failure.kind == "row":
-                        # The server took the request (and refused its content).
-                        self._refused_since = None
-                else:
-                    self.outage.answered(passage)
-                    self._refused_since = None
-                    used = None
-                    if completion.prompt_tokens is not None:
-                        used = completion.prompt_tokens + (completion.completion_tokens or 0)
-                    self.limiter.succeeded(permit, used, completion.headers)
-                    self._reservation.observe(
-                        prompt_tokens, completion.prompt_tokens, completion.completion_tokens
-                    )
-                    self._observe_silence(completion)
-                    self._sync_stats()
-                    problem = self._check_answer(completion) if self._check_answer else None
-                    if problem is not None:
-                        bad_answers += 1
-                        self.stats.bad_answers += 1
-                        if bad_answers < self._answer_attempts:
-                            continue
-                    return RowResult(
-                        row_id=request.row_id,
-                        status="ok" if problem is None else "error",
-                        error=None
-                        if problem is None
-                        else f"invalid structured answer: {problem} (gave up after "
-                        f"{bad_answers} answers; raise --schema-attempts)",
-                        response=completion.text,
-                        latency_ms=(time.perf_counter() - started) * 1000.0,
-                        attempts=attempt,
-                        prompt_tokens=completion.prompt_tokens,
-                        completion_tokens=completion.completion_tokens,
-                        finish_reason=completion.finish_reason,
-                        model=completion.model,
-                    )
-            self._sync_stats()
-            if failure.kind == "fatal":
-                raise FatalAPIError(failure.reason)
-            if passage.run_failure:
-                # The API is down for everyone: being unable to reach it is
-                # the run's business, not the row's (the reasoning of the 429
-                # quarter attempt). The gate decides when the row goes again.
-                self.stats.retries += 1
-                continue
-            if not (failure.rate_limited and probe):
-                # (A 429 to a probe, sent alone to test whether a window with
-                # no retry-after has room, is the run's business: free.)
-                spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
-            if failure.kind == "row" or spent >= self._limits.max_attempts - 1e-9:
-                reason = failure.reason
-                if failure.kind == "retry":
-                    reason = f"{reason} (gave up after {attempt} attempts; raise --max-attempts)"
-                return RowResult(
-                    row_id=request.row_id,
-                    status="error",
-                    error=reason,
-                    attempts=attempt,
-                    # Worth sending again on a later run (not the row's fault).
-                    transient=failure.kind == "retry",
+            row.attempt += 1
+            outcome = await self._attempt(row)
+            if isinstance(outcome, RowResult):
+                return outcome
+            if outcome is None:
+                continue  # a bad structured answer, asked again
+            result = await self._after_failure(row, outcome)
+            if result is not None:
+                return result
+
+    async def _attempt(self, row: _Row) -> RowResult | Failure | None:
+        """One request: its result, its failure, or None for an answer that
+        failed the structured-output check and is to be asked again."""
+        reserve = functools.partial(self._reservation.reserve, row.prompt_tokens)
+        # The outage gate first: a worker held by an outage must not hold
+        # a place in flight or a token reservation while it waits.
+        async with self.outage.attempt() as passage, self.limiter.request(reserve) as permit:
+            self._counts.requests += 1
+            started = time.perf_counter()
+            try:
+                # A function: a request sent before the stall timeout is
+                # learned (or while it falls) gets the current one.
+                completion = await self._transport.complete(
+                    row.request.messages,
+                    stall_s=functools.partial(self.stall.for_attempt, row.stalls),
                 )
-            self.stats.retries += 1
-            if not failure.rate_limited:
-                # A 429 already paused the whole run, this row included.
-                delay = self.backoff_delay(attempt, failure.retry_after)
-                self._backing_off += 1
-                try:
-                    self._say_retrying(delay, failure.reason)
-                    await asyncio.sleep(delay)
-                finally:
-                    self._backing_off -= 1
+            except Exception as exc:
+                return self._failed(row, exc, passage, permit)
+            self.outage.answered(passage)
+            self._refused_since = None
+            used = None
+            if completion.prompt_tokens is not None:
+                used = completion.prompt_tokens + (completion.completion_tokens or 0)
+            self.limiter.succeeded(permit, used, completion.headers)
+            self._reservation.observe(
+                row.prompt_tokens, completion.prompt_tokens, completion.completion_tokens
+            )
+            self._observe_silence(completion)
+            problem = self._check_answer(completion) if self._check_answer else None
+            if problem is not None:
+                row.bad_answers += 1
+                self._counts.bad_answers += 1
+                if row.bad_answers < self._answer_attempts:
+                    return None
+            return _answered(row, completion, problem, (time.perf_counter() - started) * 1000.0)
+
+    def _failed(self, row: _Row, exc: Exception, passage: Attempt, permit: Permit) -> Failure:
+        failure = classify(exc, model=self._model.name)
+        if failure.stalled:
+            row.stalls += 1
+            self._counts.stalled += 1
+        if failure.kind == "retry" and not failure.rate_limited:
+            if self.outage.failed(passage, row.request.row_id, failure.reason):
+                failure = replace(failure, run_failure=True)
+        else:
+            # A 429 or a 4xx: whatever it says, the server is up.
+            self.outage.answered(passage)
+        if failure.rate_limited:
+            self._counts.rate_limited += 1
+            # Without a retry-after the run still pauses, for as long as this
+            # row's own backoff would have been.
+            pause = failure.retry_after
+            if pause is None:
+                pause = self.backoff_delay(row.attempt, None)
+            self.limiter.rate_limited(
+                permit,
+                pause,
+                failure.headers,
+                failure.limit,
+                retry_after=failure.retry_after is not None,
+            )
+            # A 429 to a probe (sent alone to test whether a window with no
+            # retry-after has room) is the run's business: it costs the row nothing.
+            failure = replace(
+                self._check_refusal(self._check_pause(failure, pause)), probe=permit.probe
+            )
+            if failure.kind == "retry":
+                self._say_paused(pause, failure.reason)
+        elif failure.kind == "row":
+            # The server took the request (and refused its content).
+            self._refused_since = None
+        return failure
+
+    async def _after_failure(self, row: _Row, failure: Failure) -> RowResult | None:
+        """The row's error when it is out of attempts (or its failure is its
+        own), else None once it may go again."""
+        if failure.kind == "fatal":
+            raise FatalAPIError(failure.reason)
+        if failure.run_failure:
+            # The API is down for everyone: being unable to reach it is the
+            # run's business, not the row's (the reasoning of the 429 quarter
+            # attempt). The gate decides when the row goes again.
+            self._counts.retries += 1
+            return None
+        if not (failure.rate_limited and failure.probe):
+            row.spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
+        if failure.kind == "row" or row.spent >= self._limits.max_attempts - 1e-9:
+            reason = failure.reason
+            if failure.kind == "retry":
+                reason = f"{reason} (gave up after {row.attempt} attempts; raise --max-attempts)"
+            return RowResult(
+                row_id=row.request.row_id,
+                status="error",
+                error=reason,
+                attempts=row.attempt,
+                # Worth sending again on a later run (not the row's fault).
+                transient=failure.kind == "retry",
+            )
+        self._counts.retries += 1
+        if not failure.rate_limited:
+            # A 429 already paused the whole run, this row included.
+            delay = self.backoff_delay(row.attempt, failure.retry_after)
+            self._backing_off += 1
+            try:
+                self._say_retrying(delay, failure.reason)
+                await asyncio.sleep(delay)
+            finally:
+                self._backing_off -= 1
+        return None
 
     def _say_paused(self, pause_s: float, reason: str) -> None:
         until = datetime.now(UTC) + timedelta(seconds=pause_s)
@@ -485,7 +408,7 @@ class CallStage:
             return
         # The transport says why it stopped streaming (a fake transport never does).
         reason = getattr(self._transport, "stream_fallback", None)
-        if reason is not None:
+        if reason is not None and self._events is not None:
             self._said_not_streaming = True
             self._events.emit(
                 "warning",
@@ -499,7 +422,7 @@ class CallStage:
     def _check_pause(self, failure: Failure, pause_s: float) -> Failure:
         """A pause longer than ``limits.max_pause_s`` (a daily limit, say) ends
         the run instead: a scheduled job should not sit on its lock for hours."""
-        max_pause = getattr(self._limits, "max_pause_s", None)
+        max_pause = self._limits.max_pause_s
         if max_pause is None or pause_s <= max_pause:
             return failure
         return Failure(
@@ -521,9 +444,9 @@ class CallStage:
         if self._refused_since is None:
             self._refused_since = now
             return failure
-        max_refusal = getattr(self._limits, "max_refusal_s", None)
+        max_refusal = self._limits.max_refusal_s
         refused_for = now - self._refused_since
-        if max_refusal is None or refused_for <= max_refusal:
+        if refused_for <= max_refusal:
             return failure
         return Failure(
             "fatal",
@@ -534,91 +457,116 @@ class CallStage:
             "limits, or raise --max-refusal",
         )
 
-    def _sync_stats(self) -> None:
-        limiter = self.limiter
-        self.stats.concurrency_limit = limiter.gate.limit
-        self.stats.learned_rpm = limiter.learned_rpm
-        self.stats.learned_tpm = limiter.learned_tpm
-        self.stats.estimated_rpm = limiter.estimated_rpm
-        self.stats.paused_s = limiter.stats.paused_s
-        self.stats.outages = self.outage.outages
-        self.stats.outage_s = self.outage.outage_s
-        self.stats.stall_timeout_s = self.stall.value()
-        self.stats.streamed = self.stall.streamed
-
     async def results(
         self, requests: AsyncIterable[ChatRequest]
     ) -> AsyncGenerator[RowResult, None]:
         """Results in completion order, with at most ``concurrency`` requests in flight."""
-        concurrency = self._limits.concurrency
-        todo: asyncio.Queue[ChatRequest | None] = asyncio.Queue(maxsize=concurrency)
-        done: asyncio.Queue[RowResult | BaseException | None] = asyncio.Queue()
-
-        async def feed() -> None:
-            try:
-                async for request in requests:
-                    await todo.put(request)
-            except Exception as exc:
-                # The consumer sees it and cancels the workers.
-                await done.put(exc)
-                return
-            for _ in range(concurrency):
-                await todo.put(None)
-
-        async def watch_outage() -> None:
-            # Workers waiting on the gate fail by themselves at the bound; this
-            # also stops a run whose only request in flight is a hanging probe.
-            await done.put(await self.outage.unreachable())
-
-        async def work() -> None:
-            try:
-                while (request := await todo.get()) is not None:
-                    await done.put(await self.call(request))
-            except Exception as exc:
-                await done.put(exc)
-            finally:
-                await done.put(None)
-
-        feeder = asyncio.create_task(feed())
-        workers = [asyncio.create_task(work()) for _ in range(concurrency)]
-        watcher = asyncio.create_task(watch_outage())
-
-        def stop_feeding() -> None:
-            feeder.cancel()
-            while not todo.empty():
-                todo.get_nowait()
-            for _ in range(concurrency):
-                todo.put_nowait(None)
-
-        self._stop_feeding = stop_feeding
+        crew = _Crew(self, requests)
+        self._stop_feeding = crew.stop_feeding
         if self.draining:
-            stop_feeding()
-        finished = 0
+            crew.stop_feeding()
         failure: BaseException | None = None
         try:
-            while finished < concurrency:
-                item = await done.get()
+            while crew.finished < crew.size:
+                item = await crew.done.get()
                 if item is None:
-                    finished += 1
+                    crew.finished += 1
                 elif isinstance(item, BaseException):
                     failure = failure or item
                     # Stop sending; results already in the queue are still yielded.
-                    feeder.cancel()
-                    for worker in workers:
-                        worker.cancel()
+                    crew.stop_sending()
                 else:
                     yield item
         finally:
             self._stop_feeding = None
-            feeder.cancel()
-            watcher.cancel()
-            for worker in workers:
-                worker.cancel()
-            await asyncio.gather(feeder, watcher, *workers, return_exceptions=True)
+            await crew.close()
             self.outage.close()
-            self._sync_stats()
         if failure is not None:
             raise failure
+
+
+class _Crew:
+    """The tasks behind ``CallStage.results``: a feeder filling a queue of
+    at most ``concurrency`` requests, that many workers, and a watcher that
+    ends the run when an outage outlasts its bound. Results, exceptions and
+    each worker's end (None) arrive on ``done``."""
+
+    def __init__(self, stage: CallStage, requests: AsyncIterable[ChatRequest]) -> None:
+        self.size = stage._limits.concurrency
+        self.finished = 0
+        self.todo: asyncio.Queue[ChatRequest | None] = asyncio.Queue(maxsize=self.size)
+        self.done: asyncio.Queue[RowResult | BaseException | None] = asyncio.Queue()
+        self._stage = stage
+        self.feeder = asyncio.create_task(self._feed(requests))
+        self.workers = [asyncio.create_task(self._work()) for _ in range(self.size)]
+        self.watcher = asyncio.create_task(self._watch_outage())
+
+    async def _feed(self, requests: AsyncIterable[ChatRequest]) -> None:
+        try:
+            async for request in requests:
+                await self.todo.put(request)
+        except Exception as exc:
+            # The consumer sees it and cancels the workers.
+            await self.done.put(exc)
+            return
+        for _ in range(self.size):
+            await self.todo.put(None)
+
+    async def _watch_outage(self) -> None:
+        # Workers waiting on the gate fail by themselves at the bound; this
+        # also stops a run whose only request in flight is a hanging probe.
+        await self.done.put(await self._stage.outage.unreachable())
+
+    async def _work(self) -> None:
+        try:
+            while (request := await self.todo.get()) is not None:
+                await self.done.put(await self._stage.call(request))
+        except Exception as exc:
+            await self.done.put(exc)
+        finally:
+            await self.done.put(None)
+
+    def stop_feeding(self) -> None:
+        """Drain: no new request; the workers finish what they hold."""
+        self.feeder.cancel()
+        while not self.todo.empty():
+            self.todo.get_nowait()
+        for _ in range(self.size):
+            self.todo.put_nowait(None)
+
+    def stop_sending(self) -> None:
+        self.feeder.cancel()
+        for worker in self.workers:
+            worker.cancel()
+
+    async def close(self) -> None:
+        self.feeder.cancel()
+        self.watcher.cancel()
+        for worker in self.workers:
+            worker.cancel()
+        await asyncio.gather(self.feeder, self.watcher, *self.workers, return_exceptions=True)
+
+
+def _answered(
+    row: _Row, completion: Completion, problem: str | None, latency_ms: float
+) -> RowResult:
+    """The row's result from an answer (``problem``: it failed the
+    structured-output check as often as allowed)."""
+    return RowResult(
+        row_id=row.request.row_id,
+        status="ok" if problem is None else "error",
+        error=None
+        if problem is None
+        else f"invalid structured answer: {problem} (gave up after "
+        f"{row.bad_answers} answers; raise --schema-attempts)",
+        response=completion.text,
+        latency_ms=latency_ms,
+        attempts=row.attempt,
+        prompt_tokens=completion.prompt_tokens,
+        completion_tokens=completion.completion_tokens,
+        finish_reason=completion.finish_reason,
+        model=completion.model,
+    )
 
 
 def _short(reason: str) -> str:

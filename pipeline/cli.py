@@ -304,12 +304,7 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
         if summary.up_to_date:
             click.echo(f"up to date: {summary.output} ({summary.rows:,} rows); nothing sent")
         else:
-            reasons = []
-            if summary.error:
-                from pipeline.status import error_reasons
-
-                reasons = error_reasons(summary.output, config.output.column_prefix)
-            click.echo(format_summary(summary, reasons))
+            click.echo(format_summary(summary, list(summary.error_reasons)))
     failed = too_many_failed(summary, config)
     if failed is not None:
         fail(failed)

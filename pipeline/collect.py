@@ -13,14 +13,20 @@ the run keeps its speed; a SIGKILL loses at most the answers of the last
 from __future__ import annotations
 
 import asyncio
+from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import Final, Protocol
 
 from pipeline.cache import CachedAnswer
 from pipeline.checkpoint import CheckpointWriter
 from pipeline.crashpoints import crash_point
+from pipeline.durable import disk_full_error
+from pipeline.errors import EnrichError, WriteFailed
+from pipeline.progress import Progress
 from pipeline.results import RowResult
+from pipeline.tally import TallyCounter
 
 # Results held while a slow commit (a part being sealed, a busy disk) is in
 # progress, beyond which arriving results wait for it: memory stays bounded
@@ -122,13 +128,15 @@ class ResultSink:
     async def close(self) -> None:
         """Commit everything left (a failed commit's results included: space
         may have been freed) and seal the journal into a part. Raises the
-        error of this last commit, if any."""
+        error of this last commit, if any, as ``commit_error`` names it."""
         await self._finished_commit()
         batch = [*self._unwritten, *self._buffer]
         self._unwritten, self._buffer = [], []
         loop = asyncio.get_running_loop()
         try:
             await loop.run_in_executor(self._executor, self._append_and_seal, batch)
+        except Exception as exc:
+            raise commit_error(exc, self._writer.checkpoint.run_dir) from None
         finally:
             self._executor.shutdown(wait=True)
 
@@ -136,3 +144,44 @@ class ResultSink:
         if batch:
             self._append(batch)
         self._writer.close()
+
+
+def commit_error(exc: BaseException, run_dir: Path) -> EnrichError:
+    """A failed commit as the error the run stops with: a full disk named by
+    its device, or the way forward for any other write failure."""
+    if isinstance(exc, EnrichError):
+        return exc
+    return disk_full_error(exc, run_dir) or WriteFailed(
+        f"cannot write the checkpoint in {run_dir} ({exc}); what was finished before is "
+        "kept: fix the disk or choose another --run-dir, then rerun the same command"
+    )
+
+
+class Collected:
+    """This pass's results as they reach the sink, counted on the way: what
+    the run's summary is built from when it stops before the output exists
+    (nothing is read back from the checkpoint)."""
+
+    def __init__(self, progress: Progress, total_rows: int) -> None:
+        self._sink: ResultSink | None = None
+        self._progress = progress
+        self.answered = bytearray(total_rows)
+        """A byte per input row, 1 once this pass collected its result."""
+        self.counter = TallyCounter()
+        self.latencies_ms: array[float] = array("d")
+        self.cache_hits = 0
+        self.deduplicated = 0
+
+    def attach(self, sink: ResultSink) -> None:
+        """Where results go from now on (the send stage makes the sink)."""
+        self._sink = sink
+
+    async def add(self, result: RowResult, key: bytes | None = None) -> None:
+        assert self._sink is not None, "attach a sink first"
+        result.request_key = key
+        self.answered[result.row_id] = 1
+        self.counter.add(result)
+        if result.latency_ms is not None:
+            self.latencies_ms.append(result.latency_ms)
+        await self._sink.add(result)
+        self._progress.advance(result)

@@ -19,6 +19,10 @@ from pipeline.errors import ConfigError, MissingSetting
 from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
 
+DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
+"""What the openai client talks to when neither ``model.base_url`` nor
+$OPENAI_BASE_URL is set."""
+
 DEFAULT_MAX_REFUSAL_S: Final = 900.0
 
 
@@ -121,6 +125,11 @@ class ModelConfig(_Section):
             except ValueError as exc:
                 raise ConfigError(str(exc)) from None
         return from_env
+
+    def endpoint(self) -> str:
+        """Where requests go: ``base_url``, then $OPENAI_BASE_URL, then
+        OpenAI's (what the transports send to and what cache keys name)."""
+        return self.resolved_base_url() or DEFAULT_BASE_URL
 
 
 def _shown_url(parts: SplitResult) -> str:

@@ -7,7 +7,7 @@ point, not an invoice.
 
 Token counts before a run are estimates made offline (no tokenizer download:
 about 4 bytes a token plus per-message overhead, the same rule the rate
-limiter uses, see ``pipeline.call.estimate_tokens``); after a request they
+limiter uses, see ``pipeline.prompt.estimate_prompt_tokens``); after a request they
 are the API's own ``usage`` numbers.
 """
 
@@ -22,9 +22,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline import prompt
-from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
 from pipeline.errors import ConfigError, EnrichError, ExitCode
 from pipeline.events import EventSink, ThrottledWarning
+from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
 from pipeline.read import InputSource
 from pipeline.results import RowResult
 from pipeline.transport import Messages
@@ -283,11 +283,6 @@ class SpendCap:
         self.spent += actual
         return actual
 
-    def release(self, key: Any) -> None:
-        """Forget a reservation whose request was never sent."""
-        self._reserved.pop(key, None)
-        self._settled.set()
-
     def error(self, run_dir: Path | None = None) -> SpendCapReached:
         return SpendCapReached(self.max_cost, self.spent, self.already_spent, run_dir)
 
@@ -330,13 +325,6 @@ class CostMeter:
 # -- estimate ----------------------------------------------------------------
 
 
-def prompt_token_estimate(messages: Messages) -> int:
-    """Prompt tokens of one request, by the rate limiter's own rule (so the
-    estimate and the limiter agree): ``estimate_tokens`` without the
-    completion budget."""
-    return estimate_tokens(messages, 1) - 1
-
-
 class PromptBound:
     """``--max-prompt-tokens``: a row whose prompt is estimated above the bound
     is an error at once, never a request (a 10 MB cell would be a request that
@@ -351,7 +339,7 @@ class PromptBound:
         """The row's error result when its prompt is over the bound, else None."""
         if self._max is None:
             return None
-        tokens = prompt_token_estimate(messages)
+        tokens = estimate_prompt_tokens(messages)
         if tokens <= self._max:
             return None
         error = (
@@ -370,7 +358,7 @@ def iter_prompt_tokens(
     memory follows the chunk size."""
     for chunk in source.chunks(chunk_size):
         for text in prompt.render(spec, chunk.table):
-            yield None if text is None else prompt_token_estimate(prompt.messages(spec, text))
+            yield None if text is None else estimate_prompt_tokens(prompt.messages(spec, text))
 
 
 Bound = Literal["rpm", "tpm", "concurrency", "none"]

@@ -8,10 +8,11 @@ config key, an environment variable or a command).
 from __future__ import annotations
 
 from enum import IntEnum
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from pipeline.runner import RunSummary
+    from pipeline.summary import RunSummary
 
 
 class ExitCode(IntEnum):
@@ -112,10 +113,6 @@ class FatalAPIError(EnrichError):
 
     exit_code = ExitCode.FATAL_API
 
-    def __init__(self, message: str, *, status_code: int | None = None) -> None:
-        super().__init__(message)
-        self.status_code = status_code
-
 
 class APIUnreachable(EnrichError):
     """The API failed for transient reasons across the run (connections
@@ -141,3 +138,10 @@ class RunInterrupted(EnrichError):
     """Ctrl-C or SIGTERM: what was done is flushed to the checkpoint."""
 
     exit_code = ExitCode.INTERRUPTED
+
+    @classmethod
+    def saved_in(cls, run_dir: Path) -> RunInterrupted:
+        return cls(
+            f"interrupted; finished rows are saved in {run_dir}; "
+            "run the same command again to resume"
+        )

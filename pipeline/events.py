@@ -39,39 +39,18 @@ from datetime import UTC, datetime
 from pathlib import PurePath
 from typing import IO, TYPE_CHECKING, Any, Final, Literal, Protocol
 
+# Re-exported: the sinks' callers name them from here.
+from pipeline.redact import REDACTED as REDACTED
+from pipeline.redact import redact as redact
+from pipeline.redact import usable_secrets
+from pipeline.tally import TallyCounter
+
 if TYPE_CHECKING:
     # Only a type here: the lock (which imports this module) stays light
     # enough for a process to load in milliseconds.
     from pipeline.results import RowResult
 
 Level = Literal["debug", "info", "warning", "error"]
-
-REDACTED: Final = "[redacted]"
-
-# Shorter "keys" are placeholders for local servers that accept anything
-# (OPENAI_API_KEY=x for llama.cpp); scrubbing every "x" from the logs would
-# destroy them and protect nothing. Real provider keys are 20+ characters.
-MIN_SECRET_LENGTH: Final = 8
-
-
-def usable_secrets(secrets: Iterable[str | None]) -> tuple[str, ...]:
-    """The secrets worth scrubbing, longest first (so a secret that contains
-    another is replaced whole)."""
-    kept = {s for s in secrets if s and len(s) >= MIN_SECRET_LENGTH}
-    return tuple(sorted(kept, key=len, reverse=True))
-
-
-def redact(text: str, secrets: Iterable[str | None]) -> str:
-    """``text`` with every occurrence of each secret replaced by ``[redacted]``.
-
-    JSON-escaped forms are covered too, since a key with a quote or a
-    backslash is written differently inside a JSON string."""
-    for secret in usable_secrets(secrets):
-        text = text.replace(secret, REDACTED)
-        escaped = json.dumps(secret)[1:-1]
-        if escaped != secret:
-            text = text.replace(escaped, REDACTED)
-    return text
 
 
 def _now_iso() -> str:
@@ -255,7 +234,7 @@ class ProgressEvents:
         self._clock = clock
         self._total = 0
         self._already_done = 0
-        self._counts = {"ok": 0, "error": 0, "skipped": 0}
+        self._counter = TallyCounter()
         self._started = 0.0
         self._last_emit = 0.0
         self._closed = False
@@ -266,7 +245,7 @@ class ProgressEvents:
         self._started = self._last_emit = self._clock()
 
     def advance(self, result: RowResult) -> None:
-        self._counts[result.status] += 1
+        self._counter.add(result)
         now = self._clock()
         if now - self._last_emit >= self._interval_s:
             self._last_emit = now
@@ -280,7 +259,8 @@ class ProgressEvents:
     def fields(self, now: float | None = None) -> dict[str, Any]:
         """The numbers of a progress event (also handy for a final summary)."""
         now = self._clock() if now is None else now
-        processed = sum(self._counts.values())
+        counts = self._counter.by_status()
+        processed = sum(counts.values())
         done = self._already_done + processed
         elapsed = max(now - self._started, 1e-9)
         rate = processed / elapsed
@@ -289,7 +269,7 @@ class ProgressEvents:
             "done": done,
             "total": self._total,
             "percent": round(100.0 * done / self._total, 1) if self._total else 100.0,
-            **self._counts,
+            **counts,
             # ok/error/skipped are this run's; the rest came from the checkpoint.
             "resumed": self._already_done,
             "rows_per_s": round(rate, 2),

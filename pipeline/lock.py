@@ -36,7 +36,7 @@ from typing import Final, Self
 
 from pipeline.durable import disk_full_error
 from pipeline.errors import EnrichError, ExitCode, UsageError
-from pipeline.events import redact
+from pipeline.redact import redact
 
 LOCK_SUFFIX: Final = ".enrich.lock"
 

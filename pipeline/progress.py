@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import IO, TYPE_CHECKING, Any, Protocol
 
+from pipeline.tally import TallyCounter
+
 if TYPE_CHECKING:
     from tqdm import tqdm
 
@@ -41,7 +43,8 @@ class TqdmProgress:
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._bar: tqdm | None = None
-        self._counts: dict[str, int] = {"ok": 0, "error": 0, "skipped": 0}
+        self._counter = TallyCounter()
+        self._resumed = 0
 
     def note(self, waiting: str | None) -> None:
         """What the run waits for (a 429 pause, retries); None: nothing."""
@@ -51,9 +54,7 @@ class TqdmProgress:
     def start(self, total: int, already_done: int) -> None:
         from tqdm import tqdm  # only a terminal run draws a bar
 
-        if already_done:
-            self._counts = {"resumed": already_done, **self._counts}
-
+        self._resumed = already_done
         self._bar = tqdm(
             total=total,
             initial=already_done,
@@ -65,7 +66,7 @@ class TqdmProgress:
         )
 
     def advance(self, result: RowResult) -> None:
-        self._counts[result.status] += 1
+        self._counter.add(result)
         if self._bar is None:
             return
         if self._bar.desc:
@@ -73,11 +74,15 @@ class TqdmProgress:
         self._bar.update(1)
         # tqdm throttles redraws itself; the postfix only needs to be fresh when it draws.
         if self._bar.n % 50 == 0 or result.status == "error":
-            self._bar.set_postfix(self._counts, refresh=False)
+            self._bar.set_postfix(self._postfix(), refresh=False)
+
+    def _postfix(self) -> dict[str, int]:
+        counts = self._counter.by_status()
+        return {"resumed": self._resumed, **counts} if self._resumed else counts
 
     def close(self) -> None:
         if self._bar is not None:
-            self._bar.set_postfix(self._counts, refresh=False)
+            self._bar.set_postfix(self._postfix(), refresh=False)
             self._bar.close()
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import difflib
 import json
 import string
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Final
@@ -20,8 +20,10 @@ import pyarrow.compute as pc
 from pipeline.errors import ConfigError, InputError
 
 __all__ = [
+    "DEFAULT_COMPLETION_ESTIMATE",
     "RENDERING_VERSION",
     "PromptSpec",
+    "estimate_prompt_tokens",
     "fingerprint_fields",
     "messages",
     "placeholders",
@@ -32,6 +34,10 @@ __all__ = [
 RENDERING_VERSION: Final = "1"
 """Bump when the text a row renders to changes (e.g. how floats or nulls are written):
 a checkpoint made under other rules must not be resumed as if the prompts were equal."""
+
+# Completion tokens assumed for a request when max_tokens is unset (the
+# limiter's budget until answers show the real mean; the offline estimate).
+DEFAULT_COMPLETION_ESTIMATE: Final = 256
 
 # Enough columns to spot the intended one; wide tables have hundreds.
 _MAX_LISTED_COLUMNS: Final = 20
@@ -262,6 +268,15 @@ def messages(spec: PromptSpec, prompt: str) -> list[dict[str, str]]:
         out.append({"role": "system", "content": spec.system_prompt})
     out.append({"role": "user", "content": prompt})
     return out
+
+
+def estimate_prompt_tokens(messages: Sequence[Mapping[str, str | None]]) -> int:
+    """A cheap offline estimate of a request's prompt tokens: about 4 bytes a
+    token plus per-message overhead. The one estimate: the rate limiter's
+    reservations, the spend cap and ``enrich estimate`` all use it. A
+    tokenizer would need a download at run time, and the limiter settles
+    every reservation with the usage the API reports."""
+    return sum(len((message.get("content") or "").encode()) // 4 + 4 for message in messages) + 3
 
 
 def fingerprint_fields(spec: PromptSpec) -> dict[str, str | None]:

@@ -8,40 +8,34 @@ what settings (secrets removed) and on what input. Because it pins the input
 is also what makes a rerun idempotent: ``check_up_to_date`` tells whether the
 output is already the complete answer to this input and these settings.
 
-Decoupled from the runner: ``build_report`` takes anything shaped like
-``pipeline.runner.RunSummary`` (see ``SummaryLike``). For a run that stopped
-before writing the output (spend cap, interrupt, fatal API error) the counts
-and tokens should be the checkpoint's (``pipeline.status.checkpoint_status``),
-since the runner only tallies them while assembling the output.
+``build_report`` takes one ``RunRecord``: the job's facts, the run's
+``RunSummary`` and how it ended. For a run that stopped before writing the
+output (spend cap, interrupt, fatal API error) the summary's counts are what
+its checkpoint holds.
 """
 
 from __future__ import annotations
 
 import json
-import re
 import statistics
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final, Protocol
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from typing import Any, Final
 
 from pipeline.checkpoint import InputIdentity, settings_hash
 from pipeline.costs import Price, cost, unknown_price_message
 from pipeline.durable import atomic_write_bytes
 from pipeline.errors import ExitCode
-from pipeline.events import REDACTED, json_safe, redact
+from pipeline.events import json_safe
+from pipeline.redact import redact
+from pipeline.redact import redact_settings as redact_settings
+from pipeline.summary import RunSummary
 from pipeline.version import version
 
 REPORT_SUFFIX: Final = ".report.json"
 REPORT_VERSION: Final = 1
-
-# Key names whose string values are credentials. Numbers under such names
-# (max_tokens, tpm, prompt_tokens) are counts and limits, never secrets.
-_SECRET_NAME: Final = re.compile(
-    r"key|token|secret|passw|credential|auth|bearer|cookie|signature", re.IGNORECASE
-)
 
 
 def _outcome(exit_code: int) -> str:
@@ -54,37 +48,6 @@ def _outcome(exit_code: int) -> str:
 def report_path_for(output: Path) -> Path:
     """``data/out/x.parquet`` -> ``data/out/x.parquet.report.json``."""
     return output.with_name(output.name + REPORT_SUFFIX)
-
-
-class SummaryLike(Protocol):
-    """What the report needs from a run; ``pipeline.runner.RunSummary`` fits."""
-
-    @property
-    def rows(self) -> int: ...
-    @property
-    def ok(self) -> int: ...
-    @property
-    def error(self) -> int: ...
-    @property
-    def skipped(self) -> int: ...
-    @property
-    def pending(self) -> int: ...
-    @property
-    def resumed_rows(self) -> int: ...
-    @property
-    def prompt_tokens(self) -> int: ...
-    @property
-    def completion_tokens(self) -> int: ...
-    @property
-    def requests(self) -> int: ...
-    @property
-    def retries(self) -> int: ...
-    @property
-    def rate_limited(self) -> int: ...
-    @property
-    def wall_s(self) -> float: ...
-    @property
-    def latencies_ms(self) -> Sequence[float]: ...
 
 
 def fingerprint(settings: Mapping[str, Any]) -> str:
@@ -104,52 +67,6 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None
     return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 95, 99)}
 
 
-def _scrub_url(text: str, secrets: Sequence[str | None]) -> str:
-    """A URL without a password in its userinfo or secret-looking query
-    parameters (``?api-key=...``); other text unchanged."""
-    if "://" not in text:
-        return text
-    try:
-        parts = urlsplit(text)
-    except ValueError:
-        return text
-    netloc = parts.netloc
-    if parts.password is not None:
-        host = netloc.rsplit("@", 1)[1]
-        netloc = f"{parts.username}:{REDACTED}@{host}"
-    query = parts.query
-    if query:
-        pairs = parse_qsl(query, keep_blank_values=True)
-        if any(_SECRET_NAME.search(name) for name, _ in pairs):
-            query = urlencode(
-                [(n, REDACTED if _SECRET_NAME.search(n) else v) for n, v in pairs], safe="[]"
-            )
-    if (netloc, query) == (parts.netloc, parts.query):
-        return text
-    return urlunsplit(parts._replace(netloc=netloc, query=query))
-
-
-def redact_settings(value: Any, secrets: Iterable[str | None] = ()) -> Any:
-    """Settings safe to write down: string values under secret-looking key
-    names become ``[redacted]`` (names ending in ``_env`` only *name* an
-    environment variable and are kept), any occurrence of a secret in a string
-    is replaced, and URLs lose passwords and secret query parameters."""
-    kept = list(secrets)
-
-    def walk(node: Any, name: str | None) -> Any:
-        if isinstance(node, Mapping):
-            return {str(k): walk(v, str(k)) for k, v in node.items()}
-        if isinstance(node, list | tuple):
-            return [walk(v, name) for v in node]
-        if isinstance(node, str):
-            if name is not None and _SECRET_NAME.search(name) and not name.endswith("_env"):
-                return REDACTED
-            return redact(_scrub_url(node, kept), kept)
-        return json_safe(node)
-
-    return walk(value, None)
-
-
 def _file_facts(path: Path) -> dict[str, Any] | None:
     try:
         stat = path.stat()
@@ -166,127 +83,172 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
-def _error_reasons(
-    output: Path, output_settings: Mapping[str, Any] | None, failed: int
-) -> list[dict[str, Any]]:
-    """The most common reasons rows failed, read from the finished output:
-    what the summary lists under the counts."""
-    if not failed:
-        return []
-    from pipeline.status import error_reasons  # polars: only when rows failed
+@dataclass(frozen=True)
+class JobFacts:
+    """What a report says about the job, as opposed to how the run went:
+    fixed before the first request."""
 
-    prefix = str((output_settings or {}).get("column_prefix") or "")
-    return [{"reason": reason, "rows": rows} for reason, rows in error_reasons(output, prefix)]
+    output: Path
+    settings: Mapping[str, Any]
+    """The full config (``config.model_dump(mode="json")``), redacted when written."""
+    fingerprint: str
+    """sha256 of the settings that change answers."""
+    input_identity: InputIdentity | None = None
+    input_rows: int | None = None
+    output_settings: Mapping[str, Any] = field(default_factory=dict)
+    """What else shapes the output file (column prefix), so a change there is
+    not mistaken for an up-to-date output."""
+    price: Price | None = None
+    model: str | None = None
+    max_cost: float | None = None
+    secrets: tuple[str | None, ...] = ()
 
 
-def build_report(
-    summary: SummaryLike,
-    *,
-    output: Path,
-    settings: Mapping[str, Any],
-    fingerprint: str,
-    exit_code: int,
-    message: str | None = None,
-    input_identity: InputIdentity | None = None,
-    input_rows: int | None = None,
-    output_settings: Mapping[str, Any] | None = None,
-    price: Price | None = None,
-    model: str | None = None,
-    cost_this_run: float | None = None,
-    max_cost: float | None = None,
-    started_at: datetime | None = None,
-    finished_at: datetime | None = None,
-    secrets: Iterable[str | None] = (),
-) -> dict[str, Any]:
+@dataclass(frozen=True)
+class RunRecord:
+    """One report: the job, what the run did, and how it ended."""
+
+    job: JobFacts
+    summary: RunSummary
+    exit_code: int
+    message: str | None = None
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+
+
+def build_report(record: RunRecord) -> dict[str, Any]:
     """The report as a JSON-ready dict.
 
     Call it after the output file is in place (its size and mtime are
-    recorded so a later run can tell it is untouched). ``settings`` is the
-    full config (``config.model_dump(mode="json")``), redacted here;
-    ``fingerprint`` the sha256 of the settings that change answers;
-    ``output_settings`` what else shapes the output file (column prefix), so
-    a change there is not mistaken for an up-to-date output. ``price`` gives
-    the estimated cost of every row in the output (resumed ones included);
-    ``cost_this_run`` what this invocation itself spent.
+    recorded so a later run can tell it is untouched). The price gives the
+    estimated cost of every row in the output (resumed ones included);
+    ``summary.cost_usd`` is what this invocation itself spent.
     """
-    secrets = list(secrets)
-    finished_at = finished_at or datetime.now(UTC)
-    # Clamped: a caller that stopped before assembling may not have counted
-    # the output rows yet (see the module docs on stopped runs).
-    processed = max(summary.rows - summary.resumed_rows, 0)
-    attempted = summary.ok + summary.error
-    total_cost = (
-        cost(summary.prompt_tokens, summary.completion_tokens, price) if price is not None else None
-    )
-    output_facts = _file_facts(output) if exit_code in (0, 1) else None
-    report: dict[str, Any] = {
+    job, summary, exit_code = record.job, record.summary, record.exit_code
+    secrets = list(job.secrets)
+    output_facts = _file_facts(job.output) if exit_code in (0, 1) else None
+    return {
         "report_version": REPORT_VERSION,
         "tool": {"name": "enrich", "version": _tool_version()},
         "outcome": _outcome(exit_code),
         "exit_code": exit_code,
-        "message": message,
-        "started_at": _iso(started_at),
-        "finished_at": _iso(finished_at),
+        "message": record.message,
+        "started_at": _iso(record.started_at),
+        "finished_at": _iso(record.finished_at or datetime.now(UTC)),
         "input": {
-            **({} if input_identity is None else asdict(input_identity)),
-            "rows": input_rows,
+            **({} if job.input_identity is None else asdict(job.input_identity)),
+            "rows": job.input_rows,
         },
         "output": {
-            "path": str(output),
+            "path": str(job.output),
             # Only a finished run describes a complete file; after a stop the
             # path may hold an older output that this report says nothing about.
             **(output_facts or {"size": None, "mtime_ns": None}),
             "rows": summary.rows,
         },
-        "counts": {
-            "rows": summary.rows,
-            "ok": summary.ok,
-            "error": summary.error,
-            "skipped": summary.skipped,
-            # Errors whose last failure was transient: the next run sends them again.
-            "pending": summary.pending,
-            "resumed_rows": summary.resumed_rows,
-            "processed_rows": processed,
-            "error_rate": round(summary.error / attempted, 6) if attempted else 0.0,
-            "error_reasons": _error_reasons(
-                output, output_settings, summary.error if output_facts else 0
-            ),
-        },
+        "counts": _counts(summary),
         "tokens": {
             "prompt": summary.prompt_tokens,
             "completion": summary.completion_tokens,
             "total": summary.prompt_tokens + summary.completion_tokens,
         },
-        "cost": {
-            "currency": "USD",
-            "estimated_total": None if total_cost is None else round(total_cost, 6),
-            "this_run": None if cost_this_run is None else round(cost_this_run, 6),
-            "max_cost": max_cost,
-            "price": None if price is None else price.to_dict(),
-            "note": (
-                "estimate from the API's token usage and the price table; check your invoice"
-                if price is not None
-                else unknown_price_message(model or "?")
-            ),
+        "cost": _cost(job, summary),
+        "timing": _timing(summary),
+        "requests": _requests(summary),
+        "limits": _limits(summary),
+        "reuse": {
+            "cache_hits": summary.cache_hits,
+            "deduplicated": summary.deduplicated,
+            "requests_saved": summary.cache_hits + summary.deduplicated,
         },
-        "timing": {
-            "wall_s": round(summary.wall_s, 3),
-            "rows_per_s": round(processed / summary.wall_s, 3) if summary.wall_s > 0 else 0.0,
-            "latency_ms": {
-                **latency_percentiles(summary.latencies_ms),
-                "count": len(summary.latencies_ms),
-            },
-        },
-        "requests": {
-            "sent": summary.requests,
-            "retries": summary.retries,
-            "rate_limited_429": summary.rate_limited,
-        },
-        "fingerprint": fingerprint,
-        "output_settings": redact_settings(dict(output_settings or {}), secrets),
-        "settings": redact_settings(settings, secrets),
+        "fingerprint": job.fingerprint,
+        "output_settings": redact_settings(dict(job.output_settings), secrets),
+        "settings": redact_settings(job.settings, secrets),
     }
-    return report
+
+
+def _processed(summary: RunSummary) -> int:
+    # Clamped: a run that stopped before assembling counts what its
+    # checkpoint held, which may be fewer rows than it resumed with.
+    return max(summary.rows - summary.resumed_rows, 0)
+
+
+def _counts(summary: RunSummary) -> dict[str, Any]:
+    attempted = summary.ok + summary.error
+    return {
+        "rows": summary.rows,
+        "ok": summary.ok,
+        "error": summary.error,
+        "skipped": summary.skipped,
+        # Errors whose last failure was transient: the next run sends them again.
+        "pending": summary.pending,
+        "resumed_rows": summary.resumed_rows,
+        "processed_rows": _processed(summary),
+        "error_rate": round(summary.error / attempted, 6) if attempted else 0.0,
+        "error_reasons": [
+            {"reason": reason, "rows": rows} for reason, rows in summary.error_reasons
+        ],
+    }
+
+
+def _cost(job: JobFacts, summary: RunSummary) -> dict[str, Any]:
+    price = job.price
+    total = (
+        cost(summary.prompt_tokens, summary.completion_tokens, price) if price is not None else None
+    )
+    return {
+        "currency": "USD",
+        "estimated_total": None if total is None else round(total, 6),
+        "this_run": None if summary.cost_usd is None else round(summary.cost_usd, 6),
+        "max_cost": job.max_cost,
+        "price": None if price is None else price.to_dict(),
+        "note": (
+            "estimate from the API's token usage and the price table; check your invoice"
+            if price is not None
+            else unknown_price_message(job.model or "?")
+        ),
+    }
+
+
+def _timing(summary: RunSummary) -> dict[str, Any]:
+    wall_s = summary.wall_s
+    return {
+        "wall_s": round(wall_s, 3),
+        "rows_per_s": round(_processed(summary) / wall_s, 3) if wall_s > 0 else 0.0,
+        "latency_ms": {
+            **latency_percentiles(summary.latencies_ms),
+            "count": len(summary.latencies_ms),
+        },
+    }
+
+
+def _requests(summary: RunSummary) -> dict[str, Any]:
+    return {
+        "sent": summary.requests,
+        "retries": summary.retries,
+        "rate_limited_429": summary.rate_limited,
+        "bad_structured_answers": summary.bad_answers,
+        "outages": summary.outages,
+        "outage_s": round(summary.outage_s, 3),
+        "stalled": summary.stalled,
+        "stall_timeout_s": _rounded(summary.stall_timeout_s),
+        "streamed": summary.streamed,
+    }
+
+
+def _limits(summary: RunSummary) -> dict[str, Any]:
+    """What the rate limiter settled on, for tuning the next run's flags."""
+    return {
+        "concurrency": round(summary.concurrency_limit, 3),
+        "learned_rpm": summary.learned_rpm,
+        "learned_tpm": summary.learned_tpm,
+        "estimated_rpm": _rounded(summary.estimated_rpm),
+        "paused_s": round(summary.paused_s, 3),
+    }
+
+
+def _rounded(value: float | None) -> float | None:
+    return None if value is None else round(value, 3)
 
 
 def dumps_report(report: Mapping[str, Any], secrets: Iterable[str | None] = ()) -> bytes:
@@ -362,26 +324,34 @@ def check_up_to_date(
         return Freshness(False, "the model, prompt or sampling settings changed")
     if report.get("output_settings") != redact_settings(dict(output_settings or {})):
         return Freshness(False, "the output settings (column prefix) changed")
-    try:
-        known = InputIdentity(
-            path=str(recorded_input["path"]),
-            size=int(recorded_input["size"]),
-            mtime_ns=int(recorded_input["mtime_ns"]),
-            sha256=str(recorded_input["sha256"]),
-            inode=int(recorded_input.get("inode", 0)),
-            ctime_ns=int(recorded_input.get("ctime_ns", 0)),
-        )
-    except (KeyError, TypeError, ValueError):
-        return Freshness(False, "the run report does not identify the input")
-    try:
-        current = InputIdentity.of(input_path, known)
-    except OSError:
-        return Freshness(False, f"the input {input_path} cannot be read")
-    if not current.same_content(known):
-        return Freshness(False, f"the input {input_path} changed since the last run")
+    changed = _input_change(recorded_input, input_path)
+    if changed is not None:
+        return Freshness(False, changed)
     return Freshness(
         True,
         f"{output} is up to date: same input, same settings, finished "
         f"{report.get('finished_at') or 'earlier'}",
         report,
     )
+
+
+def _input_change(recorded: Mapping[str, Any], input_path: Path) -> str | None:
+    """Why the input is not the one the report recorded (None: it is)."""
+    try:
+        known = InputIdentity(
+            path=str(recorded["path"]),
+            size=int(recorded["size"]),
+            mtime_ns=int(recorded["mtime_ns"]),
+            sha256=str(recorded["sha256"]),
+            inode=int(recorded.get("inode", 0)),
+            ctime_ns=int(recorded.get("ctime_ns", 0)),
+        )
+    except (KeyError, TypeError, ValueError):
+        return "the run report does not identify the input"
+    try:
+        current = InputIdentity.of(input_path, known)
+    except OSError:
+        return f"the input {input_path} cannot be read"
+    if not current.same_content(known):
+        return f"the input {input_path} changed since the last run"
+    return None

@@ -14,6 +14,7 @@ import polars as pl
 from pipeline.checkpoint import Checkpoint
 from pipeline.errors import OutputError, UsageError
 from pipeline.results import TRANSIENT
+from pipeline.tally import Tally
 
 
 @dataclass(frozen=True)
@@ -39,20 +40,14 @@ class RunStatus:
         return max(0, self.total_rows - self.done)
 
 
-def _tally(frame: pl.DataFrame, prefix: str = "") -> dict[str, int]:
-    counts = dict(frame.group_by(f"{prefix}status").len().iter_rows())
-    pending = 0
-    if TRANSIENT in frame.columns:
-        pending = frame.filter(
-            (pl.col("status") == "error") & pl.col(TRANSIENT).fill_null(False)
-        ).height
+def _counts(tally: Tally) -> dict[str, int]:
     return {
-        "pending": pending,
-        "ok": int(counts.get("ok", 0)),
-        "error": int(counts.get("error", 0)),
-        "skipped": int(counts.get("skipped", 0)),
-        "prompt_tokens": int(frame[f"{prefix}prompt_tokens"].sum() or 0),
-        "completion_tokens": int(frame[f"{prefix}completion_tokens"].sum() or 0),
+        "ok": tally.ok,
+        "error": tally.error,
+        "skipped": tally.skipped,
+        "pending": tally.pending,
+        "prompt_tokens": tally.prompt_tokens,
+        "completion_tokens": tally.completion_tokens,
     }
 
 
@@ -67,7 +62,7 @@ def checkpoint_status(run_dir: Path) -> RunStatus | None:
         path=run_dir,
         total_rows=manifest.input_rows,
         last_update=checkpoint.last_update(),
-        **_tally(latest),
+        **_counts(Tally.of_table(latest.to_arrow())),
     )
 
 
@@ -87,7 +82,7 @@ def output_status(output: Path, prefix: str = "") -> RunStatus | None:
         path=output,
         total_rows=frame.height,
         last_update=datetime.fromtimestamp(output.stat().st_mtime, tz=UTC),
-        **_tally(frame, prefix),
+        **_counts(Tally.of_table(frame.to_arrow(), prefix)),
     )
 
 

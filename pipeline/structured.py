@@ -110,10 +110,9 @@ class StructuredAnswerError(Exception):
 def load_schema(
     value: str | Mapping[str, Any],
     *,
-    base_dir: Path | None = None,
     setting: str = SCHEMA_SETTING,
 ) -> dict[str, Any]:
-    """The schema from a path to a ``.json`` file (relative to ``base_dir``), an
+    """The schema from a path to a ``.json`` file, an
     inline JSON string (starting with ``{``), or a mapping (an inline TOML
     table). Raises ``ConfigError`` naming ``setting`` when it cannot be used."""
     if isinstance(value, Mapping):
@@ -131,8 +130,6 @@ def load_schema(
         schema = _parse_json(value, where)
     else:
         path = Path(value).expanduser()
-        if base_dir is not None and not path.is_absolute():
-            path = base_dir / path
         where = f"schema file {path}"
         try:
             text = path.read_text(encoding="utf-8")

@@ -50,6 +50,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
 
 from pipeline.errors import ConfigError
+from pipeline.redact import redact, redact_bytes
 from pipeline.stall import StalledRequest, StallLimit, Watchdog
 from pipeline.transport_errors import (
     APIConnectionFailed,
@@ -71,7 +72,6 @@ if TYPE_CHECKING:
     from pipeline.config import ModelConfig
 
 __all__ = [
-    "DEFAULT_BASE_URL",
     "TRANSPORT_KINDS",
     "APIConnectionFailed",
     "APIStatus",
@@ -91,8 +91,6 @@ __all__ = [
 
 Messages = Sequence[Mapping[str, str]]
 
-# What the SDK talks to when neither model.base_url nor $OPENAI_BASE_URL is set.
-DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 
 TransportKind = Literal["aiohttp", "openai"]
 TRANSPORT_KINDS: Final[tuple[str, ...]] = get_args(TransportKind)
@@ -101,10 +99,6 @@ TRANSPORT_KINDS: Final[tuple[str, ...]] = get_args(TransportKind)
 _ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _DECODER: Final = json.JSONDecoder()
 
-# Keys shorter than this are test placeholders; redacting them from error text
-# would mangle it (a one-letter key would blank every such letter).
-_MIN_REDACTED_KEY: Final = 8
-_REDACTED: Final = "[redacted]"
 
 # Asked of every streamed request: the answer's usage in its last chunk.
 STREAM_PARAMS: Final[Mapping[str, Any]] = {
@@ -153,18 +147,6 @@ class Transport(Protocol):
     async def aclose(self) -> None: ...
 
 
-def _redactable(api_key: str) -> str | None:
-    return api_key if len(api_key) >= _MIN_REDACTED_KEY else None
-
-
-def _scrub(text: str, key: str | None) -> str:
-    return text.replace(key, _REDACTED) if key else text
-
-
-def _scrub_bytes(body: bytes, key: str | None) -> bytes:
-    return body.replace(key.encode(), _REDACTED.encode()) if key else body
-
-
 def rejects_streaming(status: int, body: bytes) -> bool:
     """A 400/422 whose body names ``stream``, ``stream_options`` or
     streaming: the server does not stream, or not with usage."""
@@ -178,7 +160,7 @@ def _stalled(watch: Watchdog) -> StalledRequest:
 def resolve_base_url(model: ModelConfig) -> str:
     """The base URL the SDK would use: config, then $OPENAI_BASE_URL, then
     OpenAI's, without a trailing slash."""
-    return (model.resolved_base_url() or DEFAULT_BASE_URL).rstrip("/")
+    return model.endpoint().rstrip("/")
 
 
 # ---------------------------------------------------------------------------
@@ -218,7 +200,7 @@ class OpenAITransport:
             max_retries=0,
             http_client=openai.DefaultAioHttpClient() if http_client == "aiohttp" else None,
         )
-        self._redact = _redactable(api_key)
+        self._secrets = (api_key,)
         # The SDK's timeout applies to each phase (connect, each read...);
         # this bounds the request as a whole, like AiohttpTransport.
         self._total_s = model.timeout_s
@@ -278,7 +260,7 @@ class OpenAITransport:
         the request (a bug, raised as it is). Raise it ``from None``: the
         SDK's exception carries the request, and a server that echoes the
         key puts it in the SDK's message."""
-        translated = sdk_error(exc, self._redact)
+        translated = sdk_error(exc, self._secrets)
         return exc if translated is None else translated
 
     async def _streamed(self, messages: Messages, watch: Watchdog) -> Completion:
@@ -295,7 +277,7 @@ class OpenAITransport:
             except Exception as exc:
                 # httpx's own errors (read timeout, dropped connection), as
                 # the SDK would report them.
-                raise _connection_failed(exc, self._redact) from None
+                raise _connection_failed(exc, self._secrets) from None
             watch.beat()
             self._stop_streaming("the server answers streaming requests with one JSON body")
             return dataclasses.replace(parse_completion(body, raw.headers), silence_s=watch.longest)
@@ -350,11 +332,11 @@ class OpenAITransport:
         await self._client.close()
 
 
-def sdk_error(exc: openai.OpenAIError, redact: str | None = None) -> TransportError | None:
+def sdk_error(exc: openai.OpenAIError, secrets: Sequence[str | None] = ()) -> TransportError | None:
     """The one place the ``openai`` SDK's exceptions become enrich's, using
     only the SDK's public exception classes and attributes (the status code,
     and the response's headers and body, read as the aiohttp transport reads
-    them). ``redact``: a key to blank out of the body, for a server that
+    them). ``secrets``: keys to blank out of the body, for a server that
     echoes it. A bare ``APIError`` is an error event inside a streamed
     answer: transient, like the aiohttp transport's. None for an exception
     that is not about a request (a bug to surface, not a failure to
@@ -366,18 +348,18 @@ def sdk_error(exc: openai.OpenAIError, redact: str | None = None) -> TransportEr
     if isinstance(exc, openai.APIConnectionError):
         cause = exc.__cause__
         detail = f": {type(cause).__name__}: {cause}" if cause is not None else ""
-        return APIConnectionFailed(_scrub(f"Connection error{detail}", redact))
+        return APIConnectionFailed(redact(f"Connection error{detail}", secrets))
     if isinstance(exc, openai.APIStatusError):
         return APIStatus.from_response(
             exc.status_code,
-            _scrub_bytes(_sdk_body(exc), redact),
+            redact_bytes(_sdk_body(exc), secrets),
             lowered_headers(exc.response.headers.multi_items()),
         )
     if isinstance(exc, openai.APIResponseValidationError):
         return UnparseableResponse("unparseable response body (APIResponseValidationError)")
     if isinstance(exc, openai.APIError):
         return UnparseableResponse(
-            _scrub(f"the stream carried an error: {_shorten(exc.message)}", redact)
+            redact(f"the stream carried an error: {_shorten(exc.message)}", secrets)
         )
     return None
 
@@ -390,10 +372,10 @@ def _sdk_body(exc: openai.APIStatusError) -> bytes:
         return b""
 
 
-def _connection_failed(exc: Exception, redact: str | None) -> APIConnectionFailed:
+def _connection_failed(exc: Exception, secrets: Sequence[str | None]) -> APIConnectionFailed:
     """An error of the SDK's HTTP client outside the SDK's own handling (a
     body read after the SDK returned), as the SDK reports a connection error."""
-    return APIConnectionFailed(_scrub(f"Connection error: {type(exc).__name__}: {exc}", redact))
+    return APIConnectionFailed(redact(f"Connection error: {type(exc).__name__}: {exc}", secrets))
 
 
 class _StreamingRejected(Exception):
@@ -787,7 +769,7 @@ class AiohttpTransport:
         self.streaming = model.stream
         self.stream_fallback: str | None = None
         self._limit = limit
-        self._redact = _redactable(api_key)
+        self._secrets = (api_key,)
         # Sent with each request, not as a session default: aiohttp copies a
         # session's default headers into what it sends a proxy, and turns an
         # Authorization among them into Proxy-Authorization, which would give
@@ -893,18 +875,18 @@ class AiohttpTransport:
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
             # A stream's error event may quote the request, and so the key.
-            raise UnparseableResponse(_scrub(str(exc), self._redact)) from None
+            raise UnparseableResponse(redact(str(exc), self._secrets)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
             # the request headers, and so the key.
             raise APIConnectionFailed(
-                _scrub(f"Connection error: {type(exc).__name__}: {exc}", self._redact)
+                redact(f"Connection error: {type(exc).__name__}: {exc}", self._secrets)
             ) from None
         if streaming and rejects_streaming(status, body):
             self._stop_streaming("the server rejects streaming requests (400 naming stream)")
             return await self.complete(messages, stall_s=stall_s)
-        raise APIStatus.from_response(status, _scrub_bytes(body, self._redact), error_headers)
+        raise APIStatus.from_response(status, redact_bytes(body, self._secrets), error_headers)
 
     async def _answer(
         self,

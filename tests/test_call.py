@@ -9,16 +9,11 @@ from typing import Any
 
 import pytest
 
-from pipeline.call import (
-    DEFAULT_COMPLETION_ESTIMATE,
-    CallStage,
-    ChatRequest,
-    TokenReservation,
-    classify,
-    estimate_prompt_tokens,
-)
+from pipeline.call import CallStage, ChatRequest, TokenReservation
+from pipeline.classify import classify
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import FatalAPIError
+from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
 from pipeline.results import RowResult
 from pipeline.stall import StallLimit
 from pipeline.transport import Completion, Messages

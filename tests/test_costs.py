@@ -6,7 +6,6 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
 from pipeline.costs import (
     DEFAULT_PRICE_FILE,
     CostMeter,
@@ -19,11 +18,10 @@ from pipeline.costs import (
     format_duration,
     format_estimate,
     iter_prompt_tokens,
-    prompt_token_estimate,
     read_price_file,
 )
 from pipeline.errors import ConfigError
-from pipeline.prompt import PromptSpec
+from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, PromptSpec, estimate_prompt_tokens
 from pipeline.read import open_input
 
 from conftest import write_questions
@@ -124,14 +122,13 @@ def test_cost_is_per_million_tokens() -> None:
     assert cost(0, 0, price) == 0
 
 
-def test_prompt_token_estimate_matches_the_rate_limiter() -> None:
+def test_the_offline_estimate_is_a_quarter_of_the_bytes_plus_message_overhead() -> None:
     messages = [
         {"role": "system", "content": "Be brief."},
         {"role": "user", "content": "x" * 400},
     ]
     # 9 // 4 + 4 + 400 // 4 + 4 + 3
-    assert prompt_token_estimate(messages) == 2 + 4 + 100 + 4 + 3
-    assert prompt_token_estimate(messages) == estimate_tokens(messages, 256) - 256
+    assert estimate_prompt_tokens(messages) == 2 + 4 + 100 + 4 + 3
 
 
 def test_estimate_with_known_token_counts() -> None:
@@ -217,7 +214,6 @@ def test_spend_cap_counts_what_earlier_runs_spent() -> None:
     assert not cap.reserve(2, 1, 0)
     cap.settle(1, 1, None)  # a failed row reports no completion tokens
     assert cap.spent_this_run == pytest.approx(1)
-    cap.release(2)  # never sent: nothing to forget, nothing breaks
     error = cap.error(Path("out.parquet.enrich"))
     assert isinstance(error, SpendCapReached)
     assert error.exit_code == 5

@@ -8,7 +8,8 @@ import json
 import os
 import re
 from array import array
-from dataclasses import replace
+from collections.abc import Sequence
+from dataclasses import FrozenInstanceError, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,10 @@ from pipeline.checkpoint import InputIdentity, settings_hash
 from pipeline.costs import Price, PriceTable, cost
 from pipeline.errors import ExitCode
 from pipeline.events import REDACTED, JsonEventSink
+from pipeline.plan import answer_settings
 from pipeline.report import (
+    JobFacts,
+    RunRecord,
     build_report,
     check_up_to_date,
     fingerprint,
@@ -30,7 +34,7 @@ from pipeline.report import (
     report_path_for,
     write_report,
 )
-from pipeline.runner import RunSummary, answer_settings
+from pipeline.summary import RunSummary
 
 from conftest import StartServer, make_config, write_questions
 
@@ -39,10 +43,23 @@ PRICE = Price("sim-1", 2.0, 8.0, "test")
 
 
 def summary_for(output: Path, **values: Any) -> RunSummary:
-    summary = RunSummary(output=output, run_dir=output.with_name(output.name + ".enrich"))
-    for name, value in values.items():
-        setattr(summary, name, value)
-    return summary
+    return RunSummary(output=output, run_dir=output.with_name(output.name + ".enrich"), **values)
+
+
+def report_of(
+    summary: RunSummary,
+    *,
+    exit_code: int,
+    message: str | None = None,
+    started_at: datetime | None = None,
+    cost_this_run: float | None = None,
+    secrets: Sequence[str | None] = (),
+    **job: Any,
+) -> dict[str, Any]:
+    if cost_this_run is not None:
+        summary = replace(summary, cost_usd=cost_this_run)
+    facts = JobFacts(secrets=tuple(secrets), **job)
+    return build_report(RunRecord(facts, summary, exit_code, message, started_at))
 
 
 @pytest.fixture
@@ -54,7 +71,7 @@ def finished(tmp_path: Path) -> dict[str, Any]:
     output.write_bytes(b"PAR1 pretend output")
     summary = summary_for(output, rows=4, ok=4, wall_s=1.0, latencies_ms=array("d", [5.0]))
     fp = fingerprint({"model": "sim-1"})
-    report = build_report(
+    report = report_of(
         summary,
         output=output,
         settings={},
@@ -88,7 +105,7 @@ def test_report_of_a_real_run(tmp_path: Path, start_server: StartServer) -> None
     assert summary.ok == 30 and summary.skipped == 1
 
     fp = fingerprint(answer_settings(config))
-    report = build_report(
+    report = report_of(
         summary,
         output=output,
         settings=config.model_dump(mode="json"),
@@ -133,7 +150,22 @@ def test_report_of_a_real_run(tmp_path: Path, start_server: StartServer) -> None
         "sent": summary.requests,
         "retries": summary.retries,
         "rate_limited_429": summary.rate_limited,
+        "bad_structured_answers": 0,
+        "outages": summary.outages,
+        "outage_s": round(summary.outage_s, 3),
+        "stalled": summary.stalled,
+        "stall_timeout_s": round(summary.stall_timeout_s or 0, 3),
+        "streamed": summary.streamed,
     }
+    # What the limiter settled on, for tuning the next run.
+    assert body["limits"] == {
+        "concurrency": round(summary.concurrency_limit, 3),
+        "learned_rpm": summary.learned_rpm,
+        "learned_tpm": summary.learned_tpm,
+        "estimated_rpm": summary.estimated_rpm,
+        "paused_s": round(summary.paused_s, 3),
+    }
+    assert 1 <= body["limits"]["concurrency"] <= config.limits.concurrency
     assert summary.retries > 0  # 20% of requests got a 500
     assert body["fingerprint"] == fp == settings_hash(answer_settings(config))
     assert body["input"]["rows"] == 31 and body["input"]["sha256"]
@@ -179,7 +211,7 @@ def test_the_key_never_reaches_logs_report_checkpoint_or_output(
     settings = config.model_dump(mode="json")
     # Even if a caller smuggled the key into the settings, the report drops it.
     settings["model"]["extra_params"] = {"api_key": KEY, "note": f"key={KEY}"}
-    report = build_report(
+    report = report_of(
         summary,
         output=output,
         settings=settings,
@@ -265,7 +297,7 @@ def test_readme_exit_code_table_lists_exactly_the_exit_codes() -> None:
 def test_stopped_runs_do_not_describe_the_output_file(tmp_path: Path) -> None:
     output = tmp_path / "out.parquet"
     output.write_bytes(b"an older output")
-    report = build_report(
+    report = report_of(
         summary_for(output), output=output, settings={}, fingerprint="f", exit_code=5
     )
     assert report["outcome"] == "stopped_by_spend_cap"
@@ -356,7 +388,7 @@ def test_price_table_and_report_agree_on_the_model(finished: dict[str, Any]) -> 
     price = PriceTable.load().price_for("gpt-4o-mini-2024-07-18")
     assert price is not None
     output: Path = finished["output"]
-    report = build_report(
+    report = report_of(
         summary_for(output, prompt_tokens=1_000_000, completion_tokens=1_000_000, rows=1),
         output=output,
         settings={},
@@ -366,3 +398,32 @@ def test_price_table_and_report_agree_on_the_model(finished: dict[str, Any]) -> 
     )
     assert report["cost"]["estimated_total"] == pytest.approx(0.75)
     assert report["cost"]["price"]["model"] == "gpt-4o-mini"
+
+
+def test_the_run_summary_is_frozen(tmp_path: Path) -> None:
+    summary = summary_for(tmp_path / "out.parquet", rows=3, ok=3)
+    with pytest.raises(FrozenInstanceError):
+        summary.ok = 2  # type: ignore[misc]
+    assert replace(summary, ok=2).ok == 2 and summary.ok == 3
+
+
+def test_the_report_says_what_the_rate_limiter_learned(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server(rpm=60_000, tpm=5_000_000, rate_headers=True)
+    source = write_questions(tmp_path / "in.csv", [f"limits {i}" for i in range(8)])
+    output = tmp_path / "out.parquet"
+    summary = enrich(make_config(source, output, server.base_url, **{"limits.concurrency": 4}))
+
+    report = read_report(report_path_for(output))
+    assert report is not None
+    # The limits the server reported in x-ratelimit-* headers, for the next
+    # run's --rpm and --tpm; nothing paused, no 429 to learn a rate from.
+    assert report["limits"] == {
+        "concurrency": round(summary.concurrency_limit, 3),
+        "learned_rpm": 60_000,
+        "learned_tpm": 5_000_000,
+        "estimated_rpm": None,
+        "paused_s": 0.0,
+    }
+    assert 1 <= summary.concurrency_limit <= 4

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 from typing import Any
 
@@ -9,10 +10,13 @@ import polars as pl
 import pytest
 from click.testing import CliRunner
 
-from pipeline import CheckpointMismatch, RunConfig, enrich
+from pipeline import CheckpointMismatch, FatalAPIError, RunConfig, RunInterrupted, enrich
 from pipeline.checkpoint import PARTS
 from pipeline.cli import cli
-from pipeline.runner import RunOptions
+from pipeline.report import read_report, report_path_for
+from pipeline.results import RowResult
+from pipeline.runner import RunOptions, enrich_async
+from pipeline.status import run_status
 
 from conftest import StartServer, answer_for, make_config, write_questions
 
@@ -284,3 +288,95 @@ def test_status_without_a_run_says_how_to_start_one(tmp_path: Path) -> None:
     result = CliRunner().invoke(cli, ["status", str(tmp_path / "nothing.parquet")])
     assert result.exit_code == 2
     assert "enrich run" in result.stderr
+
+
+def test_a_stopped_rerun_reports_what_its_checkpoint_holds_as_status_does(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    # ok, skipped, a transient failure (pending), a permanent one.
+    prompts = ["a", None, "down [[fault:500:50]]", "rejected [[fault:400]]", "e"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    config = keep(make_config(source, output, server.base_url, **{"limits.max_attempts": 2}))
+    first = enrich(config)
+    assert (first.ok, first.error, first.pending, first.skipped) == (2, 2, 1, 1)
+    output.unlink()  # the next run must go back to the checkpoint
+
+    # The rerun re-sends both failed rows and stops at once: this server
+    # refuses the key (401, a fatal error), so no row gets a new result.
+    refusing = start_server(api_key="sk-another-key-0123456789")
+    stopped_config = with_changes(config, model={"base_url": refusing.base_url})
+    with pytest.raises(FatalAPIError):
+        enrich(stopped_config, options=RunOptions(retry_failed=True))
+
+    report = read_report(report_path_for(output))
+    assert report is not None and report["exit_code"] == 3
+    assert report["counts"]["resumed_rows"] == 3  # ok and skipped rows were final
+    held = run_status(output, config.output.resolved_run_dir)
+    assert held.source == "checkpoint"
+    counts = report["counts"]
+    assert (counts["ok"], counts["error"], counts["pending"], counts["skipped"]) == (2, 2, 1, 1)
+    assert (held.ok, held.error, held.pending, held.skipped) == (2, 2, 1, 1)
+    assert counts["rows"] == held.done == len(prompts)
+
+
+def test_status_counts_a_finished_output_written_with_a_column_prefix(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    source = write_questions(tmp_path / "in.parquet", ["a", None, "c [[fault:400]]", "d"])
+    output = tmp_path / "out.parquet"
+    config = make_config(source, output, server.base_url, **{"output.column_prefix": "llm_"})
+    enrich(config)
+
+    status = run_status(output, config.output.resolved_run_dir, "llm_")
+
+    assert status.source == "output"
+    assert (status.ok, status.error, status.skipped, status.pending) == (2, 1, 1, 0)
+    assert status.done == status.total_rows == 4
+    assert status.prompt_tokens > 0 and status.completion_tokens > 0
+
+
+class StopAfterFirstResult:
+    """A progress display that asks the run to stop once a result arrives."""
+
+    def __init__(self, stop: asyncio.Event) -> None:
+        self.stop = stop
+
+    def start(self, total: int, already_done: int) -> None:
+        pass
+
+    def advance(self, result: RowResult) -> None:
+        self.stop.set()
+
+    def close(self) -> None:
+        pass
+
+
+def test_a_stopped_rerun_counts_a_resent_row_once_with_its_new_result(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    # The flaky row fails both attempts of the first run (pending), then answers.
+    prompts = ["a", "b", "flaky [[fault:500:2]]", "d"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    config = keep(make_config(source, output, server.base_url, **{"limits.max_attempts": 2}))
+    first = enrich(config)
+    assert (first.ok, first.pending) == (3, 1)
+    output.unlink()
+
+    async def rerun() -> None:
+        stop = asyncio.Event()
+        await enrich_async(config, progress=StopAfterFirstResult(stop), stop=stop)
+
+    with pytest.raises(RunInterrupted):
+        asyncio.run(rerun())
+
+    report = read_report(report_path_for(output))
+    assert report is not None and report["exit_code"] == 130
+    counts = report["counts"]
+    assert (counts["rows"], counts["ok"], counts["error"], counts["pending"]) == (4, 4, 0, 0)
+    held = run_status(output, config.output.resolved_run_dir)
+    assert (held.done, held.ok, held.error) == (4, 4, 0)

@@ -10,7 +10,8 @@ from typing import Any
 
 import pytest
 
-from pipeline.call import CallStage, ChatRequest, classify
+from pipeline.call import CallStage, ChatRequest
+from pipeline.classify import classify
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.stall import (
     STALL_DEFAULT_S,

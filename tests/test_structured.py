@@ -47,9 +47,12 @@ GOOD = {"label": "positive", "score": 0.9, "stars": 5, "sarcastic": False, "topi
 # Loading.
 
 
-def test_schema_from_a_file_relative_to_a_base_dir(tmp_path: Path) -> None:
+def test_schema_from_a_file_relative_to_the_working_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     (tmp_path / "s.json").write_text(json.dumps(SCHEMA))
-    assert load_schema("s.json", base_dir=tmp_path) == SCHEMA
+    monkeypatch.chdir(tmp_path)
+    assert load_schema("s.json") == SCHEMA
     assert load_schema(str(tmp_path / "s.json")) == SCHEMA
 
 
@@ -100,19 +103,20 @@ def test_the_shipped_schema_and_the_shipped_reviews_work_together_without_a_pref
     ],
 )
 def test_unusable_schemas_are_config_errors_naming_the_setting(
-    tmp_path: Path, value: Any, message: str
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: Any, message: str
 ) -> None:
+    monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match=message):
-        load_schema(value, base_dir=tmp_path)
+        load_schema(value)
 
 
 def test_a_schema_file_that_is_not_json_names_the_file(tmp_path: Path) -> None:
     (tmp_path / "bad.json").write_text("{not json")
     with pytest.raises(ConfigError, match=r"schema file .*bad\.json is not valid JSON"):
-        load_schema("bad.json", base_dir=tmp_path)
+        load_schema(str(tmp_path / "bad.json"))
     (tmp_path / "list.json").write_text("[1, 2]")
     with pytest.raises(ConfigError, match=r"list\.json must be a JSON object"):
-        load_schema("list.json", base_dir=tmp_path)
+        load_schema(str(tmp_path / "list.json"))
 
 
 def test_the_setting_named_in_errors_is_configurable() -> None:

@@ -19,8 +19,9 @@ import openai
 import pytest
 from aiohttp import web
 
-from pipeline.call import CallStage, ChatRequest, Failure, classify
-from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.call import CallStage, ChatRequest
+from pipeline.classify import Failure, classify
+from pipeline.config import DEFAULT_BASE_URL, LimitsConfig, ModelConfig
 from pipeline.errors import ConfigError
 from pipeline.simulate import (
     BAD_JSON,
@@ -32,7 +33,6 @@ from pipeline.simulate import (
 from pipeline.stall import StalledRequest
 from pipeline.structured import load_schema, response_format
 from pipeline.transport import (
-    DEFAULT_BASE_URL,
     TRANSPORT_KINDS,
     USER_AGENT,
     AiohttpTransport,
@@ -959,7 +959,7 @@ async def test_tls_trusts_what_the_environment_names_and_nothing_else(
 def test_a_bare_sdk_api_error_is_a_transient_failure_without_the_key() -> None:
     # What the SDK raises for an error event inside a stream: not a bug.
     raw = openai.APIError(f"overloaded for Bearer {KEY}", cast(Any, None), body=None)
-    exc = sdk_error(raw, KEY)
+    exc = sdk_error(raw, [KEY])
     assert isinstance(exc, UnparseableResponse)
     assert "the stream carried an error: overloaded" in str(exc)
     assert KEY not in str(exc)

@@ -1,0 +1,174 @@
+"""One run, read as its stages::
+
+    plan -> up to date? -> resume point -> feed -> send -> collect
+         -> assemble (input order, atomic) -> finish (report, cleanup)
+
+Each stage is a module named after it and passes typed values to the next;
+data flows one way. Memory is bounded by the chunk size, the number of
+requests in flight and the commit buffer, never by the size of the input.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from array import array
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from pipeline.assemble import assemble
+from pipeline.errors import EnrichError, WriteFailed
+from pipeline.feed import Feed, Reuse, open_feed, open_reuse
+from pipeline.finish import Outcome, finished, skip, stopped, summarize
+from pipeline.plan import Plan, PreparedRun, make_plan
+from pipeline.resume import (
+    RunOptions,
+    emit_warnings,
+    job_price,
+    open_checkpoint,
+    resume_point,
+    up_to_date,
+)
+from pipeline.send import DRAIN_GRACE_S as DRAIN_GRACE_S
+from pipeline.send import open_stage, send
+from pipeline.tally import Tally
+
+if TYPE_CHECKING:
+    from pipeline.call import CallStage
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.costs import Price
+    from pipeline.events import EventSink
+    from pipeline.progress import Progress
+    from pipeline.resume import ResumePoint
+    from pipeline.summary import RunSummary
+    from pipeline.transport import Transport
+
+# A part found damaged while assembling sends its rows again; a disk that
+# keeps damaging what is written gets this many tries.
+MAX_ASSEMBLY_PASSES: Final = 3
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """What the caller plugs in: where events and progress go, the transport
+    (None: one made from the config) and the graceful stop."""
+
+    events: EventSink
+    progress: Progress
+    transport: Transport | None = None
+    stop: asyncio.Event | None = None
+
+
+async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> RunSummary:
+    """Run (or resume) one job, the output's lock held. Raises typed errors."""
+    plan = make_plan(prepared)
+    events = wiring.events
+    fresh = up_to_date(plan, options)
+    if fresh is not None:
+        return skip(plan, fresh, events)
+    price = job_price(plan, events)
+    checkpoint = open_checkpoint(plan, options, events)
+    job = plan.job(checkpoint.manifest.input, price)
+    reuse = open_reuse(plan, checkpoint.carried(), _cache_warning(events))
+    try:
+        async with open_stage(plan, wiring.transport, events, wiring.stop) as stage:
+            passes = _Passes(plan, options, checkpoint, stage, reuse, price, wiring)
+            outcome = await passes.send_and_assemble()
+    finally:
+        wiring.progress.close()
+        reuse.close()
+    summary = summarize(plan, outcome, stage.stats)
+    if outcome.error is not None:
+        stopped(plan, job, summary, outcome.error, events)
+    return finished(plan, job, summary, checkpoint.remove, events)
+
+
+def _cache_warning(events: EventSink) -> Callable[[str], None]:
+    def warn(message: str) -> None:
+        events.emit("warning", level="warning", kind="cache", message=message)
+
+    return warn
+
+
+@dataclass
+class _Passes:
+    """Send what the checkpoint lacks, then write the output from it; again
+    when assembly finds a damaged part (its rows are sent again)."""
+
+    plan: Plan
+    options: RunOptions
+    checkpoint: Checkpoint
+    stage: CallStage
+    reuse: Reuse
+    price: Price | None
+    wiring: Wiring
+
+    async def send_and_assemble(self) -> Outcome:
+        plan, checkpoint = self.plan, self.checkpoint
+        feeds: list[tuple[ResumePoint, Feed]] = []
+        try:
+            for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
+                point = resume_point(checkpoint, plan.total_rows, self.options, self.price)
+                emit_warnings(self.wiring.events, checkpoint)
+                feed = open_feed(
+                    plan, point, self.reuse, self.price, self.wiring.progress, self.wiring.events
+                )
+                feeds.append((point, feed))
+                if attempt == 1:
+                    self._start(point.done.count(1))
+                await send(feed, self.stage, checkpoint)
+                tally = await asyncio.to_thread(assemble, plan, checkpoint)
+                if tally is not None:
+                    return _outcome(feeds, tally)
+                emit_warnings(self.wiring.events, checkpoint)
+            raise WriteFailed(
+                f"checkpoint parts in {checkpoint.run_dir} were found damaged "
+                f"{MAX_ASSEMBLY_PASSES} times in a row; check the disk, then rerun the same command"
+            )
+        except (EnrichError, asyncio.CancelledError) as exc:
+            return _outcome(feeds, None, exc)
+
+    def _start(self, resumed: int) -> None:
+        plan = self.plan
+        config = plan.config
+        self.wiring.events.emit(
+            "start",
+            message=f"enriching {plan.total_rows:,} rows of {config.input.path} "
+            f"({resumed:,} already done) with {config.model.name}",
+            rows=plan.total_rows,
+            resumed=resumed,
+            model=config.model.name,
+            output=str(config.output.path),
+            max_cost=config.max_cost,
+        )
+        self.wiring.progress.start(plan.total_rows, resumed)
+
+
+def _outcome(
+    feeds: list[tuple[ResumePoint, Feed]],
+    output: Tally | None,
+    error: BaseException | None = None,
+) -> Outcome:
+    """What the passes came to. Without an output, the counts are what the
+    checkpoint holds: the last pass's resume point plus what it collected."""
+    if not feeds:
+        return Outcome(Tally(), error=error)
+    last_point, last_feed = feeds[-1]
+    collected = last_feed.collected
+    tally = output
+    if tally is None:
+        tally = last_point.held(collected.answered, collected.counter.tally())
+    latencies = array("d")
+    costs = []
+    for _, feed in feeds:
+        latencies.extend(feed.collected.latencies_ms)
+        costs.append(feed.spend.spent_this_run)
+    return Outcome(
+        tally=tally,
+        resumed_rows=feeds[0][0].done.count(1),
+        latencies_ms=latencies,
+        cache_hits=sum(feed.collected.cache_hits for _, feed in feeds),
+        deduplicated=sum(feed.collected.deduplicated for _, feed in feeds),
+        cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        error=error,
+    )

@@ -1,0 +1,120 @@
+"""The send stage: the call stage over one pass's feed, each result on its
+way to the collect stage, and what a graceful stop needs.
+
+Sending stops, without losing anything paid for, on a fatal API error, an
+outage past its bound, the spend cap, a commit that fails (a full disk) and
+a stop request (``stop``: no new request, those in flight get
+``DRAIN_GRACE_S``); whatever was finished is committed on the way out.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+from typing import Any, Final
+
+from pipeline.call import CallStage
+from pipeline.checkpoint import Checkpoint
+from pipeline.collect import ResultSink, commit_error
+from pipeline.errors import RunInterrupted
+from pipeline.events import EventSink
+from pipeline.feed import Feed, reused
+from pipeline.plan import Plan
+from pipeline.transport import Transport, make_transport
+
+# How long a graceful stop waits for requests in flight: they are paid for,
+# but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
+DRAIN_GRACE_S: Final = 10.0
+
+
+@contextlib.asynccontextmanager
+async def open_stage(
+    plan: Plan, transport: Transport | None, events: EventSink, stop: asyncio.Event | None
+) -> AsyncIterator[CallStage]:
+    """The run's call stage over ``transport`` (else one made from the config,
+    closed on the way out), drained when ``stop`` is set."""
+    config = plan.config
+    own_transport = transport is None
+    if transport is None:
+        response_format = plan.response_format
+        transport = make_transport(
+            config.model,
+            config.api_key(),
+            config.model.transport,
+            extra_params={"response_format": response_format} if response_format else None,
+        )
+    stage = CallStage(
+        config.model,
+        config.limits,
+        transport,
+        check_answer=plan.check_answer,
+        answer_attempts=config.structured.max_attempts,
+        events=events,
+    )
+    watcher = None
+    if stop is not None:
+        this_task = asyncio.current_task()
+        assert this_task is not None
+        watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
+    try:
+        yield stage
+    finally:
+        if watcher is not None:
+            watcher.cancel()
+        if own_transport:
+            await transport.aclose()
+
+
+async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any]) -> None:
+    await stop.wait()
+    stage.drain()
+    await asyncio.sleep(DRAIN_GRACE_S)
+    # Still waiting (a long retry-after, a hung request): stop now; what is
+    # finished is flushed on the way out.
+    run.cancel()
+
+
+async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
+    """Send the feed's requests and collect every result, the feed's own
+    (skipped, reused) included. Raises what stopped the sending, after
+    everything finished is committed."""
+    config = feed.plan.config
+    sink = ResultSink(
+        checkpoint.writer(config.checkpoint.flush_every),
+        config.checkpoint.flush_interval_s,
+        feed.reuse.cache,
+        # A commit that fails (full disk) stops the sending: answers that
+        # cannot be kept must not be bought.
+        on_failure=lambda _exc: stage.drain(),
+    )
+    feed.collected.attach(sink)
+    committer = asyncio.create_task(sink.run())
+    try:
+        await _collect_results(feed, stage)
+    finally:
+        committer.cancel()
+        # Runs on success, fatal errors and cancellation alike: what was paid
+        # for reaches the checkpoint.
+        await asyncio.shield(sink.close())
+    if sink.failure is not None:
+        raise commit_error(sink.failure, checkpoint.run_dir)
+    if stage.draining:
+        raise RunInterrupted.saved_in(feed.plan.run_dir)
+    if feed.spend_cap_reached:
+        raise feed.spend_cap_error(checkpoint.run_dir)
+
+
+async def _collect_results(feed: Feed, stage: CallStage) -> None:
+    collected, dedup = feed.collected, feed.reuse.dedup
+    # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
+    async with contextlib.aclosing(stage.results(feed.requests())) as results:
+        async for result in results:
+            feed.spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
+            key = feed.in_flight.pop(result.row_id, None)
+            await collected.add(result, key)
+            if key is not None and dedup is not None:
+                followers = dedup.settle(key, result, ok=result.status == "ok")
+                collected.deduplicated += len(followers)
+                for follower in followers:
+                    await collected.add(reused(follower, result), key)
