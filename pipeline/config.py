@@ -51,6 +51,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "max_cost": "--max-cost",
     "price_file": "--price-file",
     "output.report": "--report",
+    "output.page": "--page/--no-page",
     "cache.enabled": "--cache/--no-cache",
     "cache.path": "--cache-path",
     "cache.dedup": "--dedup/--no-dedup",
@@ -86,6 +87,8 @@ class OutputConfig(_Section):
     column_prefix: str = ""
     keep_checkpoint: bool = False
     report: Path | None = None
+    # The report page (OUTPUT.report.html) written beside the report at the end.
+    page: bool = True
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -10,7 +10,11 @@ never reaches a log.
 Event names (``event``) used by enrich:
 
 - ``start``     the run begins: rows, rows already done, model, output
-- ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost
+- ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost,
+                and the run's live totals (requests sent, retries, 429s, rows from
+                cache and dedup, tokens, in flight, limits, time paused): the
+                numbers ``--metrics-port`` serves (``pipeline.timeline.Live``)
+- ``metrics``   the metrics endpoint is up: url, port
 - ``warning``   something a scheduler's operator should see; ``kind`` says what
                 (``rate_limit_pause``, ``stale_lock``, ``unknown_price``, ``outage``, ...).
                 ``outage``: requests from several rows failed in a row (refused,
@@ -234,7 +238,8 @@ class ProgressEvents:
     ``interval_s`` (and one at close), for logs where no bar can be drawn.
 
     ``cost_so_far`` (optional) returns the money spent by this run so far, so
-    the running cost appears in each progress line.
+    the running cost appears in each progress line; ``live`` (optional)
+    returns more running totals to carry (the run timeline's).
     """
 
     def __init__(
@@ -243,9 +248,11 @@ class ProgressEvents:
         *,
         interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
         cost_so_far: Callable[[], float | None] | None = None,
+        live: Callable[[], Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
+        self._live = live
         self._interval_s = interval_s
         self._cost_so_far = cost_so_far
         self._clock = clock
@@ -292,6 +299,9 @@ class ProgressEvents:
         if self._cost_so_far is not None:
             cost = self._cost_so_far()
             values["cost_usd"] = None if cost is None else round(cost, 6)
+        if self._live is not None:
+            for name, value in self._live().items():
+                values.setdefault(name, value)
         return values
 
     def _emit(self, now: float) -> None:

@@ -35,7 +35,9 @@ from pipeline.events import REDACTED, json_safe, redact
 from pipeline.version import version
 
 REPORT_SUFFIX: Final = ".report.json"
+PAGE_SUFFIX: Final = ".html"
 REPORT_VERSION: Final = 1
+PERCENTILES: Final = ("p50", "p90", "p95", "p99")
 
 # Key names whose string values are credentials. Numbers under such names
 # (max_tokens, tpm, prompt_tokens) are counts and limits, never secrets.
@@ -54,6 +56,12 @@ def _outcome(exit_code: int) -> str:
 def report_path_for(output: Path) -> Path:
     """``data/out/x.parquet`` -> ``data/out/x.parquet.report.json``."""
     return output.with_name(output.name + REPORT_SUFFIX)
+
+
+def page_path_for(report: Path) -> Path:
+    """The report page beside a report: ``x.report.json`` -> ``x.report.html``."""
+    name = report.name.removesuffix(".json")
+    return report.with_name(name + PAGE_SUFFIX)
 
 
 class SummaryLike(Protocol):
@@ -94,14 +102,14 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 
 def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99 in ms (None without data), like ``RunSummary.latency_percentile``."""
+    """p50/p90/p95/p99 in ms (None without data), like ``RunSummary.latency_percentile``."""
     if not latencies_ms:
-        return {"p50": None, "p95": None, "p99": None}
+        return dict.fromkeys(PERCENTILES, None)
     if len(latencies_ms) == 1:
         only = round(float(latencies_ms[0]), 3)
-        return {"p50": only, "p95": only, "p99": only}
+        return dict.fromkeys(PERCENTILES, only)
     cuts = statistics.quantiles(latencies_ms, n=100, method="inclusive")
-    return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 95, 99)}
+    return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 90, 95, 99)}
 
 
 def _scrub_url(text: str, secrets: Sequence[str | None]) -> str:

@@ -42,10 +42,12 @@ from pipeline.collect import ResultSink
 from pipeline.config import RunConfig
 from pipeline.costs import (
     CostMeter,
+    Estimate,
     Price,
     PriceTable,
     SpendCap,
     cost,
+    estimate_from_sample,
     prompt_token_estimate,
     unknown_price_message,
 )
@@ -66,10 +68,13 @@ from pipeline.report import (
     build_report,
     check_up_to_date,
     fingerprint,
+    page_path_for,
+    read_report,
     report_path_for,
     write_report,
 )
 from pipeline.results import ROW_ID, TRANSIENT, RowResult
+from pipeline.timeline import Timeline, job_timeline, previous_segments, segment_facts
 from pipeline.transport import Completion, Messages, Transport, make_transport
 
 # Input bytes per chunk at most, whatever --chunk-size says.
@@ -422,6 +427,7 @@ async def enrich_async(
     events: EventSink | None = None,
     transport: Transport | None = None,
     stop: asyncio.Event | None = None,
+    timeline: Timeline | None = None,
 ) -> RunSummary:
     """Run (or resume) one enrichment job. Raises typed errors; never prints.
 
@@ -429,7 +435,8 @@ async def enrich_async(
     complete for this input and these settings is left alone. Setting ``stop``
     ends the run gracefully: no new request is sent, those in flight get up to
     ``DRAIN_GRACE_S`` to finish, everything finished is flushed, and
-    ``RunInterrupted`` is raised.
+    ``RunInterrupted`` is raised. ``timeline`` records the run interval by
+    interval (pass one to read its live totals during the run).
     """
     events = events or NullEventSink()
     prepared = prepare(config)
@@ -442,7 +449,9 @@ async def enrich_async(
                 kind="stale_lock",
                 message=takeover_message(lock.path, lock.stale_holder),
             )
-        return await _locked_run(prepared, options, progress, events, transport, stop)
+        return await _locked_run(
+            prepared, options, progress, events, transport, stop, timeline or Timeline()
+        )
 
 
 async def _locked_run(
@@ -452,6 +461,7 @@ async def _locked_run(
     events: EventSink,
     transport: Transport | None,
     stop: asyncio.Event | None,
+    timeline: Timeline,
 ) -> RunSummary:
     config = prepared.config
     started_at = datetime.now(UTC)
@@ -481,6 +491,18 @@ async def _locked_run(
         on_input_change=config.checkpoint.on_input_change,
     )
     _emit_warnings(events, checkpoint)
+    timeline.price = price
+    planned = await asyncio.to_thread(_planned_estimate, prepared, price)
+    # A resumed job's report page shows every run of the job.
+    earlier = (
+        previous_segments(
+            read_report(report_path),
+            fingerprint=fingerprint(settings),
+            input_sha256=checkpoint.manifest.input.sha256,
+        )
+        if checkpoint.has_results()
+        else []
+    )
 
     def report(exit_code: int, message: str | None) -> None:
         summary.wall_s = time.perf_counter() - started
@@ -514,6 +536,8 @@ async def _locked_run(
             "deduplicated": summary.deduplicated,
             "requests_saved": summary.cache_hits + summary.deduplicated,
         }
+        body["cost"]["estimate_before_run"] = planned.to_dict()
+        body["timeline"] = job_timeline([*earlier, timeline.segment(**segment_facts(body))])
         try:
             write_report(report_path, body, secrets=[config.api_key()])
         except OSError as exc:
@@ -524,6 +548,9 @@ async def _locked_run(
                 kind="report_not_written",
                 message=f"the run report {report_path} could not be written ({exc})",
             )
+            return
+        if config.output.page:
+            _write_page(page_path_for(report_path), body, events)
 
     reuse = _open_reuse(prepared, checkpoint, events)
     own_transport = transport is None
@@ -543,12 +570,14 @@ async def _locked_run(
         answer_attempts=config.structured.max_attempts,
         events=events,
     )
+    timeline.bind(stage, lambda: (summary.cache_hits, summary.deduplicated))
+    sampler = asyncio.create_task(timeline.run())
     watcher = None
     if stop is not None:
         this_task = asyncio.current_task()
         assert this_task is not None
         watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
-    progress = progress or NoProgress()
+    progress = timeline.watching(progress or NoProgress())
     try:
         tally = await _send_and_assemble(
             prepared, options, checkpoint, stage, progress, summary, price, reuse, events
@@ -561,6 +590,7 @@ async def _locked_run(
             report(RunInterrupted.exit_code, str(exc) or None)
         raise
     finally:
+        sampler.cancel()
         if watcher is not None:
             watcher.cancel()
         progress.close()
@@ -710,6 +740,38 @@ def _price(config: RunConfig, events: EventSink) -> Price | None:
     return price
 
 
+def _write_page(path: Path, report: dict[str, Any], events: EventSink) -> None:
+    from pipeline.page import PageUnavailable, write_page  # matplotlib: only when drawn
+
+    try:
+        write_page(path, report)
+    except PageUnavailable as exc:
+        events.emit("warning", level="warning", kind="page_not_written", message=exc.message)
+    except OSError as exc:
+        events.emit(
+            "warning",
+            level="warning",
+            kind="page_not_written",
+            message=f"the report page {path} could not be written ({exc}); "
+            "`enrich report OUTPUT` draws it again from the report",
+        )
+
+
+def _planned_estimate(prepared: PreparedRun, price: Price | None) -> Estimate:
+    config = prepared.config
+    return estimate_from_sample(
+        prepared.source,
+        prepared.spec,
+        prepared.total_rows,
+        model=config.model.name,
+        price=price,
+        max_tokens=config.model.max_tokens,
+        concurrency=config.limits.concurrency,
+        rpm=config.limits.rpm,
+        tpm=config.limits.tpm,
+    )
+
+
 def _emit_warnings(events: EventSink, checkpoint: Checkpoint) -> None:
     for message in checkpoint.warnings:
         events.emit("warning", level="warning", kind="checkpoint", message=message)
@@ -849,6 +911,7 @@ def enrich(
     progress: Progress | None = None,
     events: EventSink | None = None,
     handle_signals: bool = False,
+    timeline: Timeline | None = None,
 ) -> RunSummary:
     """Synchronous entry point (what a cron job's CLI or an Airflow task calls).
 
@@ -874,7 +937,12 @@ def enrich(
                 loop.add_signal_handler(signum, on_signal)
         try:
             return await enrich_async(
-                config, options=options, progress=progress, events=events, stop=stop
+                config,
+                options=options,
+                progress=progress,
+                events=events,
+                stop=stop,
+                timeline=timeline,
             )
         except asyncio.CancelledError:
             if stop.is_set():

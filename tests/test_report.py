@@ -234,8 +234,8 @@ def test_redact_settings_removes_secret_values_but_keeps_counts() -> None:
 
 
 def test_latency_percentiles() -> None:
-    assert latency_percentiles([]) == {"p50": None, "p95": None, "p99": None}
-    assert latency_percentiles([7.0]) == {"p50": 7.0, "p95": 7.0, "p99": 7.0}
+    assert latency_percentiles([]) == {"p50": None, "p90": None, "p95": None, "p99": None}
+    assert latency_percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p95": 7.0, "p99": 7.0}
     values = [float(v) for v in range(1, 101)]
     cuts = latency_percentiles(values)
     assert cuts["p50"] == pytest.approx(50.5)
