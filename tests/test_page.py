@@ -56,7 +56,7 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     )
     output = tmp_path / "out.parquet"
     simulated = SimulatorConfig(
-        latency_ms=20, jitter_ms=20, fail_rate_5xx=0.15, fail_rate_429=0.05, seed=3
+        latency_ms=20, jitter_ms=20, fail_rate_5xx=0.2, fail_rate_429=0.05, seed=3
     )
     with Simulator.run_in_thread(simulated) as server:
         config = make_config(
