@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib.util
+import itertools
 import json
 import math
 import os
@@ -166,6 +167,8 @@ class Sizes:
     memory_rows: int  # the large case; the small one is a tenth
     resume_rows: int
     rate_rows: int
+    # The rate section's long-window cases run this many windows at the limit.
+    rate_windows: float
     tail_rows: int
     section_budget_s: float
 
@@ -180,6 +183,7 @@ FULL: Final = Sizes(
     memory_rows=20_000,
     resume_rows=1_000_000,
     rate_rows=1_500,
+    rate_windows=2.5,
     tail_rows=2_000,
     section_budget_s=180.0,
 )
@@ -190,6 +194,7 @@ QUICK: Final = Sizes(
     memory_rows=3_000,
     resume_rows=200_000,
     rate_rows=500,
+    rate_windows=1.5,
     tail_rows=500,
     section_budget_s=45.0,
 )
@@ -349,26 +354,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-_PYTHONPATH: Final = os.environ.get("PYTHONPATH", "")
-
 # Loopback only: never let a proxy from the environment see these requests.
 _LOCAL: Final = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class Simulator:
-    """``python -m pipeline simulate`` in its own process, so its CPU is not the client's.
+    """``python -m pipeline simulate`` in its own process, so its CPU is not
+    the client's; always this checkout's simulator, so that an older client
+    (``PYTHONPATH``) meets the same server as the current one."""
 
-    ``code``: run the simulator of that checkout (put first on its
-    ``PYTHONPATH``) rather than whichever ``pipeline`` the jobs measure, so
-    that an older client meets the same server as the current one."""
-
-    def __init__(
-        self, workdir: Path, latency_ms: float, *flags: str, code: Path | None = None
-    ) -> None:
+    def __init__(self, workdir: Path, latency_ms: float, *flags: str) -> None:
         self.workdir = workdir
         self.latency_ms = latency_ms
         self.flags = flags  # more `simulate` options: limits, jitter, headers
-        self.code = code
         self.port = 0
         self.child: Child | None = None
 
@@ -389,9 +387,9 @@ class Simulator:
             self.port = free_port()
             argv = [sys.executable, "-m", "pipeline", "simulate", "--port", str(self.port)]
             argv += ["--latency-ms", str(self.latency_ms), *self.flags]
-            env = None
-            if self.code is not None:
-                env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(self.code), _PYTHONPATH]))}
+            # The server is the benchmark's own, whatever code PYTHONPATH
+            # points the measured jobs at: the yardstick stays the same.
+            env = {"PYTHONPATH": str(REPO)}
             self.child = Child(argv, self.workdir, f"simulator-{self.port}", env)
             deadline = time.monotonic() + 30
             while time.monotonic() < deadline and not self.child.has_exited():
@@ -458,8 +456,9 @@ def finish_job(
     rows: int,
     first_request_s: float | None = None,
     ok_codes: tuple[int, ...] = (0,),
+    timeout_s: float | None = None,
 ) -> JobResult:
-    wall, code, usage = child.wait(job_timeout(rows))
+    wall, code, usage = child.wait(timeout_s or job_timeout(rows))
     result = JobResult(
         name=child.name,
         rows=rows,
@@ -760,6 +759,8 @@ class Context:
     sizes: Sizes
     repeats: int
     enrich_flags: tuple[str, ...] = ()
+    # Only the rate variants whose name contains one of these (all if empty).
+    rate_variants: tuple[str, ...] = ()
     tables: list[str] = field(default_factory=list)
     _salt: int = 0
 
@@ -1077,6 +1078,24 @@ RATE_LATENCY_MS: Final = 200.0
 RATE_JITTER_MS: Final = 100.0
 RATE_CONCURRENCY: Final = 64
 
+# Limits the server does not report (no x-ratelimit-* headers; retry-after is
+# still sent), counted over longer windows: (window, rpm). The 60 s one is
+# 1,200 rpm so that its first window (a burst of 1,200 requests) is within
+# what one client sends in a few seconds. Each runs Sizes.rate_windows windows
+# of rows at the limit (at least the section's rows): about 2.5 minutes for
+# the 60 s window (1.5 with --quick).
+RATE_LONG_WINDOWS: Final = ((6.0, 6_000), (60.0, 1_200))
+# A storm on the 1 s window's 6,000 rpm: 600 rpm from RATE_STORM_FROM_S to
+# RATE_STORM_UNTIL_S after the first request, then 6,000 again, for
+# RATE_STORM_AFTER_S of rows (3,150 rows, 45 s at the limits). Without
+# headers, and with headers that stop when the storm ends (the server
+# reported 600 during it, then nothing).
+RATE_STORM_LOW_RPM: Final = 600
+RATE_STORM_FROM_S: Final = 10.0
+RATE_STORM_UNTIL_S: Final = 25.0
+RATE_STORM_AFTER_S: Final = 20.0
+RATE_TIMEOUT_IDEALS: Final = 8.0
+
 
 # How often the rate section samples the simulator's counters during a job.
 RATE_POLL_S: Final = 0.25
@@ -1085,14 +1104,17 @@ RATE_POLL_S: Final = 0.25
 STEADY_FROM: Final = 0.1
 STEADY_TO: Final = 0.9
 
+# A sample of the simulator's counters: (bench clock, admitted, admitted
+# tokens, 429s, requests).
+Sample = tuple[float, int, int, int, int]
+
 
 class StatsPoller:
-    """Samples the simulator's admitted counters while a job runs:
-    (seconds, requests admitted, tokens admitted)."""
+    """Samples the simulator's counters while a job runs (see ``Sample``)."""
 
     def __init__(self, sim: Simulator) -> None:
         self.sim = sim
-        self.samples: list[tuple[float, int, int]] = []
+        self.samples: list[Sample] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._poll, daemon=True)
 
@@ -1101,7 +1123,13 @@ class StatsPoller:
             with contextlib.suppress(OSError):
                 stats = self.sim.stats()
                 self.samples.append(
-                    (time.monotonic(), int(stats["admitted"]), int(stats["admitted_tokens"]))
+                    (
+                        time.monotonic(),
+                        int(stats["admitted"]),
+                        int(stats["admitted_tokens"]),
+                        int(stats["rate_limited"]),
+                        int(stats["requests"]),
+                    )
                 )
 
     def __enter__(self) -> StatsPoller:
@@ -1113,23 +1141,59 @@ class StatsPoller:
         self._thread.join()
 
 
-def steady_rate(samples: Sequence[tuple[float, int, int]], total: int, column: int) -> float:
-    """Per second, between the samples where STEADY_FROM and STEADY_TO of the
-    ``total`` requests had been admitted; ``column`` 1 for requests, 2 for tokens."""
-    start = next((s for s in samples if s[1] >= STEADY_FROM * total), None)
-    end = next((s for s in reversed(samples) if s[1] <= STEADY_TO * total), None)
-    if start is None or end is None or end[0] - start[0] < 4 * RATE_POLL_S:
-        return math.nan  # too short a run to tell
-    return (end[column] - start[column]) / (end[0] - start[0])
-
-
 @dataclass(frozen=True)
 class RateVariant:
-    """One client against one server set-up; ``limit`` says which limit binds."""
+    """One client against one server set-up; ``limit`` says which limit binds.
+    ``schedule`` is the server's ``--rpm-schedule`` ((seconds since the first
+    request, rpm) steps after ``rpm``); ``rows`` None means the section's."""
 
     build: Build
     server_flags: tuple[str, ...]
     limit: str  # "requests" or "tokens"
+    window_s: float = RATE_WINDOW_S
+    rpm: int = RATE_RPM
+    rows: int | None = None
+    schedule: tuple[tuple[float, int], ...] = ()
+
+    def flags(self) -> tuple[str, ...]:
+        flags: tuple[str, ...] = (
+            "--jitter-ms",
+            str(RATE_JITTER_MS),
+            "--window-s",
+            str(self.window_s),
+        )
+        if self.schedule:
+            steps = ",".join(f"{at:g}:{rpm}" for at, rpm in self.schedule)
+            flags += ("--rpm-schedule", steps)
+        return (*flags, *self.server_flags)
+
+    def admits(self, start: float, end: float) -> float:
+        """Requests the limit admits between two times since the first request."""
+        steps = [(0.0, self.rpm), *self.schedule, (math.inf, 0)]
+        total = 0.0
+        for (at, rpm), (until, _) in itertools.pairwise(steps):
+            overlap = min(end, until) - max(start, at)
+            if overlap > 0:
+                total += overlap * rpm / 60.0
+        return total
+
+    def ideal_s(self, requests: float) -> float:
+        """Time for ``requests`` at exactly the limit (as scheduled)."""
+        steps = [(0.0, self.rpm), *self.schedule, (math.inf, 0)]
+        left = requests
+        for (at, rpm), (until, _) in itertools.pairwise(steps):
+            can = (until - at) * rpm / 60.0
+            if left <= can:
+                return at + left / (rpm / 60.0)
+            left -= can
+        return math.inf
+
+
+def rate_timeout(variant: RateVariant, rows: int) -> float:
+    """Long enough for a client far below the limit (code from before a
+    fix, say) to finish: RATE_TIMEOUT_IDEALS times the ideal time."""
+    ideal = variant.ideal_s(rows) if variant.limit == "requests" else 0.0
+    return max(job_timeout(rows), JOB_BASE_TIMEOUT_S + RATE_TIMEOUT_IDEALS * ideal)
 
 
 def rate_variants(ctx: Context) -> dict[str, RateVariant]:
@@ -1138,7 +1202,7 @@ def rate_variants(ctx: Context) -> dict[str, RateVariant]:
     tokens_server = ("--tpm", tpm)
     no_headers = ("--no-rate-headers",)
     c = RATE_CONCURRENCY
-    return {
+    variants = {
         "rpm: configured": RateVariant(ctx.enrich(c, "--rpm", rpm), requests_server, "requests"),
         "rpm: auto, headers": RateVariant(ctx.enrich(c), requests_server, "requests"),
         "rpm: auto, no headers": RateVariant(
@@ -1151,12 +1215,70 @@ def rate_variants(ctx: Context) -> dict[str, RateVariant]:
             ctx.enrich(c), (*tokens_server, *no_headers), "tokens"
         ),
     }
+    for window_s, window_rpm in RATE_LONG_WINDOWS:
+        per_window = window_rpm / 60.0 * window_s
+        variants[f"rpm: auto, no headers, {window_s:g} s window"] = RateVariant(
+            ctx.enrich(c),
+            ("--rpm", str(window_rpm), *no_headers),
+            "requests",
+            window_s=window_s,
+            rpm=window_rpm,
+            rows=max(ctx.sizes.rate_rows, round(per_window * ctx.sizes.rate_windows)),
+        )
+    schedule = ((RATE_STORM_FROM_S, RATE_STORM_LOW_RPM), (RATE_STORM_UNTIL_S, RATE_RPM))
+    storm = RateVariant(ctx.enrich(c), requests_server, "requests", schedule=schedule)
+    storm = replace(storm, rows=round(storm.admits(0.0, RATE_STORM_UNTIL_S + RATE_STORM_AFTER_S)))
+    variants["storm: auto, no headers"] = replace(
+        storm, server_flags=(*requests_server, *no_headers)
+    )
+    variants["storm: auto, headers stop"] = replace(
+        storm,
+        server_flags=(*requests_server, "--rate-headers-until", f"{RATE_STORM_UNTIL_S:g}"),
+    )
+    if ctx.rate_variants:
+        variants = {
+            name: variant
+            for name, variant in variants.items()
+            if any(part in name for part in ctx.rate_variants)
+        }
+    return variants
+
+
+def steady_rate(samples: Sequence[Sample], total: int, column: int) -> tuple[float, float, float]:
+    """(per second, start, end) between the samples where STEADY_FROM and
+    STEADY_TO of the ``total`` requests had been admitted; ``column`` 1 for
+    requests, 2 for tokens. Times are on the bench clock."""
+    start = next((s for s in samples if s[1] >= STEADY_FROM * total), None)
+    end = next((s for s in reversed(samples) if s[1] <= STEADY_TO * total), None)
+    if start is None or end is None or end[0] - start[0] < 4 * RATE_POLL_S:
+        return math.nan, math.nan, math.nan  # too short a run to tell
+    return (end[column] - start[column]) / (end[0] - start[0]), start[0], end[0]
+
+
+def after_first_window(
+    samples: Sequence[Sample], variant: RateVariant, column: int
+) -> tuple[float, float, float, float]:
+    """From one window after the first admitted request to the last: (per
+    second, 429 share, start, end), times since the first admitted request
+    (read off the samples, to within a poll period)."""
+    first = next((s for s in samples if s[1] > 0), None)
+    if first is None:
+        return math.nan, math.nan, math.nan, math.nan
+    origin = first[0] - RATE_POLL_S / 2
+    final = samples[-1][1]
+    start = next((s for s in samples if s[0] >= origin + variant.window_s), None)
+    end = next((s for s in samples if s[1] >= final), None)
+    if start is None or end is None or end[0] - start[0] < 4 * RATE_POLL_S:
+        return math.nan, math.nan, math.nan, math.nan
+    per_s = (end[column] - start[column]) / (end[0] - start[0])
+    share = ratio(end[3] - start[3], end[4] - start[4])
+    return per_s, share, start[0] - origin, end[0] - origin
 
 
 def rate_measurements(
     job: JobResult,
     stats: dict[str, Any],
-    samples: Sequence[tuple[float, int, int]],
+    samples: Sequence[Sample],
     variant: RateVariant,
 ) -> None:
     """What the server saw of one job, in ``job.extra``.
@@ -1165,26 +1287,39 @@ def rate_measurements(
     to the last request it admitted: process start-up is not the limiter's to
     answer for (wall time vs ideal covers it), while the ramp to the limit and
     every slow-down after a 429 are in it. The steady rate leaves out the
-    ramp and the end (see ``steady_rate``): what a long run sustains.
+    ramp and the end (see ``steady_rate``): what a long run sustains. "After
+    the first window" leaves out the window a limit that is not reported is
+    found in. Under a schedule, the limit is what it admits over the span.
     """
     naive_ok = _count(r"naive: ok (\d+)", job.stdout_tail)
     ok_rows = naive_ok if naive_ok is not None else job.extra.get("ok_rows", 0)
     span = float(stats["admitted_span_s"])
+    column = 1 if variant.limit == "requests" else 2
     if variant.limit == "requests":
-        per_s, limit_per_s = ratio(stats["admitted"], span), RATE_RPM / 60.0
-        steady = steady_rate(samples, stats["admitted"], 1)
-        ideal_s = job.rows / limit_per_s
+        per_s, limit_per_s = ratio(stats["admitted"], span), ratio(variant.admits(0.0, span), span)
+        ideal_s = variant.ideal_s(job.rows)
     else:
         per_s, limit_per_s = ratio(stats["admitted_tokens"], span), RATE_TPM / 60.0
-        steady = steady_rate(samples, stats["admitted"], 2)
         # The rows' tokens, from the mean of those answered.
         ideal_s = ratio(stats["tokens"], stats["answered"]) * job.rows / limit_per_s
+    steady, steady_start, steady_end = steady_rate(samples, stats["admitted"], column)
+    after, after_429, after_start, after_end = after_first_window(samples, variant, column)
+    if variant.limit == "requests":
+        first = next((s[0] for s in samples if s[1] > 0), math.nan) - RATE_POLL_S / 2
+        steady_limit = ratio(
+            variant.admits(steady_start - first, steady_end - first), steady_end - steady_start
+        )
+        after_limit = ratio(variant.admits(after_start, after_end), after_end - after_start)
+    else:
+        steady_limit = after_limit = limit_per_s
     job.extra.update(
         server_requests=stats["requests"],
         answered_429=stats["rate_limited"],
         share_429=ratio(stats["rate_limited"], stats["requests"]),
         rate_share=ratio(per_s, limit_per_s),
-        steady_share=ratio(steady, limit_per_s),
+        steady_share=ratio(steady, steady_limit),
+        after_window_share=ratio(after, after_limit),
+        after_window_429=after_429,
         lost_rows=job.rows - ok_rows if job.ok else job.rows,
         ideal_s=ideal_s,
         wall_over_ideal=ratio(job.wall_s, ideal_s),
@@ -1208,14 +1343,16 @@ def section_rate(ctx: Context) -> dict[str, Any]:
         if index % 2:
             order.reverse()
         for name, variant in order:
-            input_path = ctx.fresh_input(rows)
-            flags = ("--jitter-ms", str(RATE_JITTER_MS), "--window-s", str(RATE_WINDOW_S))
+            variant_rows = variant.rows or rows
+            input_path = ctx.fresh_input(variant_rows)
             # A fresh server per job: no window, and no count, carried over.
-            with Simulator(ctx.workdir, RATE_LATENCY_MS, *flags, *variant.server_flags) as sim:
+            with Simulator(ctx.workdir, RATE_LATENCY_MS, *variant.flags()) as sim:
                 label = re.sub(r"[^\w.]+", "-", f"rate-{name}-{index}")
                 with StatsPoller(sim) as poller:
                     child = Child(variant.build(input_path, output, sim), ctx.workdir, label)
-                    job = finish_job(child, rows)
+                    job = finish_job(
+                        child, variant_rows, timeout_s=rate_timeout(variant, variant_rows)
+                    )
                 rate_measurements(job, sim.stats(), poller.samples, variant)
             report_rate_job(job)
             jobs[name].append(job)
@@ -1230,6 +1367,8 @@ def section_rate(ctx: Context) -> dict[str, Any]:
         keys = (
             "rate_share",
             "steady_share",
+            "after_window_share",
+            "after_window_429",
             "share_429",
             "lost_rows",
             "ideal_s",
@@ -1239,17 +1378,25 @@ def section_rate(ctx: Context) -> dict[str, Any]:
             entry[key] = med(jobs[name], key)
         entry["answered_429"] = med(jobs[name], "answered_429")
         entry["net_wall_over_ideal"] = ratio(entry["wall_s"] - startup_wall, entry["ideal_s"])
+        entry["rows"] = variants[name].rows or rows
         entries[name] = entry
     ctx.table(
         f"rate: {rows:,} rows; limit {RATE_RPM:,} rpm or {RATE_TPM:,} tpm over "
-        f"{RATE_WINDOW_S:g} s, {RATE_LATENCY_MS:.0f} +- {RATE_JITTER_MS:.0f} ms; medians; "
+        f"{RATE_WINDOW_S:g} s, {RATE_LATENCY_MS:.0f} +- {RATE_JITTER_MS:.0f} ms (long windows: "
+        + ", ".join(f"{r:,} rpm over {w:g} s" for w, r in RATE_LONG_WINDOWS)
+        + f"; storm: {RATE_STORM_LOW_RPM:,} rpm from {RATE_STORM_FROM_S:g} s to "
+        f"{RATE_STORM_UNTIL_S:g} s); medians; "
         "rate/limit measured by the server from its first to last admitted request, "
-        f"steady from {STEADY_FROM:.0%} to {STEADY_TO:.0%} of them; "
+        f"steady from {STEADY_FROM:.0%} to {STEADY_TO:.0%} of them, after 1st window from "
+        "one window after the first; "
         "targets: configured >= 95% with < 1% 429s, auto >= 90% with < 2%; "
         f"net = minus {startup_wall:.1f} s start-up",
         [
+            Column("rows", "rows", 0),
             Column("rate/limit", "rate_share", 1, "%", 100.0),
             Column("steady", "steady_share", 1, "%", 100.0),
+            Column("after 1st window", "after_window_share", 1, "%", 100.0),
+            Column("429s after", "after_window_429", 2, "%", 100.0),
             Column("429 share", "share_429", 2, "%", 100.0),
             Column("429s", "answered_429", 0),
             Column("lost rows", "lost_rows", 0),
@@ -1270,6 +1417,13 @@ def section_rate(ctx: Context) -> dict[str, Any]:
             "window_s": RATE_WINDOW_S,
             "latency_ms": RATE_LATENCY_MS,
             "jitter_ms": RATE_JITTER_MS,
+            "long_windows": RATE_LONG_WINDOWS,
+            "storm": {
+                "low_rpm": RATE_STORM_LOW_RPM,
+                "from_s": RATE_STORM_FROM_S,
+                "until_s": RATE_STORM_UNTIL_S,
+                "after_s": RATE_STORM_AFTER_S,
+            },
         },
         "concurrency": RATE_CONCURRENCY,
         "summary": entries,
@@ -1283,7 +1437,8 @@ def report_rate_job(job: JobResult) -> None:
     print(
         f"    {job.name}: {job.wall_s:.1f} s ({extra['wall_over_ideal']:.2f}x ideal), "
         f"{100 * extra['rate_share']:.1f}% of the limit ({100 * extra['steady_share']:.1f}% "
-        f"steady), {extra['answered_429']:,} x 429 "
+        f"steady, {100 * extra['after_window_share']:.1f}% after the first window), "
+        f"{extra['answered_429']:,} x 429 "
         f"({100 * extra['share_429']:.2f}%), {extra['lost_rows']:,} rows lost{status}"
     )
 
@@ -1326,7 +1481,7 @@ def section_tail(ctx: Context) -> dict[str, Any]:
         for name, flags in order:
             input_path = ctx.fresh_input(rows)
             # A fresh server per job: no window, count or held request carried over.
-            with Simulator(ctx.workdir, RATE_LATENCY_MS, *server, *flags, code=REPO) as sim:
+            with Simulator(ctx.workdir, RATE_LATENCY_MS, *server, *flags) as sim:
                 label = re.sub(r"[^\w.]+", "-", f"tail-{name}-{index}")
                 job = finish_job(Child(build(input_path, output, sim), ctx.workdir, label), rows)
                 stats = sim.stats()
@@ -1468,6 +1623,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="FLAGS",
         help='extra flags for every enrich run, e.g. "--chunk-size 5000"',
     )
+    parser.add_argument(
+        "--rate-variants",
+        nargs="+",
+        default=(),
+        metavar="TEXT",
+        help='only the rate variants whose name contains one of these, e.g. "window" "storm"',
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep inputs and child logs")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -1495,7 +1657,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     chosen = [name for name in SECTIONS if not args.only or name in args.only]
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
     workdir = Path(tempfile.mkdtemp(prefix="enrich-bench-"))
-    ctx = Context(workdir, sizes, args.repeats, tuple(shlex.split(args.enrich_args)))
+    ctx = Context(
+        workdir,
+        sizes,
+        args.repeats,
+        tuple(shlex.split(args.enrich_args)),
+        rate_variants=tuple(args.rate_variants),
+    )
     report: dict[str, Any] = {
         "started": stamp,
         "args": vars(args),

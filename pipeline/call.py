@@ -259,9 +259,10 @@ class CallStats:
 class CallStage:
     """Sends requests concurrently under limits, retrying what is transient.
 
-    A run-level failure (bad key, unknown model, no quota) raises
-    ``FatalAPIError`` out of ``results()`` after every finished result has
-    been yielded, so nothing already paid for is dropped. An outage (the API
+    A run-level failure (bad key, unknown model, no quota, every answer a
+    429 for longer than ``limits.max_refusal_s``) raises ``FatalAPIError``
+    out of ``results()`` after every finished result has been yielded, so
+    nothing already paid for is dropped. An outage (the API
     failing transiently across rows) holds every worker while one probe at a
     time tests the API (see ``pipeline.outage``); one longer than
     ``limits.max_outage_s`` raises ``APIUnreachable`` the same way.
@@ -309,6 +310,8 @@ class CallStage:
         self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
+        # When the current run of 429s began (None: the last answer was not one).
+        self._refused_since: float | None = None
 
     def drain(self) -> None:
         """Send no new request; those in flight finish and are still yielded
@@ -339,6 +342,7 @@ class CallStage:
             # The outage gate first: a worker held by an outage must not hold
             # a place in flight or a token reservation while it waits.
             async with self.outage.attempt() as passage, self.limiter.request(reserve) as permit:
+                probe = permit.probe
                 self.stats.requests += 1
                 started = time.perf_counter()
                 try:
@@ -364,10 +368,20 @@ class CallStage:
                         pause = failure.retry_after
                         if pause is None:
                             pause = self.backoff_delay(attempt, None)
-                        self.limiter.rate_limited(permit, pause, failure.headers, failure.limit)
-                        failure = self._check_pause(failure, pause)
+                        self.limiter.rate_limited(
+                            permit,
+                            pause,
+                            failure.headers,
+                            failure.limit,
+                            retry_after=failure.retry_after is not None,
+                        )
+                        failure = self._check_refusal(self._check_pause(failure, pause))
+                    elif failure.kind == "row":
+                        # The server took the request (and refused its content).
+                        self._refused_since = None
                 else:
                     self.outage.answered(passage)
+                    self._refused_since = None
                     used = None
                     if completion.prompt_tokens is not None:
                         used = completion.prompt_tokens + (completion.completion_tokens or 0)
@@ -407,7 +421,10 @@ class CallStage:
                 # quarter attempt). The gate decides when the row goes again.
                 self.stats.retries += 1
                 continue
-            spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
+            if not (failure.rate_limited and probe):
+                # (A 429 to a probe, sent alone to test whether a window with
+                # no retry-after has room, is the run's business: free.)
+                spent += RATE_LIMITED_ATTEMPT_COST if failure.rate_limited else 1.0
             if failure.kind == "row" or spent >= self._limits.max_attempts - 1e-9:
                 reason = failure.reason
                 if failure.kind == "retry":
@@ -453,6 +470,31 @@ class CallStage:
             f"the API asks to wait {pause_s:,.0f} s before more requests (429 retry-after), "
             f"more than --max-pause {max_pause:g} s; rerun later to resume from the "
             "checkpoint, or raise --max-pause",
+        )
+
+    def _check_refusal(self, failure: Failure) -> Failure:
+        """Every answer a 429 for longer than ``limits.max_refusal_s`` (a quota
+        exhausted without saying so, a key with no limit left) ends the run
+        instead of grinding through retries. Counted from the first 429 since
+        the last request the server admitted, and checked when a 429 comes:
+        a long retry-after is waited out, and the answer after it decides."""
+        if failure.kind == "fatal":
+            return failure
+        now = asyncio.get_running_loop().time()
+        if self._refused_since is None:
+            self._refused_since = now
+            return failure
+        max_refusal = getattr(self._limits, "max_refusal_s", None)
+        refused_for = now - self._refused_since
+        if max_refusal is None or refused_for <= max_refusal:
+            return failure
+        return Failure(
+            "fatal",
+            f"the API has answered every request with 429 (rate limited) for "
+            f"{refused_for:,.0f} s, longer than --max-refusal {max_refusal:g} s: a sustained "
+            "refusal, as when the account's quota or the key's limit is used up; the "
+            "checkpoint is kept: rerun later to resume, check the account's quota and "
+            "limits, or raise --max-refusal",
         )
 
     def _sync_stats(self) -> None:

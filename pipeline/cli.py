@@ -104,6 +104,13 @@ DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
         "Longest API outage (connections refused, timeouts, 5xx across rows) to wait out "
         "while probing, in seconds [600]; longer ends the run (exit 75, checkpoint kept).",
     ),
+    (
+        "--max-refusal",
+        "limits.max_refusal_s",
+        float,
+        "Longest time the API may answer every request with 429 (none admitted), in "
+        "seconds [900]; longer ends the run (exit 3, checkpoint kept).",
+    ),
     ("--flush-every", "checkpoint.flush_every", int, "Results per sealed checkpoint part."),
     (
         "--flush-interval",
@@ -605,7 +612,22 @@ def _sample_path() -> Path:
 @click.option("--rpm", type=int, default=None, help="Server-enforced requests/min.")
 @click.option("--tpm", type=int, default=None, help="Server-enforced tokens/min.")
 @click.option("--window-s", type=float, default=60.0, show_default=True)
+@click.option(
+    "--rpm-schedule",
+    default=None,
+    metavar="S:RPM,...",
+    help="Change the requests/min over time: seconds since the first request and the "
+    "rpm from then on, e.g. 10:600,25:6000 (0 refuses everything).",
+)
 @click.option("--no-rate-headers", is_flag=True, help="Send no x-ratelimit-* headers.")
+@click.option(
+    "--rate-headers-until",
+    "rate_headers_until_s",
+    type=float,
+    default=None,
+    metavar="S",
+    help="Stop sending x-ratelimit-* headers S seconds after the first request.",
+)
 @click.option("--fail-rate-5xx", type=float, default=0.0, show_default=True)
 @click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
 @click.option("--drop-rate", type=float, default=0.0, show_default=True)
@@ -650,15 +672,17 @@ def simulate(
     no_rate_headers: bool,
     no_streaming: bool,
     api_key: str | None,
+    rpm_schedule: str | None,
     **settings: Any,
 ) -> None:
     """Serve a local OpenAI-compatible API with latency, limits and faults."""
-    from pipeline.simulate import SimulatorConfig, serve_forever
+    from pipeline.simulate import SimulatorConfig, parse_rpm_schedule, serve_forever
 
     config = SimulatorConfig(
         rate_headers=not no_rate_headers,
         streaming=not no_streaming,
         api_key=api_key,
+        rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
         **settings,
     )
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))

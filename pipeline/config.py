@@ -17,6 +17,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from pipeline.errors import ConfigError
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
 
+DEFAULT_MAX_REFUSAL_S: Final = 900.0
+
 # Where each config key is set from the command line, so errors can name the flag.
 FLAG_FOR_KEY: Final[dict[str, str]] = {
     "input.path": "--input",
@@ -44,6 +46,7 @@ FLAG_FOR_KEY: Final[dict[str, str]] = {
     "limits.adaptive": "--adaptive/--no-adaptive",
     "limits.max_pause_s": "--max-pause",
     "limits.max_outage_s": "--max-outage",
+    "limits.max_refusal_s": "--max-refusal",
     "checkpoint.flush_every": "--flush-every",
     "checkpoint.flush_interval_s": "--flush-interval",
     "checkpoint.on_input_change": "--on-input-change",
@@ -160,6 +163,10 @@ class LimitsConfig(_Section):
     # timeouts, 5xx across the run) while the run holds its rows and probes;
     # longer ends the run with exit 75 and the checkpoint kept.
     max_outage_s: float = Field(default=DEFAULT_MAX_OUTAGE_S, gt=0)
+    # How long the API may answer every request with 429 (no request admitted)
+    # before the run ends with exit 3 and the checkpoint kept: a quota used up
+    # without saying so, a key with no limit left.
+    max_refusal_s: float = Field(default=DEFAULT_MAX_REFUSAL_S, gt=0)
 
 
 class CheckpointConfig(_Section):

@@ -14,8 +14,11 @@ Four mechanisms, each for what the others cannot do:
   request reaches the bucket) are settled with the usage the API reports;
   a 429 names the limit it is about (``exhausted_limit``), and tokens 429s
   that keep coming make the tokens pace aim lower (``token_share``).
-* ``RateEstimate`` learns the request rate of a server that reports no limit,
-  from what it admits while it answers 429.
+* ``RateEstimate`` learns the request limit of a server that reports none,
+  whatever the length of the window it counts over: a log of send times read
+  against each 429's retry-after shows the window and what it held. It
+  probes upwards, fast back to a limit seen before a storm, and takes over
+  from a reported limit that the server stops reporting.
 * ``ConcurrencyGate`` bounds the requests in flight and moves that bound by
   AIMD: additive increase while the bound holds requests back, multiplicative
   decrease on a 429. It backs off from servers that limit concurrent
@@ -29,12 +32,14 @@ on a fake clock (the ``looptime`` plugin) without sleeping.
 
 from __future__ import annotations
 
+import array
 import asyncio
+import bisect
 import collections
 import contextlib
 import math
 import re
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
@@ -96,18 +101,102 @@ TOKEN_BURST_S: Final = 1.0 - RATE_HEADROOM
 START_CONCURRENCY: Final = 8
 DECREASE_FACTOR: Final = 0.8
 
-# Learning the request rate from 429s (see RateEstimate): how far back a
-# measurement looks, the shortest it may be and the fewest requests it may
-# count, how fast the estimate probes
-# upwards (per second, speeding up by one more step every PROBE_SPEEDUP_S
-# without a 429), and the share of 429s that persisting after a slow-down
-# marks them as noise.
-ESTIMATE_WINDOW_S: Final = 3.0
-MIN_ESTIMATE_SPAN_S: Final = 0.5
-MIN_ESTIMATE_REQUESTS: Final = 10
-PROBE_PER_S: Final = 0.02
-PROBE_SPEEDUP_S: Final = 10.0
+# Learning a request limit the server does not report (see RateEstimate).
+#
+# Windows it can learn: below MIN_WINDOW_S, send times and retry-after are too
+# coarse to tell a window from jitter; above MAX_WINDOW_S a "window" is a
+# quota (hourly, daily), which a pause (and --max-pause, --max-refusal)
+# answers, not pacing. The send log keeps MAX_WINDOW_S of history, and at most
+# SEND_LOG_MAX sends (memory stays bounded at any rate).
+MIN_WINDOW_S: Final = 0.5
+MAX_WINDOW_S: Final = 120.0
+SEND_LOG_MAX: Final = 500_000
+# The request a window drops next was sent at least a retry-after after the
+# one before it (that one has left the window already); this share of the
+# retry-after allows for jitter in when requests arrive.
+GAP_TOLERANCE: Final = 0.9
+# A 429 points at a window only if its retry-after is at least this share of
+# it. A window that refuses while nearly all of it is still to run has been
+# filled by a burst, whose start stands out; one that frees within a small
+# share of itself is full evenly, and then any recent gap fits.
+MIN_FREE_SHARE: Final = 0.25
+# Until a window is learned, 429s with a retry-after are read against one
+# this long, or as long as the longest retry-after so far (a window never
+# asks to wait longer than itself): a window full evenly holds about the
+# limit's rate over any span of it.
+PROVISIONAL_WINDOW_S: Final = 1.0
+# Without retry-after, a 429 pauses the run for a row's backoff, which grows
+# to seconds and more: too coarse to see when a window frees room. So the
+# pause is cut to when the log says the oldest request leaves a known window,
+# or, while the window is unknown, to REFUSAL_PROBE_SHARE of how long the
+# refusals have lasted (MIN_WAIT_HINT_S at least), and then one request at a
+# time tests the window (its 429 costs its row no attempt): when one is
+# admitted, the window is dated to within a few percent.
+REFUSAL_PROBE_SHARE: Final = 0.1
+MIN_WAIT_HINT_S: Final = 0.05
+# A window that held fewer requests than this says too little to pace by (a
+# limit of a few requests a minute is left to the pauses retry-after asks).
+MIN_HELD: Final = 10
+# A learned window is refined only by a 429 that points at one window within
+# this factor of it: a limit that changed mid-window points elsewhere.
+WINDOW_TOLERANCE: Final = 1.5
+# Counting the requests a window held: its edge is a send time read through
+# the network's jitter, so this share of the window before it counts too.
+# Without a retry-after nothing marks the edge: the span read is this much
+# longer than the window, and the rate is taken over it.
+EDGE_SLACK: Final = 0.005
+UNMARKED_EDGE_MARGIN: Final = 0.1
+# Probing upwards happens per period: the window, but at least
+# MIN_PROBE_PERIOD_S (a 1 s window holds too few requests for a probe that
+# collides once a second to stay under a 2% 429 share).
+#
+# Near the highest limit measured in the run (the ceiling), after a 429,
+# probing waits `hold` periods, doubled by every 429 that finds no more
+# than that limit (HOLD_MAX_PERIODS at most), back to one when a 429 finds
+# a higher limit: a limit that holds still costs a 429 every ten periods or
+# so. Then the estimate grows by PROBE_STEP in the first period, a step that
+# doubles every period without a 429 (PROBE_STEP_MAX at most): a raised
+# limit is found within a few periods, while near a known one the first
+# steps are small.
+#
+# Below CLIMB_BELOW of the ceiling (a storm lowered the limit), recovering
+# is climbing back to a rate the server admitted before: after `climb_hold`
+# periods, doubled by every climb that a 429 stops (CLIMB_HOLD_MAX_PERIODS at
+# most), CLIMB_GAP_LEFT of the gap to the ceiling is left after each period,
+# until CLIMB_UNTIL of it, so the run is back within a few periods of the
+# server. Climbs that keep failing for CEILING_MEMORY_PERIODS mean the limit
+# fell for good: the ceiling comes down to it.
+#
+# Re-rating wakes every waiter: at most every PROBE_INTERVAL_S.
+MIN_PROBE_PERIOD_S: Final = 1.0
+HOLD_MAX_PERIODS: Final = 8
+PROBE_STEP: Final = 0.01
+PROBE_STEP_MAX: Final = 1.0
+CLIMB_BELOW: Final = 0.9
+CLIMB_UNTIL: Final = 0.99
+CLIMB_GAP_LEFT: Final = 0.25
+CLIMB_HOLD_MAX_PERIODS: Final = 4
+CEILING_MEMORY_PERIODS: Final = 30
+PROBE_INTERVAL_S: Final = 0.1
+# A limit measured this much above the ceiling is a raised limit.
+NEW_LIMIT_MARGIN: Final = 0.05
+# 429s that are not about the rate (a flaky proxy) keep coming after a
+# slow-down; pacing by them would ratchet the rate down for nothing. After a
+# cut that slowed the run, two 429s or more in the window after it, at
+# least NOISE_SHARE of the requests (and half the share before the cut),
+# with a limit measured against a known window that followed the slow-down
+# down (below NOISE_DRIFT of the one before), mark them as noise.
 NOISE_SHARE: Final = 0.03
+NOISE_DRIFT: Final = 0.9
+# Once taken for noise, 429s pace the run again when they come for more than
+# twice the noise's share (NOISE_SHARE_MAX at most) of the requests sent over
+# NOISE_SPAN_PERIODS.
+NOISE_SHARE_MAX: Final = 0.5
+NOISE_SPAN_PERIODS: Final = 3.0
+# A limit the server stopped reporting (its answers carry no x-ratelimit-*
+# headers any more) is forgotten after this long: the estimate, seeded with
+# it, takes over and probes, so a limit lowered during a storm is not kept.
+STALE_REPORT_S: Final = 3.0
 
 
 # ---------------------------------------------------------------------------
@@ -475,117 +564,446 @@ class ConcurrencyGate:
 
 
 # ---------------------------------------------------------------------------
-# The request rate of a server that does not say.
+# The request limit of a server that does not say.
+
+
+class _SendLog:
+    """When each request was sent, and which of them the server refused: the
+    record a 429 is read against. Send times only grow, so a span is found by
+    bisection; refusals are kept as the sorted numbers of refused sends."""
+
+    def __init__(self, horizon_s: float = MAX_WINDOW_S, max_sends: int = SEND_LOG_MAX) -> None:
+        self.horizon_s = horizon_s
+        self.max_sends = max_sends
+        # 8 bytes a send: a minute at 1,000 requests/s is under 0.5 MB.
+        self._times = array.array("d")
+        self._first = 0  # the number of the send at _times[0]
+        self.started: float | None = None  # the run's first send
+        self._refused: list[int] = []
+
+    @property
+    def count(self) -> int:
+        """Sends logged so far, trimmed ones included."""
+        return self._first + len(self._times)
+
+    def append(self, now: float) -> int:
+        """Log a send; its number (counting from 0 for the run's first)."""
+        if self.started is None:
+            self.started = now
+        self._times.append(now)
+        self._trim(now)
+        return self._first + len(self._times) - 1
+
+    def _trim(self, now: float) -> None:
+        times = self._times
+        excess = len(times) - self.max_sends
+        if excess <= 0 and times[0] > now - self.horizon_s:
+            return
+        stale = bisect.bisect_right(times, now - self.horizon_s)
+        # In batches: dropping the front of an array costs its whole length.
+        if excess > 0:
+            drop = max(stale, excess + self.max_sends // 8)
+        elif stale >= max(1024, len(times) // 8):
+            drop = stale
+        else:
+            return
+        del times[:drop]
+        self._first += drop
+        del self._refused[: bisect.bisect_left(self._refused, self._first)]
+
+    def refuse(self, number: int) -> None:
+        if number >= self._first:
+            bisect.insort(self._refused, number)
+
+    def _span(self, start: float, end: float) -> tuple[int, int]:
+        return bisect.bisect_left(self._times, start), bisect.bisect_right(self._times, end)
+
+    def _refused_in(self, lo: int, hi: int) -> int:
+        refused, first = self._refused, self._first
+        return bisect.bisect_left(refused, first + hi) - bisect.bisect_left(refused, first + lo)
+
+    def admitted(self, start: float, end: float) -> int:
+        """Requests sent in [start, end] and not refused (yet)."""
+        lo, hi = self._span(start, end)
+        return max(0, hi - lo - self._refused_in(lo, hi))
+
+    def first_admitted_after(self, start: float) -> float | None:
+        """When the first request sent after ``start`` and not refused was sent."""
+        times, refused, first = self._times, self._refused, self._first
+        i = bisect.bisect_right(times, start)
+        r = bisect.bisect_left(refused, first + i)
+        while i < len(times):
+            if r < len(refused) and refused[r] == first + i:
+                r += 1
+                i += 1
+                continue
+            return times[i]
+        return None
+
+    def last_refused_before(self, end: float) -> float | None:
+        """When the last refused request sent before ``end`` was sent."""
+        hi = bisect.bisect_left(self._times, end)
+        k = bisect.bisect_left(self._refused, self._first + hi) - 1
+        return self._times[self._refused[k] - self._first] if k >= 0 else None
+
+    def counts(self, start: float, end: float) -> tuple[int, int]:
+        """(sent, refused) among the requests sent in [start, end]."""
+        lo, hi = self._span(start, end)
+        return hi - lo, self._refused_in(lo, hi)
+
+    def edges(self, start: float, end: float, min_gap: float) -> Iterator[tuple[float, float]]:
+        """(send time, gap) of the admitted sends in [start, end] that came at
+        least ``min_gap`` after the admitted send before them: those a
+        window can have as its oldest. The run's first send has an infinite
+        gap; the first one logged after a trim, an unknown one (skipped)."""
+        times, refused, first = self._times, self._refused, self._first
+        lo, hi = self._span(start, end)
+        r = bisect.bisect_left(refused, first + lo)
+        previous: float | None = None
+        k = r - 1
+        for j in range(lo - 1, -1, -1):
+            if k >= 0 and refused[k] == first + j:
+                k -= 1
+                continue
+            previous = times[j]
+            break
+        for i in range(lo, hi):
+            if r < len(refused) and refused[r] == first + i:
+                r += 1
+                continue
+            sent = times[i]
+            if previous is not None:
+                if sent - previous >= min_gap:
+                    yield sent, sent - previous
+            elif first + i == 0:
+                yield sent, math.inf
+            previous = sent
 
 
 class RateEstimate:
-    """The request rate a server allows, learned from 429s when it reports no
-    limit in headers.
+    """The request limit of a server that reports none, learned from its 429s.
 
-    A 429 means the server's window is full; while it stays full, what the
-    server admits per second *is* its limit, whatever we send. So on a 429 the
-    estimate becomes the rate of admitted requests (sent and not answered
-    429) over the last ``window_s`` (less while the run is younger). Counting
-    at send time, not answer time, matters: answers lag by the latency, and a
-    lagging count under-estimates, which nothing corrects quickly; an early
-    over-estimate is corrected by the next 429s. It is re-measured at most
-    once per measuring span, so one burst of 429s is one measurement. While
-    requests queue for the estimated rate, it grows by ``probe_per_s`` a
-    second, to find a limit that was under-estimated or has been raised.
+    Providers count requests in a sliding window of some length ``W`` and
+    refuse the one that would make it hold more than ``N``; the retry-after
+    of that 429 is the time until the oldest request still counted leaves
+    the window. So a 429 at ``t`` with retry-after ``R`` says: capacity frees
+    at ``t + R``, and the request that frees it was sent at ``t + R - W``.
+    The estimate keeps a log of its send times (``_SendLog``) and reads
+    every 429 against it:
 
-    This is what paces a server whose answers are faster than its limit: an
-    in-flight limit of one is still too fast for 20 requests a second at 5 ms
-    each, and an in-flight limit moves in steps too coarse for a few requests
-    per latency.
+    * The window. The request a window drops next has a gap of at least
+      ``R`` before it among the admitted ones (the one before it has left
+      already), and the run's first request has an infinite one. A 429
+      whose ``R`` is a good share of the window (``MIN_FREE_SHARE``: the
+      window was filled by a burst) points at the clearest such edge, at a
+      run's first 429 nearly always its first request: ``W = t + R - its
+      send time``. A 429 from a window full evenly (short ``R``) fits any
+      recent gap and says nothing about ``W``. Later, a long ``R`` pointing
+      at one window near the learned one refines it.
+    * The limit. With ``W`` known, ``N`` is what the log admitted in
+      ``[t + R - W, t]``: exactly the limit, however far back a burst was,
+      and however long the run paused (a window over-full after the limit
+      fell included). The estimate is ``N / W`` per second, paced evenly with
+      the limiter's headroom. (A rate measured over a lookback shorter than
+      the window is not the limit: it counts a burst, or a pause, as the
+      rate.) Before ``W`` is known, a provisional window is read instead.
+    * Without a retry-after, the window is learned when a run of 429s ends:
+      one request at a time tests it (see ``RateLimiter``), and the first
+      admitted was sent about when capacity freed. With ``W`` known, a 429
+      without one reads a span a little longer than the window, ending at
+      ``t``. Such a run spends its first window on more 429s, and dates the
+      window within a few percent rather than exactly.
+    * Probing. A 429 only lowers the estimate. Without one, after a hold,
+      it grows (see the PROBE_* and CLIMB_* constants): fast back up to the
+      highest limit measured before (the ceiling: a storm passed), carefully
+      beyond it, so a limit that rose is found again.
+    * Noise. 429s that keep coming at the same share after a slow-down are
+      not about the rate (a flaky proxy); the estimate stops pacing rather
+      than ratchet down, until 429s become clearly more common.
+
+    Two 429s for requests sent before the same cut are one excess, read
+    twice: only the first changes the hold or counts for noise.
     """
 
-    def __init__(
-        self, window_s: float = ESTIMATE_WINDOW_S, probe_per_s: float = PROBE_PER_S
-    ) -> None:
-        self.window_s = window_s
-        self.probe_per_s = probe_per_s
+    def __init__(self) -> None:
         self.per_second: float | None = None
-        self._started: float | None = None
-        self._sent: collections.deque[float] = collections.deque()
-        self._refused: collections.deque[float] = collections.deque()
-        self._measured = 0.0
-        self._measured_at = 0.0
-        self._span = 0.0
-        self._probed_at = 0.0
-        self._probe_after = 0.0
+        self.window_s: float | None = None
+        # The highest limit measured (or reported) in this run, per second.
+        self.ceiling: float | None = None
+        self.hold = 1.0  # periods without probing after a cut
+        self.climb_hold = 1.0  # periods without climbing after a cut
+        self._climbs_failing_since: float | None = None
+        self._climbed = False  # climbed towards the ceiling since the latest cut
+        self._longest_wait = 0.0
+        self._log = _SendLog()
+        self._cut_number = -1  # the last send before the latest cut
+        self._probe_from = math.inf
+        self._probed_at = -math.inf
+        self._probing_s = 0.0  # probed beyond the ceiling since the latest cut
+        self._resumed_at = -math.inf  # when the latest cut's pause ended
+        self._lowered = False  # the latest cut lowered the rate
+        self._measured: float | None = None
         self._share = 0.0
-        self._lowered = False
+        self._noise = 0.0
+        # Without retry-after and window: when the current run of 429s began.
+        self._refusing_since: float | None = None
+
+    @property
+    def refusing(self) -> bool:
+        """429s without retry-after are coming, and no window is known yet."""
+        return self._refusing_since is not None
+
+    @property
+    def period_s(self) -> float:
+        """How often probing steps: the window, at least MIN_PROBE_PERIOD_S."""
+        return max(self.window_s or 0.0, MIN_PROBE_PERIOD_S)
+
+    def sent(self, now: float) -> int:
+        """Log a request as it is sent; its number, for ``rate_limited``."""
+        return self._log.append(now)
+
+    def seed(self, per_second: float, ceiling: float, now: float) -> None:
+        """Start from a limit the server reported and no longer does; probe
+        from there at once (towards ``ceiling``, the highest it reported)."""
+        self.per_second = per_second
+        self.ceiling = max(self.ceiling or 0.0, ceiling)
+        self._probe_from = self._probed_at = now
+        self._probing_s = 0.0
         self._noise = 0.0
 
-    def sent(self, now: float) -> None:
-        if self._started is None:
-            self._started = now
-        self._sent.append(now)
-        self._forget(now)
+    def refused(self, number: int) -> None:
+        """A 429 that is not about the request rate: logged, nothing learned."""
+        self._log.refuse(number)
 
-    def _forget(self, now: float) -> None:
-        horizon = now - self.window_s
-        for log in (self._sent, self._refused):
-            while log and log[0] <= horizon:
-                log.popleft()
-
-    def rate_limited(self, now: float) -> bool:
-        """A 429: re-measure if due. True if the estimate changed."""
-        self._refused.append(now)
-        self._forget(now)
-        if self._started is None:
+    def rate_limited(
+        self, number: int, now: float, wait: float | None, *, exact: bool = True
+    ) -> bool:
+        """A 429 for the request numbered ``number``, received at ``now``.
+        ``wait`` is its retry-after (None without one); not ``exact`` when
+        it is whole seconds rounded up. True if the estimate changed."""
+        self._log.refuse(number)
+        freed_at: float | None = None
+        if wait is not None:
+            # A rounded retry-after is half a second out, on average.
+            freed_at = now + (wait if exact else max(0.0, wait - 0.5))
+            if freed_at - now <= MAX_WINDOW_S:
+                self._longest_wait = max(self._longest_wait, freed_at - now)
+            self._learn_window(now, freed_at)
+        elif self.window_s is None:
+            # Nothing to read this 429 against yet: the end of this run of
+            # refusals will show when capacity freed (see ``admitted``).
+            if self._refusing_since is None:
+                self._refusing_since = now
             return False
-        if self.per_second is not None and now - self._measured_at < self._span:
-            # Too soon to measure again, but the probe has gone too far: back
-            # to the last measurement, and no probing until the next one.
-            self._probe_after = self._measured_at + self._span
-            if self.per_second > self._measured:
-                self.per_second = self._measured
+        measured = self._measure(now, freed_at if exact else None)
+        if measured is None:
+            return False
+        if number <= self._cut_number:
+            # Sent before the latest cut: the same excess, read again. It can
+            # only correct the limit downwards.
+            if self.per_second is not None and measured < self.per_second:
+                self.per_second = measured
                 return True
             return False
-        # A floor on the span: the first few requests of a run say little.
-        span = min(self.window_s, max(now - self._started, MIN_ESTIMATE_SPAN_S))
-        horizon = now - span
-        sent = sum(1 for stamp in self._sent if stamp > horizon)
-        if sent < MIN_ESTIMATE_REQUESTS:
+        resume = now + wait if wait is not None else now
+        return self._cut(now, measured, exact=wait is not None and exact, resume_at=resume)
+
+    def admitted(self, sent_at: float, now: float) -> bool:
+        """An answer to a request sent at ``sent_at``. The first after a run of
+        429s without retry-after shows when capacity freed: then the window
+        and the limit are learned as a retry-after would have told them."""
+        since = self._refusing_since
+        if since is None or sent_at <= since:
             return False
-        refused = sum(1 for stamp in self._refused if stamp > horizon)
-        share = refused / sent
-        admitted = max(sent - refused, 1) / span
-        # Only a measurement over a full span can be blamed: a shorter one,
-        # early in the run, still counts the burst a fresh window lets through.
-        lowered = self._lowered and self._span >= self.window_s
-        self._lowered = False
-        if lowered and share >= max(NOISE_SHARE, self._share / 2):
-            # The last measurement slowed us down and the server refuses as
-            # often as before: these 429s are not about our rate (a flaky
-            # proxy, a concurrency limit), and pacing by them would ratchet
-            # the rate down for nothing. The in-flight limit deals with them;
-            # the rate is paced again only if 429s become clearly more common.
+        self._refusing_since = None
+        # Capacity freed between the last refused send and this one.
+        last_refused = self._log.last_refused_before(sent_at)
+        freed_at = sent_at if last_refused is None else (last_refused + sent_at) / 2
+        if self.window_s is None:
+            self._learn_window(since, freed_at)
+        window = self.window_s
+        if window is None:
+            # A window full evenly: read against the provisional one.
+            measured = self._measure(now, None)
+        else:
+            held = self._log.admitted(freed_at - window * (1.0 + EDGE_SLACK), since)
+            measured = held / window if held >= MIN_HELD else None
+        if measured is None:
+            return False
+        # Dated to within the spacing of the probes (a few percent, either
+        # way) rather than exactly: probing starts at once, not after a hold.
+        return self._cut(now, measured, exact=False, resume_at=now, hold=False)
+
+    def wait_hint(self, now: float) -> float | None:
+        """How long a 429 without retry-after should pause the run, if the log
+        can tell: until the oldest request in a known window leaves it, or,
+        while a window is still unknown, a share of the refusals so far, so
+        that the moment they end (which dates the window) is seen closely."""
+        if self.per_second is None and self._noise:
+            return None
+        if self.window_s is not None:
+            oldest = self._log.first_admitted_after(now - self.window_s)
+            if oldest is None:
+                return None
+            return max(MIN_WAIT_HINT_S, oldest + self.window_s - now)
+        if self._refusing_since is not None:
+            return max(MIN_WAIT_HINT_S, REFUSAL_PROBE_SHARE * (now - self._refusing_since))
+        return None
+
+    def _learn_window(self, now: float, freed_at: float) -> None:
+        wait = freed_at - now
+        known = self.window_s
+        if known is not None and wait < known * MIN_FREE_SHARE:
+            return
+        best: tuple[float, float] | None = None  # (window, gap)
+        near: list[float] = []
+        earliest = freed_at - min(MAX_WINDOW_S, wait / MIN_FREE_SHARE)
+        for sent, gap in self._log.edges(earliest, now, GAP_TOLERANCE * wait):
+            window = freed_at - sent
+            if window < MIN_WINDOW_S:
+                continue
+            if known is None:
+                # The clearest edge: the run's first request, or the one after
+                # the longest quiet spell.
+                if best is None or gap > best[1]:
+                    best = (window, gap)
+            elif known / WINDOW_TOLERANCE <= window <= known * WINDOW_TOLERANCE:
+                near.append(window)
+        if known is None:
+            if best is not None:
+                self.window_s = best[0]
+        elif len(near) == 1:
+            self.window_s = near[0]
+
+    def _measure(self, now: float, freed_at: float | None) -> float | None:
+        """The limit per second, from what the log admitted in the window
+        that ends at ``freed_at`` (or at ``now``, without a retry-after);
+        None if that is too few requests to tell."""
+        end = now if freed_at is None else freed_at
+        window = self.window_s
+        if window is None:
+            # A run younger than the provisional window has not filled it.
+            started = self._log.started if self._log.started is not None else now
+            window = max(PROVISIONAL_WINDOW_S, self._longest_wait)
+            window = min(window, max(MIN_WINDOW_S, end - started))
+        if freed_at is None:
+            # Without a retry-after, nothing marks where the window begins:
+            # read a span a little longer than it and take the rate over it.
+            # A window full evenly reads the same over any span; one that
+            # began with a burst, which an edge a little off would cut in
+            # two, is read whole.
+            window *= 1.0 + UNMARKED_EDGE_MARGIN
+            held = self._log.admitted(now - window, now)
+        else:
+            held = self._log.admitted(freed_at - window * (1.0 + EDGE_SLACK), now)
+        return held / window if held >= MIN_HELD else None
+
+    def _cut(
+        self, now: float, measured: float, *, exact: bool, resume_at: float, hold: bool = True
+    ) -> bool:
+        """A 429 for a request sent since the latest cut: pace at most at the
+        limit ``measured``, unless these 429s are noise."""
+        period = self.period_s
+        previous = self.per_second
+        # The 429s once a window has turned over since the latest cut's pause
+        # ended: what that cut bought. (Within the window, a limit that was
+        # exceeded still refuses what was sent before the cut.)
+        sent, refused = self._log.counts(self._resumed_at + period, now)
+        share = refused / sent if sent else 0.0
+        if previous is None and self._noise:
+            # Not pacing because 429s came whatever the rate: pace again only
+            # if they have become clearly more common.
+            sent, refused = self._log.counts(now - NOISE_SPAN_PERIODS * period, now)
+            if refused < min(2.0 * self._noise, NOISE_SHARE_MAX) * sent:
+                return False
+        elif self._is_noise(previous, refused, share, measured, exact=exact):
+            # The in-flight limit deals with such 429s.
             self.per_second = None
             self._noise = share
-        elif self.per_second is not None or share >= 2 * self._noise:
-            self._lowered = self.per_second is None or admitted < self.per_second
-            self.per_second = self._measured = admitted
+            self._lowered = False
+            self._share = share
+            self._cut_number = self._log.count - 1
+            self._resumed_at = max(resume_at, now)
+            return True
+        rate = measured if previous is None else min(previous, measured)
+        self._lowered = previous is None or rate < 0.99 * previous
+        self._update_holds(now, measured, previous)
+        self.ceiling = max(self.ceiling or 0.0, measured)
+        self.per_second = rate
+        self._measured = measured
         self._share = share
-        self._measured_at = self._probed_at = now
-        self._span = span
+        self._noise = 0.0
+        self._cut_number = self._log.count - 1
+        self._resumed_at = max(resume_at, now)
+        climbing = rate < CLIMB_BELOW * self.ceiling
+        periods = (self.climb_hold if climbing else self.hold) if hold else 0.0
+        self._probe_from = self._probed_at = self._resumed_at + periods * period
+        self._probing_s = 0.0
+        self._climbed = False
         return True
 
+    def _is_noise(
+        self, previous: float | None, refused: int, share: float, measured: float, *, exact: bool
+    ) -> bool:
+        """The latest cut slowed us down, and the server refused as often after
+        it as before, and (read against a known window) its limit followed us
+        down: not a rate limit."""
+        return (
+            previous is not None
+            and self._lowered
+            # One 429 is not a share: a probe that went too far draws one.
+            and refused >= 2
+            and share >= max(NOISE_SHARE, self._share / 2)
+            and (
+                self.window_s is None
+                or not exact
+                or self._measured is None
+                or measured < NOISE_DRIFT * self._measured
+            )
+        )
+
+    def _update_holds(self, now: float, measured: float, previous: float | None) -> None:
+        """How long the next probe (or climb) waits after this cut."""
+        ceiling = self.ceiling
+        if self._climbed:
+            # A climb back towards the ceiling that the server stopped.
+            self.climb_hold = min(2.0 * self.climb_hold, CLIMB_HOLD_MAX_PERIODS)
+            if self._climbs_failing_since is None:
+                self._climbs_failing_since = now
+            elif now - self._climbs_failing_since > CEILING_MEMORY_PERIODS * self.period_s:
+                self.ceiling = measured  # the limit fell for good
+                self._climbs_failing_since = None
+        elif ceiling is not None and previous is not None and previous < CLIMB_BELOW * ceiling:
+            # Still below a limit that fell, and no climb since: the excess of
+            # the fall, read again. It tells nothing about probing.
+            pass
+        else:
+            raised = ceiling is None or measured > ceiling * (1.0 + NEW_LIMIT_MARGIN)
+            self.hold = 1.0 if raised else min(2.0 * self.hold, HOLD_MAX_PERIODS)
+            self.climb_hold = 1.0
+            self._climbs_failing_since = None
+
     def probe(self, now: float) -> bool:
-        """Requests are queueing for the estimated rate: raise it a little."""
-        if self.per_second is None or now < self._probe_after:
+        """Requests are queueing for the estimated rate: raise it if due."""
+        rate = self.per_second
+        if rate is None or now < self._probe_from:
             return False
-        elapsed = min(now - max(self._probed_at, self._probe_after), 1.0)
+        elapsed = now - self._probed_at
+        if elapsed < PROBE_INTERVAL_S:
+            return False
+        period = self.period_s
+        # Answers that stopped for a while (nothing left to send, an outage)
+        # are no proof that a higher rate would pass.
+        elapsed = min(elapsed, period)
         self._probed_at = now
-        if elapsed <= 0:
-            return False
-        # Faster the longer no 429 has come: an estimate taken while a long
-        # server window was still releasing an early burst can be far too
-        # low, and a fixed 2%/s would take minutes to climb back.
-        quiet = max(0.0, now - self._measured_at)
-        speedup = 1.0 + quiet / PROBE_SPEEDUP_S
-        self.per_second *= 1.0 + self.probe_per_s * speedup * elapsed
+        ceiling = self.ceiling
+        if ceiling is not None and rate < CLIMB_UNTIL * ceiling:
+            self.per_second = ceiling - (ceiling - rate) * CLIMB_GAP_LEFT ** (elapsed / period)
+            self._climbed = True
+        else:
+            step = min(PROBE_STEP * 2.0 ** (self._probing_s / period), PROBE_STEP_MAX)
+            self._probing_s += elapsed
+            self.per_second = rate * (1.0 + step * elapsed / period)
         return True
 
 
@@ -605,6 +1023,11 @@ class Permit:
     rate_bound: bool
     # Waited for the tokens budget.
     token_bound: bool = False
+    # Its number in the estimate's send log, and when it was sent.
+    number: int = -1
+    sent_at: float = 0.0
+    # Sent alone, to test whether a window with no retry-after has room.
+    probe: bool = False
 
 
 @dataclass
@@ -661,6 +1084,11 @@ class RateLimiter:
         self._token_probed_at: float | None = None
         self._sending = 0
         self._paused_until = 0.0
+        self._probe_out = False
+        self._probe_waiters: collections.deque[asyncio.Future[bool]] = collections.deque()
+        # When the server last reported a requests limit, and the highest.
+        self._reported_at = -math.inf
+        self._reported_rpm_max = 0
         self._pace_requests(level=1.0)
         self._pace_tokens()
 
@@ -730,12 +1158,23 @@ class RateLimiter:
         finally:
             self._sending -= 1
             self.gate.release()
+            if permit.probe:
+                self._release_probe()
 
     async def _acquire(self, tokens: int | Callable[[], int]) -> Permit:
-        await self._wait_out_pause()
-        # The gate first: workers queue for a slot and then, holding it, for
-        # the buckets, so a slot that frees up is not a burst of saved tokens.
-        await self.gate.acquire()
+        # Before the buckets: when the probing ends, those who waited for it
+        # are paced by what it learned.
+        probe = await self._one_probe_at_a_time()
+        try:
+            await self._wait_out_pause()
+            # The gate first: workers queue for a slot and then, holding it,
+            # for the buckets, so a slot that frees up is not a burst of saved
+            # tokens.
+            await self.gate.acquire()
+        except BaseException:
+            if probe:
+                self._release_probe()
+            raise
         try:
             rate_bound = token_bound = False
             reserved = 0
@@ -755,16 +1194,63 @@ class RateLimiter:
             await self._wait_out_pause()
         except BaseException:
             self.gate.release()
+            if probe:
+                self._release_probe()
             raise
         self._sending += 1
-        self.estimate.sent(_now())
+        now = _now()
         return Permit(
             sequence=self.gate.sent(),
             tokens=reserved,
             gate_bound=self._sending >= self.gate.slots,
             rate_bound=rate_bound,
             token_bound=token_bound,
+            number=self.estimate.sent(now),
+            sent_at=now,
+            probe=probe,
         )
+
+    async def _one_probe_at_a_time(self) -> bool:
+        """While 429s without retry-after come and no window is known yet, one
+        request at a time tests whether the window has room again; the others
+        wait for its answer rather than each spend a quarter attempt on a 429
+        (as the outage gate probes a server that is down). The role passes to
+        the longest waiter, so no one row takes every 429. True for the probe."""
+        while self._probing():
+            if not self._probe_out:
+                self._probe_out = True
+                return True
+            waiter: asyncio.Future[bool] = asyncio.get_running_loop().create_future()
+            self._probe_waiters.append(waiter)
+            try:
+                handed = await waiter
+            except BaseException:
+                if waiter.done() and not waiter.cancelled() and waiter.result():
+                    self._release_probe()  # handed the role as it was cancelled: pass it on
+                elif waiter in self._probe_waiters:
+                    self._probe_waiters.remove(waiter)
+                raise
+            if handed:
+                if self._probing():
+                    return True
+                self._release_probe()
+        return False
+
+    def _probing(self) -> bool:
+        return self.adaptive and self.estimate.refusing
+
+    def _release_probe(self) -> None:
+        """The probe has its answer: while refusals go on, the longest waiter
+        probes next; else every waiter goes."""
+        while self._probe_waiters:
+            waiter = self._probe_waiters.popleft()
+            if waiter.done():
+                continue
+            if self._probing():
+                waiter.set_result(True)
+                return
+            waiter.set_result(False)
+        self._probe_out = False
 
     def succeeded(
         self, permit: Permit, used_tokens: int | None, headers: Mapping[str, str]
@@ -778,7 +1264,10 @@ class RateLimiter:
         now = _now()
         if permit.gate_bound:
             self.gate.increase()
+        changed = self.learned_rpm is None and self.estimate.admitted(permit.sent_at, now)
         if permit.rate_bound and self._estimate_in_use() and self.estimate.probe(now):
+            changed = True
+        if changed:
             self._pace_requests()
         self._probe_token_share(now)
 
@@ -820,12 +1309,16 @@ class RateLimiter:
         pause_s: float,
         headers: Mapping[str, str],
         limit: LimitKind | None = None,
+        *,
+        retry_after: bool = True,
     ) -> None:
         """A 429: the server counted nothing, so the reservation comes back;
         everyone waits ``pause_s``; the in-flight limit comes down, and
-        without a reported limit the request rate is re-measured.
+        without a reported limit the request limit is re-measured.
 
         ``limit`` is the limit the 429 names (``exhausted_limit``), if any.
+        ``retry_after``: ``pause_s`` is the server's retry-after (what the
+        window needs), not a backoff chosen without one.
         """
         self.stats.rate_limited += 1
         if self.tokens is not None:
@@ -835,13 +1328,21 @@ class RateLimiter:
         # known: measuring a request rate from it would pace requests by how
         # long this job's prompts happen to be, and hold the token budget back.
         paced_by_tokens = limit == "tokens" and self.tpm is not None
-        if (
-            self.adaptive
-            and self.learned_rpm is None
-            and not paced_by_tokens
-            and self.estimate.rate_limited(_now())
-        ):
-            self._pace_requests()
+        if self.adaptive:
+            # Read even while a reported limit paces the run: the window it
+            # shows is known if the server stops reporting.
+            if paced_by_tokens:
+                self.estimate.refused(permit.number)
+            elif (
+                self.estimate.rate_limited(
+                    permit.number,
+                    _now(),
+                    pause_s if retry_after else None,
+                    exact=not _whole_seconds(headers),
+                )
+                and self.learned_rpm is None
+            ):
+                self._pace_requests()
         # Only the limit that was holding this request back comes down: a
         # request that waited for a rate was sent as fast as that rate
         # allows, so its 429 is the rate's to answer, and cutting an in-flight
@@ -852,6 +1353,10 @@ class RateLimiter:
             self.stats.decreases += 1
         if paced_by_tokens and self.adaptive:
             self._cut_token_share(permit.sequence)
+        if self.adaptive and not retry_after:
+            hint = self.estimate.wait_hint(_now())
+            if hint is not None:
+                pause_s = min(pause_s, hint)
         self.pause_for(pause_s)
 
     def learn(self, headers: Mapping[str, str]) -> None:
@@ -863,15 +1368,20 @@ class RateLimiter:
         a latency old. A 429 (someone else spending the same budget) pauses
         the run instead.
         """
-        if not self.adaptive or not headers:
+        if not self.adaptive:
             return
-        parsed = RateLimitHeaders.parse(headers)
+        parsed = RateLimitHeaders.parse(headers) if headers else RateLimitHeaders()
         requests, tokens = parsed.requests, parsed.tokens
+        now = _now()
         if requests.limit is not None:
+            self._reported_at = now
+            self._reported_rpm_max = max(self._reported_rpm_max, requests.limit)
             if requests.limit != self.learned_rpm:
                 self.learned_rpm = requests.limit
                 self._pace_requests()
         else:
+            if self.learned_rpm is not None and now - self._reported_at > STALE_REPORT_S:
+                self._forget_reported_rpm(now)
             self._pause_on_empty(requests)
         if tokens.limit is not None:
             if tokens.limit != self.learned_tpm:
@@ -879,6 +1389,16 @@ class RateLimiter:
                 self._pace_tokens()
         else:
             self._pause_on_empty(tokens)
+
+    def _forget_reported_rpm(self, now: float) -> None:
+        # The server stopped reporting its limit (a proxy in front of it
+        # changed, a storm ended): the last figure it sent may be one it
+        # lowered for a while. The estimate takes over from it and probes
+        # back up towards the highest limit it reported.
+        assert self.learned_rpm is not None
+        self.estimate.seed(self.learned_rpm / 60.0, self._reported_rpm_max / 60.0, now)
+        self.learned_rpm = None
+        self._pace_requests()
 
     def _pause_on_empty(self, quota: Quota) -> None:
         # No limit to pace by, but the server says nothing is left until the
@@ -907,6 +1427,23 @@ class RateLimiter:
             # At least a clock tick: a remainder below the clock's resolution
             # would sleep zero and spin.
             await asyncio.sleep(max(remaining, MIN_SLEEP_S))
+
+
+def _whole_seconds(headers: Mapping[str, str]) -> bool:
+    """A retry-after in whole seconds only (no ``retry-after-ms``): rounded,
+    so up to a second longer than what the window needs."""
+    if not headers:
+        return False
+    lowered = _lowered(headers)
+    if "retry-after-ms" in lowered:
+        return False
+    value = lowered.get("retry-after")
+    if value is None:
+        return False
+    try:
+        return float(value.strip()).is_integer()
+    except ValueError:
+        return False
 
 
 def _lower(a: int | None, b: int | None) -> int | None:

@@ -43,7 +43,8 @@ that fails answers:
 5. per-prompt directives (below);
 6. random faults: drop, hang, 5xx, spurious 429, malformed body (a hang with
    ``hang_answers`` goes on to 7 and 8 once it is over);
-7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``) -> 429;
+7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``; the requests
+   limit may change over time, ``rpm_schedule``) -> 429;
 8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer, whole
    or streamed.
 
@@ -93,8 +94,18 @@ malformed bodies; ``hangs`` the requests held by ``hang`` or ``stall`` (also in
 ``streamed`` the answers delivered as a stream; ``rate_limited`` every 429
 that is not ``insufficient_quota``.
 
-Rate-limit headers: ``x-ratelimit-limit-*`` carry the per-minute figures
-(``rpm``/``tpm``) like OpenAI; ``x-ratelimit-remaining-*`` is what the current
+A changing limit: ``rpm_schedule`` is a list of (seconds since the first
+completion request, rpm) steps; ``rpm`` applies before the first (no limit if
+unset). The window keeps what it counted when the limit changes, so a lower
+limit refuses everything until the window has drained below it, as a
+provider's would. An rpm of 0 refuses every request, with a retry-after until
+the next step that admits requests (one window if none does): a quota used up
+without the server saying so.
+
+Rate-limit headers (none with ``rate_headers=False``, and none from
+``rate_headers_until_s`` after the first request on): ``x-ratelimit-limit-*``
+carry the per-minute figures (``rpm``/``tpm``, the scheduled rpm in force)
+like OpenAI; ``x-ratelimit-remaining-*`` is what the current
 window would still admit right now, and ``x-ratelimit-reset-*`` the time until
 the window is empty again, in OpenAI's duration format (:func:`format_reset`).
 A request larger than the whole token window is admitted into an empty window,
@@ -133,6 +144,7 @@ __all__ = [
     "expected_answer",
     "expected_structured_answer",
     "format_reset",
+    "parse_rpm_schedule",
     "run_in_thread",
     "serve_forever",
 ]
@@ -175,7 +187,14 @@ class SimulatorConfig:
     rpm: int | None = None
     tpm: int | None = None
     window_s: float = 60.0
+    # The requests limit over time: (seconds since the first completion
+    # request, rpm) steps, times increasing; ``rpm`` applies before the first.
+    # An rpm of 0 refuses every request (see the module docstring).
+    rpm_schedule: tuple[tuple[float, int], ...] = ()
     rate_headers: bool = True
+    # Send no x-ratelimit-* headers from this many seconds after the first
+    # completion request on (a server that stops reporting its limits).
+    rate_headers_until_s: float | None = None
     retry_after: bool = True
     fail_rate_5xx: float = 0.0
     fail_rate_429: float = 0.0
@@ -203,12 +222,26 @@ class SimulatorConfig:
             )
         if self.window_s <= 0:
             raise ConfigError(f"simulator window_s must be > 0, got {self.window_s}")
+        if self.rate_headers_until_s is not None and self.rate_headers_until_s < 0:
+            raise ConfigError(
+                f"simulator rate_headers_until_s must be >= 0, got {self.rate_headers_until_s}"
+            )
         for name in ("rpm", "tpm"):
             value = getattr(self, name)
             if value is not None and value < 1:
                 raise ConfigError(
                     f"simulator {name} must be >= 1, got {value}; leave it unset for no limit"
                 )
+        previous = -math.inf
+        for at, rpm in self.rpm_schedule:
+            if not math.isfinite(at) or at < 0 or at <= previous:
+                raise ConfigError(
+                    f"simulator rpm_schedule times must be >= 0 and increasing, got {at:g} "
+                    f"after {previous:g}"
+                )
+            if rpm < 0:
+                raise ConfigError(f"simulator rpm_schedule rpm must be >= 0, got {rpm}")
+            previous = at
         total = 0.0
         for name in ("fail_rate_5xx", "fail_rate_429", "drop_rate", "hang_rate", "malformed_rate"):
             rate = getattr(self, name)
@@ -445,6 +478,24 @@ def format_reset(seconds: float) -> str:
 # Rate limiting.
 
 
+def parse_rpm_schedule(text: str) -> tuple[tuple[float, int], ...]:
+    """``"10:600,25:6000"`` -> ``((10.0, 600), (25.0, 6000))``: seconds since
+    the first request, and the requests/min from then on."""
+    steps: list[tuple[float, int]] = []
+    for part in text.split(","):
+        at, sep, rpm = part.strip().partition(":")
+        try:
+            if not sep:
+                raise ValueError
+            steps.append((float(at), int(rpm)))
+        except ValueError:
+            raise ConfigError(
+                f"bad rpm schedule step {part.strip()!r}; write SECONDS:RPM steps separated "
+                "by commas, e.g. 10:600,25:6000"
+            ) from None
+    return tuple(steps)
+
+
 def _per_window(per_minute: int, window_s: float) -> int:
     # round() before floor() so that 100 rpm over 0.6 s is 1, not 0.9999999999999999.
     return max(1, math.floor(round(per_minute * window_s / 60.0, 9)))
@@ -455,7 +506,8 @@ class _SlidingWindow:
 
     __slots__ = ("_log", "capacity", "used", "window_s")
 
-    def __init__(self, capacity: int, window_s: float) -> None:
+    def __init__(self, capacity: int | None, window_s: float) -> None:
+        # None: no limit for now (requests are still logged, for when one starts).
         self.capacity = capacity
         self.window_s = window_s
         self.used = 0
@@ -469,6 +521,8 @@ class _SlidingWindow:
 
     def wait(self, amount: int, now: float) -> float:
         """Seconds until ``amount`` fits; 0 if it fits now. Call ``expire`` first."""
+        if self.capacity is None:
+            return 0.0
         # An oversized request only has to wait for an empty window: it must be
         # able to pass eventually, or a client would retry it forever.
         excess = min(self.used + amount - self.capacity, self.used)
@@ -487,7 +541,7 @@ class _SlidingWindow:
         self.used += amount
 
     def remaining(self) -> int:
-        return max(0, self.capacity - self.used)
+        return 0 if self.capacity is None else max(0, self.capacity - self.used)
 
     def reset_in(self, now: float) -> float:
         return self._log[-1][0] + self.window_s - now if self._log else 0.0
@@ -534,6 +588,150 @@ _SERVER_ERRORS: Final = {
 }
 
 
+@dataclass(frozen=True)
+class _Chat:
+    """A chat completion request that passed step 2."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    # The schema of a json_schema response_format; None for a plain answer.
+    schema: dict[str, Any] | None
+    # The last user message: what directives and answers are read from.
+    content: str
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """How a directive shapes an admitted answer (``badjson``/``invalid``),
+    and whether the directive has a count to take."""
+
+    kind: str | None = None
+    counted: bool = False
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+
+
+def _parse_chat(raw: bytes, streaming: bool) -> _Chat | web.Response:
+    """Step 2: the request as a chat completion, or its 400."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _bad_request(
+            "We could not parse the JSON body of your request. The simulator expects "
+            "a JSON chat completion request."
+        )
+    if not isinstance(body, dict):
+        return _bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return _bad_request("You must provide a model parameter.", "model")
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
+        return _bad_request("'messages' must be a non-empty array of objects.", "messages")
+    stream = _parse_stream(body, streaming)
+    if isinstance(stream, web.Response):
+        return stream
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        return _bad_request("max_tokens must be a positive integer.", "max_tokens")
+    schema = _parse_schema(body.get("response_format"))
+    if isinstance(schema, web.Response):
+        return schema
+    return _Chat(
+        model, messages, stream[0], stream[1], max_tokens, schema, _last_user_text(messages)
+    )
+
+
+def _parse_stream(body: Mapping[str, Any], streaming: bool) -> tuple[bool, bool] | web.Response:
+    """Whether the request streams, and with its usage; or its 400."""
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        return _bad_request("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            return _bad_request(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+            )
+        if not isinstance(options, dict):
+            return _bad_request("'stream_options' must be an object.", "stream_options")
+    if stream and not streaming:
+        return _bad_request("The simulator does not support stream=true.", "stream")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return stream, include_usage
+
+
+def _parse_schema(response_format: Any) -> dict[str, Any] | web.Response | None:
+    """The schema of a json_schema response_format (None for a plain answer), or its 400."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        return _bad_request(
+            "'response_format' must be an object with a string 'type'.", "response_format"
+        )
+    if response_format["type"] != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return _bad_request(
+            "Missing required parameter: 'response_format.json_schema.name'.",
+            "response_format.json_schema.name",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        return _bad_request(
+            "Invalid type for 'response_format.json_schema.schema': expected an object.",
+            "response_format.json_schema.schema",
+        )
+    return schema
+
+
+def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
+    """The answer the request gets (shaped by a directive, structured, or
+    plain), cut at ``max_tokens``, and its usage."""
+    if shaped == "badjson":
+        text = BAD_JSON
+    elif shaped == "invalid":
+        text = _invalid_answer(chat.messages, chat.schema)
+    elif chat.schema is not None:
+        structured = expected_structured_answer(chat.messages, chat.model, chat.schema)
+        text = json.dumps(structured, ensure_ascii=False)
+    else:
+        text = expected_answer(chat.messages, chat.model)
+    finish_reason = "stop"
+    if chat.max_tokens is not None and estimate_tokens(text) > chat.max_tokens:
+        # Cut on a character boundary: "ignore" drops a split multi-byte tail.
+        text = text.encode()[: chat.max_tokens * 4].decode("utf-8", "ignore")
+        finish_reason = "length"
+    prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in chat.messages)
+    completion_tokens = estimate_tokens(text)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return _Answer(text, finish_reason, usage)
+
+
 class Simulator:
     """The server. Use ``async with Simulator(config) as sim`` in async code, or
     :func:`run_in_thread` when the client runs elsewhere (a subprocess, sync code)."""
@@ -567,10 +765,14 @@ class Simulator:
         self._random_faults = sum(rates) > 0
         self._thresholds = tuple(itertools.accumulate(rates))
         self._requests = (
-            _SlidingWindow(_per_window(cfg.rpm, cfg.window_s), cfg.window_s)
-            if cfg.rpm is not None
+            _SlidingWindow(
+                None if cfg.rpm is None else _per_window(cfg.rpm, cfg.window_s), cfg.window_s
+            )
+            if cfg.rpm is not None or cfg.rpm_schedule
             else None
         )
+        # The server's clock at the first completion request: rpm_schedule's origin.
+        self._started_at: float | None = None
         self._tokens = (
             _SlidingWindow(_per_window(cfg.tpm, cfg.window_s), cfg.window_s)
             if cfg.tpm is not None
@@ -655,6 +857,8 @@ class Simulator:
     async def _completions(self, request: web.Request) -> web.StreamResponse:
         stats = self.stats
         stats.requests += 1
+        if self._started_at is None:
+            self._started_at = time.monotonic()
         self._in_flight += 1
         if self._in_flight > stats.max_in_flight:
             stats.max_in_flight = self._in_flight
@@ -664,102 +868,77 @@ class Simulator:
             self._in_flight -= 1
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
-        cfg = self.config
+        """The steps of the module docstring, in order; the first that fails answers."""
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return self._unauthorized()
+            return self._unauthorized()  # 1
+        chat = _parse_chat(await request.read(), self.config.streaming)  # 2
+        if isinstance(chat, web.Response):
+            return chat
+        refused = self._refuse_model(chat) or self._refuse_quota()  # 3, 4
+        if refused is not None:
+            return refused
+        shaped = await self._directives_and_faults(chat, request)  # 5, 6
+        if isinstance(shaped, web.StreamResponse):
+            return shaped
+        answer = _compose_answer(chat, shaped.kind)
+        headers: dict[str, str] | None = None
+        if self._requests is not None or self._tokens is not None:  # 7
+            now = time.monotonic()
+            refused = self._admit(answer.usage["total_tokens"], now, chat.model)
+            if refused is not None:
+                return refused
+            headers = self._rate_headers(now)
+        self._count_admitted(answer.usage["total_tokens"])
+        # Nothing was awaited since the directive was read, so concurrent requests
+        # with the same content cannot both take the last count.
+        if shaped.counted:
+            self._directive_counts[chat.content] += 1
+        return await self._answer(request, chat, answer, shaped, headers)  # 8
 
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            return _bad_request(
-                "We could not parse the JSON body of your request. The simulator expects "
-                "a JSON chat completion request."
-            )
-        if not isinstance(body, dict):
-            return _bad_request("The request body must be a JSON object.")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return _bad_request("You must provide a model parameter.", "model")
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(isinstance(m, dict) for m in messages)
-        ):
-            return _bad_request("'messages' must be a non-empty array of objects.", "messages")
-        streaming = self._streaming(body)
-        if isinstance(streaming, web.Response):
-            return streaming
-        stream, include_usage = streaming
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-        ):
-            return _bad_request("max_tokens must be a positive integer.", "max_tokens")
-        # The schema of a json_schema response_format; None for a plain answer.
-        schema: dict[str, Any] | None = None
-        response_format = body.get("response_format")
-        if response_format is not None:
-            if not isinstance(response_format, dict) or not isinstance(
-                response_format.get("type"), str
-            ):
-                return _bad_request(
-                    "'response_format' must be an object with a string 'type'.", "response_format"
-                )
-            if response_format["type"] == "json_schema":
-                spec = response_format.get("json_schema")
-                if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-                    return _bad_request(
-                        "Missing required parameter: 'response_format.json_schema.name'.",
-                        "response_format.json_schema.name",
-                    )
-                schema = spec.get("schema", {})
-                if not isinstance(schema, dict):
-                    return _bad_request(
-                        "Invalid type for 'response_format.json_schema.schema': expected an "
-                        "object.",
-                        "response_format.json_schema.schema",
-                    )
-
-        if self._models and model not in self._models:
+    def _refuse_model(self, chat: _Chat) -> web.Response | None:
+        if self._models and chat.model not in self._models:
             return _error(
                 404,
-                f"The model `{model}` does not exist or you do not have access to it.",
+                f"The model `{chat.model}` does not exist or you do not have access to it.",
                 "invalid_request_error",
                 "model_not_found",
             )
-        if schema is not None and not cfg.structured:
+        if chat.schema is not None and not self.config.structured:
             return _bad_request(
                 "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
                 "with this model.",
                 "response_format",
             )
-        if cfg.insufficient_quota:
-            return _error(
-                429,
-                "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota",
-                "insufficient_quota",
-                headers=self._rate_headers(time.monotonic()),
-            )
+        return None
 
-        content = _last_user_text(messages)
-        # A badjson/invalid directive that applies to this answer, and whether it
-        # has a count (taken only once the answer is admitted, see below).
-        shaped: str | None = None
-        shaped_counted = False
-        if _DIRECTIVE_MARK in content:
-            directed = self._directive(content)
+    def _refuse_quota(self) -> web.Response | None:
+        if not self.config.insufficient_quota:
+            return None
+        return _error(
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            "insufficient_quota",
+            headers=self._rate_headers(time.monotonic()),
+        )
+
+    async def _directives_and_faults(
+        self, chat: _Chat, request: web.Request
+    ) -> _Shaped | web.StreamResponse:
+        """Steps 5 and 6: a directive's or a random fault's answer, or how the
+        answer is to be shaped (badjson/invalid), with its count taken only
+        once the answer is admitted."""
+        shaped = _Shaped()
+        if _DIRECTIVE_MARK in chat.content:
+            directed = self._directive(chat.content)
             if directed is not None:
                 kind, counted = directed
                 if kind in _ANSWER_KINDS:
-                    shaped, shaped_counted = kind, counted
+                    shaped = _Shaped(kind, counted)
                 else:
                     if counted:
-                        self._directive_counts[content] += 1
-                    failed = await self._fail(kind, request, model, stream)
+                        self._directive_counts[chat.content] += 1
+                    failed = await self._fail(kind, request, chat.model, chat.stream)
                     if failed is not None:
                         return failed
         if self._random_faults:
@@ -768,79 +947,55 @@ class Simulator:
                 if draw < threshold:
                     if kind == "5xx":
                         kind = str(self._rng.choice((500, 502, 503)))
-                    failed = await self._fail(kind, request, model, stream)
+                    failed = await self._fail(kind, request, chat.model, chat.stream)
                     if failed is not None:
                         return failed
                     break
-        if shaped_counted and self._directive(content) is None:
+        if shaped.counted and self._directive(chat.content) is None:
             # A hang that answered (hang_answers) waited: another request with
             # this content may have had the last bad answer meanwhile.
-            shaped, shaped_counted = None, False
+            return _Shaped()
+        return shaped
 
-        if shaped == "badjson":
-            answer = BAD_JSON
-        elif shaped == "invalid":
-            answer = _invalid_answer(messages, schema)
-        elif schema is not None:
-            answer = json.dumps(
-                expected_structured_answer(messages, model, schema), ensure_ascii=False
-            )
-        else:
-            answer = expected_answer(messages, model)
-        finish_reason = "stop"
-        if max_tokens is not None and estimate_tokens(answer) > max_tokens:
-            # Cut on a character boundary: "ignore" drops a split multi-byte tail.
-            answer = answer.encode()[: max_tokens * 4].decode("utf-8", "ignore")
-            finish_reason = "length"
-        prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
-        completion_tokens = estimate_tokens(answer)
-        total_tokens = prompt_tokens + completion_tokens
-
-        headers: dict[str, str] | None = None
-        if self._requests is not None or self._tokens is not None:
-            now = time.monotonic()
-            refused = self._admit(total_tokens, now, model)
-            if refused is not None:
-                return refused
-            headers = self._rate_headers(now)
-        self._count_admitted(total_tokens)
-        # Nothing was awaited since the directive was read, so concurrent requests
-        # with the same content cannot both take the last count.
-        if shaped_counted:
-            self._directive_counts[content] += 1
-
+    async def _answer(
+        self,
+        request: web.Request,
+        chat: _Chat,
+        answer: _Answer,
+        shaped: _Shaped,
+        headers: dict[str, str] | None,
+    ) -> web.StreamResponse:
+        """Step 8: the latency, then the answer, counted only if delivered."""
+        cfg = self.config
         delay = cfg.latency_ms
         if cfg.jitter_ms:
             delay += self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)
         if delay > 0:
             await asyncio.sleep(delay / 1000.0)
-
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total_tokens,
-        }
         response: web.StreamResponse
-        if stream:
+        if chat.stream:
+            usage = answer.usage if chat.include_usage else None
             response, delivered = await self._stream_answer(
-                request, model, answer, finish_reason, usage if include_usage else None, headers
+                request, chat.model, answer.text, answer.finish_reason, usage, headers
             )
         else:
-            response, delivered = self._whole_answer(model, answer, finish_reason, usage, headers)
+            response, delivered = self._whole_answer(
+                chat.model, answer.text, answer.finish_reason, answer.usage, headers
+            )
         transport = request.transport
         # A client that gave up during the latency (or the stream) never gets this
         # answer: counting it would make "answered exactly once" checks lie.
         if delivered and transport is not None and not transport.is_closing():
             stats = self.stats
             stats.answered += 1
-            stats.tokens += total_tokens
-            stats.answered_by_content[content] += 1
-            stats.streamed += stream
-            if shaped is not None:
+            stats.tokens += answer.usage["total_tokens"]
+            stats.answered_by_content[chat.content] += 1
+            stats.streamed += chat.stream
+            if shaped.kind is not None:
                 stats.bad_answers += 1
-        elif shaped_counted:
+        elif shaped.counted:
             # Not delivered: the next request with this content gets the bad answer.
-            self._directive_counts[content] -= 1
+            self._directive_counts[chat.content] -= 1
         return response
 
     def _whole_answer(
@@ -956,27 +1111,6 @@ class Simulator:
             return None
         return kind, count is not None
 
-    def _streaming(self, body: Mapping[str, Any]) -> tuple[bool, bool] | web.Response:
-        """Whether the request streams, and with its usage; or its 400."""
-        stream = body.get("stream")
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            return _bad_request("'stream' must be a boolean.", "stream")
-        options = body.get("stream_options")
-        if options is not None:
-            if not stream:
-                return _bad_request(
-                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                    "stream_options",
-                )
-            if not isinstance(options, dict):
-                return _bad_request("'stream_options' must be an object.", "stream_options")
-        if stream and not self.config.streaming:
-            return _bad_request("The simulator does not support stream=true.", "stream")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return stream, include_usage
-
     async def _fail(
         self, kind: str, request: web.Request, model: str, stream: bool
     ) -> web.StreamResponse | None:
@@ -1074,13 +1208,40 @@ class Simulator:
         status = int(kind)
         return _error(status, _SERVER_ERRORS[status], "server_error")
 
+    def rpm_at(self, now: float) -> int | None:
+        """The requests limit in force at ``now`` (server clock): the last
+        ``rpm_schedule`` step reached, else ``rpm``; None for no limit."""
+        rpm = self.config.rpm
+        if self._started_at is not None:
+            for at, scheduled in self.config.rpm_schedule:
+                if now - self._started_at < at:
+                    break
+                rpm = scheduled
+        return rpm
+
+    def _refused_for(self, now: float) -> float:
+        """How long an rpm of 0 lasts from ``now``: until the next step that
+        admits requests, else one window."""
+        assert self._started_at is not None
+        for at, scheduled in self.config.rpm_schedule:
+            if at > now - self._started_at and scheduled > 0:
+                return self._started_at + at - now
+        return self.config.window_s
+
     def _admit(self, tokens: int, now: float, model: str) -> web.Response | None:
         """None if the request fits the limits (and then it is counted), else its 429."""
         requests, token_window = self._requests, self._tokens
         wait_requests = wait_tokens = 0.0
+        rpm = self.rpm_at(now)
         if requests is not None:
             requests.expire(now)
-            wait_requests = requests.wait(1, now)
+            if rpm is None:
+                requests.capacity = None
+            elif rpm == 0:
+                wait_requests = self._refused_for(now)
+            else:
+                requests.capacity = _per_window(rpm, self.config.window_s)
+                wait_requests = requests.wait(1, now)
         if token_window is not None:
             token_window.expire(now)
             wait_tokens = token_window.wait(tokens, now)
@@ -1096,7 +1257,7 @@ class Simulator:
         wait = max(wait_requests, wait_tokens)
         if wait_requests > 0.0:
             assert requests is not None
-            kind, limit, used, asked = "requests", self.config.rpm, requests.used, 1
+            kind, limit, used, asked = "requests", rpm, requests.used, 1
             unit = "requests per min (RPM)"
         else:
             assert token_window is not None
@@ -1127,10 +1288,15 @@ class Simulator:
         headers: dict[str, str] = {}
         if not cfg.rate_headers:
             return headers
-        if self._requests is not None:
+        until = cfg.rate_headers_until_s
+        if until is not None and self._started_at is not None and now - self._started_at >= until:
+            return headers
+        rpm = self.rpm_at(now)
+        if self._requests is not None and rpm is not None:
             self._requests.expire(now)
-            headers["x-ratelimit-limit-requests"] = str(cfg.rpm)
-            headers["x-ratelimit-remaining-requests"] = str(self._requests.remaining())
+            headers["x-ratelimit-limit-requests"] = str(rpm)
+            remaining = self._requests.remaining() if rpm else 0
+            headers["x-ratelimit-remaining-requests"] = str(remaining)
             headers["x-ratelimit-reset-requests"] = format_reset(self._requests.reset_in(now))
         if self._tokens is not None:
             self._tokens.expire(now)

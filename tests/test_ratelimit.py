@@ -7,15 +7,20 @@ tests run thousands of requests and assert rates and 429 shares exactly."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import itertools
+import math
 import random
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import AsyncIterator, Mapping
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 
-from pipeline.call import TokenReservation
+from pipeline.call import CallStage, ChatRequest, TokenReservation
+from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.errors import FatalAPIError
 from pipeline.ratelimit import (
     RATE_HEADROOM,
     ConcurrencyGate,
@@ -23,11 +28,16 @@ from pipeline.ratelimit import (
     RateLimiter,
     RateLimitHeaders,
     TokenBucket,
+    _SendLog,
     exhausted_limit,
     parse_count,
     parse_duration,
     retry_after_seconds,
 )
+from pipeline.results import RowResult
+from pipeline.stall import StallLimit
+from pipeline.transport import Completion, Messages
+from pipeline.transport_errors import APIStatus
 
 
 def now() -> float:
@@ -797,3 +807,268 @@ async def test_answers_of_unpredictable_length_cost_some_rate_not_a_stream_of_42
     assert server.rate_limited / server.requests < 0.03
     assert limiter.token_share < 0.97
     assert share >= 0.75
+
+
+# -- limits a server does not report, over windows of any length -----------------
+#
+# These drive the call stage itself (its retries, backoff and pauses) against a
+# model of a provider on the loop clock, given to it as its transport.
+
+
+def rate_limit_error(headers: Mapping[str, str]) -> APIStatus:
+    body = {"message": "Rate limit reached", "type": "requests", "code": "rate_limit_exceeded"}
+    return APIStatus(
+        429,
+        headers=headers,
+        body=body,
+        code="rate_limit_exceeded",
+        type="requests",
+        message="Rate limit reached",
+    )
+
+
+class SlidingWindowAPI:
+    """A provider as a transport: admits ``rpm`` requests a minute over a
+    sliding window of ``window_s``, like ``pipeline.simulate``, the limit
+    changing at the ``schedule`` steps (seconds since the first request, rpm;
+    0 refuses everything until the next step that admits). A 429 says when
+    the window frees room in ``retry-after-ms`` (unless ``retry_after`` is
+    off); answers carry ``x-ratelimit-*`` headers for the first
+    ``headers_until`` seconds only."""
+
+    def __init__(
+        self,
+        rpm: int,
+        window_s: float,
+        *,
+        schedule: tuple[tuple[float, int], ...] = (),
+        retry_after: bool = True,
+        headers_until: float = 0.0,
+        latency_s: tuple[float, float] = (0.1, 0.3),
+        seed: int = 3,
+    ) -> None:
+        self.rpm = rpm
+        self.window_s = window_s
+        self.schedule = schedule
+        self.retry_after = retry_after
+        self.headers_until = headers_until
+        self.latency_s = latency_s
+        self.rng = random.Random(seed)
+        self.log: deque[float] = deque()
+        self.started = 0.0
+        # Times since the first request of every admitted and refused request.
+        self.admitted: list[float] = []
+        self.refused: list[float] = []
+
+    def rpm_at(self, elapsed: float) -> int:
+        rpm = self.rpm
+        for at, scheduled in self.schedule:
+            if elapsed >= at:
+                rpm = scheduled
+        return rpm
+
+    def _wait(self, elapsed: float, capacity: int) -> float:
+        if capacity:
+            return self.log[len(self.log) - capacity] + self.window_s - now()
+        later = [at for at, rpm in self.schedule if at > elapsed and rpm > 0]
+        return later[0] - elapsed if later else self.window_s
+
+    def _headers(self, elapsed: float, rpm: int, capacity: int) -> dict[str, str]:
+        if elapsed >= self.headers_until:
+            return {}
+        return {
+            "x-ratelimit-limit-requests": str(rpm),
+            "x-ratelimit-remaining-requests": str(max(0, capacity - len(self.log))),
+            "x-ratelimit-reset-requests": f"{self.window_s}s",
+        }
+
+    async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        arrived = now()
+        if not self.admitted and not self.refused:
+            self.started = arrived
+        elapsed = arrived - self.started
+        while self.log and self.log[0] <= arrived - self.window_s:
+            self.log.popleft()
+        rpm = self.rpm_at(elapsed)
+        capacity = round(rpm * self.window_s / 60)
+        if len(self.log) >= capacity:
+            self.refused.append(elapsed)
+            headers = self._headers(elapsed, rpm, capacity)
+            if self.retry_after:
+                wait_ms = math.ceil(self._wait(elapsed, capacity) * 1000)
+                headers["retry-after-ms"] = str(max(1, wait_ms))
+            raise rate_limit_error(headers)
+        self.log.append(arrived)
+        self.admitted.append(elapsed)
+        headers = self._headers(elapsed, rpm, capacity)
+        await asyncio.sleep(self.rng.uniform(*self.latency_s))
+        return Completion("ok", "stop", "m", 10, 5, headers)
+
+    async def aclose(self) -> None:
+        return None
+
+    def rate(self, start: float, end: float) -> float:
+        """Requests admitted per minute between two times since the first request."""
+        count = bisect.bisect_left(self.admitted, end) - bisect.bisect_left(self.admitted, start)
+        return count / (end - start) * 60.0
+
+    def share_429(self, start: float, end: float) -> float:
+        refused = bisect.bisect_left(self.refused, end) - bisect.bisect_left(self.refused, start)
+        admitted = bisect.bisect_left(self.admitted, end) - bisect.bisect_left(self.admitted, start)
+        return refused / max(1, refused + admitted)
+
+
+def call_stage(api: SlidingWindowAPI, *, seed: int = 4, **limits: Any) -> CallStage:
+    """The call stage with the default limits (backoff, attempts), 64 workers,
+    its backoff jitter seeded."""
+    settings = LimitsConfig(**{"concurrency": 64, **limits})
+    return CallStage(ModelConfig(name="m"), settings, api, rng=random.Random(seed))
+
+
+async def enrich_rows(
+    stage: CallStage, rows: int, into: list[RowResult] | None = None
+) -> list[RowResult]:
+    async def requests() -> AsyncIterator[ChatRequest]:
+        for row_id in range(rows):
+            yield ChatRequest(row_id, [{"role": "user", "content": f"row {row_id}"}])
+
+    results = [] if into is None else into
+    async for result in stage.results(requests()):
+        results.append(result)
+    return results
+
+
+# (window, rpm, rows): five windows or more at the limit, a few thousand
+# requests at most (fake time is free, the loop's work is not).
+WINDOWS = [(1.0, 1200, 600), (6.0, 1200, 720), (20.0, 600, 1200), (60.0, 300, 1800)]
+
+
+@pytest.mark.parametrize(("window_s", "rpm", "rows"), WINDOWS, ids=lambda v: f"{v}")
+@pytest.mark.looptime
+async def test_auto_mode_learns_a_window_of_any_length_from_retry_after_and_runs_at_its_limit(
+    window_s: float, rpm: int, rows: int
+) -> None:
+    api = SlidingWindowAPI(rpm, window_s)
+
+    results = await enrich_rows(call_stage(api), rows)
+
+    assert [result.status for result in results] == ["ok"] * rows
+    # The first window goes on finding it: a burst, then the pause the
+    # retry-after asks for. From then on the run keeps to the limit.
+    end = api.admitted[-1]
+    assert api.rate(window_s, end) >= 0.90 * rpm
+    assert api.share_429(window_s, end) < 0.02
+
+
+@pytest.mark.parametrize(("window_s", "rpm", "rows"), WINDOWS, ids=lambda v: f"{v}")
+@pytest.mark.looptime
+async def test_without_retry_after_auto_mode_dates_the_window_by_when_429s_stop(
+    window_s: float, rpm: int, rows: int
+) -> None:
+    # A 429 without retry-after says only that the window is full. While the
+    # window is unknown, one request at a time tests it, at pauses a tenth of
+    # how long the 429s have lasted, until one is admitted: capacity freed
+    # between the last refused send and that one, which dates the window to
+    # within a few percent, long or short (a retry-after dates it exactly).
+    # Later 429s are read against a span a little longer than that window.
+    # The first window costs more 429s than with retry-after (one a probe);
+    # measured over seeds from then on: 93-98% of the limit, under 1.2%
+    # 429s. Asserted: 85% (against 90% with retry-after) and 2%.
+    api = SlidingWindowAPI(rpm, window_s, retry_after=False)
+
+    results = await enrich_rows(call_stage(api), rows)
+
+    assert [result.status for result in results] == ["ok"] * rows
+    end = api.admitted[-1]
+    assert api.rate(window_s, end) >= 0.85 * rpm
+    assert api.share_429(window_s, end) < 0.02
+
+
+@pytest.mark.parametrize(("window_s", "rpm"), [(1.0, 3000), (6.0, 1200)], ids=str)
+@pytest.mark.parametrize("headers", [False, True], ids=["no-headers", "headers-stop"])
+@pytest.mark.looptime
+async def test_after_a_storm_the_rate_climbs_back_to_the_recovered_limit_within_a_few_windows(
+    window_s: float, rpm: int, headers: bool
+) -> None:
+    # The full limit for 5 windows, a tenth of it for 5 (the window refuses
+    # everything until it has drained below the new limit), then the full
+    # limit again. With headers, the server reports the lowered limit during
+    # the storm and stops reporting anything once it is over.
+    storm, recovered = 5 * window_s, 10 * window_s
+    api = SlidingWindowAPI(
+        rpm,
+        window_s,
+        schedule=((storm, rpm // 10), (recovered, rpm)),
+        headers_until=recovered if headers else 0.0,
+    )
+    per_window = rpm / 60 * window_s
+    rows = round(per_window * (5 + 0.5 + 14))
+
+    results = await enrich_rows(call_stage(api), rows)
+
+    assert [result.status for result in results] == ["ok"] * rows
+    # The storm's limit was followed down: a climb back towards the old limit
+    # that the server stops costs a 429 or two, and climbs are spaced out.
+    refused = [at for at in api.refused if storm + window_s <= at < recovered]
+    assert len(refused) <= 2 * 4
+    # ...and, within a few windows of the server recovering, back up.
+    assert api.admitted[-1] > recovered + 11 * window_s
+    assert api.rate(recovered + 5 * window_s, recovered + 11 * window_s) >= 0.90 * rpm
+
+
+@pytest.mark.parametrize("retry_after", [True, False], ids=["retry-after", "no-retry-after"])
+@pytest.mark.looptime
+async def test_every_answer_a_429_for_longer_than_max_refusal_ends_the_run_after_its_results(
+    retry_after: bool,
+) -> None:
+    # 20 requests a second for 5 s, then none: a quota used up without the
+    # server saying so.
+    api = SlidingWindowAPI(1200, 1.0, schedule=((5.0, 0),), retry_after=retry_after)
+    stage = call_stage(api, max_refusal_s=60.0, backoff_max_s=10.0)
+    results: list[RowResult] = []
+
+    with pytest.raises(FatalAPIError) as raised:
+        await enrich_rows(stage, 1000, into=results)
+
+    refused_from = api.started + api.refused[bisect.bisect_left(api.refused, 5.0)]
+    # Ended by the first 429 past the bound (the next retry: a pause away).
+    assert 60.0 <= now() - refused_from <= 60.0 + 10.0 + 1.0
+    # Everything answered before (and paid for) was handed over first.
+    assert sum(result.status == "ok" for result in results) == len(api.admitted) >= 50
+    message = str(raised.value)
+    assert "every request with 429" in message
+    assert "--max-refusal 60 s" in message
+    assert "checkpoint is kept" in message
+    assert "rerun later" in message and "quota" in message
+
+
+@pytest.mark.looptime
+async def test_a_retry_after_longer_than_max_refusal_is_waited_out_if_the_server_then_admits() -> (
+    None
+):
+    # Nothing admitted from 1 s to 1,200 s, as the retry-after says; then the
+    # limit is back. A pause, not a sustained refusal.
+    api = SlidingWindowAPI(1200, 1.0, schedule=((1.0, 0), (1200.0, 1200)))
+    stage = call_stage(api, max_refusal_s=900.0)
+
+    results = await enrich_rows(stage, 100)
+
+    assert [result.status for result in results] == ["ok"] * 100
+    assert api.admitted[-1] >= 1200.0
+
+
+def test_the_send_log_keeps_a_bounded_history_and_counts_what_was_admitted() -> None:
+    log = _SendLog(horizon_s=10.0, max_sends=5_000)
+    for number in range(100_000):  # 1,000 a second for 100 s
+        assert log.append(number / 1000.0) == number
+        if number % 10 == 0:
+            log.refuse(number)
+
+    assert log.count == 100_000
+    # Never more than the size bound (a trim drops an eighth more, in a batch).
+    assert len(log._times) <= 5_000
+    # What is still logged is counted exactly: every tenth request refused.
+    assert log.admitted(98.0, 99.0 - 1e-9) == 900
+    assert log.counts(98.0, 99.0 - 1e-9) == (1000, 100)
+    assert log.last_refused_before(99.0) == pytest.approx(98.99)
+    assert log.first_admitted_after(98.995) == pytest.approx(98.996, abs=1e-6)

@@ -29,6 +29,7 @@ from pipeline.simulate import (
     expected_answer,
     expected_structured_answer,
     format_reset,
+    parse_rpm_schedule,
     run_in_thread,
 )
 from pipeline.structured import StructuredAnswerError, load_schema, parse_answer, response_format
@@ -116,6 +117,9 @@ def test_format_reset_uses_openai_duration_format(seconds: float, text: str) -> 
         {"rpm": 0},
         {"window_s": 0},
         {"latency_ms": -1},
+        {"rpm_schedule": ((1.0, 100), (0.5, 100))},
+        {"rpm_schedule": ((-1.0, 100),)},
+        {"rpm_schedule": ((1.0, -1),)},
         {"chunk_delay_ms": -1},
         {"hang_s": 30, "hang_max_s": 10},
     ],
@@ -441,6 +445,120 @@ async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
         await c.chat.completions.create(model="sim-1", messages=user("b"))
     assert sim.stats.answered == 2
     assert sim.stats.rate_limited == 1
+
+
+async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_first_request() -> (
+    None
+):
+    # 5 requests per 2 s window; from 1.2 s on, 1; from 3.6 s on, 5 again (a
+    # window long enough for the steps to hold on a loaded machine).
+    config = SimulatorConfig(rpm=150, window_s=2.0, rpm_schedule=((1.2, 30), (3.6, 150)))
+    async with Simulator(config) as sim, client(sim) as c:
+        await asyncio.sleep(0.5)  # the schedule starts with the first request, not the server
+        started = time.monotonic()
+        for i in range(3):
+            raw = await c.chat.completions.with_raw_response.create(
+                model="sim-1", messages=user(f"before {i}")
+            )
+            assert raw.headers["x-ratelimit-limit-requests"] == "150"
+        await asyncio.sleep(max(0.0, started + 1.4 - time.monotonic()))
+        # The lower limit counts what the window already holds: 3 > 1.
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("storm"))
+        headers = err.value.response.headers
+        assert headers["x-ratelimit-limit-requests"] == "30"
+        assert "Limit 30" in err.value.message
+        # Until the last of the three leaves the window, about 0.6-0.9 s on.
+        wait_s = int(headers["retry-after-ms"]) / 1000
+        assert 0.2 < wait_s <= 1.0
+        await asyncio.sleep(wait_s)
+        await c.chat.completions.create(model="sim-1", messages=user("storm"))
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model="sim-1", messages=user("one too many"))
+        await asyncio.sleep(max(0.0, started + 3.8 - time.monotonic()))
+        for i in range(4):
+            raw = await c.chat.completions.with_raw_response.create(
+                model="sim-1", messages=user(f"after {i}")
+            )
+        assert raw.headers["x-ratelimit-limit-requests"] == "150"
+    assert sim.stats.rate_limited == 2
+
+
+async def test_an_rpm_of_zero_refuses_every_request_until_the_next_step() -> None:
+    config = SimulatorConfig(rpm=600, window_s=5.0, rpm_schedule=((0.2, 0), (1.0, 600)))
+    async with Simulator(config) as sim, client(sim) as c:
+        started = time.monotonic()
+        await c.chat.completions.create(model="sim-1", messages=user("admitted"))
+        await asyncio.sleep(max(0.0, started + 0.4 - time.monotonic()))
+        with pytest.raises(openai.RateLimitError) as err:
+            await c.chat.completions.create(model="sim-1", messages=user("refused"))
+        headers = err.value.response.headers
+        assert err.value.code == "rate_limit_exceeded"  # not a quota error: nothing says so
+        assert headers["x-ratelimit-limit-requests"] == "0"
+        assert headers["x-ratelimit-remaining-requests"] == "0"
+        # Until the step at 1.0 s, not until the 5 s window drains (the margin
+        # leaves room for a loaded machine).
+        wait_s = int(headers["retry-after-ms"]) / 1000
+        assert 0.0 < wait_s <= 0.8
+        await asyncio.sleep(wait_s)
+        await c.chat.completions.create(model="sim-1", messages=user("admitted again"))
+    assert (sim.stats.answered, sim.stats.rate_limited) == (2, 1)
+
+
+async def test_rate_headers_can_stop_some_time_after_the_first_request() -> None:
+    config = SimulatorConfig(rpm=600, window_s=1.0, rate_headers_until_s=0.2)
+    async with Simulator(config) as sim, client(sim) as c:
+        await asyncio.sleep(0.3)  # counted from the first request
+        raw = await c.chat.completions.with_raw_response.create(model="sim-1", messages=user("a"))
+        assert raw.headers["x-ratelimit-limit-requests"] == "600"
+        await asyncio.sleep(0.25)
+        raw = await c.chat.completions.with_raw_response.create(model="sim-1", messages=user("b"))
+        assert not any(h.startswith("x-ratelimit") for h in raw.headers)
+
+
+def test_an_rpm_schedule_is_written_as_seconds_and_rpm_pairs() -> None:
+    assert parse_rpm_schedule("10:600, 25:6000") == ((10.0, 600), (25.0, 6000))
+    assert parse_rpm_schedule("0.5:0") == ((0.5, 0),)
+    for bad in ("10-600", "10:", "x:5", "10:6.5"):
+        with pytest.raises(ConfigError, match="SECONDS:RPM"):
+            parse_rpm_schedule(bad)
+
+
+@pytest.mark.timeout(30)
+def test_the_simulate_command_takes_an_rpm_schedule() -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline", "simulate", "--port", "0",
+            "--rpm", "600", "--window-s", "1", "--rpm-schedule", "0:0",
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("serving "), line
+        with (
+            openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c,
+            pytest.raises(openai.RateLimitError) as err,
+        ):
+            c.chat.completions.create(model="sim-1", messages=user("refused"))
+        assert err.value.response.headers["x-ratelimit-limit-requests"] == "0"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+    bad = subprocess.run(
+        [sys.executable, "-m", "pipeline", "simulate", "--rpm-schedule", "soon"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+        timeout=30,
+    )
+    assert bad.returncode == 2
+    assert "SECONDS:RPM" in bad.stderr
 
 
 async def test_token_limit_answers_429_of_type_tokens() -> None:
