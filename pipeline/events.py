@@ -275,6 +275,14 @@ class ProgressEvents:
             self._last_emit = now
             self._emit(now)
 
+    def heartbeat(self) -> None:
+        """Called on a timer (the run's timeline sampler): a progress event
+        every ``interval_s`` even while no row finishes (a long 429 pause)."""
+        now = self._clock()
+        if not self._closed and self._total and now - self._last_emit >= self._interval_s:
+            self._last_emit = now
+            self._emit(now)
+
     def close(self) -> None:
         if not self._closed:
             self._closed = True

@@ -168,6 +168,7 @@ class Timeline:
         self._pending_errors: dict[str, int] = {}
         self._pending_ticks = 0
         self._peak_in_flight = 0
+        self._heartbeat: Callable[[], None] | None = None
 
     # -- inputs -------------------------------------------------------------
 
@@ -223,7 +224,10 @@ class Timeline:
         self._error_counts[kind] = self._error_counts.get(kind, 0) + 1
 
     def watching(self, progress: Progress) -> Progress:
-        """``progress`` that also feeds this timeline every finished row."""
+        """``progress`` that also feeds this timeline every finished row. A
+        progress with a ``heartbeat()`` (``ProgressEvents``) gets it at every
+        tick, so that its events come at a fixed interval."""
+        self._heartbeat = getattr(progress, "heartbeat", None)
         return _Watching(self, progress)
 
     # -- live totals --------------------------------------------------------
@@ -344,6 +348,8 @@ class Timeline:
                 await asyncio.sleep(step)
                 self.sample_in_flight()
             self.tick()
+            if self._heartbeat is not None:
+                self._heartbeat()
 
     # -- output -------------------------------------------------------------
 

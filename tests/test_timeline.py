@@ -4,6 +4,7 @@ clock; the end-to-end page tests cover it on real runs."""
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 
@@ -202,3 +203,28 @@ def test_progress_events_carry_the_timelines_live_totals() -> None:
     for name in ("ok", "error", "prompt_tokens", "completion_tokens", "cost_usd", "retries"):
         assert last[name] == live[name], name
     assert last["error"] == 1 and last["done"] == 2
+
+
+@pytest.mark.looptime
+async def test_progress_events_come_at_a_fixed_interval_while_no_row_finishes() -> None:
+    stream = io.StringIO()
+    loop = asyncio.get_running_loop()
+    timeline = Timeline(clock=loop.time)
+    progress = timeline.watching(
+        ProgressEvents(
+            JsonEventSink(stream),
+            interval_s=30.0,
+            clock=loop.time,
+            live=lambda: timeline.totals().to_dict(),
+        )
+    )
+    progress.start(10, 0)
+    sampler = asyncio.create_task(timeline.run())
+    await asyncio.sleep(95)  # a long pause: no row finishes
+    sampler.cancel()
+    lines = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert [line["event"] for line in lines] == ["progress"] * 3
+    assert [line["done"] for line in lines] == [0, 0, 0]
+    # One interval a second, all empty.
+    segment = timeline.segment()
+    assert len(segment["series"]["ok"]) >= 90 and sum(segment["series"]["ok"]) == 0
