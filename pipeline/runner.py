@@ -549,8 +549,11 @@ async def _locked_run(
                 message=f"the run report {report_path} could not be written ({exc})",
             )
             return
-        if config.output.page:
-            _write_page(page_path_for(report_path), body, events)
+        written = read_report(report_path) if config.output.page else None
+        if written is not None:
+            # Drawn from the file as written (secrets scrubbed, numbers as
+            # stored), like `enrich report` would.
+            _write_page(page_path_for(report_path), written, events)
 
     reuse = _open_reuse(prepared, checkpoint, events)
     own_transport = transport is None

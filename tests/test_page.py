@@ -414,6 +414,7 @@ def test_a_cli_run_writes_the_page_beside_its_report_and_names_it(
     page = tmp_path / "out.parquet.report.html"
     assert f"report page {page.resolve().as_uri()}" in result.output
     assert shown_numbers(page.read_text())["counts.ok"] == 3
+    assert "sk-page-cli-test" not in page.read_text()
 
     again = tmp_path / "again.parquet"
     result = CliRunner().invoke(cli, [*argv, "--output", str(again), "--no-page"])
