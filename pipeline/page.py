@@ -160,6 +160,9 @@ def _throughput(axis: _Axis) -> Figure:
     if x:
         axes.stairs(sent, x, color=_BLUE, label="requests sent /s", linewidth=1.4)
         axes.stairs(done, x, color=_GREEN, label="rows answered /s", linewidth=1.2)
+        retries = axis.per_second("retries")
+        if any(retries):
+            axes.stairs(retries, x, color=_ORANGE, label="retries /s", linewidth=0.8)
     limit = [
         (float(v) / 60.0 if v is not None else float("nan"))
         for v in axis.series.get("limit_rpm", [])
