@@ -975,17 +975,21 @@ class Simulator:
         response: web.StreamResponse
         if chat.stream:
             usage = answer.usage if chat.include_usage else None
+            # Written to the end: a client that went away mid-stream fails a
+            # write. (One that closes once it has read [DONE] is answered,
+            # though its transport may be closing by the time we look.)
             response, delivered = await self._stream_answer(
                 request, chat.model, answer.text, answer.finish_reason, usage, headers
             )
         else:
-            response, delivered = self._whole_answer(
+            response = self._whole_answer(
                 chat.model, answer.text, answer.finish_reason, answer.usage, headers
             )
-        transport = request.transport
-        # A client that gave up during the latency (or the stream) never gets this
-        # answer: counting it would make "answered exactly once" checks lie.
-        if delivered and transport is not None and not transport.is_closing():
+            # A client that gave up during the latency never gets this answer:
+            # counting it would make "answered exactly once" checks lie.
+            transport = request.transport
+            delivered = transport is not None and not transport.is_closing()
+        if delivered:
             stats = self.stats
             stats.answered += 1
             stats.tokens += answer.usage["total_tokens"]
@@ -1005,7 +1009,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int],
         headers: Mapping[str, str] | None,
-    ) -> tuple[web.Response, bool]:
+    ) -> web.Response:
         self._next_id += 1
         payload = {
             "id": f"chatcmpl-{self._next_id}",
@@ -1021,7 +1025,7 @@ class Simulator:
             ],
             "usage": usage,
         }
-        return _json(200, payload, headers), True
+        return _json(200, payload, headers)
 
     def _chunk(
         self, model: str, delta: Mapping[str, str], finish_reason: str | None = None
