@@ -205,6 +205,7 @@ def test_enrich_report_without_a_report_says_how_to_get_one(tmp_path: Path) -> N
     assert "Traceback" not in result.output
 
 
+@pytest.mark.slow
 def test_a_page_draws_from_a_report_without_a_timeline() -> None:
     # A report of an older enrich, or of a run that stopped before sending.
     page = render_page({"outcome": "done", "exit_code": 0, "counts": {"ok": 3}})
@@ -213,6 +214,7 @@ def test_a_page_draws_from_a_report_without_a_timeline() -> None:
     assert shown_numbers(page)["counts.ok"] == 3
 
 
+@pytest.mark.slow
 def test_without_matplotlib_enrich_report_says_which_extra_to_install(tmp_path: Path) -> None:
     report = tmp_path / "out.parquet.report.json"
     report.write_text(json.dumps({"outcome": "done", "exit_code": 0}))
