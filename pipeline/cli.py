@@ -452,7 +452,7 @@ def report_page(output: Path, report_file: Path | None, html_file: Path | None) 
             f"cannot write the page {target} ({exc.strerror or exc}); choose another path "
             "with --html"
         ) from None
-    click.echo(f"wrote {target}: open it in any browser (file://{target.resolve()})")
+    click.echo(f"wrote {target}: open it in any browser ({target.resolve().as_uri()})")
 
 
 @cli.command()
