@@ -19,14 +19,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    # Imported by the Parquet reader: CSV and JSONL input never load it.
+    import pyarrow.parquet as pq
 
 __all__ = ["Chunk", "Format", "InputSource", "detect_format", "open_input"]
 
@@ -152,6 +155,7 @@ def open_input(path: str | Path) -> InputSource:
         ) from None
     except OSError as e:
         raise InputError(f"cannot read input {p}: {e.strerror or e}; check --input") from None
+    _check_compression(p, fmt)
     if fmt == "parquet":
         return _ParquetSource(p)
     if fmt == "csv":
@@ -192,10 +196,37 @@ def _detail(e: BaseException) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _head(path: Path, size: int = 4) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
+def _check_compression(path: Path, fmt: Format) -> None:
+    """A gzip file under a plain name would fail as "wrong number of fields"
+    or "not UTF-8" far from the cause: say what it is and how to name it."""
+    if fmt == "parquet" or path.name.lower().endswith(".gz"):
+        return
+    if _head(path, 2) == _GZIP_MAGIC:
+        raise InputError(
+            f"input {path} is gzip-compressed but its name does not say so; rename it to "
+            f"{path.name}.gz (.csv.gz, .jsonl.gz and .ndjson.gz are read as they are) or "
+            "decompress it (gunzip)"
+        )
+
+
 def _iconv_fix(path: Path) -> str:
     fixed = path.with_name(f"{path.name.split('.')[0]}.utf8{''.join(path.suffixes)}")
+    # A UTF-16 file (Excel's "Unicode text") starts with its byte order mark.
+    source = "utf-16" if _head(path, 2) in _UTF16_BOMS else "latin1"
     return (
-        f"re-encode it to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > {fixed}) "
+        f"re-encode it to UTF-8 (e.g. iconv -f {source} -t utf-8 {path} > {fixed}) "
         "and pass the new file to --input"
     )
 
@@ -241,6 +272,8 @@ class _ParquetSource(InputSource):
     def _open(path: Path) -> pq.ParquetFile:
         # pre_buffer would load whole row groups (possibly the whole file) at once;
         # page-by-page reads keep memory bounded by the batch.
+        import pyarrow.parquet as pq
+
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
 
     def count_rows(self) -> int:
