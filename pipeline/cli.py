@@ -9,12 +9,13 @@ and the rest are imported inside the commands that use them.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import os
 import sys
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, TypeVar
@@ -228,21 +229,25 @@ def _progress(quiet: bool) -> Progress:
 
 
 def _reporting(
-    log_format: str, quiet: bool, secrets: list[str | None]
+    log_format: str,
+    quiet: bool,
+    secrets: list[str | None],
+    live: Callable[[], Mapping[str, Any]] | None = None,
 ) -> tuple[Progress, EventSink]:
     """Where progress and events go: a bar on a terminal; plain event lines in
     cron logs; one JSON object per line for log shippers (progress included,
-    even with --quiet: that is what the shipper is for)."""
+    even with --quiet: that is what the shipper is for). ``live``: the run's
+    running totals, carried by each progress event."""
     if log_format == "json":
         json_sink = JsonEventSink(sys.stderr, secrets=secrets)
-        return ProgressEvents(json_sink), json_sink
+        return ProgressEvents(json_sink, live=live), json_sink
     text_sink = TextEventSink(sys.stderr, secrets=secrets)
     if quiet:
         return NoProgress(), text_sink
     if sys.stderr.isatty():
         bar = TqdmProgress(sys.stderr)
         return bar, WaitingNotes(text_sink, bar)
-    return ProgressEvents(text_sink), text_sink
+    return ProgressEvents(text_sink, live=live), text_sink
 
 
 def _fmt_ms(value: float | None) -> str:
@@ -305,9 +310,18 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
             click.echo(f"up to date: {summary.output} ({summary.rows:,} rows); nothing sent")
         else:
             click.echo(format_summary(summary, list(summary.error_reasons)))
+            _echo_page(config)
     failed = too_many_failed(summary, config)
     if failed is not None:
         fail(failed)
+
+
+def _echo_page(config: RunConfig) -> None:
+    from pipeline.report import page_path_for, report_path_for
+
+    page = page_path_for(config.output.report or report_path_for(config.output.path))
+    if config.output.page and page.exists():
+        click.echo(f"  report page {page.resolve().as_uri()}")
 
 
 class InternalError(EnrichError):
@@ -333,6 +347,19 @@ def cli() -> None:
     help="json: one JSON object per line on stderr, for log shippers.",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar or progress lines.")
+@click.option(
+    "--metrics-port",
+    type=click.IntRange(0, 65535),
+    default=None,
+    help="Serve live metrics (Prometheus text format) on this port while the run goes "
+    "(0: any free port, named in the log).",
+)
+@click.option(
+    "--metrics-host",
+    default="127.0.0.1",
+    show_default=True,
+    help="Address the metrics endpoint listens on (0.0.0.0: every interface).",
+)
 @handle_errors
 def run(
     config_file: Path | None,
@@ -341,23 +368,78 @@ def run(
     force: bool,
     log_format: str,
     quiet: bool,
+    metrics_port: int | None,
+    metrics_host: str,
     **flags: Any,
 ) -> None:
     """Run (or resume) an enrichment job. CONFIG is an optional TOML file;
     flags override it."""
     from pipeline.runner import RunOptions, enrich
+    from pipeline.timeline import Timeline
 
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
-    progress, events = _reporting(log_format, quiet, [*_secrets(), config.api_key()])
-    summary = enrich(
-        config,
-        options=RunOptions(restart=restart, retry_failed=retry_failed, force=force),
-        progress=progress,
-        events=events,
-        handle_signals=True,
+    timeline = Timeline()
+    progress, events = _reporting(
+        log_format, quiet, [*_secrets(), config.api_key()], lambda: timeline.totals().to_dict()
     )
+    with contextlib.ExitStack() as stack:
+        if metrics_port is not None:
+            from pipeline.metrics import serving
+
+            port = stack.enter_context(serving(timeline, metrics_port, metrics_host))
+            url = f"http://{metrics_host}:{port}/metrics"
+            events.emit("metrics", message=f"serving live metrics at {url}", url=url, port=port)
+        summary = enrich(
+            config,
+            options=RunOptions(restart=restart, retry_failed=retry_failed, force=force),
+            progress=progress,
+            events=events,
+            handle_signals=True,
+            timeline=timeline,
+        )
     finish(summary, config, log_format=log_format)
+
+
+@cli.command("report")
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--report",
+    "report_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run report to draw [OUTPUT.report.json].",
+)
+@click.option(
+    "--html",
+    "html_file",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Where to write the page [beside the report: OUTPUT.report.html].",
+)
+@handle_errors
+def report_page(output: Path, report_file: Path | None, html_file: Path | None) -> None:
+    """Draw a run's report page: one HTML file that opens offline in any
+    browser (charts, failed rows and what to run next, settings)."""
+    from pipeline.page import write_page
+    from pipeline.report import page_path_for, read_report, report_path_for
+
+    source = report_file or report_path_for(output)
+    body = read_report(source)
+    if body is None:
+        raise UsageError(
+            f"no readable run report at {source}; run `enrich run` for {output} first, "
+            "or name the report with --report"
+        )
+    target = html_file or page_path_for(source)
+    try:
+        write_page(target, body)
+    except OSError as exc:
+        raise UsageError(
+            f"cannot write the page {target} ({exc.strerror or exc}); choose another path "
+            "with --html"
+        ) from None
+    click.echo(f"wrote {target}: open it in any browser ({target.resolve().as_uri()})")
 
 
 @cli.command()

@@ -57,6 +57,8 @@ class OutputConfig(_Section):
     column_prefix: str = ""
     keep_checkpoint: bool = False
     report: Path | None = None
+    # The report page (OUTPUT.report.html) written beside the report at the end.
+    page: bool = True
 
     @property
     def resolved_run_dir(self) -> Path:

@@ -10,7 +10,11 @@ never reaches a log.
 Event names (``event``) used by enrich:
 
 - ``start``     the run begins: rows, rows already done, model, output
-- ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost
+- ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost,
+                and the run's live totals (requests sent, retries, 429s, rows from
+                cache and dedup, tokens, in flight, limits, time paused): the
+                numbers ``--metrics-port`` serves (``pipeline.timeline.Live``)
+- ``metrics``   the metrics endpoint is up: url, port
 - ``warning``   something a scheduler's operator should see; ``kind`` says what
                 (``rate_limit_pause``, ``retrying``, ``prompt_too_long``, ``stale_lock``,
                 ``unknown_price``, ``outage``, ...). ``rate_limit_pause``: a 429 holds
@@ -217,7 +221,8 @@ class ProgressEvents:
     ``interval_s`` (and one at close), for logs where no bar can be drawn.
 
     ``cost_so_far`` (optional) returns the money spent by this run so far, so
-    the running cost appears in each progress line.
+    the running cost appears in each progress line; ``live`` (optional)
+    returns more running totals to carry (the run timeline's).
     """
 
     def __init__(
@@ -226,9 +231,11 @@ class ProgressEvents:
         *,
         interval_s: float = DEFAULT_PROGRESS_INTERVAL_S,
         cost_so_far: Callable[[], float | None] | None = None,
+        live: Callable[[], Mapping[str, Any]] | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._sink = sink
+        self._live = live
         self._interval_s = interval_s
         self._cost_so_far = cost_so_far
         self._clock = clock
@@ -248,6 +255,14 @@ class ProgressEvents:
         self._counter.add(result)
         now = self._clock()
         if now - self._last_emit >= self._interval_s:
+            self._last_emit = now
+            self._emit(now)
+
+    def heartbeat(self) -> None:
+        """Called on a timer (the run's timeline sampler): a progress event
+        every ``interval_s`` even while no row finishes (a long 429 pause)."""
+        now = self._clock()
+        if not self._closed and self._total and now - self._last_emit >= self._interval_s:
             self._last_emit = now
             self._emit(now)
 
@@ -278,6 +293,9 @@ class ProgressEvents:
         if self._cost_so_far is not None:
             cost = self._cost_so_far()
             values["cost_usd"] = None if cost is None else round(cost, 6)
+        if self._live is not None:
+            for name, value in self._live().items():
+                values.setdefault(name, value)
         return values
 
     def _emit(self, now: float) -> None:

@@ -9,12 +9,20 @@ from __future__ import annotations
 import time
 from array import array
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, NoReturn
+from typing import TYPE_CHECKING, Any, NoReturn
 
 from pipeline.crashpoints import crash_point
 from pipeline.durable import remove_trash, remove_tree
 from pipeline.errors import EnrichError, ExitCode, RunInterrupted
-from pipeline.report import Freshness, JobFacts, RunRecord, build_report, write_report
+from pipeline.report import (
+    Freshness,
+    JobFacts,
+    RunRecord,
+    build_report,
+    page_path_for,
+    read_report,
+    write_report,
+)
 from pipeline.summary import RunSummary
 from pipeline.tally import Tally
 
@@ -24,14 +32,16 @@ if TYPE_CHECKING:
     from pipeline.call import CallStats
     from pipeline.events import EventSink
     from pipeline.plan import Plan
+    from pipeline.timeline import Timeline
 
 
 @dataclass(frozen=True)
 class Outcome:
     """What sending and assembling came to."""
 
-    tally: Tally
-    """What the output holds; for a stopped run, what the checkpoint holds."""
+    tally: Tally = field(default_factory=Tally)
+    """What the output holds; for a stopped run, what the checkpoint holds
+    (nothing, when it stopped before its first pass)."""
     resumed_rows: int = 0
     latencies_ms: array[float] = field(default_factory=lambda: array("d"))
     cache_hits: int = 0
@@ -103,18 +113,21 @@ def skip(plan: Plan, fresh: Freshness, events: EventSink) -> RunSummary:
 
 
 def stopped(
-    plan: Plan, job: JobFacts, summary: RunSummary, error: BaseException, events: EventSink
+    plan: Plan,
+    job: JobFacts,
+    summary: RunSummary,
+    error: BaseException,
+    events: EventSink,
+    timeline: Timeline | None = None,
 ) -> NoReturn:
     """Report a run that stopped, then raise what stopped it."""
+    message: str | None
     if isinstance(error, EnrichError):
-        _report(
-            plan, RunRecord(job, summary, error.exit_code, error.message, plan.started_at), events
-        )
+        exit_code, message = error.exit_code, error.message
     else:
-        exit_code = RunInterrupted.exit_code
-        _report(
-            plan, RunRecord(job, summary, exit_code, str(error) or None, plan.started_at), events
-        )
+        exit_code, message = RunInterrupted.exit_code, str(error) or None
+    record = RunRecord(job, summary, exit_code, message, plan.started_at, timeline=timeline)
+    _report(plan, record, events)
     raise error
 
 
@@ -124,6 +137,7 @@ def finished(
     summary: RunSummary,
     remove_checkpoint: Callable[[], None],
     events: EventSink,
+    timeline: Timeline | None = None,
 ) -> RunSummary:
     config = plan.config
     if summary.error:
@@ -133,7 +147,8 @@ def finished(
         summary = replace(summary, error_reasons=tuple(reasons))
     too_many = summary.error_rate > config.max_error_rate
     exit_code = ExitCode.TOO_MANY_FAILED_ROWS if too_many else ExitCode.OK
-    _report(plan, RunRecord(job, summary, exit_code, None, plan.started_at), events)
+    record = RunRecord(job, summary, exit_code, None, plan.started_at, timeline=timeline)
+    _report(plan, record, events)
     crash_point("after-report")
     # Failed rows keep the checkpoint: it is what re-sends exactly those rows
     # (pending ones on the next plain run, all with --retry-failed).
@@ -153,6 +168,29 @@ def _report(plan: Plan, record: RunRecord, events: EventSink) -> None:
             level="warning",
             kind="report_not_written",
             message=f"the run report {plan.report_path} could not be written ({exc})",
+        )
+        return
+    if plan.config.output.page and (written := read_report(plan.report_path)) is not None:
+        # Drawn from the file as written (secrets scrubbed, numbers as
+        # stored), as `enrich report` would draw it.
+        _write_page(plan, written, events)
+
+
+def _write_page(plan: Plan, report: dict[str, Any], events: EventSink) -> None:
+    from pipeline.page import PageUnavailable, write_page  # matplotlib: only when drawn
+
+    path = page_path_for(plan.report_path)
+    try:
+        write_page(path, report)
+    except PageUnavailable as exc:
+        events.emit("warning", level="warning", kind="page_not_written", message=exc.message)
+    except OSError as exc:
+        events.emit(
+            "warning",
+            level="warning",
+            kind="page_not_written",
+            message=f"the report page {path} could not be written ({exc}); "
+            "`enrich report OUTPUT` draws it again from the report",
         )
 
 

@@ -128,6 +128,13 @@ OPTIONS: Final[tuple[Option, ...]] = (
     ),
     Option("--report", "output.report", "path", "Run report path.", "OUTPUT.report.json"),
     Option(
+        "--page/--no-page",
+        "output.page",
+        "toggle",
+        "Write the report page (HTML beside the report, opens offline) when the run ends.",
+        "on",
+    ),
+    Option(
         "--model",
         "model.name",
         "str",

@@ -14,11 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from pipeline import prompt, structured, write
+from pipeline.costs import Estimate, estimate_from_sample
 from pipeline.errors import ConfigError
 from pipeline.read import InputSource, open_input
 from pipeline.report import JobFacts, fingerprint, report_path_for
 
 if TYPE_CHECKING:
+    from collections.abc import Sequence
+
     from pipeline.checkpoint import InputIdentity
     from pipeline.config import RunConfig
     from pipeline.costs import Price
@@ -122,7 +125,14 @@ class Plan:
     def total_rows(self) -> int:
         return self.prepared.total_rows
 
-    def job(self, input_identity: InputIdentity | None, price: Price | None) -> JobFacts:
+    def job(
+        self,
+        input_identity: InputIdentity | None,
+        price: Price | None,
+        *,
+        estimate: Estimate | None = None,
+        earlier_segments: Sequence[dict[str, Any]] = (),
+    ) -> JobFacts:
         """What every report of this run says about the job."""
         config = self.config
         return JobFacts(
@@ -136,6 +146,25 @@ class Plan:
             model=config.model.name,
             max_cost=config.max_cost,
             secrets=self.secrets,
+            estimate_before_run=estimate,
+            earlier_segments=tuple(earlier_segments),
+        )
+
+    def estimate(self, price: Price | None) -> Estimate:
+        """What ``enrich estimate`` would say, from the first rows scaled to
+        the input: the report keeps it so that the page can set the run's
+        cost against it. Reads up to 1,000 rows (call it in a thread)."""
+        config = self.config
+        return estimate_from_sample(
+            self.prepared.source,
+            self.prepared.spec,
+            self.total_rows,
+            model=config.model.name,
+            price=price,
+            max_tokens=config.model.max_tokens,
+            concurrency=config.limits.concurrency,
+            rpm=config.limits.rpm,
+            tpm=config.limits.tpm,
         )
 
 

@@ -22,7 +22,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.checkpoint import InputIdentity, settings_hash
 from pipeline.costs import Price, cost, unknown_price_message
@@ -31,11 +31,18 @@ from pipeline.errors import ExitCode
 from pipeline.events import json_safe
 from pipeline.redact import redact
 from pipeline.redact import redact_settings as redact_settings
-from pipeline.summary import RunSummary
+from pipeline.timeline import job_timeline, segment_facts
 from pipeline.version import version
 
+if TYPE_CHECKING:
+    from pipeline.costs import Estimate
+    from pipeline.summary import RunSummary
+    from pipeline.timeline import Timeline
+
 REPORT_SUFFIX: Final = ".report.json"
+PAGE_SUFFIX: Final = ".html"
 REPORT_VERSION: Final = 1
+PERCENTILES: Final = ("p50", "p90", "p95", "p99")
 
 
 def _outcome(exit_code: int) -> str:
@@ -50,6 +57,12 @@ def report_path_for(output: Path) -> Path:
     return output.with_name(output.name + REPORT_SUFFIX)
 
 
+def page_path_for(report: Path) -> Path:
+    """The report page beside a report: ``x.report.json`` -> ``x.report.html``."""
+    name = report.name.removesuffix(".json")
+    return report.with_name(name + PAGE_SUFFIX)
+
+
 def fingerprint(settings: Mapping[str, Any]) -> str:
     """sha256 of the settings that change an answer: the same hash as the
     checkpoint manifest's ``settings_sha256``, so the two can be compared."""
@@ -57,14 +70,14 @@ def fingerprint(settings: Mapping[str, Any]) -> str:
 
 
 def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None]:
-    """p50/p95/p99 in ms (None without data), like ``RunSummary.latency_percentile``."""
+    """p50/p90/p95/p99 in ms (None without data), like ``RunSummary.latency_percentile``."""
     if not latencies_ms:
-        return {"p50": None, "p95": None, "p99": None}
+        return dict.fromkeys(PERCENTILES, None)
     if len(latencies_ms) == 1:
         only = round(float(latencies_ms[0]), 3)
-        return {"p50": only, "p95": only, "p99": only}
+        return dict.fromkeys(PERCENTILES, only)
     cuts = statistics.quantiles(latencies_ms, n=100, method="inclusive")
-    return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 95, 99)}
+    return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 90, 95, 99)}
 
 
 def _file_facts(path: Path) -> dict[str, Any] | None:
@@ -102,6 +115,12 @@ class JobFacts:
     model: str | None = None
     max_cost: float | None = None
     secrets: tuple[str | None, ...] = ()
+    estimate_before_run: Estimate | None = None
+    """What the run expected (rows, tokens, cost, time) from its first rows,
+    made before the first request: the page sets the cost against it."""
+    earlier_segments: tuple[dict[str, Any], ...] = ()
+    """The timeline segments of the job's earlier runs (same settings, same
+    input), from the last report: a resumed job's report covers every run."""
 
 
 @dataclass(frozen=True)
@@ -114,6 +133,9 @@ class RunRecord:
     message: str | None = None
     started_at: datetime | None = None
     finished_at: datetime | None = None
+    timeline: Timeline | None = None
+    """This run's intervals; the report's ``timeline`` is the job's earlier
+    segments and this run's. Its segment is closed by ``build_report``."""
 
 
 def build_report(record: RunRecord) -> dict[str, Any]:
@@ -127,7 +149,7 @@ def build_report(record: RunRecord) -> dict[str, Any]:
     job, summary, exit_code = record.job, record.summary, record.exit_code
     secrets = list(job.secrets)
     output_facts = _file_facts(job.output) if exit_code in (0, 1) else None
-    return {
+    body = {
         "report_version": REPORT_VERSION,
         "tool": {"name": "enrich", "version": _tool_version()},
         "outcome": _outcome(exit_code),
@@ -165,6 +187,16 @@ def build_report(record: RunRecord) -> dict[str, Any]:
         "output_settings": redact_settings(dict(job.output_settings), secrets),
         "settings": redact_settings(job.settings, secrets),
     }
+    if record.timeline is None:
+        return body
+    return {**body, "timeline": _timeline(job, record.timeline, body)}
+
+
+def _timeline(job: JobFacts, timeline: Timeline, body: Mapping[str, Any]) -> dict[str, Any]:
+    # The segment says how its run ended in the report's own words (outcome,
+    # times, rows), so the page's list of runs matches the reports.
+    segment = timeline.segment(**segment_facts(body))
+    return job_timeline([*job.earlier_segments, segment])
 
 
 def _processed(summary: RunSummary) -> int:
@@ -202,6 +234,9 @@ def _cost(job: JobFacts, summary: RunSummary) -> dict[str, Any]:
         "this_run": None if summary.cost_usd is None else round(summary.cost_usd, 6),
         "max_cost": job.max_cost,
         "price": None if price is None else price.to_dict(),
+        "estimate_before_run": (
+            None if job.estimate_before_run is None else job.estimate_before_run.to_dict()
+        ),
         "note": (
             "estimate from the API's token usage and the price table; check your invoice"
             if price is not None

@@ -9,15 +9,16 @@ cost. A fresh run reads nothing (and so imports no polars).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pipeline.checkpoint import Checkpoint
 from pipeline.costs import Price, PriceTable, checkpoint_spend, unknown_price_message
 from pipeline.events import EventSink
 from pipeline.plan import Plan
-from pipeline.report import Freshness, check_up_to_date
+from pipeline.report import Freshness, check_up_to_date, read_report
 from pipeline.results import ROW_ID, TRANSIENT
 from pipeline.tally import Tally
+from pipeline.timeline import previous_segments
 
 if TYPE_CHECKING:
     import polars as pl
@@ -84,6 +85,18 @@ def open_checkpoint(plan: Plan, options: RunOptions, events: EventSink) -> Check
     )
     emit_warnings(events, checkpoint)
     return checkpoint
+
+
+def earlier_segments(plan: Plan, checkpoint: Checkpoint) -> list[dict[str, Any]]:
+    """The timeline segments of the runs this one resumes, from the last
+    report (none for a fresh start, or when that report is another job's)."""
+    if not checkpoint.has_results():
+        return []
+    return previous_segments(
+        read_report(plan.report_path),
+        fingerprint=plan.fingerprint,
+        input_sha256=checkpoint.manifest.input.sha256,
+    )
 
 
 def emit_warnings(events: EventSink, checkpoint: Checkpoint) -> None:

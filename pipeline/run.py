@@ -13,7 +13,7 @@ from __future__ import annotations
 import asyncio
 from array import array
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Final
 
 from pipeline.assemble import assemble
@@ -23,6 +23,7 @@ from pipeline.finish import Outcome, finished, skip, stopped, summarize
 from pipeline.plan import Plan, PreparedRun, make_plan
 from pipeline.resume import (
     RunOptions,
+    earlier_segments,
     emit_warnings,
     job_price,
     open_checkpoint,
@@ -31,7 +32,7 @@ from pipeline.resume import (
 )
 from pipeline.send import DRAIN_GRACE_S as DRAIN_GRACE_S
 from pipeline.send import open_stage, send
-from pipeline.tally import Tally
+from pipeline.timeline import Timeline
 
 if TYPE_CHECKING:
     from pipeline.call import CallStage
@@ -41,6 +42,7 @@ if TYPE_CHECKING:
     from pipeline.progress import Progress
     from pipeline.resume import ResumePoint
     from pipeline.summary import RunSummary
+    from pipeline.tally import Tally
     from pipeline.transport import Transport
 
 # A part found damaged while assembling sends its rows again; a disk that
@@ -51,12 +53,15 @@ MAX_ASSEMBLY_PASSES: Final = 3
 @dataclass(frozen=True)
 class Wiring:
     """What the caller plugs in: where events and progress go, the transport
-    (None: one made from the config) and the graceful stop."""
+    (None: one made from the config), the graceful stop, and the timeline
+    that records the run (None: one of its own; pass one to read its live
+    totals while the run goes)."""
 
     events: EventSink
     progress: Progress
     transport: Transport | None = None
     stop: asyncio.Event | None = None
+    timeline: Timeline | None = None
 
 
 async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> RunSummary:
@@ -66,21 +71,34 @@ async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> Run
     fresh = up_to_date(plan, options)
     if fresh is not None:
         return skip(plan, fresh, events)
-    price = job_price(plan, events)
+    timeline = wiring.timeline or Timeline()
+    price = timeline.price = job_price(plan, events)
     checkpoint = open_checkpoint(plan, options, events)
-    job = plan.job(checkpoint.manifest.input, price)
+    job = plan.job(
+        checkpoint.manifest.input,
+        price,
+        estimate=await asyncio.to_thread(plan.estimate, price),
+        earlier_segments=earlier_segments(plan, checkpoint),
+    )
     reuse = open_reuse(plan, checkpoint.carried(), _cache_warning(events))
+    # Every finished row reaches the timeline on its way to the progress.
+    wiring = replace(wiring, progress=timeline.watching(wiring.progress))
     try:
         async with open_stage(plan, wiring.transport, events, wiring.stop) as stage:
             passes = _Passes(plan, options, checkpoint, stage, reuse, price, wiring)
-            outcome = await passes.send_and_assemble()
+            timeline.bind(stage, passes.reused)
+            sampler = asyncio.create_task(timeline.run())
+            try:
+                outcome = await passes.send_and_assemble()
+            finally:
+                sampler.cancel()
     finally:
         wiring.progress.close()
         reuse.close()
     summary = summarize(plan, outcome, stage.stats)
     if outcome.error is not None:
-        stopped(plan, job, summary, outcome.error, events)
-    return finished(plan, job, summary, checkpoint.remove, events)
+        stopped(plan, job, summary, outcome.error, events, timeline)
+    return finished(plan, job, summary, checkpoint.remove, events, timeline)
 
 
 def _cache_warning(events: EventSink) -> Callable[[str], None]:
@@ -102,10 +120,16 @@ class _Passes:
     reuse: Reuse
     price: Price | None
     wiring: Wiring
+    feeds: list[tuple[ResumePoint, Feed]] = field(default_factory=list)
+    """Each pass's resume point and feed, the last one current."""
+
+    def reused(self) -> tuple[int, int]:
+        """Rows answered so far from the cache and by in-run dedup."""
+        collected = [feed.collected for _, feed in self.feeds]
+        return sum(c.cache_hits for c in collected), sum(c.deduplicated for c in collected)
 
     async def send_and_assemble(self) -> Outcome:
-        plan, checkpoint = self.plan, self.checkpoint
-        feeds: list[tuple[ResumePoint, Feed]] = []
+        plan, checkpoint, feeds = self.plan, self.checkpoint, self.feeds
         try:
             for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
                 point = resume_point(checkpoint, plan.total_rows, self.options, self.price)
@@ -152,7 +176,7 @@ def _outcome(
     """What the passes came to. Without an output, the counts are what the
     checkpoint holds: the last pass's resume point plus what it collected."""
     if not feeds:
-        return Outcome(Tally(), error=error)
+        return Outcome(error=error)
     last_point, last_feed = feeds[-1]
     collected = last_feed.collected
     tally = output

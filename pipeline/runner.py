@@ -19,6 +19,7 @@ from pipeline.summary import RunSummary
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.timeline import Timeline
     from pipeline.transport import Transport
 
 # One value for every call: options are frozen.
@@ -44,6 +45,7 @@ async def enrich_async(
     events: EventSink | None = None,
     transport: Transport | None = None,
     stop: asyncio.Event | None = None,
+    timeline: Timeline | None = None,
 ) -> RunSummary:
     """Run (or resume) one enrichment job. Raises typed errors; never prints.
 
@@ -51,7 +53,8 @@ async def enrich_async(
     complete for this input and these settings is left alone. Setting ``stop``
     ends the run gracefully: no new request is sent, those in flight get up to
     ``DRAIN_GRACE_S`` to finish, everything finished is flushed, and
-    ``RunInterrupted`` is raised.
+    ``RunInterrupted`` is raised. ``timeline`` records the run interval by
+    interval (pass one to read its live totals during the run).
     """
     events = events or NullEventSink()
     prepared = prepare(config)
@@ -63,7 +66,7 @@ async def enrich_async(
                 kind="stale_lock",
                 message=takeover_message(lock.path, lock.stale_holder),
             )
-        wiring = Wiring(events, progress or NoProgress(), transport, stop)
+        wiring = Wiring(events, progress or NoProgress(), transport, stop, timeline)
         return await run(prepared, options, wiring)
 
 
@@ -74,6 +77,7 @@ def enrich(
     progress: Progress | None = None,
     events: EventSink | None = None,
     handle_signals: bool = False,
+    timeline: Timeline | None = None,
 ) -> RunSummary:
     """Synchronous entry point (what a cron job's CLI or an Airflow task calls).
 
@@ -99,7 +103,12 @@ def enrich(
                 loop.add_signal_handler(signum, on_signal)
         try:
             return await enrich_async(
-                config, options=options, progress=progress, events=events, stop=stop
+                config,
+                options=options,
+                progress=progress,
+                events=events,
+                stop=stop,
+                timeline=timeline,
             )
         except asyncio.CancelledError:
             if stop.is_set():

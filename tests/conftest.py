@@ -54,6 +54,8 @@ def make_config(input_path: Path, output: Path, base_url: str, **overrides: Any)
         "limits.backoff_base_s": 0.01,
         "limits.backoff_max_s": 0.2,
         "limits.max_attempts": 8,
+        # Drawing the page costs most of a second; the tests of the page ask for it.
+        "output.page": False,
     }
     values.update(overrides)
     if "input.template" in overrides:

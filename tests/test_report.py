@@ -18,7 +18,7 @@ import pytest
 
 from pipeline import enrich
 from pipeline.checkpoint import InputIdentity, settings_hash
-from pipeline.costs import Price, PriceTable, cost
+from pipeline.costs import Price, PriceTable, cost, estimate
 from pipeline.errors import ExitCode
 from pipeline.events import REDACTED, JsonEventSink
 from pipeline.plan import answer_settings
@@ -35,6 +35,7 @@ from pipeline.report import (
     write_report,
 )
 from pipeline.summary import RunSummary
+from pipeline.timeline import Timeline
 
 from conftest import StartServer, make_config, write_questions
 
@@ -267,8 +268,8 @@ def test_redact_settings_removes_secret_values_but_keeps_counts() -> None:
 
 
 def test_latency_percentiles() -> None:
-    assert latency_percentiles([]) == {"p50": None, "p95": None, "p99": None}
-    assert latency_percentiles([7.0]) == {"p50": 7.0, "p95": 7.0, "p99": 7.0}
+    assert latency_percentiles([]) == {"p50": None, "p90": None, "p95": None, "p99": None}
+    assert latency_percentiles([7.0]) == {"p50": 7.0, "p90": 7.0, "p95": 7.0, "p99": 7.0}
     values = [float(v) for v in range(1, 101)]
     cuts = latency_percentiles(values)
     assert cuts["p50"] == pytest.approx(50.5)
@@ -427,3 +428,45 @@ def test_the_report_says_what_the_rate_limiter_learned(
         "paused_s": 0.0,
     }
     assert 1 <= summary.concurrency_limit <= 4
+
+
+def test_a_report_holds_the_jobs_timeline_and_the_estimate_made_before_the_run(
+    tmp_path: Path,
+) -> None:
+    # The earlier run's segment comes from its report; this run's segment is
+    # closed by build_report, in the report's own words (outcome, rows).
+    output = tmp_path / "out.parquet"
+    now = [0.0]
+    earlier_run = Timeline(clock=lambda: now[0])
+    now[0] = 2.0
+    first = build_report(
+        RunRecord(
+            JobFacts(output=output, settings={}, fingerprint="f"),
+            summary_for(output, rows=3, ok=3),
+            ExitCode.SPEND_CAP,
+            timeline=earlier_run,
+        )
+    )
+    planned = estimate([10, 20, None], model="m", price=None, max_tokens=5, concurrency=2)
+    job = JobFacts(
+        output=output,
+        settings={},
+        fingerprint="f",
+        estimate_before_run=planned,
+        earlier_segments=tuple(first["timeline"]["segments"]),
+    )
+    report = build_report(
+        RunRecord(job, summary_for(output, rows=6, ok=6, resumed_rows=3), 0, timeline=Timeline())
+    )
+    segments = report["timeline"]["segments"]
+    assert [s["outcome"] for s in segments] == ["stopped_by_spend_cap", "done"]
+    assert segments[0]["wall_s"] == 2.0
+    assert segments[1]["resumed_rows"] == 3
+    assert segments[1]["processed_rows"] == 3
+    assert report["cost"]["estimate_before_run"] == planned.to_dict()
+    assert report["cost"]["estimate_before_run"]["rows"] == 2
+    without = build_report(
+        RunRecord(JobFacts(output=output, settings={}, fingerprint="f"), summary_for(output), 0)
+    )
+    assert "timeline" not in without
+    assert without["cost"]["estimate_before_run"] is None

@@ -22,7 +22,17 @@ from conftest import MODEL, StartServer, write_questions
 
 pytestmark = pytest.mark.timeout(60)
 
-HEAVY: Final = ("openai", "polars", "pyarrow", "aiohttp", "pydantic")
+# matplotlib draws the report page at the end of a run; prometheus_client serves
+# --metrics-port: neither may load before the first request.
+HEAVY: Final = (
+    "openai",
+    "polars",
+    "pyarrow",
+    "aiohttp",
+    "pydantic",
+    "matplotlib",
+    "prometheus_client",
+)
 
 # Runs the CLI as the console script does, and prints (as its last line) the
 # heavy modules loaded when the first request went out and at exit.
