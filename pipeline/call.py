@@ -11,17 +11,24 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import functools
 import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline.errors import FatalAPIError
 from pipeline.events import EventSink, NullEventSink
 from pipeline.outage import OutageGate
-from pipeline.ratelimit import LimitKind, RateLimiter, exhausted_limit, retry_after_seconds
+from pipeline.ratelimit import (
+    LimitKind,
+    Permit,
+    RateLimiter,
+    exhausted_limit,
+    retry_after_seconds,
+)
 from pipeline.results import RowResult
 from pipeline.stall import StalledRequest, StallTimeout
 from pipeline.structured import unsupported_message
@@ -46,6 +53,11 @@ DEFAULT_COMPLETION_ESTIMATE = 256
 # goes on. A quarter keeps such rows alive for 4x max_attempts 429s, and
 # still ends a row that a server refuses forever ("request too large").
 RATE_LIMITED_ATTEMPT_COST: Final = 0.25
+
+# A request that timed out is taken for queued (see CallStage.call) when it
+# spent at least this share of its time behind the run's own earlier
+# requests; a stuck one is cut while the requests around it come and go.
+QUEUED_SHARE: Final = 0.5
 
 # 429 error codes that no amount of waiting fixes: the account, not the rate.
 NON_TRANSIENT_429_CODES: Final = frozenset(
@@ -72,6 +84,8 @@ class Failure:
     limit: LimitKind | None = None
     # Cut after the stall timeout without a byte (see pipeline.stall).
     stalled: bool = False
+    # Timed out queued behind the run's own requests (see CallStage.call).
+    saturated: bool = False
     # The response's headers, for the limiter to learn from; not part of what
     # the failure *is* (transports differ in which other headers they keep).
     headers: Mapping[str, str] = field(default_factory=dict, compare=False, repr=False)
@@ -254,6 +268,40 @@ class CallStats:
     stalled: int = 0
     stall_timeout_s: float | None = None
     streamed: bool | None = None
+    # Requests given up on (stall or total timeout; a server may compute them
+    # all the same), and of those, the ones that timed out queued behind the
+    # run's own requests: charged to the concurrency, not to the row.
+    abandoned: int = 0
+    saturated: int = 0
+    # Why the in-flight limit is where it is (see pipeline.concurrency).
+    concurrency_reason: str | None = None
+    # Over the answers: seconds to the first bytes, and, where the server
+    # said its own time (llama.cpp's timings), that time and the rest of
+    # the latency (waiting: queue and network), summed, with their counts.
+    first_byte_s_sum: float = 0.0
+    first_byte_count: int = 0
+    server_s_sum: float = 0.0
+    waiting_s_sum: float = 0.0
+    server_count: int = 0
+
+    def server_report(self) -> dict[str, Any]:
+        """What the server did, for the run report: the in-flight limit the
+        run settled at and why, the requests given up on, and where the
+        latency went (means, in seconds; None where unknown)."""
+
+        def mean(total: float, count: int) -> float | None:
+            return round(total / count, 4) if count else None
+
+        return {
+            "concurrency": round(self.concurrency_limit, 2),
+            "concurrency_reason": self.concurrency_reason,
+            "abandoned": self.abandoned,
+            "saturated_timeouts": self.saturated,
+            "first_byte_s_mean": mean(self.first_byte_s_sum, self.first_byte_count),
+            "server_s_mean": mean(self.server_s_sum, self.server_count),
+            "waiting_s_mean": mean(self.waiting_s_sum, self.server_count),
+            "answers_with_server_timings": self.server_count,
+        }
 
 
 class CallStage:
@@ -299,6 +347,10 @@ class CallStage:
             limits.tpm,
             concurrency=limits.concurrency,
             adaptive=bool(getattr(limits, "adaptive", True)),
+            latency=True,
+            # A concurrency the user gave is where the run starts; the
+            # default is only a ceiling, and the latency limit probes up to it.
+            start_at_ceiling="concurrency" in getattr(limits, "model_fields_set", ()),
         )
         self._reservation = TokenReservation(model.max_tokens)
         # How long a request may go without a byte (see pipeline.stall).
@@ -307,7 +359,7 @@ class CallStage:
         self._said_not_streaming = False
         self._rng = rng or random.Random()
         self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
-        self.stats = CallStats(concurrency_limit=self.limiter.gate.limit)
+        self.stats = CallStats(concurrency_limit=self.limiter.gate.effective)
         self.draining = False
         self._stop_feeding: Callable[[], None] | None = None
         # When the current run of 429s began (None: the last answer was not one).
@@ -347,16 +399,33 @@ class CallStage:
                 started = time.perf_counter()
                 try:
                     # A function: a request sent before the stall timeout is
-                    # learned (or while it falls) gets the current one.
+                    # learned (or while it falls) gets the current one, and
+                    # one queued behind the run's own requests is patient
+                    # for as long as it waited behind them.
                     completion = await self._transport.complete(
-                        request.messages, stall_s=functools.partial(self.stall.for_attempt, stalls)
+                        request.messages, stall_s=self._stall_limit(permit, stalls)
                     )
                 except Exception as exc:
                     failure = classify(exc, model=self._model.name)
-                    if failure.stalled:
+                    saturated = False
+                    if isinstance(exc, (StalledRequest, APITimeout)):
+                        self.stats.abandoned += 1
+                        # Queued, not stuck, if it spent most of its wait
+                        # behind the run's own earlier requests.
+                        waited = self._loop_time() - permit.sent_at
+                        saturated = self.limiter.behind_s(permit) >= QUEUED_SHARE * waited
+                    if saturated:
+                        # Queued, not stuck: fewer in flight is the cure. The
+                        # server is up, and the row is not at fault.
+                        self.stats.saturated += 1
+                        self.limiter.saturated(permit)
+                        failure = dataclasses.replace(failure, saturated=True)
+                    elif failure.stalled:
                         stalls += 1
                         self.stats.stalled += 1
-                    if failure.kind == "retry" and not failure.rate_limited:
+                    if saturated:
+                        self.outage.answered(passage)
+                    elif failure.kind == "retry" and not failure.rate_limited:
                         self.outage.failed(passage, request.row_id, failure.reason)
                     else:
                         # A 429 or a 4xx: whatever it says, the server is up.
@@ -385,7 +454,10 @@ class CallStage:
                     used = None
                     if completion.prompt_tokens is not None:
                         used = completion.prompt_tokens + (completion.completion_tokens or 0)
-                    self.limiter.succeeded(permit, used, completion.headers)
+                    self.limiter.succeeded(
+                        permit, used, completion.headers, server_s=completion.server_s
+                    )
+                    self._observe_timings(completion, self._loop_time() - permit.sent_at)
                     self._reservation.observe(
                         prompt_tokens, completion.prompt_tokens, completion.completion_tokens
                     )
@@ -421,6 +493,11 @@ class CallStage:
                 # quarter attempt). The gate decides when the row goes again.
                 self.stats.retries += 1
                 continue
+            if failure.saturated:
+                # Its place stays taken while the server computes what was
+                # abandoned (see RateLimiter.saturated): no backoff, no cost.
+                self.stats.retries += 1
+                continue
             if not (failure.rate_limited and probe):
                 # (A 429 to a probe, sent alone to test whether a window with
                 # no retry-after has room, is the run's business: free.)
@@ -441,6 +518,28 @@ class CallStage:
             if not failure.rate_limited:
                 # A 429 already paused the whole run, this row included.
                 await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _stall_limit(self, permit: Permit, stalls: int) -> Callable[[], float]:
+        limiter, stall = self.limiter, self.stall
+
+        def limit() -> float:
+            return stall.for_attempt(stalls) + limiter.behind_s(permit)
+
+        return limit
+
+    def _observe_timings(self, completion: Completion, latency_s: float) -> None:
+        stats = self.stats
+        if completion.first_byte_s is not None:
+            stats.first_byte_s_sum += completion.first_byte_s
+            stats.first_byte_count += 1
+        if completion.server_s is not None:
+            stats.server_s_sum += completion.server_s
+            stats.waiting_s_sum += max(0.0, latency_s - completion.server_s)
+            stats.server_count += 1
 
     def _observe_silence(self, completion: Completion) -> None:
         self.stall.observe(completion.silence_s, streamed=completion.streamed)
@@ -499,7 +598,15 @@ class CallStage:
 
     def _sync_stats(self) -> None:
         limiter = self.limiter
-        self.stats.concurrency_limit = limiter.gate.limit
+        self.stats.concurrency_limit = limiter.gate.effective
+        if limiter.latency is not None and limiter.gate.cap <= limiter.gate.limit:
+            self.stats.concurrency_reason = limiter.latency.reason
+        elif limiter.stats.decreases:
+            self.stats.concurrency_reason = (
+                f"429s (rate limited) cut it {limiter.stats.decreases} times"
+            )
+        else:
+            self.stats.concurrency_reason = "the configured concurrency"
         self.stats.learned_rpm = limiter.learned_rpm
         self.stats.learned_tpm = limiter.learned_tpm
         self.stats.estimated_rpm = limiter.estimated_rpm

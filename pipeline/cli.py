@@ -576,6 +576,19 @@ def _sample_path() -> Path:
     help="Answer stream=true with a 400, like servers that cannot stream.",
 )
 @click.option("--malformed-rate", type=float, default=0.0, show_default=True)
+@click.option(
+    "--slots",
+    type=int,
+    default=None,
+    help="Compute this many requests at once and queue the rest, like a self-hosted server.",
+)
+@click.option(
+    "--token-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Service time per completion token, added to --latency-ms.",
+)
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
 @click.option("--seed", type=int, default=0, show_default=True)
 @handle_errors

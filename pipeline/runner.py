@@ -118,6 +118,8 @@ class RunSummary:
     up_to_date: bool = False
     """True when nothing was done because the output was already complete."""
     latencies_ms: array[float] = field(default_factory=lambda: array("d"), repr=False)
+    server: dict[str, Any] = field(default_factory=dict)
+    """What the server did (see ``CallStats.server_report``)."""
 
     @property
     def processed_rows(self) -> int:
@@ -378,6 +380,7 @@ async def _run_calls(
         summary.stalled = stage.stats.stalled
         summary.stall_timeout_s = stage.stats.stall_timeout_s
         summary.streamed = stage.stats.streamed
+        summary.server = stage.stats.server_report()
         summary.cost_usd = spend.spent_this_run
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
@@ -509,6 +512,7 @@ async def _locked_run(
             None if summary.stall_timeout_s is None else round(summary.stall_timeout_s, 3)
         )
         body["requests"]["streamed"] = summary.streamed
+        body["server"] = summary.server
         body["reuse"] = {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,

@@ -195,6 +195,7 @@ class Watchdog:
         "cut_after",
         "deadline",
         "expired",
+        "first",
         "last",
         "longest",
         "started",
@@ -208,6 +209,7 @@ class Watchdog:
         self._scope = scope
         self._limit = stall_s
         self.started = now
+        self.first: float | None = None  # when the first bytes came
         self.last = now
         self.longest = 0.0
         self.beats = 0
@@ -239,8 +241,15 @@ class Watchdog:
         gap = now - self.last
         if gap > self.longest:
             self.longest = gap
+        if not self.beats:
+            self.first = now
         self.last = now
         self.beats += 1
+
+    @property
+    def first_byte_s(self) -> float | None:
+        """Seconds from the start to the first bytes (None: none yet)."""
+        return None if self.first is None else self.first - self.started
 
     def silence(self) -> float:
         """Seconds since the last bytes (or the start)."""
