@@ -48,11 +48,10 @@ from typing import Any, Final
 import polars as pl
 
 # Run as `python benchmarks/durability.py`, this folder is first on sys.path.
-from bench import (
+from harness import (
     COLUMN,
     RESULTS_DIR,
     Child,
-    Column,
     JobResult,
     Simulator,
     enrich_build,
@@ -60,8 +59,8 @@ from bench import (
     finish_job,
     make_input,
     remove_outputs,
-    render_table,
 )
+from tables import Column, render_table
 
 SECTIONS: Final = ("kills", "memory")
 CONCURRENCY: Final = 64

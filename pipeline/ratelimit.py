@@ -819,23 +819,8 @@ class RateEstimate:
             sent, refused = self._log.counts(now - NOISE_SPAN_PERIODS * period, now)
             if refused < min(2.0 * self._noise, NOISE_SHARE_MAX) * sent:
                 return False
-        elif (
-            previous is not None
-            and self._lowered
-            # One 429 is not a share: a probe that went too far draws one.
-            and refused >= 2
-            and share >= max(NOISE_SHARE, self._share / 2)
-            and (
-                self.window_s is None
-                or not exact
-                or self._measured is None
-                or measured < NOISE_DRIFT * self._measured
-            )
-        ):
-            # The latest cut slowed us down, and the server refused as often
-            # after it as before, and (read against a known window) its
-            # limit followed us down: not a rate limit. The in-flight limit
-            # deals with such 429s.
+        elif self._is_noise(previous, refused, share, measured, exact=exact):
+            # The in-flight limit deals with such 429s.
             self.per_second = None
             self._noise = share
             self._lowered = False
@@ -845,25 +830,8 @@ class RateEstimate:
             return True
         rate = measured if previous is None else min(previous, measured)
         self._lowered = previous is None or rate < 0.99 * previous
-        ceiling = self.ceiling
-        if self._climbed:
-            # A climb back towards the ceiling that the server stopped.
-            self.climb_hold = min(2.0 * self.climb_hold, CLIMB_HOLD_MAX_PERIODS)
-            if self._climbs_failing_since is None:
-                self._climbs_failing_since = now
-            elif now - self._climbs_failing_since > CEILING_MEMORY_PERIODS * period:
-                self.ceiling = ceiling = measured
-                self._climbs_failing_since = None
-        elif ceiling is not None and previous is not None and previous < CLIMB_BELOW * ceiling:
-            # Still below a limit that fell, and no climb since: the excess of
-            # the fall, read again. It tells nothing about probing.
-            pass
-        else:
-            raised = ceiling is None or measured > ceiling * (1.0 + NEW_LIMIT_MARGIN)
-            self.hold = 1.0 if raised else min(2.0 * self.hold, HOLD_MAX_PERIODS)
-            self.climb_hold = 1.0
-            self._climbs_failing_since = None
-        self.ceiling = max(ceiling or 0.0, measured)
+        self._update_holds(now, measured, previous)
+        self.ceiling = max(self.ceiling or 0.0, measured)
         self.per_second = rate
         self._measured = measured
         self._share = share
@@ -876,6 +844,47 @@ class RateEstimate:
         self._probing_s = 0.0
         self._climbed = False
         return True
+
+    def _is_noise(
+        self, previous: float | None, refused: int, share: float, measured: float, *, exact: bool
+    ) -> bool:
+        """The latest cut slowed us down, and the server refused as often after
+        it as before, and (read against a known window) its limit followed us
+        down: not a rate limit."""
+        return (
+            previous is not None
+            and self._lowered
+            # One 429 is not a share: a probe that went too far draws one.
+            and refused >= 2
+            and share >= max(NOISE_SHARE, self._share / 2)
+            and (
+                self.window_s is None
+                or not exact
+                or self._measured is None
+                or measured < NOISE_DRIFT * self._measured
+            )
+        )
+
+    def _update_holds(self, now: float, measured: float, previous: float | None) -> None:
+        """How long the next probe (or climb) waits after this cut."""
+        ceiling = self.ceiling
+        if self._climbed:
+            # A climb back towards the ceiling that the server stopped.
+            self.climb_hold = min(2.0 * self.climb_hold, CLIMB_HOLD_MAX_PERIODS)
+            if self._climbs_failing_since is None:
+                self._climbs_failing_since = now
+            elif now - self._climbs_failing_since > CEILING_MEMORY_PERIODS * self.period_s:
+                self.ceiling = measured  # the limit fell for good
+                self._climbs_failing_since = None
+        elif ceiling is not None and previous is not None and previous < CLIMB_BELOW * ceiling:
+            # Still below a limit that fell, and no climb since: the excess of
+            # the fall, read again. It tells nothing about probing.
+            pass
+        else:
+            raised = ceiling is None or measured > ceiling * (1.0 + NEW_LIMIT_MARGIN)
+            self.hold = 1.0 if raised else min(2.0 * self.hold, HOLD_MAX_PERIODS)
+            self.climb_hold = 1.0
+            self._climbs_failing_since = None
 
     def probe(self, now: float) -> bool:
         """Requests are queueing for the estimated rate: raise it if due."""

@@ -619,6 +619,150 @@ _SERVER_ERRORS: Final = {
 }
 
 
+@dataclass(frozen=True)
+class _Chat:
+    """A chat completion request that passed step 2."""
+
+    model: str
+    messages: list[dict[str, Any]]
+    stream: bool
+    include_usage: bool
+    max_tokens: int | None
+    # The schema of a json_schema response_format; None for a plain answer.
+    schema: dict[str, Any] | None
+    # The last user message: what directives and answers are read from.
+    content: str
+
+
+@dataclass(frozen=True)
+class _Shaped:
+    """How a directive shapes an admitted answer (``badjson``/``invalid``),
+    and whether the directive has a count to take."""
+
+    kind: str | None = None
+    counted: bool = False
+
+
+@dataclass(frozen=True)
+class _Answer:
+    text: str
+    finish_reason: str
+    usage: dict[str, int]
+
+
+def _parse_chat(raw: bytes, streaming: bool) -> _Chat | web.Response:
+    """Step 2: the request as a chat completion, or its 400."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        return _bad_request(
+            "We could not parse the JSON body of your request. The simulator expects "
+            "a JSON chat completion request."
+        )
+    if not isinstance(body, dict):
+        return _bad_request("The request body must be a JSON object.")
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        return _bad_request("You must provide a model parameter.", "model")
+    messages = body.get("messages")
+    if (
+        not isinstance(messages, list)
+        or not messages
+        or not all(isinstance(m, dict) for m in messages)
+    ):
+        return _bad_request("'messages' must be a non-empty array of objects.", "messages")
+    stream = _parse_stream(body, streaming)
+    if isinstance(stream, web.Response):
+        return stream
+    max_tokens = body.get("max_completion_tokens")
+    if max_tokens is None:
+        max_tokens = body.get("max_tokens")
+    if max_tokens is not None and (
+        not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
+    ):
+        return _bad_request("max_tokens must be a positive integer.", "max_tokens")
+    schema = _parse_schema(body.get("response_format"))
+    if isinstance(schema, web.Response):
+        return schema
+    return _Chat(
+        model, messages, stream[0], stream[1], max_tokens, schema, _last_user_text(messages)
+    )
+
+
+def _parse_stream(body: Mapping[str, Any], streaming: bool) -> tuple[bool, bool] | web.Response:
+    """Whether the request streams, and with its usage; or its 400."""
+    stream = body.get("stream")
+    if stream is None:
+        stream = False
+    if not isinstance(stream, bool):
+        return _bad_request("'stream' must be a boolean.", "stream")
+    options = body.get("stream_options")
+    if options is not None:
+        if not stream:
+            return _bad_request(
+                "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
+                "stream_options",
+            )
+        if not isinstance(options, dict):
+            return _bad_request("'stream_options' must be an object.", "stream_options")
+    if stream and not streaming:
+        return _bad_request("The simulator does not support stream=true.", "stream")
+    include_usage = isinstance(options, dict) and options.get("include_usage") is True
+    return stream, include_usage
+
+
+def _parse_schema(response_format: Any) -> dict[str, Any] | web.Response | None:
+    """The schema of a json_schema response_format (None for a plain answer), or its 400."""
+    if response_format is None:
+        return None
+    if not isinstance(response_format, dict) or not isinstance(response_format.get("type"), str):
+        return _bad_request(
+            "'response_format' must be an object with a string 'type'.", "response_format"
+        )
+    if response_format["type"] != "json_schema":
+        return None
+    spec = response_format.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+        return _bad_request(
+            "Missing required parameter: 'response_format.json_schema.name'.",
+            "response_format.json_schema.name",
+        )
+    schema = spec.get("schema", {})
+    if not isinstance(schema, dict):
+        return _bad_request(
+            "Invalid type for 'response_format.json_schema.schema': expected an object.",
+            "response_format.json_schema.schema",
+        )
+    return schema
+
+
+def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
+    """The answer the request gets (shaped by a directive, structured, or
+    plain), cut at ``max_tokens``, and its usage."""
+    if shaped == "badjson":
+        text = BAD_JSON
+    elif shaped == "invalid":
+        text = _invalid_answer(chat.messages, chat.schema)
+    elif chat.schema is not None:
+        structured = expected_structured_answer(chat.messages, chat.model, chat.schema)
+        text = json.dumps(structured, ensure_ascii=False)
+    else:
+        text = expected_answer(chat.messages, chat.model)
+    finish_reason = "stop"
+    if chat.max_tokens is not None and estimate_tokens(text) > chat.max_tokens:
+        # Cut on a character boundary: "ignore" drops a split multi-byte tail.
+        text = text.encode()[: chat.max_tokens * 4].decode("utf-8", "ignore")
+        finish_reason = "length"
+    prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in chat.messages)
+    completion_tokens = estimate_tokens(text)
+    usage = {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
+    return _Answer(text, finish_reason, usage)
+
+
 class Simulator:
     """The server. Use ``async with Simulator(config) as sim`` in async code, or
     :func:`run_in_thread` when the client runs elsewhere (a subprocess, sync code)."""
@@ -761,102 +905,77 @@ class Simulator:
             self._in_flight -= 1
 
     async def _complete(self, request: web.Request) -> web.StreamResponse:
-        cfg = self.config
+        """The steps of the module docstring, in order; the first that fails answers."""
         if self._auth is not None and request.headers.get("Authorization") != self._auth:
-            return self._unauthorized()
+            return self._unauthorized()  # 1
+        chat = _parse_chat(await request.read(), self.config.streaming)  # 2
+        if isinstance(chat, web.Response):
+            return chat
+        refused = self._refuse_model(chat) or self._refuse_quota()  # 3, 4
+        if refused is not None:
+            return refused
+        shaped = await self._directives_and_faults(chat, request)  # 5, 6
+        if isinstance(shaped, web.StreamResponse):
+            return shaped
+        answer = _compose_answer(chat, shaped.kind)
+        headers: dict[str, str] | None = None
+        if self._requests is not None or self._tokens is not None:  # 7
+            now = time.monotonic()
+            refused = self._admit(answer.usage["total_tokens"], now, chat.model)
+            if refused is not None:
+                return refused
+            headers = self._rate_headers(now)
+        self._count_admitted(answer.usage["total_tokens"])
+        # Nothing was awaited since the directive was read, so concurrent requests
+        # with the same content cannot both take the last count.
+        if shaped.counted:
+            self._directive_counts[chat.content] += 1
+        return await self._answer(request, chat, answer, shaped, headers)  # 8
 
-        try:
-            body = json.loads(await request.read())
-        except ValueError:
-            return _bad_request(
-                "We could not parse the JSON body of your request. The simulator expects "
-                "a JSON chat completion request."
-            )
-        if not isinstance(body, dict):
-            return _bad_request("The request body must be a JSON object.")
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            return _bad_request("You must provide a model parameter.", "model")
-        messages = body.get("messages")
-        if (
-            not isinstance(messages, list)
-            or not messages
-            or not all(isinstance(m, dict) for m in messages)
-        ):
-            return _bad_request("'messages' must be a non-empty array of objects.", "messages")
-        streaming = self._streaming(body)
-        if isinstance(streaming, web.Response):
-            return streaming
-        stream, include_usage = streaming
-        max_tokens = body.get("max_completion_tokens")
-        if max_tokens is None:
-            max_tokens = body.get("max_tokens")
-        if max_tokens is not None and (
-            not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or max_tokens < 1
-        ):
-            return _bad_request("max_tokens must be a positive integer.", "max_tokens")
-        # The schema of a json_schema response_format; None for a plain answer.
-        schema: dict[str, Any] | None = None
-        response_format = body.get("response_format")
-        if response_format is not None:
-            if not isinstance(response_format, dict) or not isinstance(
-                response_format.get("type"), str
-            ):
-                return _bad_request(
-                    "'response_format' must be an object with a string 'type'.", "response_format"
-                )
-            if response_format["type"] == "json_schema":
-                spec = response_format.get("json_schema")
-                if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
-                    return _bad_request(
-                        "Missing required parameter: 'response_format.json_schema.name'.",
-                        "response_format.json_schema.name",
-                    )
-                schema = spec.get("schema", {})
-                if not isinstance(schema, dict):
-                    return _bad_request(
-                        "Invalid type for 'response_format.json_schema.schema': expected an "
-                        "object.",
-                        "response_format.json_schema.schema",
-                    )
-
-        if self._models and model not in self._models:
+    def _refuse_model(self, chat: _Chat) -> web.Response | None:
+        if self._models and chat.model not in self._models:
             return _error(
                 404,
-                f"The model `{model}` does not exist or you do not have access to it.",
+                f"The model `{chat.model}` does not exist or you do not have access to it.",
                 "invalid_request_error",
                 "model_not_found",
             )
-        if schema is not None and not cfg.structured:
+        if chat.schema is not None and not self.config.structured:
             return _bad_request(
                 "Invalid parameter: 'response_format' of type 'json_schema' is not supported "
                 "with this model.",
                 "response_format",
             )
-        if cfg.insufficient_quota:
-            return _error(
-                429,
-                "You exceeded your current quota, please check your plan and billing details.",
-                "insufficient_quota",
-                "insufficient_quota",
-                headers=self._rate_headers(time.monotonic()),
-            )
+        return None
 
-        content = _last_user_text(messages)
-        # A badjson/invalid directive that applies to this answer, and whether it
-        # has a count (taken only once the answer is admitted, see below).
-        shaped: str | None = None
-        shaped_counted = False
-        if _DIRECTIVE_MARK in content:
-            directed = self._directive(content)
+    def _refuse_quota(self) -> web.Response | None:
+        if not self.config.insufficient_quota:
+            return None
+        return _error(
+            429,
+            "You exceeded your current quota, please check your plan and billing details.",
+            "insufficient_quota",
+            "insufficient_quota",
+            headers=self._rate_headers(time.monotonic()),
+        )
+
+    async def _directives_and_faults(
+        self, chat: _Chat, request: web.Request
+    ) -> _Shaped | web.StreamResponse:
+        """Steps 5 and 6: a directive's or a random fault's answer, or how the
+        answer is to be shaped (badjson/invalid), with its count taken only
+        once the answer is admitted."""
+        shaped = _Shaped()
+        if _DIRECTIVE_MARK in chat.content:
+            directed = self._directive(chat.content)
             if directed is not None:
                 kind, counted = directed
                 if kind in _ANSWER_KINDS:
-                    shaped, shaped_counted = kind, counted
+                    shaped = _Shaped(kind, counted)
                 else:
                     if counted:
-                        self._directive_counts[content] += 1
-                    failed = await self._fail(kind, request, model, stream)
+                        self._directive_counts[chat.content] += 1
+                    failed = await self._fail(kind, request, chat.model, chat.stream)
                     if failed is not None:
                         return failed
         if self._random_faults:
@@ -865,83 +984,63 @@ class Simulator:
                 if draw < threshold:
                     if kind == "5xx":
                         kind = str(self._rng.choice((500, 502, 503)))
-                    failed = await self._fail(kind, request, model, stream)
+                    failed = await self._fail(kind, request, chat.model, chat.stream)
                     if failed is not None:
                         return failed
                     break
-        if shaped_counted and self._directive(content) is None:
+        if shaped.counted and self._directive(chat.content) is None:
             # A hang that answered (hang_answers) waited: another request with
             # this content may have had the last bad answer meanwhile.
-            shaped, shaped_counted = None, False
+            return _Shaped()
+        return shaped
 
-        if shaped == "badjson":
-            answer = BAD_JSON
-        elif shaped == "invalid":
-            answer = _invalid_answer(messages, schema)
-        elif schema is not None:
-            answer = json.dumps(
-                expected_structured_answer(messages, model, schema), ensure_ascii=False
-            )
-        else:
-            answer = expected_answer(messages, model)
-        finish_reason = "stop"
-        if max_tokens is not None and estimate_tokens(answer) > max_tokens:
-            # Cut on a character boundary: "ignore" drops a split multi-byte tail.
-            answer = answer.encode()[: max_tokens * 4].decode("utf-8", "ignore")
-            finish_reason = "length"
-        prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
-        completion_tokens = estimate_tokens(answer)
-        total_tokens = prompt_tokens + completion_tokens
-
-        headers: dict[str, str] | None = None
-        if self._requests is not None or self._tokens is not None:
-            now = time.monotonic()
-            refused = self._admit(total_tokens, now, model)
-            if refused is not None:
-                return refused
-            headers = self._rate_headers(now)
-        self._count_admitted(total_tokens)
-        # Nothing was awaited since the directive was read, so concurrent requests
-        # with the same content cannot both take the last count.
-        if shaped_counted:
-            self._directive_counts[content] += 1
-
-        timings = await self._serve(completion_tokens, prompt_tokens, request)
-
-        usage = {
-            "prompt_tokens": prompt_tokens,
-            "completion_tokens": completion_tokens,
-            "total_tokens": total_tokens,
-        }
+    async def _answer(
+        self,
+        request: web.Request,
+        chat: _Chat,
+        answer: _Answer,
+        shaped: _Shaped,
+        headers: dict[str, str] | None,
+    ) -> web.StreamResponse:
+        """Step 8: the service (latency, or a slot), then the answer, counted
+        only if delivered."""
+        timings = await self._serve(
+            answer.usage["completion_tokens"], answer.usage["prompt_tokens"], request
+        )
         response: web.StreamResponse
-        if stream:
+        if chat.stream:
+            usage = answer.usage if chat.include_usage else None
+            # Written to the end: a client that went away mid-stream fails a
+            # write. (One that closes once it has read [DONE] is answered,
+            # though its transport may be closing by the time we look.)
             response, delivered = await self._stream_answer(
                 request,
-                model,
-                answer,
-                finish_reason,
-                usage if include_usage else None,
+                chat.model,
+                answer.text,
+                answer.finish_reason,
+                usage,
                 headers,
                 timings,
             )
         else:
-            response, delivered = self._whole_answer(
-                model, answer, finish_reason, usage, headers, timings
+            response = self._whole_answer(
+                chat.model, answer.text, answer.finish_reason, answer.usage, headers, timings
             )
-        transport = request.transport
-        # A client that gave up during the latency (or the stream) never gets this
-        # answer: counting it would make "answered exactly once" checks lie.
-        if delivered and transport is not None and not transport.is_closing():
+            # A client that gave up during the latency never gets this answer:
+            # counting it would make "answered exactly once" checks lie.
+            transport = request.transport
+            delivered = transport is not None and not transport.is_closing()
+        if delivered:
             stats = self.stats
             stats.answered += 1
-            stats.tokens += total_tokens
-            stats.answered_by_content[content] += 1
-            stats.streamed += stream
-            if shaped is not None:
+            stats.tokens += answer.usage["total_tokens"]
+            stats.answered_by_content[chat.content] += 1
+            stats.streamed += chat.stream
+            if shaped.kind is not None:
                 stats.bad_answers += 1
-        elif shaped_counted:
+        elif shaped.counted:
             # Not delivered: the next request with this content gets the bad answer.
-            self._directive_counts[content] -= 1
+            self._directive_counts[chat.content] -= 1
         return response
 
     def _whole_answer(
@@ -952,7 +1051,7 @@ class Simulator:
         usage: Mapping[str, int],
         headers: Mapping[str, str] | None,
         timings: Mapping[str, float] | None = None,
-    ) -> tuple[web.Response, bool]:
+    ) -> web.Response:
         self._next_id += 1
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{self._next_id}",
@@ -970,7 +1069,7 @@ class Simulator:
         }
         if timings is not None:
             payload["timings"] = timings
-        return _json(200, payload, headers), True
+        return _json(200, payload, headers)
 
     def _chunk(
         self,
@@ -1108,27 +1207,6 @@ class Simulator:
         if count is not None and self._directive_counts[content] >= int(count):
             return None
         return kind, count is not None
-
-    def _streaming(self, body: Mapping[str, Any]) -> tuple[bool, bool] | web.Response:
-        """Whether the request streams, and with its usage; or its 400."""
-        stream = body.get("stream")
-        if stream is None:
-            stream = False
-        if not isinstance(stream, bool):
-            return _bad_request("'stream' must be a boolean.", "stream")
-        options = body.get("stream_options")
-        if options is not None:
-            if not stream:
-                return _bad_request(
-                    "The 'stream_options' parameter is only allowed when 'stream' is enabled.",
-                    "stream_options",
-                )
-            if not isinstance(options, dict):
-                return _bad_request("'stream_options' must be an object.", "stream_options")
-        if stream and not self.config.streaming:
-            return _bad_request("The simulator does not support stream=true.", "stream")
-        include_usage = isinstance(options, dict) and options.get("include_usage") is True
-        return stream, include_usage
 
     async def _fail(
         self, kind: str, request: web.Request, model: str, stream: bool

@@ -193,6 +193,7 @@ def test_put_many_is_one_transaction_and_a_failed_one_leaves_the_cache_usable(
         assert cache.get_many([key()]) == {key(): answer()}
 
 
+@pytest.mark.slow
 def test_a_hundred_thousand_keys_put_then_found(tmp_path: Path) -> None:
     keys = [i.to_bytes(32, "big") for i in range(100_000)]
     shared = answer()

@@ -163,6 +163,7 @@ def garble_middle(path: Path) -> None:
     path.write_bytes(bytes(data))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "damage",
     [

@@ -12,6 +12,7 @@ from pipeline import FatalAPIError, enrich
 from conftest import MODEL, StartServer, answer_for, make_config, write_questions
 
 
+@pytest.mark.slow
 def test_every_row_answered_correctly_in_input_order_under_faults(
     tmp_path: Path, start_server: StartServer
 ) -> None:

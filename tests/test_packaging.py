@@ -16,11 +16,12 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
-# Our own top-level names: the package, and modules beside the scripts
-# (the tests' conftest, the benchmarks' bench).
+# Our own top-level names: the package, and modules and packages beside the
+# scripts (the tests' conftest, the benchmarks' harness and sections).
 FIRST_PARTY = {
     "pipeline",
     *(path.stem for folder in ("tests", "benchmarks") for path in (ROOT / folder).glob("*.py")),
+    *(path.parent.name for path in (ROOT / "benchmarks").glob("*/__init__.py")),
 }
 
 

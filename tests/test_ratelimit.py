@@ -627,6 +627,7 @@ def achieved(report: RunReport, rpm: int) -> float:
     return report.rows / report.seconds / (rpm / 60)
 
 
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_configured_mode_sustains_95_percent_of_the_limit_with_under_1_percent_429() -> None:
     server = WindowServer(1200, window_s=1.0, latency_s=(0.1, 0.3), headers=True)
@@ -637,6 +638,7 @@ async def test_configured_mode_sustains_95_percent_of_the_limit_with_under_1_per
     assert report.share_429 < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_auto_mode_learns_the_limit_from_headers() -> None:
     server = WindowServer(1200, window_s=1.0, latency_s=(0.1, 0.3), headers=True)
@@ -659,6 +661,7 @@ async def test_auto_mode_learns_the_limit_from_headers() -> None:
         ((0.5, 1.5), 3000),
     ],
 )
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     latency_s: tuple[float, float], rows: int
@@ -673,6 +676,7 @@ async def test_auto_mode_finds_the_limit_of_a_server_that_sends_no_headers(
     assert report.share_429 < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_random_429s_unrelated_to_the_rate_are_not_taken_for_a_rate_limit() -> None:
     # No rate limit at all, but one request in twelve is refused for 0.1 s.
@@ -764,6 +768,7 @@ async def run_tokens(server: TokenWindowServer, limiter: RateLimiter, rows: int)
     return server.tokens / (now() - start) / (server.tpm / 60)
 
 
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_configured_tpm_sustains_95_percent_of_the_token_limit_with_under_1_percent_429() -> (
     None
@@ -776,6 +781,7 @@ async def test_configured_tpm_sustains_95_percent_of_the_token_limit_with_under_
     assert server.rate_limited / server.requests < 0.01
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("headers", [True, False])
 @pytest.mark.looptime
 async def test_auto_mode_reaches_90_percent_of_a_token_limit(headers: bool) -> None:
@@ -793,6 +799,7 @@ async def test_auto_mode_reaches_90_percent_of_a_token_limit(headers: bool) -> N
         assert limiter.estimated_rpm is None
 
 
+@pytest.mark.slow
 @pytest.mark.looptime
 async def test_answers_of_unpredictable_length_cost_some_rate_not_a_stream_of_429s() -> None:
     # About 11 requests per one-second window, each 10-90 completion tokens
@@ -943,6 +950,7 @@ async def enrich_rows(
 WINDOWS = [(1.0, 1200, 600), (6.0, 1200, 720), (20.0, 600, 1200), (60.0, 300, 1800)]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("window_s", "rpm", "rows"), WINDOWS, ids=lambda v: f"{v}")
 @pytest.mark.looptime
 async def test_auto_mode_learns_a_window_of_any_length_from_retry_after_and_runs_at_its_limit(
@@ -960,6 +968,7 @@ async def test_auto_mode_learns_a_window_of_any_length_from_retry_after_and_runs
     assert api.share_429(window_s, end) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("window_s", "rpm", "rows"), WINDOWS, ids=lambda v: f"{v}")
 @pytest.mark.looptime
 async def test_without_retry_after_auto_mode_dates_the_window_by_when_429s_stop(
@@ -984,6 +993,7 @@ async def test_without_retry_after_auto_mode_dates_the_window_by_when_429s_stop(
     assert api.share_429(window_s, end) < 0.02
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(("window_s", "rpm"), [(1.0, 3000), (6.0, 1200)], ids=str)
 @pytest.mark.parametrize("headers", [False, True], ids=["no-headers", "headers-stop"])
 @pytest.mark.looptime
@@ -1016,6 +1026,7 @@ async def test_after_a_storm_the_rate_climbs_back_to_the_recovered_limit_within_
     assert api.rate(recovered + 5 * window_s, recovered + 11 * window_s) >= 0.90 * rpm
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("retry_after", [True, False], ids=["retry-after", "no-retry-after"])
 @pytest.mark.looptime
 async def test_every_answer_a_429_for_longer_than_max_refusal_ends_the_run_after_its_results(

@@ -120,6 +120,7 @@ def test_unreadable_file_is_rejected_with_permission_fix(
 # ---------------------------------------------------------------------------- CSV
 
 
+@pytest.mark.slow
 def test_csv_column_that_turns_to_text_late_keeps_one_schema(tmp_path: Path) -> None:
     # Far more than one read block of numbers, then text: a reader that infers types
     # from the first block would fail (or disagree with itself) at the last row.
@@ -303,6 +304,7 @@ def test_parquet_chunks_never_exceed_chunk_size_and_cover_every_row(tmp_path: Pa
 # -------------------------------------------------------------------------- JSONL
 
 
+@pytest.mark.slow
 def test_jsonl_field_that_turns_to_text_late_keeps_one_schema(tmp_path: Path) -> None:
     n = 150_000
     path = tmp_path / "late.jsonl"

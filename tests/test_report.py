@@ -155,6 +155,7 @@ def test_report_of_a_real_run(tmp_path: Path, start_server: StartServer) -> None
     assert fresh.up_to_date, fresh.reason
 
 
+@pytest.mark.slow
 def test_the_key_never_reaches_logs_report_checkpoint_or_output(
     tmp_path: Path, start_server: StartServer
 ) -> None:

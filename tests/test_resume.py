@@ -39,6 +39,7 @@ def prompts() -> list[str]:
     return [f"resume question {i}" for i in range(200)]
 
 
+@pytest.mark.slow
 def test_rerun_sends_only_rows_missing_from_the_checkpoint(
     tmp_path: Path, start_server: StartServer, prompts: list[str]
 ) -> None:
@@ -74,6 +75,7 @@ def test_rerun_sends_only_rows_missing_from_the_checkpoint(
     assert out["response"].to_list() == [answer_for(p) for p in prompts]
 
 
+@pytest.mark.slow
 def test_complete_checkpoint_rerun_sends_nothing(
     tmp_path: Path, start_server: StartServer, prompts: list[str]
 ) -> None:
@@ -89,6 +91,7 @@ def test_complete_checkpoint_rerun_sends_nothing(
     assert pl.read_parquet(tmp_path / "out.parquet").height == len(prompts)
 
 
+@pytest.mark.slow
 def test_handmade_crashed_run_directory_resumes_correctly(
     tmp_path: Path, start_server: StartServer, prompts: list[str]
 ) -> None:
@@ -124,6 +127,7 @@ def test_handmade_crashed_run_directory_resumes_correctly(
     assert out["response"].to_list() == [answer_for(p) for p in prompts]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("change", "named"),
     [

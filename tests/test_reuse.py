@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import polars as pl
+import pytest
 
 from pipeline import enrich
 from pipeline.cache import cache_stats
@@ -120,6 +121,7 @@ def test_failed_answers_are_not_cached(tmp_path: Path, start_server: StartServer
     assert server.stats.requests == 1  # the failed row asks again; the ok one is cached
 
 
+@pytest.mark.slow
 def test_cache_stats_and_clear_from_the_cli(
     tmp_path: Path, start_server: StartServer, isolated_cache: Path
 ) -> None:
@@ -146,6 +148,7 @@ def test_cache_stats_and_clear_from_the_cli(
     assert cache_stats(isolated_cache / "cache.sqlite3").entries == 0
 
 
+@pytest.mark.slow
 def test_two_runs_sharing_one_cache_concurrently_stay_consistent(
     tmp_path: Path, start_server: StartServer, isolated_cache: Path
 ) -> None:

@@ -253,6 +253,7 @@ def test_bad_scheduling_settings_exit_2_before_any_request(
 # -- exit 3 ----------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_retry_after_beyond_max_pause_exits_3_and_a_later_run_resumes(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -399,6 +400,7 @@ def test_second_run_on_a_locked_output_exits_4_naming_the_holder(
     assert not lock.exists()
 
 
+@pytest.mark.slow
 def test_a_lock_left_by_a_sigkilled_run_is_taken_over_with_a_warning(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -658,6 +660,7 @@ def test_the_report_flag_moves_the_report_and_reruns_find_it_there(
 # -- the key is never written --------------------------------------------------------
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("log_format", ["text", "json"])
 def test_the_api_key_never_reaches_logs_report_checkpoint_cache_or_output(
     tmp_path: Path, start_server: StartServer, log_format: str
@@ -762,6 +765,7 @@ def nightly_job(tmp_path: Path) -> Path:
     return job
 
 
+@pytest.mark.slow
 def test_the_readme_cron_line_runs_the_nightly_config_and_the_next_night_sends_nothing(
     nightly_job: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -174,7 +174,7 @@ async def test_latency_delays_every_answer() -> None:
     async with Simulator(SimulatorConfig(latency_ms=150, jitter_ms=20)) as sim:
         started = time.monotonic()
         await ask(sim, "slow")
-        assert 0.13 <= time.monotonic() - started < 1.0
+        assert time.monotonic() - started >= 0.13
 
 
 async def test_models_endpoint_lists_configured_models() -> None:
@@ -313,6 +313,7 @@ async def test_badjson_directive_answers_200_not_json_then_the_valid_answer(
     assert sim.stats.answered_by_content == {content: 2}
 
 
+@pytest.mark.slow
 async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
     # 60 rpm over 1 s: one request per window (long enough that a loaded
     # machine's second request still lands inside it).
@@ -325,6 +326,7 @@ async def test_badjson_count_is_not_used_up_by_a_rate_limited_request() -> None:
         assert sim.stats.bad_answers == 1
 
 
+@pytest.mark.slow
 async def test_stats_count_admitted_requests_tokens_and_their_span_but_not_429s() -> None:
     # 60 rpm over 1 s: one request per window.
     async with Simulator(SimulatorConfig(rpm=60, window_s=1.0)) as sim, client(sim) as c:
@@ -432,6 +434,7 @@ async def test_rate_limited_request_gets_429_with_retry_headers() -> None:
     assert "eleventh" not in sim.stats.answered_by_content
 
 
+@pytest.mark.slow
 async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
     # 60 rpm over 1 s: one request per window.
     async with Simulator(SimulatorConfig(rpm=60, window_s=1.0)) as sim, client(sim) as c:
@@ -447,6 +450,7 @@ async def test_rate_limit_admits_again_after_retry_after_ms() -> None:
     assert sim.stats.rate_limited == 1
 
 
+@pytest.mark.slow
 async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_first_request() -> (
     None
 ):
@@ -484,6 +488,7 @@ async def test_an_rpm_schedule_lowers_then_raises_the_limit_counted_from_the_fir
     assert sim.stats.rate_limited == 2
 
 
+@pytest.mark.slow
 async def test_an_rpm_of_zero_refuses_every_request_until_the_next_step() -> None:
     config = SimulatorConfig(rpm=600, window_s=5.0, rpm_schedule=((0.2, 0), (1.0, 600)))
     async with Simulator(config) as sim, client(sim) as c:
@@ -524,6 +529,7 @@ def test_an_rpm_schedule_is_written_as_seconds_and_rpm_pairs() -> None:
             parse_rpm_schedule(bad)
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(30)
 def test_the_simulate_command_takes_an_rpm_schedule() -> None:
     proc = subprocess.Popen(
@@ -629,6 +635,7 @@ async def test_dropped_connection_raises_api_connection_error(sim: Simulator) ->
     assert await ask(sim, "[[fault:drop:1]]") is not None
 
 
+@pytest.mark.slow
 async def test_hanging_request_times_out_client_and_does_not_block_stop() -> None:
     sim = Simulator(SimulatorConfig(hang_s=30))
     await sim.start()
@@ -640,7 +647,8 @@ async def test_hanging_request_times_out_client_and_does_not_block_stop() -> Non
     finally:
         started = time.monotonic()
         await sim.stop()
-        assert time.monotonic() - started < 1.0
+        # Not the 30 s the hang would take (a bound loose enough for a loaded machine).
+        assert time.monotonic() - started < 10.0
 
 
 async def test_random_faults_are_reproducible_with_the_same_seed() -> None:
@@ -663,6 +671,7 @@ async def test_random_faults_are_reproducible_with_the_same_seed() -> None:
     assert set(first) & {500, 502, 503}
 
 
+@pytest.mark.slow
 async def test_max_in_flight_counts_concurrent_requests() -> None:
     async with Simulator(SimulatorConfig(latency_ms=200)) as sim, client(sim) as c:
         await asyncio.gather(
@@ -690,6 +699,7 @@ async def stream_chunks(
         return [chunk async for chunk in stream]
 
 
+@pytest.mark.slow
 async def test_a_streamed_answer_is_openai_chunks_with_the_usage_last(sim: Simulator) -> None:
     async with client(sim) as c:
         whole = await c.chat.completions.create(model="sim-1", messages=user("row 1 " * 10))
@@ -725,6 +735,7 @@ async def test_chunk_delay_spreads_a_streamed_answer_over_time() -> None:
     assert arrivals[-1] - arrivals[0] >= 0.9 * 0.03 * (len(arrivals) - 1)
 
 
+@pytest.mark.slow
 async def test_a_hang_sends_a_streaming_request_nothing_either() -> None:
     async with Simulator(SimulatorConfig(hang_s=30)) as sim:
         with pytest.raises(openai.APITimeoutError):
@@ -784,6 +795,7 @@ def test_run_in_thread_classmethod_is_the_same_helper() -> None:
 
 
 # A fresh interpreter importing the server: seconds on a loaded machine.
+@pytest.mark.slow
 @pytest.mark.timeout(60)
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 def test_serve_forever_calls_ready_and_stops_cleanly_on_signal(sig: signal.Signals) -> None:

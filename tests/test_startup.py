@@ -103,6 +103,7 @@ def help_commands(group: click.Group, prefix: tuple[str, ...] = ()) -> list[tupl
     return paths
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("command", help_commands(cli), ids=lambda path: " ".join(path) or "enrich")
 def test_help_loads_no_heavy_library(command: tuple[str, ...]) -> None:
     done, loaded = probe(*command, "--help")
@@ -147,6 +148,7 @@ def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]
     ]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("suffix", [".csv", ".parquet"])
 def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     tmp_path: Path, start_server: StartServer, suffix: str
@@ -165,6 +167,7 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     assert "openai" not in loaded["exit"]
 
 
+@pytest.mark.slow
 def test_a_resumed_run_never_loads_the_sdk_either(
     tmp_path: Path, start_server: StartServer
 ) -> None:
@@ -183,6 +186,7 @@ def test_a_resumed_run_never_loads_the_sdk_either(
     assert "openai" not in loaded["exit"]
 
 
+@pytest.mark.slow
 def test_the_openai_transport_loads_the_sdk_when_chosen(
     tmp_path: Path, start_server: StartServer
 ) -> None:

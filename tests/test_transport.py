@@ -313,6 +313,7 @@ async def test_refused_connection_is_a_connection_error(kind: str) -> None:
     assert KEY not in str(exc)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 async def test_hang_times_out(start_server: StartServer, kind: str) -> None:
     server = start_server(hang_s=5)
@@ -416,6 +417,7 @@ async def test_a_hung_row_is_cut_and_retried_by_the_call_stage(
     assert stage.stats.requests == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", KINDS)
 async def test_a_slowly_streaming_long_answer_is_not_cut(
     start_server: StartServer, kind: str
@@ -785,6 +787,7 @@ ERROR_BODIES: dict[str, tuple[bytes, dict[str, Any]]] = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("status", [400, 401, 403, 404, 408, 409, 418, 422, 429, 500, 503])
 @pytest.mark.parametrize("body_kind", list(ERROR_BODIES))
 async def test_every_status_and_body_reads_the_same_from_both_transports(
@@ -922,6 +925,7 @@ async def tls_base_url(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
     await runner.cleanup()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
 async def test_tls_trusts_what_the_environment_names_and_nothing_else(
     tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, variable: str

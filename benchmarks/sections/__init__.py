@@ -1,0 +1,1 @@
+"""One module per benchmark section; ``bench.py`` runs them."""
