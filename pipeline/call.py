@@ -30,7 +30,7 @@ from pipeline.ratelimit import (
     retry_after_seconds,
 )
 from pipeline.results import RowResult
-from pipeline.stall import StalledRequest, StallTimeout
+from pipeline.stall import Patience, StalledRequest, StallTimeout
 from pipeline.structured import unsupported_message
 from pipeline.transport_errors import (
     APIConnectionFailed,
@@ -399,9 +399,9 @@ class CallStage:
                 started = time.perf_counter()
                 try:
                     # A function: a request sent before the stall timeout is
-                    # learned (or while it falls) gets the current one, and
-                    # one queued behind the run's own requests is patient
-                    # for as long as it waited behind them.
+                    # learned (or while it falls) gets the current one; and
+                    # the time it waits behind the run's own requests counts
+                    # against neither timeout.
                     completion = await self._transport.complete(
                         request.messages, stall_s=self._stall_limit(permit, stalls)
                     )
@@ -523,13 +523,11 @@ class CallStage:
     def _loop_time() -> float:
         return asyncio.get_running_loop().time()
 
-    def _stall_limit(self, permit: Permit, stalls: int) -> Callable[[], float]:
-        limiter, stall = self.limiter, self.stall
-
-        def limit() -> float:
-            return stall.for_attempt(stalls) + limiter.behind_s(permit)
-
-        return limit
+    def _stall_limit(self, permit: Permit, stalls: int) -> Patience:
+        return Patience(
+            functools.partial(self.stall.for_attempt, stalls),
+            functools.partial(self.limiter.behind_s, permit),
+        )
 
     def _observe_timings(self, completion: Completion, latency_s: float) -> None:
         stats = self.stats

@@ -9,6 +9,7 @@ functions."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 from collections.abc import AsyncIterator
 from typing import Any
@@ -19,6 +20,7 @@ import pytest
 from pipeline.call import CallStage, ChatRequest
 from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
 from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.ratelimit import RateLimiter
 from pipeline.simulate import Simulator, SimulatorConfig
 from pipeline.transport import make_transport
 
@@ -170,20 +172,41 @@ async def test_a_request_queued_behind_the_runs_own_is_not_cut_as_stuck() -> Non
 
 
 @pytest.mark.looptime
-async def test_a_timeout_on_a_saturated_server_costs_the_row_nothing() -> None:
-    # Six at once into one slot with a 5 s timeout: the fourth and later time
-    # out queued. One attempt a row: had the timeout counted, rows would fail.
+async def test_time_queued_behind_the_runs_own_requests_counts_against_no_timeout() -> None:
+    # Six at once into one slot with a 5 s timeout: the last is answered
+    # about 10 s after it was sent. One attempt a row: a timeout would fail it.
     async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
         stage, results, _ = await run(sim, 12, {"timeout_s": 5.0}, concurrency=6, max_attempts=1)
     assert {result.status for result in results.values()} == {"ok"}
-    assert stage.stats.saturated >= 1
-    assert stage.stats.saturated == stage.stats.abandoned == sim.stats.abandoned
-    # What was abandoned was computed once, and its row once more; nothing else.
-    assert sim.stats.computed == 12 + sim.stats.abandoned
+    assert (stage.stats.abandoned, sim.stats.abandoned, sim.stats.computed) == (0, 0, 12)
     assert stage.limiter.gate.slots <= 2
-    assert "timed out queued" in (stage.stats.concurrency_reason or "") or (
-        "latency" in (stage.stats.concurrency_reason or "")
-    )
+
+
+@pytest.mark.looptime
+async def test_a_timeout_while_queued_lowers_the_cap_and_keeps_a_place_for_the_ghost() -> None:
+    # The server's pace: an answer a second, each taking 1 s of its time (one slot).
+    limiter = RateLimiter(concurrency=8, latency=True, start_at_ceiling=True)
+    loop = asyncio.get_running_loop()
+    for _ in range(4):
+        async with limiter.request(1) as permit:
+            await asyncio.sleep(1.0)
+            limiter.succeeded(permit, None, {}, server_s=1.0)
+    async with contextlib.AsyncExitStack() as stack:
+        first_request = limiter.request(1)
+        first = await first_request.__aenter__()
+        queued = await stack.enter_async_context(limiter.request(1))
+        await asyncio.sleep(1.5)
+        limiter.succeeded(first, None, {}, server_s=1.0)
+        await first_request.__aexit__(None, None, None)
+        limiter.saturated(queued)
+    assert limiter.gate.cap == 1.0
+    assert limiter.stats.saturated == 1
+    # The abandoned request is computed for about one more second: its place
+    # stays taken meanwhile.
+    assert limiter.gate.in_flight == 1
+    start = loop.time()
+    async with limiter.request(1):
+        assert loop.time() - start == pytest.approx(1.0, abs=0.05)
 
 
 # -- the rules ------------------------------------------------------------------
