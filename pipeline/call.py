@@ -319,7 +319,10 @@ class CallStage:
     ``limits.concurrency`` is the number of workers and the ceiling of the
     in-flight limit; with ``adaptive`` (``limits.adaptive`` when that key
     exists, else on) the limiter learns the server's limits and moves the
-    in-flight limit below that ceiling by AIMD.
+    in-flight limit below that ceiling by AIMD on 429s and by latency (a
+    self-hosted server's slots, see ``pipeline.concurrency``): from one
+    request, doubled while latency stays flat, or from ``limits.concurrency``
+    itself when it was set explicitly.
     """
 
     def __init__(

@@ -65,11 +65,12 @@ NOISE_SE_MULTIPLE: Final = 3.0
 # least on any LLM server); less is the network, or this process's own CPU
 # when a fast local server answers in a few milliseconds.
 QUEUE_FLOOR_S: Final = 0.05
-# Fewest answers a round is judged on (ROUND_MIN_START while starting, when
-# rounds are one round trip each), so that one long answer does not read as
-# a queue and a round's spread can be measured.
+# Fewest answers a round is judged on once past the start, so that one long
+# answer does not read as a queue and a round's spread can be measured. While
+# starting, a round is one round trip (ROUND_MIN_START: the first answer is
+# only the reference).
 ROUND_MIN: Final = 4
-ROUND_MIN_START: Final = 2
+ROUND_MIN_START: Final = 1
 # A cut is checked by the round after it: a queue drains when fewer requests
 # are in flight, so latency must have fallen by at least this share of what
 # the cut should have taken off. Else the rise was the server's (slower for
