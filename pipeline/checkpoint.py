@@ -42,7 +42,6 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.cache import CachedAnswer, CacheError, ResponseCache
 from pipeline.crashpoints import crash_point
@@ -65,6 +64,10 @@ if TYPE_CHECKING:
     # Imported where results are merged (resume, status, assembly): a fresh
     # run reaches its first request without paying for polars.
     import polars as pl
+
+    # Imported where parts are read or sealed, none of which a fresh run does
+    # before its first request (with pyarrow.fs, a tenth of pyarrow's import).
+    import pyarrow.parquet as pq
 
 FORMAT_VERSION: Final = 2
 # Format 1 parts lack the internal columns (transient flag, request key);
@@ -183,6 +186,12 @@ def _describe_changes(old: Mapping[str, Any], new: Mapping[str, Any]) -> str:
     return ", ".join(changed) if changed else "settings"
 
 
+def _read_footer(path: Path) -> pq.FileMetaData:
+    import pyarrow.parquet as pq
+
+    return pq.read_metadata(path)
+
+
 def _row_id_bounds(metadata: pq.FileMetaData) -> tuple[int, int] | None:
     """First and last row id of a part, from the footer's statistics (parts are
     sorted by row id), so scanning a million-row checkpoint reads no data pages."""
@@ -214,6 +223,8 @@ def _with_internal_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
 def read_part(path: Path, columns: Sequence[str] | None = None) -> pa.Table:
     """A part's rows (all columns, or ``columns``), checksums verified. Raises
     ``DamagedPart`` for anything unreadable."""
+    import pyarrow.parquet as pq
+
     wanted = list(columns) if columns is not None else PART_SCHEMA.names
     try:
         present = pq.read_schema(path).names
@@ -470,7 +481,7 @@ class Checkpoint:
         vouch for them, also those not made for these settings."""
         for _, path in self._part_files():
             try:
-                metadata = pq.read_metadata(path)
+                metadata = _read_footer(path)
                 _row_id_bounds(metadata)
             except (OSError, pa.ArrowException, ValueError) as exc:
                 self.set_aside(path, str(exc) or type(exc).__name__)
@@ -488,7 +499,7 @@ class Checkpoint:
         infos = []
         for seq, path in self._part_files():
             try:
-                metadata = pq.read_metadata(path)
+                metadata = _read_footer(path)
                 bounds = _row_id_bounds(metadata)
             except (OSError, pa.ArrowException) as exc:
                 if not self.writable:
@@ -630,6 +641,8 @@ def write_part(path: Path, table: pa.Table, footer: Mapping[bytes, bytes]) -> No
     """Durably write one part, sorted by row id with the newest result per row
     (a segment may hold a row twice), and page checksums, so damage inside a
     data page is found when read rather than passed on as an answer."""
+    import pyarrow.parquet as pq
+
     ordered = (
         _frame(table.cast(PART_SCHEMA))
         .with_row_index("_order")

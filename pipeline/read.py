@@ -19,14 +19,17 @@ from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
-import pyarrow.parquet as pq
 
 from pipeline.errors import InputError
+
+if TYPE_CHECKING:
+    # Imported by the Parquet reader: CSV and JSONL input never load it.
+    import pyarrow.parquet as pq
 
 __all__ = ["Chunk", "Format", "InputSource", "detect_format", "open_input"]
 
@@ -241,6 +244,8 @@ class _ParquetSource(InputSource):
     def _open(path: Path) -> pq.ParquetFile:
         # pre_buffer would load whole row groups (possibly the whole file) at once;
         # page-by-page reads keep memory bounded by the batch.
+        import pyarrow.parquet as pq
+
         return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
 
     def count_rows(self) -> int:

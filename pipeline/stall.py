@@ -28,14 +28,18 @@ assignment per chunk that arrives.
 
 from __future__ import annotations
 
-import asyncio
 import bisect
 import collections
 import math
 from collections.abc import Callable
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from pipeline.transport_errors import TransportError
+
+if TYPE_CHECKING:
+    # Imported by the watchdog, which runs on a loop: the CLI imports this
+    # module for its help text, and `enrich --help` needs no event loop.
+    import asyncio
 
 __all__ = [
     "STALL_DEFAULT_S",
@@ -221,6 +225,8 @@ class Watchdog:
     )
 
     def __init__(self, scope: asyncio.Timeout, stall_s: StallLimit, total_s: float) -> None:
+        import asyncio  # loaded by the loop that runs this: a dictionary lookup
+
         loop = asyncio.get_running_loop()
         now = loop.time()
         self._loop = loop

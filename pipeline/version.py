@@ -8,7 +8,6 @@ is ``enrich-llm``, because ``enrich`` on the package index is another project
 from __future__ import annotations
 
 import functools
-from importlib import metadata
 from typing import Final
 
 DISTRIBUTION: Final = "enrich-llm"
@@ -17,6 +16,10 @@ DISTRIBUTION: Final = "enrich-llm"
 @functools.cache
 def version() -> str:
     """This installation's version; "unknown" when run from a bare checkout."""
+    # Here, not with the module: importlib.metadata costs `enrich --help`
+    # (which names the distribution) about a fifth of its start.
+    from importlib import metadata
+
     try:
         return metadata.version(DISTRIBUTION)
     except metadata.PackageNotFoundError:

@@ -12,15 +12,18 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Final, Self
+from typing import TYPE_CHECKING, Final, Self
 
 import pyarrow as pa
 import pyarrow.compute as pc
-import pyarrow.parquet as pq
 
 from pipeline.durable import commit_temp, disk_full_error, temp_path_for
 from pipeline.errors import ConfigError, OutputError
 from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID
+
+if TYPE_CHECKING:
+    # Imported where the output is written (AtomicParquetWriter).
+    import pyarrow.parquet as pq
 
 __all__ = [
     "AtomicParquetWriter",
@@ -158,6 +161,10 @@ class AtomicParquetWriter:
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> Self:
+        # Here, not with the module: a run checks its output path long before
+        # it writes the file, and a fresh run's first request needs no Parquet.
+        import pyarrow.parquet as pq
+
         try:
             self._writer = pq.ParquetWriter(self._temp, self.schema, compression=self.compression)
         except (OSError, pa.ArrowException) as e:
