@@ -426,6 +426,8 @@ class CallStage:
                     elif failure.stalled:
                         stalls += 1
                         self.stats.stalled += 1
+                        # Whatever was sent after it waited for nothing.
+                        permit.stuck = True
                     if saturated:
                         self.outage.answered(passage)
                     elif failure.kind == "retry" and not failure.rate_limited:

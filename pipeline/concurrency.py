@@ -407,16 +407,18 @@ class QueueClock:
     def sent(self, sequence: int, now: float) -> None:
         self._in_flight[sequence] = now
 
-    def done(self, sequence: int, now: float) -> None:
+    def done(self, sequence: int, now: float, *, stuck: bool = False) -> None:
+        """Request ``sequence`` is over; ``stuck``: it was cut for silence,
+        stuck, not computed, so nothing ever waited behind it."""
         oldest = next(iter(self._in_flight), None)
-        self._in_flight.pop(sequence, None)
+        sent_at = self._in_flight.pop(sequence, now)
         if sequence != oldest:
             return
         head = next(iter(self._in_flight), None)
         if head is None:
             return
         self._heads.append(head)
-        self._times.append(now)
+        self._times.append(sent_at if stuck else now)
         if len(self._heads) > 2 * len(self._in_flight) + 64:
             # Entries below the oldest request in flight answer no one.
             keep = bisect.bisect_left(self._heads, head)

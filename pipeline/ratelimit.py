@@ -935,6 +935,8 @@ class Permit:
     # in-flight integral then (see RateLimiter._in_flight_area).
     in_flight: int = 1
     area: float = 0.0
+    # Cut for silence and taken for stuck, not queued (see QueueClock.done).
+    stuck: bool = False
 
 
 @dataclass
@@ -1090,7 +1092,7 @@ class RateLimiter:
         finally:
             self._in_flight_area()
             self._sending -= 1
-            self.queue.done(permit.sequence, _now())
+            self.queue.done(permit.sequence, _now(), stuck=permit.stuck)
             self.gate.release()
             if permit.probe:
                 self._release_probe()

@@ -225,6 +225,17 @@ def test_the_queue_clock_counts_the_time_spent_behind_earlier_requests() -> None
     assert clock.behind_s(3, 20.0) == 6.0
 
 
+def test_nothing_waited_behind_a_request_cut_as_stuck() -> None:
+    # A hung request is not being computed: those sent after it were not
+    # queued behind it, and their stall timeout counts from their sending.
+    clock = QueueClock()
+    clock.sent(1, 0.0)
+    clock.sent(2, 1.0)
+    assert clock.behind_s(2, 4.0) == 3.0
+    clock.done(1, 5.0, stuck=True)
+    assert clock.behind_s(2, 6.0) == 0.0
+
+
 def test_a_latency_rise_that_does_not_fall_with_fewer_in_flight_is_taken_back() -> None:
     gate = ConcurrencyGate(ceiling=8, start=8)
     limit = LatencyLimit(gate, start_at_ceiling=True)
