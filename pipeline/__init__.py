@@ -3,7 +3,13 @@
 Library use (what an Airflow task calls)::
 
     from pipeline import enrich, load_config
-    summary = enrich(load_config(Path("configs/example.toml")))
+    summary = enrich("configs/example.toml", rpm=500)       # a TOML file, flags as keywords
+    summary = enrich(input="reviews.csv", column="body", output="out.parquet")
+    summary = await enrich_async(...)                         # in a running event loop
+
+``enrich`` also works from a notebook cell (a running event loop) and raises
+``TooManyFailedRows`` (carrying ``.summary``) when failed rows pass
+``max_error_rate``, as the CLI exits 1.
 
 Importing ``pipeline`` loads none of the heavy libraries (openai, polars,
 pyarrow, aiohttp, pydantic): each name below is imported from its module the
@@ -17,6 +23,7 @@ import importlib
 from typing import TYPE_CHECKING, Any, Final
 
 if TYPE_CHECKING:
+    from pipeline.api import enrich, enrich_async
     from pipeline.call import CallStage, ChatRequest
     from pipeline.config import (
         CheckpointConfig,
@@ -33,12 +40,14 @@ if TYPE_CHECKING:
         EnrichError,
         FatalAPIError,
         InputError,
+        MissingSetting,
         OutputError,
         RunInterrupted,
+        TooManyFailedRows,
         UsageError,
     )
     from pipeline.results import RESULT_COLUMNS, RowResult
-    from pipeline.runner import RunOptions, RunSummary, enrich, enrich_async
+    from pipeline.runner import RunOptions, RunSummary
     from pipeline.transport import (
         AiohttpTransport,
         Completion,
@@ -70,6 +79,8 @@ _EXPORTS: Final[dict[str, str]] = {
     "EnrichError": "pipeline.errors",
     "FatalAPIError": "pipeline.errors",
     "InputError": "pipeline.errors",
+    "MissingSetting": "pipeline.errors",
+    "TooManyFailedRows": "pipeline.errors",
     "OutputError": "pipeline.errors",
     "RunInterrupted": "pipeline.errors",
     "UsageError": "pipeline.errors",
@@ -77,8 +88,8 @@ _EXPORTS: Final[dict[str, str]] = {
     "RowResult": "pipeline.results",
     "RunOptions": "pipeline.runner",
     "RunSummary": "pipeline.runner",
-    "enrich": "pipeline.runner",
-    "enrich_async": "pipeline.runner",
+    "enrich": "pipeline.api",
+    "enrich_async": "pipeline.api",
     "AiohttpTransport": "pipeline.transport",
     "Completion": "pipeline.transport",
     "OpenAITransport": "pipeline.transport",
@@ -108,6 +119,7 @@ __all__ = [
     "InputConfig",
     "InputError",
     "LimitsConfig",
+    "MissingSetting",
     "ModelConfig",
     "OpenAITransport",
     "OutputConfig",
@@ -117,6 +129,7 @@ __all__ = [
     "RunInterrupted",
     "RunOptions",
     "RunSummary",
+    "TooManyFailedRows",
     "Transport",
     "TransportError",
     "UnparseableResponse",

@@ -17,10 +17,11 @@ import random
 import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable, Mapping
 from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline.errors import FatalAPIError
-from pipeline.events import EventSink, NullEventSink
+from pipeline.events import EventSink, NullEventSink, ThrottledWarning
 from pipeline.outage import OutageGate
 from pipeline.ratelimit import (
     LimitKind,
@@ -359,6 +360,12 @@ class CallStage:
         # How long a request may go without a byte (see pipeline.stall).
         self.stall = StallTimeout(model.stall_timeout_s, model.timeout_s)
         self._events = events or NullEventSink()
+        self.events = self._events
+        # What the run waits for, said at most every 30 s: a pause of an hour
+        # or a minute of retries must not look like a hung process.
+        self._paused_warning = ThrottledWarning(self._events, "rate_limit_pause")
+        self._retry_warning = ThrottledWarning(self._events, "retrying")
+        self._backing_off = 0
         self._said_not_streaming = False
         self._rng = rng or random.Random()
         self.outage = OutageGate(limits.max_outage_s, events=events, rng=self._rng)
@@ -450,6 +457,8 @@ class CallStage:
                             retry_after=failure.retry_after is not None,
                         )
                         failure = self._check_refusal(self._check_pause(failure, pause))
+                        if failure.kind == "retry":
+                            self._say_paused(pause, failure.reason)
                     elif failure.kind == "row":
                         # The server took the request (and refused its content).
                         self._refused_since = None
@@ -522,7 +531,35 @@ class CallStage:
             self.stats.retries += 1
             if not failure.rate_limited:
                 # A 429 already paused the whole run, this row included.
-                await asyncio.sleep(self.backoff_delay(attempt, failure.retry_after))
+                delay = self.backoff_delay(attempt, failure.retry_after)
+                self._backing_off += 1
+                try:
+                    self._say_retrying(delay, failure.reason)
+                    await asyncio.sleep(delay)
+                finally:
+                    self._backing_off -= 1
+
+    def _say_paused(self, pause_s: float, reason: str) -> None:
+        until = datetime.now(UTC) + timedelta(seconds=pause_s)
+        shown = until.isoformat(timespec="seconds").replace("+00:00", "Z")
+        self._paused_warning.hit(
+            f"paused until {shown} ({pause_s:,.1f} s) by a 429 from the API: no request is "
+            f"sent meanwhile ({reason})",
+            waiting=f"paused by a 429 until {until:%H:%M:%S} UTC",
+            paused_until=shown,
+            pause_s=round(pause_s, 3),
+        )
+
+    def _say_retrying(self, delay_s: float, reason: str) -> None:
+        rows = self._backing_off
+        self._retry_warning.hit(
+            f"retrying {rows:,} row{'s' if rows != 1 else ''} after transient failures "
+            f"(last: {reason}); next attempt in {delay_s:,.1f} s",
+            waiting=f"retrying {rows:,} row{'s' if rows != 1 else ''} ({_short(reason)})",
+            rows=rows,
+            delay_s=round(delay_s, 3),
+            last_error=reason,
+        )
 
     @staticmethod
     def _loop_time() -> float:
@@ -692,3 +729,8 @@ class CallStage:
             self._sync_stats()
         if failure is not None:
             raise failure
+
+
+def _short(reason: str) -> str:
+    # A progress bar's description has room for the gist only.
+    return reason if len(reason) <= 40 else reason[:39] + "…"

@@ -21,7 +21,13 @@ from typing import TYPE_CHECKING, Any, Final, TypeVar
 
 import click
 
-from pipeline.errors import EnrichError, ExitCode, UsageError
+from pipeline.errors import (
+    ConfigError,
+    EnrichError,
+    ExitCode,
+    MissingSetting,
+    UsageError,
+)
 from pipeline.events import (
     EventSink,
     JsonEventSink,
@@ -29,8 +35,8 @@ from pipeline.events import (
     TextEventSink,
     redact,
 )
-from pipeline.progress import NoProgress, Progress, TqdmProgress
-from pipeline.stall import STALL_DEFAULT_S, STALL_FLOOR_S, STALL_MULTIPLE, STALL_WARMUP
+from pipeline.options import OPTIONS, Command, Option
+from pipeline.progress import NoProgress, Progress, TqdmProgress, WaitingNotes
 from pipeline.version import DISTRIBUTION
 
 if TYPE_CHECKING:
@@ -39,159 +45,119 @@ if TYPE_CHECKING:
 
 F = TypeVar("F", bound=Callable[..., Any])
 
-# (flag, config key, click type, help). One table so every dataset command
-# takes the same flags and they cannot drift apart.
-DATASET_OPTIONS: Final[list[tuple[str, str, Any, str]]] = [
-    (
-        "--input",
-        "input.path",
-        click.Path(path_type=Path),
-        "Input dataset (.csv, .parquet, .jsonl).",
-    ),
-    ("--column", "input.column", str, "Column holding the prompt."),
-    ("--template", "input.template", str, "Prompt template with {column} placeholders."),
-    ("--system-prompt", "input.system_prompt", str, "System message sent with every row."),
-    ("--chunk-size", "input.chunk_size", int, "Rows read per chunk (bounds memory)."),
-    ("--output", "output.path", click.Path(path_type=Path), "Enriched Parquet file to write."),
-    (
-        "--run-dir",
-        "output.run_dir",
-        click.Path(path_type=Path),
-        "Checkpoint directory [OUTPUT.enrich].",
-    ),
-    ("--column-prefix", "output.column_prefix", str, "Prefix for the added columns."),
-    ("--model", "model.name", str, "Model name sent to the API."),
-    ("--base-url", "model.base_url", str, "OpenAI-compatible base URL [$OPENAI_BASE_URL]."),
-    ("--api-key-env", "model.api_key_env", str, "Variable holding the API key [OPENAI_API_KEY]."),
-    ("--temperature", "model.temperature", float, "Sampling temperature."),
-    ("--max-tokens", "model.max_tokens", int, "Completion token cap per row."),
-    (
-        "--timeout",
-        "model.timeout_s",
-        float,
-        "Longest one request may take in all, in seconds [60]; longer is cut and retried.",
-    ),
-    (
-        "--stall-timeout",
-        "model.stall_timeout_s",
-        float,
-        "Cut and retry a request that sends no byte for this many seconds (before its "
-        f"first or between chunks) [learned: {STALL_MULTIPLE:g}x the p99 of recent answers' "
-        f"longest silence, {STALL_FLOOR_S:g} s at least, {STALL_DEFAULT_S:g} s until "
-        f"{STALL_WARMUP} answers; doubled on each retry of a row].",
-    ),
-    (
-        "--transport",
-        "model.transport",
-        click.Choice(["aiohttp", "openai"]),
-        "HTTP client: aiohttp (fast, default) or openai (the official SDK's).",
-    ),
-    ("--concurrency", "limits.concurrency", int, "Requests in flight at most."),
-    ("--rpm", "limits.rpm", int, "Requests per minute."),
-    ("--tpm", "limits.tpm", int, "Tokens per minute."),
-    ("--max-attempts", "limits.max_attempts", int, "Attempts per row before it is marked error."),
-    (
-        "--max-pause",
-        "limits.max_pause_s",
-        float,
-        "Longest 429 retry-after to wait out, in seconds; longer ends the run (exit 3).",
-    ),
-    (
-        "--max-outage",
-        "limits.max_outage_s",
-        float,
-        "Longest API outage (connections refused, timeouts, 5xx across rows) to wait out "
-        "while probing, in seconds [600]; longer ends the run (exit 75, checkpoint kept).",
-    ),
-    (
-        "--max-refusal",
-        "limits.max_refusal_s",
-        float,
-        "Longest time the API may answer every request with 429 (none admitted), in "
-        "seconds [900]; longer ends the run (exit 3, checkpoint kept).",
-    ),
-    ("--flush-every", "checkpoint.flush_every", int, "Results per sealed checkpoint part."),
-    (
-        "--flush-interval",
-        "checkpoint.flush_interval_s",
-        float,
-        "Longest a finished answer waits before it is durable, in seconds [0.1].",
-    ),
-    (
-        "--on-input-change",
-        "checkpoint.on_input_change",
-        click.Choice(["restart", "refuse"]),
-        "Input changed since an unfinished run: restart (reusing unchanged answers) or refuse.",
-    ),
-    ("--max-error-rate", "max_error_rate", float, "Failed share above which the exit code is 1."),
-    ("--max-cost", "max_cost", float, "Spend cap in USD for the whole job (exit 5 when reached)."),
-    (
-        "--price-file",
-        "price_file",
-        click.Path(path_type=Path),
-        "Extra prices (TOML, per 1M tokens).",
-    ),
-    (
-        "--report",
-        "output.report",
-        click.Path(path_type=Path),
-        "Run report path [OUTPUT.report.json].",
-    ),
-    ("--cache-path", "cache.path", click.Path(path_type=Path), "Response cache file."),
-    ("--schema", "structured.schema", str, "JSON Schema (file or inline JSON): typed columns."),
-    ("--schema-attempts", "structured.max_attempts", int, "Answers asked until one validates."),
-]
+# What each exit code means, in a line: shown by ``enrich run --help`` (the
+# README's table says the same at length; a test keeps both complete).
+EXIT_CODE_HELP: Final[dict[ExitCode, str]] = {
+    ExitCode.OK: "done (or already up to date)",
+    ExitCode.TOO_MANY_FAILED_ROWS: "done, but failed rows are above --max-error-rate",
+    ExitCode.USAGE: "bad usage, config or input; nothing sent",
+    ExitCode.FATAL_API: "fatal API error (bad key, unknown model, quota, --max-pause)",
+    ExitCode.LOCK_HELD: "another run holds this output's lock",
+    ExitCode.SPEND_CAP: "stopped by --max-cost; checkpoint kept",
+    ExitCode.INTERNAL: "a bug: rerun with ENRICH_DEBUG=1 and report it",
+    ExitCode.WRITE_FAILED: "cannot write (disk full, I/O error); checkpoint kept",
+    ExitCode.API_UNREACHABLE: "API unreachable for longer than --max-outage; checkpoint kept",
+    ExitCode.INTERRUPTED: "interrupted (Ctrl-C, SIGTERM); checkpoint kept",
+}
 
-# On/off switches whose unset state means "decide from the request": on for
-# deterministic requests (no temperature or 0), off for sampled ones.
-TOGGLE_OPTIONS: Final[list[tuple[str, str, str]]] = [
-    ("--cache/--no-cache", "cache.enabled", "Use the response cache across runs."),
-    ("--dedup/--no-dedup", "cache.dedup", "Send identical requests once per run."),
-    ("--adaptive/--no-adaptive", "limits.adaptive", "Learn limits from headers and 429s (AIMD)."),
-    (
-        "--stream/--no-stream",
-        "model.stream",
-        "Stream answers, so a stuck request is cut in seconds while a long answer is not "
-        "[on; servers that cannot stream are detected].",
-    ),
-]
+USAGE_LINES: Final[dict[str, str]] = {
+    "run": "enrich run [CONFIG] --input PATH (--column NAME | --template TEXT) --output PATH "
+    "[OPTIONS]",
+    "estimate": "enrich estimate [CONFIG] --input PATH (--column NAME | --template TEXT) [OPTIONS]",
+    "status": "enrich status (CONFIG | OUTPUT | --output PATH)",
+}
 
 
-def _option_dest(flag: str) -> str:
-    return flag.removeprefix("--").replace("-", "_")
+def _exit_codes_epilog() -> str:
+    # \b keeps click from rewrapping the lines into one paragraph.
+    lines = [f"  {int(code):>3}  {text}" for code, text in EXIT_CODE_HELP.items()]
+    return "\b\nExit codes:\n" + "\n".join(lines)
 
 
-def _toggle_dest(key: str) -> str:
-    return key.replace(".", "_")
+def _click_type(option: Option) -> Any:
+    if option.choices:
+        return click.Choice(option.choices)
+    return {
+        "path": click.Path(path_type=Path),
+        "str": str,
+        "int": int,
+        "float": float,
+        "json": str,
+    }[option.kind]
 
 
-def dataset_options(command: F) -> F:
-    """The shared interface of every command that reads a dataset."""
-    for flag, _key, kind, help_text in reversed(DATASET_OPTIONS):
-        command = click.option(flag, _option_dest(flag), type=kind, default=None, help=help_text)(
-            command
-        )
-    for flags, key, help_text in TOGGLE_OPTIONS:
-        command = click.option(flags, _toggle_dest(key), default=None, help=help_text)(command)
-    command = click.option(
-        "--keep-checkpoint",
-        is_flag=True,
-        default=None,
-        help="Keep the run directory after success.",
-    )(command)
-    return click.argument(
-        "config_file", required=False, type=click.Path(path_type=Path), metavar="[CONFIG]"
-    )(command)
+def dataset_options(command_name: Command) -> Callable[[F], F]:
+    """The shared interface of every command that reads a dataset: every
+    command accepts every setting (a ``run`` line becomes an ``estimate``
+    line by changing one word); ``--help`` lists the ones the command uses."""
+
+    def decorate(command: F) -> F:
+        for option in reversed(OPTIONS):
+            hidden = command_name not in option.commands
+            if option.kind == "toggle":
+                decorator = click.option(
+                    option.flag, option.dest, default=None, help=option.help_text(), hidden=hidden
+                )
+            elif option.kind == "switch":
+                decorator = click.option(
+                    option.flag,
+                    option.dest,
+                    is_flag=True,
+                    default=None,
+                    help=option.help_text(),
+                    hidden=hidden,
+                )
+            else:
+                decorator = click.option(
+                    option.flag,
+                    option.dest,
+                    type=_click_type(option),
+                    default=None,
+                    help=option.help_text(),
+                    hidden=hidden,
+                )
+            command = decorator(command)
+        return click.argument(
+            "config_file", required=False, type=click.Path(path_type=Path), metavar="[CONFIG]"
+        )(command)
+
+    return decorate
 
 
-def build_config(config_file: Path | None, flags: dict[str, Any]) -> RunConfig:
+def _json_setting(option: Option, value: Any) -> Any:
+    if option.kind != "json" or value is None:
+        return value
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError as exc:
+        raise ConfigError(
+            f"{option.flag} is not valid JSON ({exc.msg}); pass a JSON object"
+        ) from None
+    if not isinstance(parsed, dict):
+        raise ConfigError(f"{option.flag} must be a JSON object like '{{\"seed\": 1}}'")
+    return parsed
+
+
+def flag_overrides(flags: dict[str, Any]) -> dict[str, Any]:
+    """Parsed flags -> dotted config keys (None: not given)."""
+    return {option.key: _json_setting(option, flags.get(option.dest)) for option in OPTIONS}
+
+
+def build_config(
+    config_file: Path | None, flags: dict[str, Any], *, needs_output: bool = True
+) -> RunConfig:
+    """The config from the file and the flags. ``needs_output=False`` for
+    commands that write nothing (estimate): a missing output is no error."""
     from pipeline.config import load_config
 
-    overrides = {key: flags.get(_option_dest(flag)) for flag, key, _, _ in DATASET_OPTIONS}
-    overrides["output.keep_checkpoint"] = flags.get("keep_checkpoint")
-    for _, key, _ in TOGGLE_OPTIONS:
-        overrides[key] = flags.get(_toggle_dest(key))
-    return load_config(config_file, overrides)
+    overrides = flag_overrides(flags)
+    try:
+        return load_config(config_file, overrides)
+    except MissingSetting as missing:
+        if needs_output or missing.key != "output.path":
+            raise
+    # Never written: estimating reads the input and the settings only.
+    return load_config(config_file, {**overrides, "output.path": Path(os.devnull)})
 
 
 LOG_FORMAT_KEY: Final = "enrich.log_format"
@@ -207,13 +173,27 @@ def _secrets() -> list[str | None]:
     return [os.environ.get("OPENAI_API_KEY")]
 
 
+def _usage_line() -> str | None:
+    context = click.get_current_context(silent=True)
+    name = context.info_name if context else None
+    usage = USAGE_LINES.get(name or "")
+    return f"usage: {usage} (enrich {name} --help lists every flag)" if usage else None
+
+
 def fail(error: EnrichError) -> None:
+    # A missing setting is the first thing a newcomer meets: show the whole shape.
+    usage = _usage_line() if isinstance(error, MissingSetting) else None
     if _log_format() == "json":
+        fields: dict[str, Any] = {"exit_code": error.exit_code}
+        if usage:
+            fields["usage"] = usage
         JsonEventSink(sys.stderr, secrets=_secrets()).emit(
-            "error", level="error", message=error.message, exit_code=error.exit_code
+            "error", level="error", message=error.message, **fields
         )
     else:
         click.echo(f"enrich: error: {redact(error.message, _secrets())}", err=True)
+        if usage:
+            click.echo(usage, err=True)
     sys.exit(error.exit_code)
 
 
@@ -260,7 +240,8 @@ def _reporting(
     if quiet:
         return NoProgress(), text_sink
     if sys.stderr.isatty():
-        return TqdmProgress(sys.stderr), text_sink
+        bar = TqdmProgress(sys.stderr)
+        return bar, WaitingNotes(text_sink, bar)
     return ProgressEvents(text_sink), text_sink
 
 
@@ -280,10 +261,26 @@ def _pending(summary: RunSummary) -> str:
     return f" (pending {summary.pending:,}: transient failures, the next run sends them again)"
 
 
-def format_summary(summary: RunSummary) -> str:
+def _headline(summary: RunSummary) -> str:
+    if summary.error and not summary.ok:
+        return f"failed: every row sent failed ({summary.error:,} of {summary.rows:,} rows)"
+    if summary.error:
+        return f"done with errors: {summary.rows:,} rows, {summary.error:,} failed"
+    return f"done: {summary.rows:,} rows"
+
+
+def _reasons(reasons: list[tuple[str, int]]) -> list[str]:
+    if not reasons:
+        return []
+    return ["  why rows failed (most common first):"] + [
+        f"    {count:,} × {reason}" for reason, count in reasons
+    ]
+
+
+def format_summary(summary: RunSummary, reasons: list[tuple[str, int]] | None = None) -> str:
     return "\n".join(
         [
-            f"done: {summary.rows:,} rows -> {summary.output}",
+            f"{_headline(summary)} -> {summary.output}",
             f"  ok {summary.ok:,} · error {summary.error:,}{_pending(summary)}"
             f" · skipped {summary.skipped:,} · from checkpoint {summary.resumed_rows:,}",
             f"  tokens {summary.prompt_tokens:,} in / {summary.completion_tokens:,} out",
@@ -295,27 +292,27 @@ def format_summary(summary: RunSummary) -> str:
             f" · from cache {summary.cache_hits:,}"
             f" · deduplicated {summary.deduplicated:,}",
             f"  cost {_fmt_cost(summary.cost_usd)}",
+            *_reasons(reasons or []),
         ]
     )
 
 
 def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") -> None:
+    from pipeline.api import too_many_failed
+
     if log_format != "json":
         if summary.up_to_date:
             click.echo(f"up to date: {summary.output} ({summary.rows:,} rows); nothing sent")
         else:
-            click.echo(format_summary(summary))
-    if summary.error_rate > config.max_error_rate:
-        fail(
-            TooManyErrors(
-                f"{summary.error} rows failed ({summary.error_rate:.1%}), above "
-                f"--max-error-rate {config.max_error_rate:.1%}; rerun with --retry-failed"
-            )
-        )
+            reasons = []
+            if summary.error:
+                from pipeline.status import error_reasons
 
-
-class TooManyErrors(EnrichError):
-    exit_code = ExitCode.TOO_MANY_FAILED_ROWS
+                reasons = error_reasons(summary.output, config.output.column_prefix)
+            click.echo(format_summary(summary, reasons))
+    failed = too_many_failed(summary, config)
+    if failed is not None:
+        fail(failed)
 
 
 class InternalError(EnrichError):
@@ -328,8 +325,8 @@ def cli() -> None:
     """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
 
 
-@cli.command()
-@dataset_options
+@cli.command(epilog=_exit_codes_epilog())
+@dataset_options("run")
 @click.option("--restart", is_flag=True, help="Discard the checkpoint and start over.")
 @click.option("--retry-failed", is_flag=True, help="Re-send only rows whose status is error.")
 @click.option("--force", is_flag=True, help="Redo the job even if the output is up to date.")
@@ -369,19 +366,21 @@ def run(
 
 
 @cli.command()
-@dataset_options
+@dataset_options("estimate")
 @click.option(
     "--latency", type=float, default=2.0, show_default=True, help="Assumed seconds per request."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
 @handle_errors
 def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: Any) -> None:
-    """Rows, tokens, cost and time at the configured limits. Sends nothing."""
+    """Rows, tokens, cost and time at the configured limits. Sends nothing and
+    writes nothing, so no --output is needed. Takes the same CONFIG and flags
+    as run (those that change nothing here are accepted and not listed)."""
     from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
     from pipeline.costs import estimate as estimate_run
     from pipeline.runner import prepare
 
-    config = build_config(config_file, flags)
+    config = build_config(config_file, flags, needs_output=False)
     prepared = prepare(config, check_output=False)
     result = estimate_run(
         iter_prompt_tokens(prepared.source, prepared.spec, config.input.chunk_size),
@@ -397,14 +396,16 @@ def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: A
 
 
 @cli.command()
-@dataset_options
+@dataset_options("status")
 @click.option("--json", "as_json", is_flag=True, help="Print the status as one JSON object.")
 @handle_errors
 def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     """How far a run is: done / ok / error / remaining, tokens, last update.
 
-    The argument is the run's TOML config or its output file. Reads only."""
+    The argument is the run's TOML config or its output file. Reads only;
+    takes run's flags too (only these are listed)."""
     from pipeline.config import OutputConfig, read_toml
+    from pipeline.lock import live_holder, lock_path_for
     from pipeline.status import run_status
 
     tree: dict[str, Any] = {}
@@ -420,10 +421,21 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     output = OutputConfig.model_validate(tree)
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
+    holder = live_holder(lock_path_for(output.path))
+    if holder is not None:
+        state = "running"
+        said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
+    elif report.source == "checkpoint":
+        state = "interrupted"
+        said = "interrupted (no run holds the lock; the same command resumes it)"
+    else:
+        state, said = "finished", "finished"
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
         body.update(
+            state=state,
+            pid=holder.pid if holder else None,
             source=report.source,
             path=str(report.path),
             prompt_tokens=report.prompt_tokens,
@@ -432,9 +444,8 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         )
         click.echo(json.dumps(body))
         return
-    state = "in progress or interrupted" if report.source == "checkpoint" else "finished"
     click.echo(
-        f"{state}: {report.path}\n"
+        f"{said}: {report.path}\n"
         f"  done {report.done:,} of {report.total_rows:,} · remaining {report.remaining:,}\n"
         f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
         f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"
@@ -450,18 +461,37 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     default=None,
     help="Dataset to run [data/questions.csv].",
 )
-@click.option("--column", default="question", show_default=True)
+@click.option("--column", default="question", show_default=True, help="Column holding the prompt.")
 @click.option(
     "--output",
     type=click.Path(path_type=Path),
     default=Path("data/out/demo.parquet"),
     show_default=True,
+    help="Enriched Parquet file to write.",
 )
-@click.option("--latency-ms", type=float, default=300.0, show_default=True)
-@click.option("--quiet", "-q", is_flag=True)
+@click.option(
+    "--latency-ms",
+    type=float,
+    default=300.0,
+    show_default=True,
+    help="Mean latency of the local server's answers (jitter: half of it).",
+)
+@click.option(
+    "--fail-rate",
+    type=float,
+    default=0.05,
+    show_default=True,
+    help="Share of requests the server answers 5xx, and again 429 (0 for a clean run).",
+)
+@click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
 @handle_errors
 def demo(
-    input_path: Path | None, column: str, output: Path, latency_ms: float, quiet: bool
+    input_path: Path | None,
+    column: str,
+    output: Path,
+    latency_ms: float,
+    fail_rate: float,
+    quiet: bool,
 ) -> None:
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
@@ -475,12 +505,14 @@ def demo(
     server_config = SimulatorConfig(
         latency_ms=latency_ms,
         jitter_ms=latency_ms / 2,
-        fail_rate_5xx=0.05,
-        fail_rate_429=0.05,
+        fail_rate_5xx=fail_rate,
+        fail_rate_429=fail_rate,
         seed=7,
     )
     with Simulator.run_in_thread(server_config) as server:
-        click.echo(f"enrich demo: local OpenAI-compatible server at {server.base_url}", err=True)
+        click.echo(
+            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate), err=True
+        )
         config = load_config(
             None,
             {
@@ -507,6 +539,39 @@ def demo(
             column, "response", "status", "latency_ms", "attempts"
         )
         click.echo(preview.head(5))
+    click.echo(_demo_next_steps(output, column), err=True)
+
+
+def _demo_intro(
+    base_url: str, input_path: Path, column: str, latency_ms: float, fail_rate: float
+) -> str:
+    faults = (
+        f"  It answers {fail_rate:.0%} of requests with a 5xx and {fail_rate:.0%} with a 429 "
+        "on purpose: enrich retries them (attempts > 1) and slows down on 429s, so every row "
+        "still gets its answer. --fail-rate 0 turns the faults off.\n"
+        if fail_rate
+        else ""
+    )
+    return (
+        f"enrich demo: a local OpenAI-compatible server at {base_url} answers every prompt "
+        f"with '[sim-1] answer to: <the prompt>' after about {latency_ms:g} ms (no key, no "
+        "network).\n"
+        f"{faults}"
+        f"  Rows of {input_path} whose '{column}' is blank are skipped (status skipped), "
+        "never sent."
+    )
+
+
+def _demo_next_steps(output: Path, column: str) -> str:
+    return (
+        "next:\n"
+        f"  python -c \"import polars as pl; print(pl.read_parquet('{output}'))\"   "
+        "# the whole output\n"
+        f"  enrich simulate --port 8000 --latency-ms 200 --rpm 600 &   # a server to try limits\n"
+        f"  enrich run --input data/questions.csv --column {column} --output out.parquet "
+        "--base-url http://127.0.0.1:8000/v1 --model sim-1\n"
+        "  enrich run --help   # every flag, its default and the exit codes"
+    )
 
 
 def _sample_path() -> Path:
@@ -518,13 +583,27 @@ def _sample_path() -> Path:
 
 
 @cli.command()
-@click.option("--host", default="127.0.0.1", show_default=True)
-@click.option("--port", type=int, default=8000, show_default=True)
-@click.option("--latency-ms", type=float, default=0.0, show_default=True)
-@click.option("--jitter-ms", type=float, default=0.0, show_default=True)
+@click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
+@click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
+@click.option(
+    "--latency-ms", type=float, default=0.0, show_default=True, help="Mean latency per answer."
+)
+@click.option(
+    "--jitter-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Latency varies uniformly by up to this much either way.",
+)
 @click.option("--rpm", type=int, default=None, help="Server-enforced requests/min.")
 @click.option("--tpm", type=int, default=None, help="Server-enforced tokens/min.")
-@click.option("--window-s", type=float, default=60.0, show_default=True)
+@click.option(
+    "--window-s",
+    type=float,
+    default=60.0,
+    show_default=True,
+    help="Window the --rpm/--tpm limits are counted over.",
+)
 @click.option(
     "--rpm-schedule",
     default=None,
@@ -541,10 +620,34 @@ def _sample_path() -> Path:
     metavar="S",
     help="Stop sending x-ratelimit-* headers S seconds after the first request.",
 )
-@click.option("--fail-rate-5xx", type=float, default=0.0, show_default=True)
-@click.option("--fail-rate-429", type=float, default=0.0, show_default=True)
-@click.option("--drop-rate", type=float, default=0.0, show_default=True)
-@click.option("--hang-rate", type=float, default=0.0, show_default=True)
+@click.option(
+    "--fail-rate-5xx",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of requests answered with a 500/502/503.",
+)
+@click.option(
+    "--fail-rate-429",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of requests answered 429 with a retry-after (besides --rpm/--tpm).",
+)
+@click.option(
+    "--drop-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of connections closed without an answer.",
+)
+@click.option(
+    "--hang-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of requests that send nothing for --hang-s.",
+)
 @click.option(
     "--hang-s",
     type=float,
@@ -575,7 +678,13 @@ def _sample_path() -> Path:
     is_flag=True,
     help="Answer stream=true with a 400, like servers that cannot stream.",
 )
-@click.option("--malformed-rate", type=float, default=0.0, show_default=True)
+@click.option(
+    "--malformed-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of answers whose body is not valid JSON.",
+)
 @click.option(
     "--slots",
     type=int,
@@ -590,7 +699,9 @@ def _sample_path() -> Path:
     help="Service time per completion token, added to --latency-ms.",
 )
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--seed", type=int, default=0, show_default=True, help="Seed for the faults and latencies."
+)
 @handle_errors
 def simulate(
     host: str,
@@ -661,8 +772,44 @@ def cache_clear_command(cache_path: Path | None) -> None:
         click.echo(f"{path}: removed {cleared.entries:,} answers")
 
 
-def main() -> None:
-    cli(prog_name="enrich")
+def _wants_json(args: list[str]) -> bool:
+    # Click failed before any command ran, so no context holds the format:
+    # read it off the command line as click would have.
+    for index, arg in enumerate(args):
+        if arg == "--log-format" and index + 1 < len(args):
+            return args[index + 1] == "json"
+        if arg == "--log-format=json":
+            return True
+    return False
+
+
+def main(args: list[str] | None = None) -> None:
+    """The ``enrich`` command. Argument errors (an unknown flag, a bad
+    number) exit 2 as click's usage text, or one JSON ``error`` event with
+    ``--log-format json``, as the README promises a log shipper."""
+    args = sys.argv[1:] if args is None else args
+    try:
+        code = cli.main(args, prog_name="enrich", standalone_mode=False)
+    except click.exceptions.Exit as done:
+        sys.exit(done.exit_code)
+    except click.exceptions.Abort:
+        click.echo("enrich: interrupted", err=True)
+        sys.exit(ExitCode.INTERRUPTED)
+    except click.ClickException as error:
+        if not _wants_json(args):
+            error.show()
+            sys.exit(error.exit_code)
+        context = getattr(error, "ctx", None)  # usage errors carry it, others do not
+        command = context.command_path if isinstance(context, click.Context) else "enrich"
+        JsonEventSink(sys.stderr, secrets=_secrets()).emit(
+            "error",
+            level="error",
+            message=f"{error.format_message().rstrip('.')}; see {command} --help",
+            exit_code=ExitCode.USAGE,
+        )
+        sys.exit(ExitCode.USAGE)
+    if isinstance(code, int) and code:
+        sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -11,55 +11,15 @@ import os
 import tomllib
 from pathlib import Path
 from typing import Any, Final, Literal
+from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from pipeline.errors import ConfigError
+from pipeline.errors import ConfigError, MissingSetting
+from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
 
 DEFAULT_MAX_REFUSAL_S: Final = 900.0
-
-# Where each config key is set from the command line, so errors can name the flag.
-FLAG_FOR_KEY: Final[dict[str, str]] = {
-    "input.path": "--input",
-    "input.column": "--column",
-    "input.template": "--template",
-    "input.system_prompt": "--system-prompt",
-    "input.chunk_size": "--chunk-size",
-    "output.path": "--output",
-    "output.run_dir": "--run-dir",
-    "output.column_prefix": "--column-prefix",
-    "output.keep_checkpoint": "--keep-checkpoint",
-    "model.name": "--model",
-    "model.base_url": "--base-url",
-    "model.api_key_env": "--api-key-env",
-    "model.temperature": "--temperature",
-    "model.max_tokens": "--max-tokens",
-    "model.timeout_s": "--timeout",
-    "model.stall_timeout_s": "--stall-timeout",
-    "model.stream": "--stream/--no-stream",
-    "model.transport": "--transport",
-    "limits.concurrency": "--concurrency",
-    "limits.rpm": "--rpm",
-    "limits.tpm": "--tpm",
-    "limits.max_attempts": "--max-attempts",
-    "limits.adaptive": "--adaptive/--no-adaptive",
-    "limits.max_pause_s": "--max-pause",
-    "limits.max_outage_s": "--max-outage",
-    "limits.max_refusal_s": "--max-refusal",
-    "checkpoint.flush_every": "--flush-every",
-    "checkpoint.flush_interval_s": "--flush-interval",
-    "checkpoint.on_input_change": "--on-input-change",
-    "max_error_rate": "--max-error-rate",
-    "max_cost": "--max-cost",
-    "price_file": "--price-file",
-    "output.report": "--report",
-    "cache.enabled": "--cache/--no-cache",
-    "cache.path": "--cache-path",
-    "cache.dedup": "--dedup/--no-dedup",
-    "structured.schema": "--schema",
-    "structured.max_attempts": "--schema-attempts",
-}
 
 
 class _Section(BaseModel):
@@ -73,6 +33,10 @@ class InputConfig(_Section):
     template: str | None = None
     system_prompt: str | None = None
     chunk_size: int = Field(default=1000, gt=0, le=1_000_000)
+    # A prompt estimated above this many tokens is never sent (its row is an
+    # error at once): a 10 MB cell would otherwise cost a request that fails,
+    # or worse, one that is paid for. None: no bound.
+    max_prompt_tokens: int | None = Field(default=None, gt=0)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputConfig:
@@ -122,6 +86,13 @@ class ModelConfig(_Section):
     # openai: the official SDK's own client.
     transport: Literal["aiohttp", "openai"] = "aiohttp"
 
+    @field_validator("base_url")
+    @classmethod
+    def _valid_base_url(cls, value: str | None) -> str | None:
+        if value is not None:
+            check_base_url(value, "--base-url")
+        return value
+
     def request_params(self) -> dict[str, Any]:
         """Sampling parameters sent with every request (only those set)."""
         params: dict[str, Any] = {
@@ -138,7 +109,46 @@ class ModelConfig(_Section):
         return params
 
     def resolved_base_url(self) -> str | None:
-        return self.base_url or os.environ.get("OPENAI_BASE_URL") or None
+        """The endpoint; one from $OPENAI_BASE_URL is checked here, as the
+        flag's is when the config is built, so a bad URL stops the run
+        before anything touches the disk."""
+        if self.base_url:
+            return self.base_url
+        from_env = os.environ.get("OPENAI_BASE_URL") or None
+        if from_env is not None:
+            try:
+                check_base_url(from_env, "$OPENAI_BASE_URL")
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from None
+        return from_env
+
+
+def _shown_url(parts: SplitResult) -> str:
+    # Never echo a password, even in an error line.
+    host = parts.netloc.rpartition("@")[2]
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+def check_base_url(url: str, where: str) -> None:
+    """Raise ValueError (one line naming ``where`` and the fix) unless ``url``
+    is an http(s) URL with a host, no credentials and a valid port."""
+    fix = f"fix {where} (e.g. http://127.0.0.1:8000/v1)"
+    try:
+        parts = urlsplit(url)
+        port = parts.port  # parses it: an out-of-range or non-numeric port raises here
+    except ValueError as exc:
+        raise ValueError(f"{where} is not a valid URL ({exc}); {fix}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"{where} {_shown_url(parts)!r} is not an http:// or https:// URL with a host; {fix}"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise ValueError(
+            f"{where} {_shown_url(parts)!r} holds a user name or password, which enrich never "
+            "sends; remove it and put the key in $OPENAI_API_KEY (or the variable named by "
+            "--api-key-env)"
+        )
+    del port
 
 
 class LimitsConfig(_Section):
@@ -243,34 +253,61 @@ def _set_dotted(tree: dict[str, Any], dotted: str, value: Any) -> None:
     node[leaf] = value
 
 
-def _describe(error: Any, path: Path | None) -> str:
+def _missing(key: str, path: Path | None) -> MissingSetting:
+    # A whole missing section ("input") is really its one required key.
+    if key not in FLAG_FOR_KEY and f"{key}.path" in FLAG_FOR_KEY:
+        key = f"{key}.path"
+    section, _, leaf = key.rpartition(".")
+    in_file = f"{leaf} under [{section}]" if section else key
+    where = f"in {path}" if path is not None else "in a config file"
+    flag = FLAG_FOR_KEY.get(key)
+    how = f"pass {flag} (or set {in_file} {where})" if flag else f"set {in_file} {where}"
+    return MissingSetting(f"missing setting {key}: {how}", key=key)
+
+
+def _describe(error: Any, path: Path | None) -> ConfigError:
     key = ".".join(str(part) for part in error["loc"])
     flag = FLAG_FOR_KEY.get(key)
     in_file = f"'{key}' in {path}" if path is not None else ""
     fix = " or ".join(part for part in (flag, in_file) if part) or f"'{key}'"
     if error["type"] == "extra_forbidden":
         where = f" in {path}" if path is not None else ""
-        return (
+        return ConfigError(
             f"unknown config key '{key}'{where}; remove it or check its spelling "
             "(see configs/example.toml)"
         )
     if error["type"] == "missing":
-        return f"missing setting '{key}'; set {fix}"
+        return _missing(key, path)
     message = str(error["msg"]).removeprefix("Value error, ")
     if error["type"] == "value_error":
         # Our own validators already name the flags to use.
-        return message
-    return f"bad value for '{key}': {message} (got {error.get('input')!r}); fix {fix}"
+        return ConfigError(message)
+    return ConfigError(f"bad value for '{key}': {message} (got {error.get('input')!r}); fix {fix}")
 
 
-def load_config(path: Path | None = None, overrides: dict[str, Any] | None = None) -> RunConfig:
-    """Build the run config from an optional TOML file and dotted-key overrides
-    (``{"limits.rpm": 500}``); overrides win. Raises ConfigError with one line."""
-    tree: dict[str, Any] = read_toml(path) if path is not None else {}
-    for dotted, value in (overrides or {}).items():
+def load_config(
+    path: str | os.PathLike[str] | None = None,
+    overrides: dict[str, Any] | None = None,
+    **settings: Any,
+) -> RunConfig:
+    """Build the run config from an optional TOML file, dotted-key overrides
+    (``{"limits.rpm": 500}``) and keyword settings named like the flags
+    (``input="reviews.csv", column="body", output="out.parquet", rpm=500``);
+    keywords win over overrides, which win over the file. Raises ConfigError
+    with one line."""
+    file = Path(path) if path is not None else None
+    tree: dict[str, Any] = read_toml(file) if file is not None else {}
+    try:
+        keyword_overrides = overrides_from_keywords(settings)
+    except KeyError as exc:
+        raise ConfigError(
+            f"unknown setting {exc.args[0]!r}; settings are named like the flags "
+            f"({', '.join(keyword_names())}), or pass dotted config keys as overrides"
+        ) from None
+    for dotted, value in {**(overrides or {}), **keyword_overrides}.items():
         if value is not None:
             _set_dotted(tree, dotted, value)
     try:
         return RunConfig.model_validate(tree)
     except ValidationError as exc:
-        raise ConfigError(_describe(exc.errors()[0], path)) from None
+        raise _describe(exc.errors()[0], file) from None

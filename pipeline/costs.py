@@ -13,18 +13,24 @@ are the API's own ``usage`` numbers.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import tomllib
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline import prompt
 from pipeline.call import DEFAULT_COMPLETION_ESTIMATE, estimate_tokens
 from pipeline.errors import ConfigError, EnrichError, ExitCode
+from pipeline.events import EventSink, ThrottledWarning
 from pipeline.read import InputSource
+from pipeline.results import RowResult
 from pipeline.transport import Messages
+
+if TYPE_CHECKING:
+    import polars as pl
 
 # Package data, so a wheel install knows the prices too (configs/prices.toml
 # in a checkout is a link to it).
@@ -225,6 +231,7 @@ class SpendCap:
         self.spent = already_spent
         self._reserved: dict[Any, float] = {}
         self.reached = False
+        self._settled = asyncio.Event()
 
     @property
     def reserved(self) -> float:
@@ -251,11 +258,27 @@ class SpendCap:
         )
         return True
 
+    async def admit(self, key: Any, prompt_tokens: int, completion_tokens: int) -> bool:
+        """``reserve``, waiting instead of stopping while requests in flight
+        hold worst-case reservations: they mostly settle far below their
+        worst case, so stopping at the first refusal would end a run at a
+        fraction of a small cap (32 requests x 256 completion tokens held
+        back). False only when nothing is in flight and the request still
+        could pass the cap: then the cap is reached, never passed."""
+        while self.would_exceed(prompt_tokens, completion_tokens):
+            if self.reached or not self._reserved:
+                self.reached = True
+                return False
+            self._settled.clear()
+            await self._settled.wait()
+        return self.reserve(key, prompt_tokens, completion_tokens)
+
     def settle(self, key: Any, prompt_tokens: int | None, completion_tokens: int | None) -> float:
         """The request under ``key`` finished: drop its reservation and add what
         it really cost (the API's usage; None counts as 0, e.g. a failed row).
         Returns that cost."""
         self._reserved.pop(key, None)
+        self._settled.set()
         actual = cost(prompt_tokens or 0, completion_tokens or 0, self.price)
         self.spent += actual
         return actual
@@ -263,9 +286,24 @@ class SpendCap:
     def release(self, key: Any) -> None:
         """Forget a reservation whose request was never sent."""
         self._reserved.pop(key, None)
+        self._settled.set()
 
     def error(self, run_dir: Path | None = None) -> SpendCapReached:
         return SpendCapReached(self.max_cost, self.spent, self.already_spent, run_dir)
+
+
+def checkpoint_spend(results: pl.DataFrame, price: Price) -> float:
+    """What the rows of a checkpoint cost: their reported tokens, except rows
+    answered without a request (the response cache or in-run dedup, the
+    ``cached`` column), whose tokens are the original request's and were paid
+    by someone else, or not at all."""
+    import polars as pl
+
+    if "cached" in results.columns:
+        results = results.filter(~pl.col("cached").fill_null(False))
+    prompt_tokens = int(results["prompt_tokens"].sum() or 0)
+    completion_tokens = int(results["completion_tokens"].sum() or 0)
+    return cost(prompt_tokens, completion_tokens, price)
 
 
 class CostMeter:
@@ -297,6 +335,31 @@ def prompt_token_estimate(messages: Messages) -> int:
     estimate and the limiter agree): ``estimate_tokens`` without the
     completion budget."""
     return estimate_tokens(messages, 1) - 1
+
+
+class PromptBound:
+    """``--max-prompt-tokens``: a row whose prompt is estimated above the bound
+    is an error at once, never a request (a 10 MB cell would be a request that
+    fails, or one that is paid for), with a ``warning`` event (``kind``
+    ``prompt_too_long``, one line per 30 s however many rows)."""
+
+    def __init__(self, max_tokens: int | None, events: EventSink) -> None:
+        self._max = max_tokens
+        self._warning = ThrottledWarning(events, "prompt_too_long")
+
+    def refused(self, row_id: int, messages: Messages) -> RowResult | None:
+        """The row's error result when its prompt is over the bound, else None."""
+        if self._max is None:
+            return None
+        tokens = prompt_token_estimate(messages)
+        if tokens <= self._max:
+            return None
+        error = (
+            f"prompt too long: about {tokens:,} tokens, above --max-prompt-tokens "
+            f"{self._max:,}; not sent"
+        )
+        self._warning.hit(f"row {row_id}: {error}", row=row_id, prompt_tokens=tokens)
+        return RowResult(row_id=row_id, status="error", error=error)
 
 
 def iter_prompt_tokens(

@@ -8,6 +8,10 @@ config key, an environment variable or a command).
 from __future__ import annotations
 
 from enum import IntEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from pipeline.runner import RunSummary
 
 
 class ExitCode(IntEnum):
@@ -68,6 +72,26 @@ class UsageError(EnrichError):
 
 class ConfigError(UsageError):
     """An unknown key, a bad value, or a missing required setting."""
+
+
+class MissingSetting(ConfigError):
+    """A required setting is missing; ``key`` names it (the CLI adds a usage line)."""
+
+    def __init__(self, message: str, *, key: str) -> None:
+        super().__init__(message)
+        self.key = key
+
+
+class TooManyFailedRows(EnrichError):
+    """The run finished, but the share of failed rows is above
+    ``max_error_rate``. ``summary`` is the finished run's summary (the output
+    was written)."""
+
+    exit_code = ExitCode.TOO_MANY_FAILED_ROWS
+
+    def __init__(self, message: str, *, summary: RunSummary | None = None) -> None:
+        super().__init__(message)
+        self.summary = summary
 
 
 class InputError(UsageError):

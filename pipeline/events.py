@@ -12,7 +12,11 @@ Event names (``event``) used by enrich:
 - ``start``     the run begins: rows, rows already done, model, output
 - ``progress``  every ``interval_s`` while results arrive: done, total, rows/s, eta, cost
 - ``warning``   something a scheduler's operator should see; ``kind`` says what
-                (``rate_limit_pause``, ``stale_lock``, ``unknown_price``, ``outage``, ...).
+                (``rate_limit_pause``, ``retrying``, ``prompt_too_long``, ``stale_lock``,
+                ``unknown_price``, ``outage``, ...). ``rate_limit_pause``: a 429 holds
+                every request until ``paused_until``; ``retrying``: rows wait out their
+                backoff after transient failures (``rows``, ``last_error``). Both come
+                at most every 30 s and carry ``waiting``, a short phrase for a bar.
                 ``outage``: requests from several rows failed in a row (refused,
                 reset, timed out, 5xx); new requests are held while one probe at a
                 time tests the API. Fields: last_error, failures, rows, max_outage_s
@@ -286,6 +290,8 @@ class ProgressEvents:
             "total": self._total,
             "percent": round(100.0 * done / self._total, 1) if self._total else 100.0,
             **self._counts,
+            # ok/error/skipped are this run's; the rest came from the checkpoint.
+            "resumed": self._already_done,
             "rows_per_s": round(rate, 2),
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
         }

@@ -26,6 +26,7 @@ import os
 import shlex
 import socket
 import sys
+import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, replace
 from datetime import UTC, datetime
@@ -123,6 +124,46 @@ def read_holder(path: Path) -> LockHolder | None:
         return None
 
 
+_WOULD_BLOCK: Final = (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES)
+# `enrich status` holds a shared lock for an instant to see whether a run is
+# alive; a run starting in that instant waits these few moments, not exits 4.
+_SHARED_LOCK_WAITS_S: Final = (0.01, 0.05, 0.1)
+
+
+def _flock_exclusive(fd: int) -> None:
+    for wait in _SHARED_LOCK_WAITS_S:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except OSError as exc:
+            if exc.errno not in _WOULD_BLOCK:
+                raise
+        time.sleep(wait)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def live_holder(path: Path) -> LockHolder | None:
+    """The holder of a run that is alive now, or None: no lock file, or one a
+    dead run left behind (the kernel dropped its flock). Reads the lock with a
+    shared, non-blocking flock released at once (a run starting in that
+    instant waits for it, see ``_flock_exclusive``)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
+        except OSError as exc:
+            if exc.errno in _WOULD_BLOCK:
+                return read_holder(path) or LockHolder(pid=0, host="?", started_at="?", command="?")
+            return None
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
+
+
 def _now() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
@@ -205,10 +246,10 @@ class RunLock:
                 "output directory exists and is writable, or choose another --output"
             ) from None
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            _flock_exclusive(fd)
         except OSError as exc:
             os.close(fd)
-            if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+            if exc.errno in _WOULD_BLOCK:
                 raise LockHeld(self.path, read_holder(self.path)) from None
             raise LockError(
                 f"cannot lock {self.path} ({exc.strerror}); the filesystem may not support "

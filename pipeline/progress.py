@@ -3,11 +3,12 @@ lives behind it so the library never writes to a terminal by itself."""
 
 from __future__ import annotations
 
-from typing import IO, TYPE_CHECKING, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 if TYPE_CHECKING:
     from tqdm import tqdm
 
+    from pipeline.events import EventSink, Level
     from pipeline.results import RowResult
 
 
@@ -33,15 +34,25 @@ class NoProgress:
 
 
 class TqdmProgress:
-    """A bar with rows/s, ETA and ok/error counts."""
+    """A bar with rows/s, ETA and ok/error counts. The counts are this run's;
+    rows carried over from the checkpoint show as ``resumed`` (the bar's
+    position counts both). ``note`` puts what the run waits for in front."""
 
     def __init__(self, stream: IO[str]) -> None:
         self._stream = stream
         self._bar: tqdm | None = None
-        self._counts = {"ok": 0, "error": 0, "skipped": 0}
+        self._counts: dict[str, int] = {"ok": 0, "error": 0, "skipped": 0}
+
+    def note(self, waiting: str | None) -> None:
+        """What the run waits for (a 429 pause, retries); None: nothing."""
+        if self._bar is not None:
+            self._bar.set_description_str(waiting or "", refresh=True)
 
     def start(self, total: int, already_done: int) -> None:
         from tqdm import tqdm  # only a terminal run draws a bar
+
+        if already_done:
+            self._counts = {"resumed": already_done, **self._counts}
 
         self._bar = tqdm(
             total=total,
@@ -57,6 +68,8 @@ class TqdmProgress:
         self._counts[result.status] += 1
         if self._bar is None:
             return
+        if self._bar.desc:
+            self._bar.set_description_str("", refresh=False)  # rows move again
         self._bar.update(1)
         # tqdm throttles redraws itself; the postfix only needs to be fresh when it draws.
         if self._bar.n % 50 == 0 or result.status == "error":
@@ -66,3 +79,19 @@ class TqdmProgress:
         if self._bar is not None:
             self._bar.set_postfix(self._counts, refresh=False)
             self._bar.close()
+
+
+class WaitingNotes:
+    """An event sink that forwards everything, and hands the ``waiting``
+    field of warnings (a 429 pause, rows retrying) to the progress bar, so a
+    terminal run that only waits says so on the bar too."""
+
+    def __init__(self, sink: EventSink, progress: TqdmProgress) -> None:
+        self._sink = sink
+        self._progress = progress
+
+    def emit(self, event: str, *, level: Level = "info", message: str = "", **fields: Any) -> None:
+        self._sink.emit(event, level=level, message=message, **fields)
+        waiting = fields.get("waiting")
+        if event == "warning" and isinstance(waiting, str):
+            self._progress.note(waiting)

@@ -162,6 +162,30 @@ def validate(spec: PromptSpec, columns: Sequence[str], source: str = "input") ->
         raise _missing_column_error(spec, missing, list(columns), source)
 
 
+def check_types(spec: PromptSpec, schema: pa.Schema, source: str = "input") -> None:
+    """Refuse prompt columns whose values have no one obvious text form:
+    lists, records and maps (JSON? which layout? an empty list would be sent
+    as "[]") and binary (which encoding?). Numbers, booleans, dates and times
+    are written as a person would, so they are fine."""
+    for name in _needed_columns(spec):
+        if name not in schema.names:
+            continue
+        typ = schema.field(name).type
+        if pa.types.is_dictionary(typ):
+            typ = typ.value_type
+        if pa.types.is_nested(typ) or pa.types.is_map(typ):
+            kind = "nested values (lists, records or maps)"
+        elif pa.types.is_binary(typ) or pa.types.is_large_binary(typ):
+            kind = "binary values"
+        else:
+            continue
+        raise InputError(
+            f"column {name!r} of {source} holds {kind} ({typ}), which enrich does not turn "
+            "into prompt text on its own; convert it to a text column first (e.g. JSON, or "
+            "decoded text) and pass that to --column or --template"
+        )
+
+
 def render(spec: PromptSpec, table: pa.Table) -> list[str | None]:
     """One prompt per row of ``table``; None marks a row to skip (nothing to ask).
 

@@ -155,6 +155,7 @@ def open_input(path: str | Path) -> InputSource:
         ) from None
     except OSError as e:
         raise InputError(f"cannot read input {p}: {e.strerror or e}; check --input") from None
+    _check_compression(p, fmt)
     if fmt == "parquet":
         return _ParquetSource(p)
     if fmt == "csv":
@@ -195,10 +196,37 @@ def _detail(e: BaseException) -> str:
     return text if len(text) <= _DETAIL_CHARS else text[: _DETAIL_CHARS - 3] + "..."
 
 
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
+
+
+def _head(path: Path, size: int = 4) -> bytes:
+    try:
+        with path.open("rb") as handle:
+            return handle.read(size)
+    except OSError:
+        return b""
+
+
+def _check_compression(path: Path, fmt: Format) -> None:
+    """A gzip file under a plain name would fail as "wrong number of fields"
+    or "not UTF-8" far from the cause: say what it is and how to name it."""
+    if fmt == "parquet" or path.name.lower().endswith(".gz"):
+        return
+    if _head(path, 2) == _GZIP_MAGIC:
+        raise InputError(
+            f"input {path} is gzip-compressed but its name does not say so; rename it to "
+            f"{path.name}.gz (.csv.gz, .jsonl.gz and .ndjson.gz are read as they are) or "
+            "decompress it (gunzip)"
+        )
+
+
 def _iconv_fix(path: Path) -> str:
     fixed = path.with_name(f"{path.name.split('.')[0]}.utf8{''.join(path.suffixes)}")
+    # A UTF-16 file (Excel's "Unicode text") starts with its byte order mark.
+    source = "utf-16" if _head(path, 2) in _UTF16_BOMS else "latin1"
     return (
-        f"re-encode it to UTF-8 (e.g. iconv -f latin1 -t utf-8 {path} > {fixed}) "
+        f"re-encode it to UTF-8 (e.g. iconv -f {source} -t utf-8 {path} > {fixed}) "
         "and pass the new file to --input"
     )
 

@@ -166,6 +166,19 @@ def _iso(moment: datetime | None) -> str | None:
     return None if moment is None else moment.astimezone(UTC).isoformat(timespec="seconds")
 
 
+def _error_reasons(
+    output: Path, output_settings: Mapping[str, Any] | None, failed: int
+) -> list[dict[str, Any]]:
+    """The most common reasons rows failed, read from the finished output:
+    what the summary lists under the counts."""
+    if not failed:
+        return []
+    from pipeline.status import error_reasons  # polars: only when rows failed
+
+    prefix = str((output_settings or {}).get("column_prefix") or "")
+    return [{"reason": reason, "rows": rows} for reason, rows in error_reasons(output, prefix)]
+
+
 def build_report(
     summary: SummaryLike,
     *,
@@ -235,6 +248,9 @@ def build_report(
             "resumed_rows": summary.resumed_rows,
             "processed_rows": processed,
             "error_rate": round(summary.error / attempted, 6) if attempted else 0.0,
+            "error_reasons": _error_reasons(
+                output, output_settings, summary.error if output_facts else 0
+            ),
         },
         "tokens": {
             "prompt": summary.prompt_tokens,

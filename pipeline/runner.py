@@ -44,8 +44,9 @@ from pipeline.costs import (
     CostMeter,
     Price,
     PriceTable,
+    PromptBound,
     SpendCap,
-    cost,
+    checkpoint_spend,
     prompt_token_estimate,
     unknown_price_message,
 )
@@ -190,9 +191,11 @@ class PreparedRun:
 def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
     """Validate input, prompt and output; raises typed errors, sends nothing.
     ``check_output=False`` for commands that write nothing (estimate)."""
+    config.model.resolved_base_url()  # a bad $OPENAI_BASE_URL stops here, before any write
     source = open_input(config.input.path)
     spec = prompt_spec(config)
     prompt.validate(spec, source.columns(), source=str(source.path))
+    prompt.check_types(spec, source.schema, source=str(source.path))
     if check_output:
         write.check_output_path(config.output.path, config.input.path)
     taken = [
@@ -317,6 +320,7 @@ async def _run_calls(
     start_row = first_todo if first_todo >= 0 else prepared.total_rows
     completion_budget = config.model.max_tokens or DEFAULT_COMPLETION_ESTIMATE
     keys_in_flight: dict[int, bytes] = {}
+    bound = PromptBound(config.input.max_prompt_tokens, stage.events)
 
     async def finish_row(result: RowResult, key: bytes | None = None) -> None:
         result.request_key = key
@@ -332,6 +336,9 @@ async def _run_calls(
                     await finish_row(RowResult.skipped(row_id))
                     continue
                 messages = prompt.messages(prepared.spec, text)
+                if (refused := bound.refused(row_id, messages)) is not None:
+                    await finish_row(refused)
+                    continue
                 asks.append((row_id, messages, reuse.make_key(messages)))
             hits = await _answers_for(reuse, [key for _, _, key in asks])
             for row_id, ask, key in asks:
@@ -347,7 +354,7 @@ async def _run_calls(
                         summary.deduplicated += 1
                         await finish_row(_reused(row_id, admitted), key)
                         continue
-                if isinstance(spend, SpendCap) and not spend.reserve(
+                if isinstance(spend, SpendCap) and not await spend.admit(
                     row_id, prompt_token_estimate(ask), completion_budget
                 ):
                     return  # the cap: send nothing more; requests in flight finish
@@ -665,13 +672,11 @@ def _resume_point(
     checkpoint; a fresh run reads nothing (and so imports no polars)."""
     if not checkpoint.has_results():
         return bytearray(total), 0.0
-    spent = checkpoint.latest_results(["status", TRANSIENT, "prompt_tokens", "completion_tokens"])
+    spent = checkpoint.latest_results(
+        ["status", TRANSIENT, "prompt_tokens", "completion_tokens", "cached"]
+    )
     done = _done_rows(spent, total, options.retry_failed)
-    if price is None:
-        return done, 0.0
-    prompt_tokens = int(spent["prompt_tokens"].sum() or 0)
-    completion_tokens = int(spent["completion_tokens"].sum() or 0)
-    return done, cost(prompt_tokens, completion_tokens, price)
+    return done, 0.0 if price is None else checkpoint_spend(spent, price)
 
 
 @dataclass(frozen=True)

@@ -109,3 +109,15 @@ def run_status(output: Path, run_dir: Path, prefix: str = "") -> RunStatus:
             "check --output (and --run-dir), or start the run with enrich run"
         )
     return status
+
+
+def error_reasons(output: Path, column_prefix: str = "", limit: int = 3) -> list[tuple[str, int]]:
+    """The most common reasons rows failed in a written output, with their
+    counts, most common first: what a summary shows under "error N"."""
+    column = f"{column_prefix}error"
+    try:
+        errors = pl.scan_parquet(output).select(column).drop_nulls().collect()
+    except (OSError, pl.exceptions.PolarsError):
+        return []
+    counts = errors[column].value_counts(sort=True).head(limit)
+    return [(str(reason), int(count)) for reason, count in counts.iter_rows()]

@@ -111,7 +111,7 @@ def test_report_of_a_real_run(tmp_path: Path, start_server: StartServer) -> None
     assert body["outcome"] == "done" and body["exit_code"] == 0
     assert body["counts"] == {
         "rows": 31, "ok": 30, "error": 0, "skipped": 1, "pending": 0,
-        "resumed_rows": 0, "processed_rows": 31, "error_rate": 0.0,
+        "resumed_rows": 0, "processed_rows": 31, "error_rate": 0.0, "error_reasons": [],
     }  # fmt: skip
     tokens = body["tokens"]
     assert tokens["prompt"] == summary.prompt_tokens > 0

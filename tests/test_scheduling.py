@@ -589,6 +589,7 @@ def test_the_report_has_counts_tokens_cost_latency_requests_fingerprint_and_no_s
     assert report["counts"] == {
         "rows": 24, "ok": 22, "error": 1, "skipped": 1, "pending": 0,
         "resumed_rows": 0, "processed_rows": 24, "error_rate": round(1 / 23, 6),
+        "error_reasons": [{"reason": out["error"].drop_nulls()[0], "rows": 1}],
     }  # fmt: skip
     prompt_tokens = int(out["prompt_tokens"].sum())
     completion_tokens = int(out["completion_tokens"].sum())

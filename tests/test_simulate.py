@@ -217,10 +217,10 @@ async def ask_structured(
 def test_expected_structured_answer_follows_the_recipe_and_validates() -> None:
     text = "Great phone, terrible battery"
     answer = expected_structured_answer(user(text), "sim-1", SENTIMENT)
-    assert list(answer) == ["label", "score", "stars", "sarcastic", "topics"]
+    assert list(answer) == ["label", "score", "predicted_stars", "sarcastic", "topics"]
     assert answer["label"] in ("positive", "negative", "neutral", "mixed")
     assert answer["score"] == len(text) / 10
-    assert answer["stars"] == len(text)
+    assert answer["predicted_stars"] == len(text)
     assert answer["sarcastic"] is (len(text) % 2 == 0)
     assert answer["topics"] == [f"topics: {text}"]
     assert parse_answer(json.dumps(answer), SENTIMENT) == answer

@@ -64,7 +64,28 @@ def test_the_example_schema_loads_and_suits_openai_strict_mode() -> None:
     schema = load_schema(str(REPO / "configs" / "schemas" / "sentiment.schema.json"))
     assert set(schema["required"]) == set(schema["properties"])
     assert schema["additionalProperties"] is False
-    assert columns_schema(schema).names == ["label", "score", "stars", "sarcastic", "topics"]
+    assert columns_schema(schema).names == [
+        "label",
+        "score",
+        "predicted_stars",
+        "sarcastic",
+        "topics",
+    ]
+
+
+def test_the_shipped_schema_and_the_shipped_reviews_work_together_without_a_prefix(
+    tmp_path: Path,
+) -> None:
+    from pipeline.config import load_config
+    from pipeline.runner import prepare
+
+    config = load_config(
+        input=REPO / "data" / "reviews.csv",
+        template="Classify: {title}. {body}",
+        output=tmp_path / "out.parquet",
+        schema=str(REPO / "configs" / "schemas" / "sentiment.schema.json"),
+    )
+    assert prepare(config).schema is not None
 
 
 @pytest.mark.parametrize(

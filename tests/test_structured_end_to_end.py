@@ -35,13 +35,13 @@ def test_fields_become_typed_columns_beside_the_raw_response(
     schema = json.loads(SCHEMA.read_text())
     assert out.schema["label"] == pl.String
     assert out.schema["score"] == pl.Float64
-    assert out.schema["stars"] == pl.Int64
+    assert out.schema["predicted_stars"] == pl.Int64
     assert out.schema["sarcastic"] == pl.Boolean
     assert out.schema["topics"] == pl.List(pl.String)
     for row, text in zip(out.iter_rows(named=True), prompts, strict=True):
         expected = expected_structured_answer([{"role": "user", "content": text}], "sim-1", schema)
         assert json.loads(row["response"]) == expected
-        assert row["stars"] == expected["stars"]
+        assert row["predicted_stars"] == expected["predicted_stars"]
         assert row["label"] == expected["label"]
 
 
