@@ -167,7 +167,8 @@ class LimitsConfig(_Section):
     max_attempts: int = Field(default=6, gt=0, le=100)
     # Learn the provider's limits from x-ratelimit-* headers and 429s, and move
     # the in-flight limit up additively / down multiplicatively (AIMD) below
-    # `concurrency`. false: always `concurrency` in flight.
+    # `concurrency`, and to a self-hosted server's capacity by latency (see
+    # pipeline.concurrency). false: always `concurrency` in flight.
     adaptive: bool = True
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)
