@@ -1,5 +1,5 @@
 """Benchmarks for enrich: latency overhead, throughput, checkpoint cost, memory, resume,
-rate limits, hung requests.
+rate limits, hung requests, self-hosted servers with slots.
 
     python benchmarks/bench.py [--quick] [--only SECTION ...] [--repeats N]
 
@@ -38,10 +38,20 @@ from sections.latency import section_latency
 from sections.memory import section_memory
 from sections.rate import section_rate
 from sections.resume import section_resume
+from sections.slots import section_slots
 from sections.tail import section_tail
 from sections.throughput import section_throughput
 
-SECTIONS: Final = ("latency", "throughput", "checkpoint", "memory", "resume", "rate", "tail")
+SECTIONS: Final = (
+    "latency",
+    "throughput",
+    "checkpoint",
+    "memory",
+    "resume",
+    "rate",
+    "tail",
+    "slots",
+)
 
 
 SECTION_FUNCTIONS: Final[dict[str, Callable[[Context], dict[str, Any]]]] = {
@@ -52,6 +62,7 @@ SECTION_FUNCTIONS: Final[dict[str, Callable[[Context], dict[str, Any]]]] = {
     "resume": section_resume,
     "rate": section_rate,
     "tail": section_tail,
+    "slots": section_slots,
 }
 
 

@@ -117,6 +117,8 @@ class Sizes:
     # The rate section's long-window cases run this many windows at the limit.
     rate_windows: float
     tail_rows: int
+    # Rows per slot of the slots section's server (1 and 4 slots).
+    slots_rows: int
     section_budget_s: float
 
 
@@ -132,6 +134,7 @@ FULL: Final = Sizes(
     rate_rows=1_500,
     rate_windows=2.5,
     tail_rows=2_000,
+    slots_rows=30,
     section_budget_s=180.0,
 )
 QUICK: Final = Sizes(
@@ -143,6 +146,7 @@ QUICK: Final = Sizes(
     rate_rows=500,
     rate_windows=1.5,
     tail_rows=500,
+    slots_rows=12,
     section_budget_s=45.0,
 )
 

@@ -17,7 +17,7 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.classify import Failure, classify
 from pipeline.errors import FatalAPIError
@@ -26,7 +26,7 @@ from pipeline.outage import Attempt, OutageGate
 from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
 from pipeline.ratelimit import Permit, RateLimiter
 from pipeline.results import RowResult
-from pipeline.stall import StallTimeout
+from pipeline.stall import Patience, StallTimeout
 
 if TYPE_CHECKING:
     from pipeline.config import LimitsConfig, ModelConfig
@@ -39,6 +39,11 @@ if TYPE_CHECKING:
 # goes on. A quarter keeps such rows alive for 4x max_attempts 429s, and
 # still ends a row that a server refuses forever ("request too large").
 RATE_LIMITED_ATTEMPT_COST: Final = 0.25
+
+# A request that timed out is taken for queued (see CallStage._failed) when
+# it spent at least this share of its time behind the run's own earlier
+# requests; a stuck one is cut while the requests around it come and go.
+QUEUED_SHARE: Final = 0.5
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,6 +142,40 @@ class CallStats:
     stalled: int = 0
     stall_timeout_s: float | None = None
     streamed: bool | None = None
+    # Requests given up on (stall or total timeout; a server may compute them
+    # all the same), and of those, the ones that timed out queued behind the
+    # run's own requests: charged to the concurrency, not to the row.
+    abandoned: int = 0
+    saturated: int = 0
+    # Why the in-flight limit is where it is (see pipeline.concurrency).
+    concurrency_reason: str | None = None
+    # Over the answers: seconds to the first bytes, and, where the server
+    # said its own time (llama.cpp's timings), that time and the rest of
+    # the latency (waiting: queue and network), summed, with their counts.
+    first_byte_s_sum: float = 0.0
+    first_byte_count: int = 0
+    server_s_sum: float = 0.0
+    waiting_s_sum: float = 0.0
+    server_count: int = 0
+
+    def server_report(self) -> dict[str, Any]:
+        """What the server did, for the run report: the in-flight limit the
+        run settled at and why, the requests given up on, and where the
+        latency went (means, in seconds; None where unknown)."""
+
+        def mean(total: float, count: int) -> float | None:
+            return round(total / count, 4) if count else None
+
+        return {
+            "concurrency": round(self.concurrency_limit, 2),
+            "concurrency_reason": self.concurrency_reason,
+            "abandoned": self.abandoned,
+            "saturated_timeouts": self.saturated,
+            "first_byte_s_mean": mean(self.first_byte_s_sum, self.first_byte_count),
+            "server_s_mean": mean(self.server_s_sum, self.server_count),
+            "waiting_s_mean": mean(self.waiting_s_sum, self.server_count),
+            "answers_with_server_timings": self.server_count,
+        }
 
 
 @dataclass(slots=True)
@@ -148,6 +187,13 @@ class _Counts:
     bad_answers: int = 0
     rate_limited: int = 0
     stalled: int = 0
+    abandoned: int = 0
+    saturated: int = 0
+    first_byte_s_sum: float = 0.0
+    first_byte_count: int = 0
+    server_s_sum: float = 0.0
+    waiting_s_sum: float = 0.0
+    server_count: int = 0
 
 
 @dataclass(slots=True)
@@ -199,7 +245,14 @@ class CallStage:
         self._check_answer = check_answer
         self._answer_attempts = answer_attempts
         self.limiter = RateLimiter(
-            limits.rpm, limits.tpm, concurrency=limits.concurrency, adaptive=limits.adaptive
+            limits.rpm,
+            limits.tpm,
+            concurrency=limits.concurrency,
+            adaptive=limits.adaptive,
+            latency=True,
+            # A concurrency the user gave is where the run starts; the
+            # default is only a ceiling, and the latency limit probes up to it.
+            start_at_ceiling="concurrency" in limits.model_fields_set,
         )
         self._reservation = TokenReservation(model.max_tokens)
         # How long a request may go without a byte (see pipeline.stall).
@@ -222,13 +275,13 @@ class CallStage:
 
     @property
     def stats(self) -> CallStats:
-        limiter = self.limiter
+        limiter, counts = self.limiter, self._counts
         return CallStats(
-            requests=self._counts.requests,
-            retries=self._counts.retries,
-            bad_answers=self._counts.bad_answers,
-            rate_limited=self._counts.rate_limited,
-            concurrency_limit=limiter.gate.limit,
+            requests=counts.requests,
+            retries=counts.retries,
+            bad_answers=counts.bad_answers,
+            rate_limited=counts.rate_limited,
+            concurrency_limit=limiter.gate.effective,
             learned_rpm=limiter.learned_rpm,
             learned_tpm=limiter.learned_tpm,
             estimated_rpm=limiter.estimated_rpm,
@@ -238,7 +291,23 @@ class CallStage:
             stalled=self._counts.stalled,
             stall_timeout_s=self.stall.value() if self._counts.requests else None,
             streamed=self.stall.streamed,
+            abandoned=counts.abandoned,
+            saturated=counts.saturated,
+            concurrency_reason=self._concurrency_reason(),
+            first_byte_s_sum=counts.first_byte_s_sum,
+            first_byte_count=counts.first_byte_count,
+            server_s_sum=counts.server_s_sum,
+            waiting_s_sum=counts.waiting_s_sum,
+            server_count=counts.server_count,
         )
+
+    def _concurrency_reason(self) -> str:
+        limiter = self.limiter
+        if limiter.latency is not None and limiter.gate.cap <= limiter.gate.limit:
+            return limiter.latency.reason
+        if limiter.stats.decreases:
+            return f"429s (rate limited) cut it {limiter.stats.decreases} times"
+        return "the configured concurrency"
 
     def drain(self) -> None:
         """Send no new request; those in flight finish and are still yielded
@@ -281,10 +350,11 @@ class CallStage:
             started = time.perf_counter()
             try:
                 # A function: a request sent before the stall timeout is
-                # learned (or while it falls) gets the current one.
+                # learned (or while it falls) gets the current one; and the
+                # time it waits behind the run's own requests counts against
+                # neither timeout.
                 completion = await self._transport.complete(
-                    row.request.messages,
-                    stall_s=functools.partial(self.stall.for_attempt, row.stalls),
+                    row.request.messages, stall_s=self._stall_limit(permit, row.stalls)
                 )
             except Exception as exc:
                 return self._failed(row, exc, passage, permit)
@@ -293,7 +363,8 @@ class CallStage:
             used = None
             if completion.prompt_tokens is not None:
                 used = completion.prompt_tokens + (completion.completion_tokens or 0)
-            self.limiter.succeeded(permit, used, completion.headers)
+            self.limiter.succeeded(permit, used, completion.headers, server_s=completion.server_s)
+            self._observe_timings(completion, self._loop_time() - permit.sent_at)
             self._reservation.observe(
                 row.prompt_tokens, completion.prompt_tokens, completion.completion_tokens
             )
@@ -308,10 +379,21 @@ class CallStage:
 
     def _failed(self, row: _Row, exc: Exception, passage: Attempt, permit: Permit) -> Failure:
         failure = classify(exc, model=self._model.name)
-        if failure.stalled:
+        saturated = self._queued_out(failure, permit)
+        if saturated:
+            # Queued, not stuck: fewer in flight is the cure. The server is
+            # up, and the row is not at fault.
+            self._counts.saturated += 1
+            self.limiter.saturated(permit)
+            failure = replace(failure, saturated=True)
+        elif failure.stalled:
             row.stalls += 1
             self._counts.stalled += 1
-        if failure.kind == "retry" and not failure.rate_limited:
+            # Whatever was sent after it waited for nothing.
+            permit.stuck = True
+        if saturated:
+            self.outage.answered(passage)
+        elif failure.kind == "retry" and not failure.rate_limited:
             if self.outage.failed(passage, row.request.row_id, failure.reason):
                 failure = replace(failure, run_failure=True)
         else:
@@ -343,11 +425,45 @@ class CallStage:
             self._refused_since = None
         return failure
 
+    def _queued_out(self, failure: Failure, permit: Permit) -> bool:
+        """A request given up on (stall or timeout) that spent most of its
+        wait behind the run's own earlier requests: queued, not stuck."""
+        if not (failure.stalled or failure.timed_out):
+            return False
+        self._counts.abandoned += 1
+        waited = self._loop_time() - permit.sent_at
+        return self.limiter.behind_s(permit) >= QUEUED_SHARE * waited
+
+    @staticmethod
+    def _loop_time() -> float:
+        return asyncio.get_running_loop().time()
+
+    def _stall_limit(self, permit: Permit, stalls: int) -> Patience:
+        return Patience(
+            functools.partial(self.stall.for_attempt, stalls),
+            functools.partial(self.limiter.behind_s, permit),
+        )
+
+    def _observe_timings(self, completion: Completion, latency_s: float) -> None:
+        counts = self._counts
+        if completion.first_byte_s is not None:
+            counts.first_byte_s_sum += completion.first_byte_s
+            counts.first_byte_count += 1
+        if completion.server_s is not None:
+            counts.server_s_sum += completion.server_s
+            counts.waiting_s_sum += max(0.0, latency_s - completion.server_s)
+            counts.server_count += 1
+
     async def _after_failure(self, row: _Row, failure: Failure) -> RowResult | None:
         """The row's error when it is out of attempts (or its failure is its
         own), else None once it may go again."""
         if failure.kind == "fatal":
             raise FatalAPIError(failure.reason)
+        if failure.saturated:
+            # Its place stays taken while the server computes what was
+            # abandoned (see RateLimiter.saturated): no backoff, no cost.
+            self._counts.retries += 1
+            return None
         if failure.run_failure:
             # The API is down for everyone: being unable to reach it is the
             # run's business, not the row's (the reasoning of the 429 quarter

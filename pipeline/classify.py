@@ -40,6 +40,10 @@ class Failure:
     limit: LimitKind | None = None
     # Cut after the stall timeout without a byte (see pipeline.stall).
     stalled: bool = False
+    # Cut by --timeout (see pipeline.transport).
+    timed_out: bool = False
+    # Timed out queued behind the run's own requests (see CallStage._failed).
+    saturated: bool = False
     # The outage gate's verdict: the run's failure, not the row's (see
     # ``outage.Attempt.run_failure``).
     run_failure: bool = False
@@ -74,7 +78,7 @@ def classify(exc: BaseException, *, model: str) -> Failure:
     if isinstance(exc, StalledRequest):
         return Failure("retry", str(exc), stalled=True)
     if isinstance(exc, APITimeout):
-        return Failure("retry", "request timed out")
+        return Failure("retry", "request timed out", timed_out=True)
     if isinstance(exc, APIConnectionFailed):
         return Failure("retry", "connection error")
     if isinstance(exc, UnparseableResponse):

@@ -762,6 +762,19 @@ def _sample_path() -> Path:
     show_default=True,
     help="Share of answers whose body is not valid JSON.",
 )
+@click.option(
+    "--slots",
+    type=int,
+    default=None,
+    help="Compute this many requests at once and queue the rest, like a self-hosted server.",
+)
+@click.option(
+    "--token-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Service time per completion token, added to --latency-ms.",
+)
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for the faults and latencies."

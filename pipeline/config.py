@@ -25,6 +25,9 @@ $OPENAI_BASE_URL is set."""
 
 DEFAULT_MAX_REFUSAL_S: Final = 900.0
 
+# 2M tokens (about 8 MB of text): the largest context windows offered today.
+DEFAULT_MAX_PROMPT_TOKENS: Final = 2_000_000
+
 
 class _Section(BaseModel):
     # Unknown keys are typos that would otherwise be silently ignored.
@@ -39,8 +42,9 @@ class InputConfig(_Section):
     chunk_size: int = Field(default=1000, gt=0, le=1_000_000)
     # A prompt estimated above this many tokens is never sent (its row is an
     # error at once): a 10 MB cell would otherwise cost a request that fails,
-    # or worse, one that is paid for. None: no bound.
-    max_prompt_tokens: int | None = Field(default=None, gt=0)
+    # or worse, one that is paid for. The default is above the largest
+    # context any model offers today, so it only stops what no model takes.
+    max_prompt_tokens: int = Field(default=DEFAULT_MAX_PROMPT_TOKENS, gt=0)
 
     @model_validator(mode="after")
     def _one_prompt_source(self) -> InputConfig:
@@ -169,7 +173,8 @@ class LimitsConfig(_Section):
     max_attempts: int = Field(default=6, gt=0, le=100)
     # Learn the provider's limits from x-ratelimit-* headers and 429s, and move
     # the in-flight limit up additively / down multiplicatively (AIMD) below
-    # `concurrency`. false: always `concurrency` in flight.
+    # `concurrency`, and to a self-hosted server's capacity by latency (see
+    # pipeline.concurrency). false: always `concurrency` in flight.
     adaptive: bool = True
     backoff_base_s: float = Field(default=0.5, gt=0)
     backoff_max_s: float = Field(default=60.0, gt=0)

@@ -80,6 +80,7 @@ def summarize(plan: Plan, outcome: Outcome, stats: CallStats) -> RunSummary:
         learned_tpm=stats.learned_tpm,
         estimated_rpm=stats.estimated_rpm,
         paused_s=stats.paused_s,
+        server=stats.server_report(),
         cache_hits=outcome.cache_hits,
         deduplicated=outcome.deduplicated,
         cost_usd=outcome.cost_usd,

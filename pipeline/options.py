@@ -93,8 +93,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "--max-prompt-tokens",
         "input.max_prompt_tokens",
         "int",
-        "A row whose prompt is estimated above this many tokens is marked error without a request.",
-        "no bound",
+        "A row whose prompt is estimated above this many tokens is marked error without a "
+        "request (set it to your model's context).",
+        "2000000",
         RUN_ESTIMATE,
     ),
     Option(

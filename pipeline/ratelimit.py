@@ -22,7 +22,9 @@ Four mechanisms, each for what the others cannot do:
 * ``ConcurrencyGate`` bounds the requests in flight and moves that bound by
   AIMD: additive increase while the bound holds requests back, multiplicative
   decrease on a 429. It backs off from servers that limit concurrent
-  requests, and shrugs off 429s that have nothing to do with our rate.
+  requests, and shrugs off 429s that have nothing to do with our rate. With
+  ``latency=True`` a ``LatencyLimit`` caps it too, at the capacity a
+  self-hosted server shows by queueing (see ``pipeline.concurrency``).
 * The pause: a 429's retry-after holds every new request, however long it is,
   and empties the buckets so that the end of a pause is not a burst.
 
@@ -43,9 +45,12 @@ from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
+from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
+
 __all__ = [
     "RATE_HEADROOM",
     "ConcurrencyGate",
+    "LatencyLimit",
     "LimitKind",
     "LimiterStats",
     "Permit",
@@ -94,12 +99,6 @@ MIN_SLEEP_S: Final = 1e-4
 # goes, alone, and leaves a debt (see TokenBucket).
 REQUEST_BURST_S: Final = 1.0 - RATE_HEADROOM
 TOKEN_BURST_S: Final = 1.0 - RATE_HEADROOM
-
-# AIMD on the in-flight limit. Low enough a start for any provider tier; it
-# doubles every round trip (slow start) until the first 429, then grows by one
-# request per round trip.
-START_CONCURRENCY: Final = 8
-DECREASE_FACTOR: Final = 0.8
 
 # Learning a request limit the server does not report (see RateEstimate).
 #
@@ -465,102 +464,6 @@ class TokenBucket:
         self._capacity = capacity
         self._level = min(self._level, capacity)
         self._changed.set()
-
-
-# ---------------------------------------------------------------------------
-# The adaptive in-flight limit.
-
-
-class ConcurrencyGate:
-    """At most ``floor(limit)`` holders at once; ``limit`` moves by AIMD
-    between 1 and ``ceiling``.
-
-    A 429 cuts the limit once per round trip, not once per 429: the answers to
-    requests sent before the cut were decided by the old limit. Sequence
-    numbers tell them apart, so the gate needs no clock.
-    """
-
-    def __init__(
-        self,
-        ceiling: int,
-        start: float | None = None,
-        *,
-        adaptive: bool = True,
-        decrease_factor: float = DECREASE_FACTOR,
-    ) -> None:
-        if ceiling < 1:
-            raise ValueError(f"ceiling must be >= 1, got {ceiling}")
-        self.ceiling = ceiling
-        self.adaptive = adaptive
-        initial = min(ceiling, START_CONCURRENCY) if start is None else start
-        self.limit = float(max(1.0, min(ceiling, initial))) if adaptive else float(ceiling)
-        self.decrease_factor = decrease_factor
-        self.slow_start = adaptive
-        self.in_flight = 0
-        self._sent = 0
-        self._cut_at = 0
-        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
-
-    @property
-    def slots(self) -> int:
-        return max(1, math.floor(self.limit + 1e-9))
-
-    async def acquire(self) -> None:
-        if self.in_flight < self.slots and not self._waiters:
-            self.in_flight += 1
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._waiters.append(waiter)
-        try:
-            await waiter
-        except BaseException:
-            if waiter.done() and not waiter.cancelled():
-                # Granted a slot just as it was cancelled: hand the slot on.
-                self.release()
-            elif waiter in self._waiters:
-                # (A cancelled waiter may already have been skipped by _wake.)
-                self._waiters.remove(waiter)
-            raise
-
-    def release(self) -> None:
-        self.in_flight -= 1
-        self._wake()
-
-    def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.slots:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                self.in_flight += 1
-                waiter.set_result(None)
-
-    def sent(self) -> int:
-        """Number a request as it is sent (for ``decrease``)."""
-        self._sent += 1
-        return self._sent
-
-    @property
-    def sent_count(self) -> int:
-        """The number of the latest request sent."""
-        return self._sent
-
-    def increase(self) -> None:
-        """An answer to a request sent while the limit was what held requests
-        back: one more slot per answer in slow start (doubling per round
-        trip), else one per round trip."""
-        if not self.adaptive:
-            return
-        step = 1.0 if self.slow_start else 1.0 / self.limit
-        self.limit = min(float(self.ceiling), self.limit + step)
-        self._wake()
-
-    def decrease(self, sequence: int) -> bool:
-        """A 429 for the request numbered ``sequence``; True if it cut the limit."""
-        if not self.adaptive or sequence <= self._cut_at:
-            return False
-        self.slow_start = False
-        self.limit = max(1.0, self.limit * self.decrease_factor)
-        self._cut_at = self._sent
-        return True
 
 
 # ---------------------------------------------------------------------------
@@ -1028,6 +931,12 @@ class Permit:
     sent_at: float = 0.0
     # Sent alone, to test whether a window with no retry-after has room.
     probe: bool = False
+    # Requests in flight when it was sent, itself included, and the run's
+    # in-flight integral then (see RateLimiter._in_flight_area).
+    in_flight: int = 1
+    area: float = 0.0
+    # Cut for silence and taken for stuck, not queued (see QueueClock.done).
+    stuck: bool = False
 
 
 @dataclass
@@ -1037,6 +946,8 @@ class LimiterStats:
     rate_limited: int = 0
     decreases: int = 0
     paused_s: float = 0.0
+    # Requests that timed out queued behind the run's own (see ``saturated``).
+    saturated: int = 0
 
 
 class RateLimiter:
@@ -1066,6 +977,8 @@ class RateLimiter:
         concurrency: int = 32,
         adaptive: bool = True,
         start_concurrency: float | None = None,
+        latency: bool = False,
+        start_at_ceiling: bool = False,
     ) -> None:
         self.configured_rpm = rpm
         self.configured_tpm = tpm
@@ -1073,7 +986,28 @@ class RateLimiter:
         self.learned_rpm: int | None = None
         self.learned_tpm: int | None = None
         self.estimate = RateEstimate()
+        if start_concurrency is None and (start_at_ceiling or (latency and adaptive)):
+            # The latency limit does the ramp (or none is wanted): AIMD only
+            # answers 429s, from where the run is.
+            start_concurrency = concurrency
         self.gate = ConcurrencyGate(concurrency, start_concurrency, adaptive=adaptive)
+        self.latency = (
+            LatencyLimit(self.gate, start_at_ceiling=start_at_ceiling)
+            if latency and adaptive
+            else None
+        )
+        self.queue = QueueClock()
+        # The integral of requests in flight over time: between a request's
+        # send and its answer, its growth over the latency is the mean number
+        # in flight meanwhile (what Little's law wants; the number at the
+        # send is low for requests sent in a burst).
+        self._area = 0.0
+        self._area_at = _now()
+        # When the server should be done with the last request abandoned in
+        # its queue (see saturated).
+        self._ghosts_until = -math.inf
+        # When the latest answers came: the server's pace.
+        self._answered_at: collections.deque[float] = collections.deque(maxlen=32)
         self.requests: TokenBucket | None = None
         self.tokens: TokenBucket | None = None
         self.stats = LimiterStats()
@@ -1156,7 +1090,9 @@ class RateLimiter:
         try:
             yield permit
         finally:
+            self._in_flight_area()
             self._sending -= 1
+            self.queue.done(permit.sequence, _now(), stuck=permit.stuck)
             self.gate.release()
             if permit.probe:
                 self._release_probe()
@@ -1197,9 +1133,10 @@ class RateLimiter:
             if probe:
                 self._release_probe()
             raise
+        self._in_flight_area()
         self._sending += 1
         now = _now()
-        return Permit(
+        permit = Permit(
             sequence=self.gate.sent(),
             tokens=reserved,
             gate_bound=self._sending >= self.gate.slots,
@@ -1208,7 +1145,11 @@ class RateLimiter:
             number=self.estimate.sent(now),
             sent_at=now,
             probe=probe,
+            in_flight=self._sending,
+            area=self._area,
         )
+        self.queue.sent(permit.sequence, now)
+        return permit
 
     async def _one_probe_at_a_time(self) -> bool:
         """While 429s without retry-after come and no window is known yet, one
@@ -1253,15 +1194,28 @@ class RateLimiter:
         self._probe_out = False
 
     def succeeded(
-        self, permit: Permit, used_tokens: int | None, headers: Mapping[str, str]
+        self,
+        permit: Permit,
+        used_tokens: int | None,
+        headers: Mapping[str, str],
+        *,
+        server_s: float | None = None,
     ) -> None:
-        """An answer: settle the token reservation and learn from the headers."""
+        """An answer: settle the token reservation and learn from the headers
+        and the latency (``server_s``: the server's own time, if it said)."""
         if self.tokens is not None and used_tokens is not None:
             self.tokens.settle(permit.tokens - used_tokens)
         self.learn(headers)
         if not self.adaptive:
             return
         now = _now()
+        if self.latency is not None:
+            self._answered_at.append(now)
+            latency = now - permit.sent_at
+            mean = (self._in_flight_area() - permit.area) / latency if latency > 0 else 0.0
+            self.latency.observe(
+                permit.sequence, Sample(latency, max(mean, permit.in_flight), server_s)
+            )
         if permit.gate_bound:
             self.gate.increase()
         changed = self.learned_rpm is None and self.estimate.admitted(permit.sent_at, now)
@@ -1358,6 +1312,45 @@ class RateLimiter:
             if hint is not None:
                 pause_s = min(pause_s, hint)
         self.pause_for(pause_s)
+
+    def _in_flight_area(self) -> float:
+        now = _now()
+        self._area += self._sending * (now - self._area_at)
+        self._area_at = now
+        return self._area
+
+    def behind_s(self, permit: Permit) -> float:
+        """Seconds this request has waited behind the run's own earlier
+        requests (in the server's queue, as far as the client can tell)."""
+        return self.queue.behind_s(permit.sequence, _now())
+
+    def saturated(self, permit: Permit) -> None:
+        """The request timed out queued behind the run's own requests: the
+        server has more than it computes at once. The in-flight cap comes
+        down; and since the server still computes what was abandoned, a
+        place stays taken (a ghost) until it should be done with it, so that
+        no retry queues behind its own ghost: the requests ahead of it, and
+        the ghosts before it, each take one answer's time over the server's
+        capacity."""
+        self.stats.saturated += 1
+        latency = self.latency
+        if latency is None:
+            return
+        now = _now()
+        service_s = latency.service_s()
+        answers = self._answered_at
+        capacity = None
+        if service_s and len(answers) >= 2 and answers[-1] > answers[0]:
+            capacity = max(1.0, (len(answers) - 1) / (answers[-1] - answers[0]) * service_s)
+        latency.saturated(permit.in_flight, capacity)
+        if not service_s:
+            return
+        per_s = service_s / max(1.0, latency.capacity or float(self.gate.slots))
+        ahead = self.queue.ahead(permit.sequence)
+        until = max(now + (ahead + 1) * per_s, self._ghosts_until + per_s)
+        self._ghosts_until = until
+        self.gate.in_flight += 1
+        asyncio.get_running_loop().call_at(until, self.gate.release)
 
     def learn(self, headers: Mapping[str, str]) -> None:
         """Take the limits a server reports in its ``x-ratelimit-*`` headers.

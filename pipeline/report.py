@@ -178,6 +178,7 @@ def build_report(record: RunRecord) -> dict[str, Any]:
         "timing": _timing(summary),
         "requests": _requests(summary),
         "limits": _limits(summary),
+        "server": dict(summary.server),
         "reuse": {
             "cache_hits": summary.cache_hits,
             "deduplicated": summary.deduplicated,

@@ -45,8 +45,20 @@ that fails answers:
    ``hang_answers`` goes on to 7 and 8 once it is over);
 7. rate limit (``rpm``/``tpm`` per sliding window of ``window_s``; the requests
    limit may change over time, ``rpm_schedule``) -> 429;
-8. latency (``latency_ms`` +/- uniform ``jitter_ms``), then the answer, whole
-   or streamed.
+8. service: with ``slots`` unset, sleep the latency (``latency_ms`` +/-
+   uniform ``jitter_ms``, plus ``token_ms`` per completion token); with
+   ``slots`` N, wait in a FIFO queue for one of N slots and hold it that long
+   (a self-hosted server: llama.cpp, vLLM, Ollama); then the answer, whole or
+   streamed.
+
+The slot model: a request the client abandons (a timeout while queued or
+computing) is still computed, as a real server does, and counted:
+``computed`` every completion whose service time ran out, ``abandoned`` those
+whose client had gone by then (work thrown away), ``queue_wait_s`` the time
+requests spent waiting for a slot, ``max_queued`` the longest queue. With
+``slots`` set, answers carry llama.cpp's ``timings`` object (``prompt_n``,
+``prompt_ms``, ``predicted_n``, ``predicted_ms``: the slot's time, not the
+queue's), in the last chunk when streamed.
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -210,10 +222,19 @@ class SimulatorConfig:
     structured: bool = True
     streaming: bool = True
     chunk_delay_ms: float = 0.0
+    # A self-hosted server: this many requests computed at once, the rest
+    # queued (FIFO); None: no limit. ``token_ms`` per completion token adds to
+    # the latency, so long answers take long as on a real server.
+    slots: int | None = None
+    token_ms: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
-        for name in ("latency_ms", "jitter_ms", "hang_s", "chunk_delay_ms"):
+        if self.slots is not None and self.slots < 1:
+            raise ConfigError(
+                f"simulator slots must be >= 1, got {self.slots}; leave it unset for no limit"
+            )
+        for name in ("latency_ms", "jitter_ms", "hang_s", "chunk_delay_ms", "token_ms"):
             if getattr(self, name) < 0:
                 raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
         if self.hang_max_s is not None and self.hang_max_s < self.hang_s:
@@ -276,6 +297,12 @@ class SimulatorStats:
     max_in_flight: int = 0
     hangs: int = 0
     streamed: int = 0
+    # The service step (see the module docstring): completions computed, those
+    # whose client was gone by then, and the time spent queued for a slot.
+    computed: int = 0
+    abandoned: int = 0
+    queue_wait_s: float = 0.0
+    max_queued: int = 0
 
     def as_dict(self) -> dict[str, Any]:
         return {
@@ -297,6 +324,10 @@ class SimulatorStats:
             "max_in_flight": self.max_in_flight,
             "hangs": self.hangs,
             "streamed": self.streamed,
+            "computed": self.computed,
+            "abandoned": self.abandoned,
+            "queue_wait_s": self.queue_wait_s,
+            "max_queued": self.max_queued,
         }
 
 
@@ -749,6 +780,9 @@ class Simulator:
         self._next_id = 0
         self._rng = random.Random(self.config.seed)
         self._directive_counts: collections.Counter[str] = collections.Counter()
+        # Created on start(): a semaphore belongs to the loop that serves.
+        self._slots: asyncio.Semaphore | None = None
+        self._queued = 0
 
         cfg = self.config
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key is not None else None
@@ -793,6 +827,8 @@ class Simulator:
         if self._runner is not None:
             raise RuntimeError("Simulator is already running")
         self._closing = asyncio.Event()
+        if self.config.slots is not None:
+            self._slots = asyncio.Semaphore(self.config.slots)
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
@@ -838,7 +874,8 @@ class Simulator:
         stats = self.stats
         stats.requests = stats.answered = stats.rate_limited = stats.faults = stats.tokens = 0
         stats.bad_answers = stats.admitted = stats.admitted_tokens = 0
-        stats.hangs = stats.streamed = 0
+        stats.hangs = stats.streamed = stats.computed = stats.abandoned = stats.max_queued = 0
+        stats.queue_wait_s = 0.0
         stats.first_admitted_at = stats.last_admitted_at = None
         stats.answered_by_content = collections.Counter()
         stats.max_in_flight = self._in_flight
@@ -965,13 +1002,11 @@ class Simulator:
         shaped: _Shaped,
         headers: dict[str, str] | None,
     ) -> web.StreamResponse:
-        """Step 8: the latency, then the answer, counted only if delivered."""
-        cfg = self.config
-        delay = cfg.latency_ms
-        if cfg.jitter_ms:
-            delay += self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms)
-        if delay > 0:
-            await asyncio.sleep(delay / 1000.0)
+        """Step 8: the service (latency, or a slot), then the answer, counted
+        only if delivered."""
+        timings = await self._serve(
+            answer.usage["completion_tokens"], answer.usage["prompt_tokens"], request
+        )
         response: web.StreamResponse
         if chat.stream:
             usage = answer.usage if chat.include_usage else None
@@ -979,11 +1014,17 @@ class Simulator:
             # write. (One that closes once it has read [DONE] is answered,
             # though its transport may be closing by the time we look.)
             response, delivered = await self._stream_answer(
-                request, chat.model, answer.text, answer.finish_reason, usage, headers
+                request,
+                chat.model,
+                answer.text,
+                answer.finish_reason,
+                usage,
+                headers,
+                timings,
             )
         else:
             response = self._whole_answer(
-                chat.model, answer.text, answer.finish_reason, answer.usage, headers
+                chat.model, answer.text, answer.finish_reason, answer.usage, headers, timings
             )
             # A client that gave up during the latency never gets this answer:
             # counting it would make "answered exactly once" checks lie.
@@ -1009,9 +1050,10 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int],
         headers: Mapping[str, str] | None,
+        timings: Mapping[str, float] | None = None,
     ) -> web.Response:
         self._next_id += 1
-        payload = {
+        payload: dict[str, Any] = {
             "id": f"chatcmpl-{self._next_id}",
             "object": "chat.completion",
             "created": int(time.time()),
@@ -1025,19 +1067,27 @@ class Simulator:
             ],
             "usage": usage,
         }
+        if timings is not None:
+            payload["timings"] = timings
         return _json(200, payload, headers)
 
     def _chunk(
-        self, model: str, delta: Mapping[str, str], finish_reason: str | None = None
+        self,
+        model: str,
+        delta: Mapping[str, str],
+        finish_reason: str | None = None,
+        timings: Mapping[str, float] | None = None,
     ) -> bytes:
         """One server-sent event of a ``chat.completion.chunk`` (the id is the stream's)."""
-        chunk = {
+        chunk: dict[str, Any] = {
             "id": f"chatcmpl-{self._next_id}",
             "object": "chat.completion.chunk",
             "created": int(time.time()),
             "model": model,
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
+        if timings is not None:
+            chunk["timings"] = timings
         return _event(chunk)
 
     async def _open_stream(
@@ -1060,6 +1110,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int] | None,
         headers: Mapping[str, str] | None,
+        timings: Mapping[str, float] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         """The answer as server-sent events, ``chunk_delay_ms`` apart; whether
         the whole stream was written (False: the client went away)."""
@@ -1068,7 +1119,8 @@ class Simulator:
             self._chunk(model, {"content": answer[start : start + STREAM_CHUNK_CHARS]})
             for start in range(0, len(answer), STREAM_CHUNK_CHARS)
         ]
-        events.append(self._chunk(model, {}, finish_reason))
+        # llama.cpp sends its timings with the finish reason.
+        events.append(self._chunk(model, {}, finish_reason, timings))
         if usage is not None:
             last = {
                 "id": f"chatcmpl-{self._next_id}",
@@ -1094,6 +1146,47 @@ class Simulator:
         except ConnectionError:  # the client went away (aiohttp's ClientConnectionResetError)
             return response, False
         return response, True
+
+    async def _serve(
+        self, completion_tokens: int, prompt_tokens: int, request: web.Request
+    ) -> dict[str, float] | None:
+        """The service step: the latency, in one of ``slots`` slots if set
+        (queued FIFO for one), computed even if the client goes away
+        meanwhile. llama.cpp's ``timings`` with slots, else None."""
+        cfg = self.config
+        delay = cfg.latency_ms + cfg.token_ms * completion_tokens
+        if cfg.jitter_ms:
+            delay = max(0.0, delay + self._rng.uniform(-cfg.jitter_ms, cfg.jitter_ms))
+        stats = self.stats
+        if self._slots is None:
+            if delay > 0:
+                await asyncio.sleep(delay / 1000.0)
+            stats.computed += 1
+            return None
+        loop = asyncio.get_running_loop()
+        queued_at = loop.time()
+        self._queued += 1
+        stats.max_queued = max(stats.max_queued, self._queued)
+        try:
+            await self._slots.acquire()
+        finally:
+            self._queued -= 1
+        try:
+            stats.queue_wait_s += loop.time() - queued_at
+            await asyncio.sleep(delay / 1000.0)
+        finally:
+            self._slots.release()
+        stats.computed += 1
+        transport = request.transport
+        if transport is None or transport.is_closing():
+            stats.abandoned += 1
+        prompt_ms = min(delay, cfg.latency_ms)
+        return {
+            "prompt_n": prompt_tokens,
+            "prompt_ms": prompt_ms,
+            "predicted_n": completion_tokens,
+            "predicted_ms": delay - prompt_ms,
+        }
 
     def _count_admitted(self, tokens: int) -> None:
         stats = self.stats

@@ -48,6 +48,7 @@ __all__ = [
     "STALL_PERCENTILE",
     "STALL_WARMUP",
     "STALL_WINDOW",
+    "Patience",
     "StallLimit",
     "StallTimeout",
     "StalledRequest",
@@ -170,6 +171,23 @@ StallLimit = float | Callable[[], float] | None
 _RECHECK_S: Final = 1.0
 
 
+class Patience:
+    """A stall limit for a request that may wait in the server's queue
+    behind the run's own earlier requests (see ``pipeline.concurrency``):
+    ``queued()`` gives the seconds it has waited so, which count against
+    neither the stall timeout nor the total one. Waiting is not being stuck
+    or slow; fewer requests in flight, not a shorter timeout, is the cure."""
+
+    __slots__ = ("limit", "queued")
+
+    def __init__(self, limit: Callable[[], float], queued: Callable[[], float]) -> None:
+        self.limit = limit
+        self.queued = queued
+
+    def __call__(self) -> float:
+        return self.limit() + self.queued()
+
+
 class Watchdog:
     """The stall and total timeouts of one request, inside an
     ``asyncio.timeout(None)`` scope that it expires when either is reached.
@@ -199,6 +217,7 @@ class Watchdog:
         "cut_after",
         "deadline",
         "expired",
+        "first",
         "last",
         "longest",
         "started",
@@ -214,6 +233,7 @@ class Watchdog:
         self._scope = scope
         self._limit = stall_s
         self.started = now
+        self.first: float | None = None  # when the first bytes came
         self.last = now
         self.longest = 0.0
         self.beats = 0
@@ -230,11 +250,18 @@ class Watchdog:
         limit = self._limit
         value = limit() if callable(limit) else limit
         # A stall timeout at or past the total one is the total one.
-        return value if value is not None and value < self.total_s else None
+        return value if value is not None and value < self.total_s + self._queued() else None
+
+    def _queued(self) -> float:
+        return self._limit.queued() if isinstance(self._limit, Patience) else 0.0
+
+    def _deadline(self) -> float:
+        return self.deadline + self._queued()
 
     def _due(self, now: float) -> float:
         stall_s = self.stall_s
-        due = self.deadline if stall_s is None else min(self.last + stall_s, self.deadline)
+        deadline = self._deadline()
+        due = deadline if stall_s is None else min(self.last + stall_s, deadline)
         if callable(self._limit):
             due = min(due, now + _RECHECK_S)
         return due
@@ -245,8 +272,15 @@ class Watchdog:
         gap = now - self.last
         if gap > self.longest:
             self.longest = gap
+        if not self.beats:
+            self.first = now
         self.last = now
         self.beats += 1
+
+    @property
+    def first_byte_s(self) -> float | None:
+        """Seconds from the start to the first bytes (None: none yet)."""
+        return None if self.first is None else self.first - self.started
 
     def silence(self) -> float:
         """Seconds since the last bytes (or the start)."""
@@ -256,7 +290,7 @@ class Watchdog:
         self._handle = None
         now = self._loop.time()
         stall_s = self.stall_s
-        if now >= self.deadline - _SLACK_S:
+        if now >= self._deadline() - _SLACK_S:
             self.expired = "total"
         elif stall_s is not None and now >= self.last + stall_s - _SLACK_S:
             self.expired = "stall"

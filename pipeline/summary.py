@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import statistics
 from array import array
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -58,6 +60,9 @@ class RunSummary:
     """Rows that shared an identical request's answer in this run (no request)."""
     cost_usd: float | None = None
     """Estimated spend of this run (None when the model has no known price)."""
+    server: Mapping[str, Any] = field(default_factory=dict)
+    """What the server did: the concurrency settled at and why, requests
+    abandoned, where the latency went (``CallStats.server_report``)."""
     error_reasons: tuple[tuple[str, int], ...] = ()
     """The most common reasons rows failed, with their counts, read from the
     finished output (empty for a stopped run): what the summary lists."""

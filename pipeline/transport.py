@@ -42,6 +42,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -133,6 +134,11 @@ class Completion:
     # learn from; and whether the answer was streamed.
     silence_s: float | None = None
     streamed: bool = False
+    # Seconds to the response's first bytes (its headers; with streaming, the
+    # first token at the latest), and the server's own time for the answer
+    # where it says it (llama.cpp's ``timings``): the rest is waiting.
+    first_byte_s: float | None = None
+    server_s: float | None = None
 
 
 class Transport(Protocol):
@@ -416,6 +422,7 @@ class StreamAssembler:
         "finish_reason",
         "model",
         "prompt_tokens",
+        "server_s",
     )
 
     def __init__(self) -> None:
@@ -429,6 +436,7 @@ class StreamAssembler:
         self.finish_reason: str | None = None
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
+        self.server_s: float | None = None
         self.done = False
 
     def feed(self, data: bytes) -> None:
@@ -519,6 +527,9 @@ class StreamAssembler:
         if usage and type(usage) is dict:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             self.add(None, False, None, None, prompt, completion)
+        timings = chunk.get("timings")
+        if timings is not None:
+            self.server_s = server_seconds(timings)
 
     def add_sdk_chunk(self, chunk: Any) -> None:
         """One ``ChatCompletionChunk`` as the SDK parsed it (without
@@ -567,7 +578,11 @@ class StreamAssembler:
             self.completion_tokens = completion
 
     def completion(
-        self, headers: Mapping[str, str], *, silence_s: float | None = None
+        self,
+        headers: Mapping[str, str],
+        *,
+        silence_s: float | None = None,
+        first_byte_s: float | None = None,
     ) -> Completion:
         """The answer, once the body has ended."""
         if self._pending or self._data:
@@ -586,6 +601,8 @@ class StreamAssembler:
             headers=headers,
             silence_s=silence_s,
             streamed=True,
+            first_byte_s=first_byte_s,
+            server_s=self.server_s,
         )
 
 
@@ -599,6 +616,18 @@ def _optional_str(value: object) -> str | None:
 
 def _optional_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def server_seconds(timings: object) -> float | None:
+    """The server's own time for an answer from llama.cpp's ``timings``
+    (``prompt_ms`` + ``predicted_ms``); None if absent or odd."""
+    if type(timings) is not dict:
+        return None
+    parts = (timings.get("prompt_ms"), timings.get("predicted_ms"))
+    if not all(type(part) in (int, float) for part in parts):
+        return None
+    total = sum(float(part) for part in parts if part is not None) / 1000.0
+    return total if math.isfinite(total) and total >= 0 else None
 
 
 def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
@@ -635,6 +664,7 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
         prompt_tokens=_optional_int(usage.get("prompt_tokens")),
         completion_tokens=_optional_int(usage.get("completion_tokens")),
         headers=headers,
+        server_s=server_seconds(data.get("timings")),
     )
 
 
@@ -900,7 +930,9 @@ class AiohttpTransport:
             async for data in response.content.iter_any():
                 watch.beat()
                 assembler.feed(data)
-            completion = assembler.completion(headers, silence_s=watch.longest)
+            completion = assembler.completion(
+                headers, silence_s=watch.longest, first_byte_s=watch.first_byte_s
+            )
             if completion.prompt_tokens is None:
                 self._stop_streaming("the server streams answers without their token usage")
             return completion
@@ -908,7 +940,11 @@ class AiohttpTransport:
         if streaming:
             # The server ignored "stream": one JSON body, the whole answer.
             self._stop_streaming("the server answers streaming requests with one JSON body")
-        return dataclasses.replace(parse_completion(body, headers), silence_s=watch.longest)
+        return dataclasses.replace(
+            parse_completion(body, headers),
+            silence_s=watch.longest,
+            first_byte_s=watch.first_byte_s,
+        )
 
     async def aclose(self) -> None:
         self._closed = True

@@ -134,6 +134,21 @@ def test_a_prompt_above_max_prompt_tokens_is_an_error_without_a_request(
     assert [e.fields["kind"] for e in events.named("warning")] == ["prompt_too_long"]
 
 
+def test_a_prompt_no_model_would_take_is_not_sent_by_default(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # 9 MB of text: about 2.4M tokens, above the 2M default bound.
+    server = start_server()
+    source = write_questions(tmp_path / "in.parquet", ["short", "x" * 9_000_000])
+    config = make_config(source, tmp_path / "o.parquet", server.base_url)
+    summary = enrich(config)
+    out = pl.read_parquet(tmp_path / "o.parquet")
+    assert out["status"].to_list() == ["ok", "error"]
+    assert "above --max-prompt-tokens 2,000,000" in out["error"][1]
+    assert server.stats.requests == 1
+    assert summary.error == 1
+
+
 # -- input -------------------------------------------------------------------------
 
 

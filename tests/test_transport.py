@@ -319,7 +319,7 @@ async def test_hang_times_out(start_server: StartServer, kind: str) -> None:
     server = start_server(hang_s=5)
     exc = await failure(kind, server.base_url, user("[[fault:hang]]"), timeout_s=0.5)
     assert type(exc) is APITimeout
-    assert classified(exc) == Failure("retry", "request timed out")
+    assert classified(exc) == Failure("retry", "request timed out", timed_out=True)
 
 
 @pytest.mark.parametrize("kind", KINDS)

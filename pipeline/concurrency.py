@@ -1,0 +1,442 @@
+"""How many requests to keep in flight: the AIMD gate that 429s move, and the
+latency limit that finds a self-hosted server's capacity.
+
+A hosted API refuses what it cannot take (429); a self-hosted server
+(llama.cpp, vLLM, Ollama) queues it instead: it computes a fixed number of
+requests at once (its slots) and the rest wait, so past that number more
+requests in flight only add latency. Two controls, the lower wins:
+
+* ``ConcurrencyGate`` holds at most ``slots`` requests in flight, and moves
+  its own ``limit`` by AIMD on 429s (additive increase while the limit holds
+  requests back, multiplicative decrease on a 429).
+* ``LatencyLimit`` sets the gate's ``cap`` from latency, as a Vegas or
+  gradient limiter does (Netflix's concurrency-limits): by Little's law, with
+  ``L`` requests in flight and latency ``ratio`` times the latency without a
+  queue, the server works on about ``L / ratio`` of them; the rest are queued.
+  It starts at one request and doubles each round trip while latency stays
+  flat (or starts at ``--concurrency`` when it was given), comes down to the
+  server's capacity when latency climbs, and probes one more now and then.
+  The latency without a queue is the server's own time where it says it
+  (llama.cpp's ``timings``) plus the least network overhead seen, else the
+  lowest latency measured over a round.
+
+``QueueClock`` tells a request that waits in the server's queue behind the
+run's own earlier requests from one that is stuck: the stall timeout counts
+only from the moment every earlier request is done (see ``pipeline.call``).
+
+Time is the event loop's clock, so tests run it on a fake clock (``looptime``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+import collections
+import math
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = [
+    "DECREASE_FACTOR",
+    "FLAT_TOLERANCE",
+    "ROUND_MIN",
+    "START_CONCURRENCY",
+    "ConcurrencyGate",
+    "LatencyLimit",
+    "QueueClock",
+    "Sample",
+]
+
+# AIMD on the in-flight limit. Low enough a start for any provider tier; it
+# doubles every round trip (slow start) until the first 429, then grows by one
+# request per round trip.
+START_CONCURRENCY: Final = 8
+DECREASE_FACTOR: Final = 0.8
+
+# Latency within this share of the latency without a queue is flat: network
+# and event-loop noise, not a queue. Small enough to see one request queued
+# behind 16 slots (latency x17/16); a server whose latencies vary more than
+# that (jitter) widens it to NOISE_SE_MULTIPLE standard errors of a round's
+# mean, as measured in rounds that were flat.
+FLAT_TOLERANCE: Final = 0.05
+NOISE_SE_MULTIPLE: Final = 3.0
+# Nor is a rise of less than this, in seconds per request, a server's queue:
+# a queued request waits for part of an answer (tens of milliseconds at
+# least on any LLM server); less is the network, or this process's own CPU
+# when a fast local server answers in a few milliseconds.
+QUEUE_FLOOR_S: Final = 0.05
+# Fewest answers a round is judged on once past the start, so that one long
+# answer does not read as a queue and a round's spread can be measured. While
+# starting, a round is one round trip (ROUND_MIN_START: the first answer is
+# only the reference).
+ROUND_MIN: Final = 4
+ROUND_MIN_START: Final = 1
+# A cut is checked by the round after it: a queue drains when fewer requests
+# are in flight, so latency must have fallen by at least this share of what
+# the cut should have taken off. Else the rise was the server's (slower for
+# everyone, a noisy spell), not a queue of ours: the cap goes back, and that
+# latency becomes the reference.
+CUT_CONFIRM_SHARE: Final = 0.25
+# Rounds held at the capacity found before probing one request more; doubled
+# each time the probe finds a queue (up to HOLD_MAX_ROUNDS), back to the
+# start when one finds room.
+HOLD_ROUNDS: Final = 2
+HOLD_MAX_ROUNDS: Final = 16
+
+
+class ConcurrencyGate:
+    """At most ``slots`` holders at once: ``floor(min(limit, cap))``.
+    ``limit`` moves by AIMD between 1 and ``ceiling``; ``cap`` is set by
+    ``LatencyLimit`` (the ceiling without one).
+
+    A 429 cuts the limit once per round trip, not once per 429: the answers to
+    requests sent before the cut were decided by the old limit. Sequence
+    numbers tell them apart, so the gate needs no clock.
+    """
+
+    def __init__(
+        self,
+        ceiling: int,
+        start: float | None = None,
+        *,
+        adaptive: bool = True,
+        decrease_factor: float = DECREASE_FACTOR,
+    ) -> None:
+        if ceiling < 1:
+            raise ValueError(f"ceiling must be >= 1, got {ceiling}")
+        self.ceiling = ceiling
+        self.adaptive = adaptive
+        initial = min(ceiling, START_CONCURRENCY) if start is None else start
+        self.limit = float(max(1.0, min(ceiling, initial))) if adaptive else float(ceiling)
+        self.cap = float(ceiling)
+        self.decrease_factor = decrease_factor
+        self.slow_start = adaptive
+        self.in_flight = 0
+        self._sent = 0
+        self._cut_at = 0
+        self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+
+    @property
+    def effective(self) -> float:
+        """The in-flight limit in force: the lower of the two controls."""
+        return min(self.limit, self.cap)
+
+    @property
+    def slots(self) -> int:
+        return max(1, math.floor(self.effective + 1e-9))
+
+    def set_cap(self, cap: float) -> None:
+        self.cap = max(1.0, min(float(self.ceiling), cap))
+        self._wake()
+
+    async def acquire(self) -> None:
+        if self.in_flight < self.slots and not self._waiters:
+            self.in_flight += 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                # Granted a slot just as it was cancelled: hand the slot on.
+                self.release()
+            elif waiter in self._waiters:
+                # (A cancelled waiter may already have been skipped by _wake.)
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        self.in_flight -= 1
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters and self.in_flight < self.slots:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                self.in_flight += 1
+                waiter.set_result(None)
+
+    def sent(self) -> int:
+        """Number a request as it is sent (for ``decrease``)."""
+        self._sent += 1
+        return self._sent
+
+    @property
+    def sent_count(self) -> int:
+        """The number of the latest request sent."""
+        return self._sent
+
+    def increase(self) -> None:
+        """An answer to a request sent while the limit was what held requests
+        back: one more slot per answer in slow start (doubling per round
+        trip), else one per round trip."""
+        if not self.adaptive:
+            return
+        step = 1.0 if self.slow_start else 1.0 / self.limit
+        self.limit = min(float(self.ceiling), self.limit + step)
+        self._wake()
+
+    def decrease(self, sequence: int) -> bool:
+        """A 429 for the request numbered ``sequence``; True if it cut the limit."""
+        if not self.adaptive or sequence <= self._cut_at:
+            return False
+        self.slow_start = False
+        # From the limit in force: a cap the latency set lower is where the
+        # 429 was met.
+        self.limit = max(1.0, self.effective * self.decrease_factor)
+        self._cut_at = self._sent
+        return True
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One answer: its latency, the mean number of requests in flight
+    meanwhile (itself included), and the server's own time for it if the
+    server said."""
+
+    latency_s: float
+    in_flight: float
+    server_s: float | None = None
+
+
+class LatencyLimit:
+    """The in-flight cap that latency allows (see the module docstring).
+
+    ``observe`` every answer with the sequence number the gate gave it; the
+    cap moves once per round: a round is the answers to requests sent after
+    the last change, as many as were in flight (``ROUND_MIN`` at least once
+    past the start).
+    """
+
+    def __init__(self, gate: ConcurrencyGate, *, start_at_ceiling: bool = False) -> None:
+        self.gate = gate
+        self.slow_start = not start_at_ceiling
+        self.reason = (
+            f"the configured concurrency ({gate.ceiling})"
+            if start_at_ceiling
+            else "starting: one request, doubled while latency stays flat"
+        )
+        # The capacity latency last showed (None: no queue seen yet).
+        self.capacity: float | None = None
+        self.cuts = 0
+        # Cuts taken back: the latency rise was not a queue of ours.
+        self.undone = 0
+        self._changed_at = 0  # gate sequence of the last change
+        self._round: list[Sample] = []
+        self._round_min_s = math.inf  # lowest mean latency of a flat round
+        self._overhead_s = math.inf  # least latency beyond the server's own time
+        self._sample_min_s = math.inf
+        self._server_sum_s = 0.0
+        self._server_count = 0
+        self._noise = 0.0  # relative standard error of a flat round's mean
+        self._hold = 0
+        self._hold_rounds = HOLD_ROUNDS
+        self._probing = False
+        # (cap, ratio, slow start) before a latency cut, until a round confirms it.
+        self._unconfirmed: tuple[float, float, bool] | None = None
+        gate.set_cap(gate.ceiling if start_at_ceiling else 1.0)
+
+    @property
+    def cap(self) -> float:
+        return self.gate.cap
+
+    @property
+    def tolerance(self) -> float:
+        return max(FLAT_TOLERANCE, NOISE_SE_MULTIPLE * self._noise)
+
+    def observe(self, sequence: int, sample: Sample) -> None:
+        if not math.isfinite(sample.latency_s) or sample.latency_s <= 0:
+            return
+        self._sample_min_s = min(self._sample_min_s, sample.latency_s)
+        if sample.server_s is not None:
+            self._overhead_s = min(self._overhead_s, max(0.0, sample.latency_s - sample.server_s))
+            self._server_sum_s += sample.server_s
+            self._server_count += 1
+        if sequence <= self._changed_at:
+            return  # sent before the change: decided by the old cap
+        self._round.append(sample)
+        size = max(ROUND_MIN_START if self.slow_start else ROUND_MIN, math.ceil(self.cap - 1e-9))
+        if len(self._round) >= size:
+            round_, self._round = self._round, []
+            self._judge(round_)
+
+    def _unqueued(self, round_: list[Sample]) -> list[float] | None:
+        """Each answer's latency without a queue: the server's own time plus
+        the least overhead seen where the server says it, else the reference
+        (None: this round is the first, and becomes the reference)."""
+        if all(s.server_s is not None for s in round_) and math.isfinite(self._overhead_s):
+            return [(s.server_s or 0.0) + self._overhead_s for s in round_]
+        if not math.isfinite(self._round_min_s):
+            return None
+        return [self._round_min_s] * len(round_)
+
+    def _judge(self, round_: list[Sample]) -> None:
+        latencies = [s.latency_s for s in round_]
+        mean = sum(latencies) / len(latencies)
+        unqueued = self._unqueued(round_)
+        ratio = 1.0 if unqueued is None else sum(latencies) / sum(unqueued)
+        in_flight = sum(s.in_flight for s in round_) / len(round_)
+        if self._unconfirmed is not None and self._undo(ratio, mean):
+            return
+        queued_s = 0.0 if unqueued is None else mean - sum(unqueued) / len(unqueued)
+        if ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S:
+            self._cut(ratio, in_flight)
+            return
+        # Flat: a reference for later rounds, and a measure of the noise.
+        self._round_min_s = min(self._round_min_s, mean)
+        if unqueued is not None and len(round_) > 1:
+            ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
+            average = sum(ratios) / len(ratios)
+            spread = math.sqrt(sum((r - average) ** 2 for r in ratios) / (len(ratios) - 1))
+            self._noise = max(self._noise, spread / math.sqrt(len(ratios)) / average)
+        if self._probing:
+            self._hold_rounds = HOLD_ROUNDS
+            self._probing = False
+        cap, ceiling = self.cap, self.gate.ceiling
+        if cap >= ceiling:
+            self.slow_start = False
+            if self.capacity is None:
+                self.reason = f"the configured concurrency ({ceiling}), latency flat"
+            return
+        # Grow only where the cap was what held requests back.
+        if in_flight < cap - 0.5:
+            return
+        if self.slow_start:
+            self._set(min(float(ceiling), cap * 2.0))
+            return
+        if self._hold > 0:
+            self._hold -= 1
+            return
+        self._probing = True
+        self._set(cap + 1.0)
+
+    def _cut(self, ratio: float, in_flight: float) -> None:
+        # Little's law: the server works on about in_flight / ratio at once.
+        self.capacity = in_flight / ratio
+        if self._probing:
+            self._hold_rounds = min(HOLD_MAX_ROUNDS, self._hold_rounds * 2)
+        self._probing = False
+        self._hold = self._hold_rounds
+        target = max(1.0, math.floor(self.capacity + 0.5))
+        if target >= self.cap:
+            return
+        self._unconfirmed = (self.cap, ratio, self.slow_start)
+        self.slow_start = False
+        self.cuts += 1
+        self.reason = (
+            f"latency x{ratio:.2f} at {in_flight:.1f} in flight: the server "
+            f"computes about {self.capacity:.1f} at once and queues the rest"
+        )
+        self._set(target)
+
+    def _undo(self, ratio: float, mean: float) -> bool:
+        """The round after a cut: True if it shows the cut was for nothing
+        (and takes it back)."""
+        assert self._unconfirmed is not None
+        before, cut_ratio, slow_start = self._unconfirmed
+        self._unconfirmed = None
+        expected = cut_ratio - max(1.0, cut_ratio * self.cap / before)
+        if cut_ratio - ratio >= CUT_CONFIRM_SHARE * expected:
+            return False
+        self.undone += 1
+        self.cuts -= 1
+        self._round_min_s = mean
+        self.slow_start = slow_start
+        self._hold = 0
+        self.reason = (
+            f"latency rose x{cut_ratio:.2f} but did not fall with fewer in flight: "
+            "the server slowed down, no queue of ours"
+        )
+        if self.capacity is not None and self.cuts == 0:
+            self.capacity = None
+        self._set(before)
+        return True
+
+    def _set(self, cap: float) -> None:
+        self.gate.set_cap(cap)
+        self._changed_at = self.gate.sent_count
+        self._round = []
+
+    def saturated(self, in_flight: int, capacity: float | None) -> None:
+        """A request timed out while queued behind the run's own requests:
+        the server had more than it could compute, whatever latency said.
+        ``capacity`` is what the server's pace shows (answers a second times
+        the time it takes over one), if known."""
+        self.slow_start = False
+        self._probing = False
+        self._unconfirmed = None
+        self._hold = self._hold_rounds = HOLD_MAX_ROUNDS
+        if capacity is not None:
+            self.capacity = capacity if self.capacity is None else min(self.capacity, capacity)
+        target = max(1.0, math.floor(self.capacity + 0.5) if self.capacity else in_flight - 1.0)
+        if target < self.cap:
+            self.cuts += 1
+            self.reason = (
+                f"a request timed out queued behind {in_flight - 1} others: capped at {target:.0f}"
+            )
+            self._set(target)
+
+    def service_s(self) -> float | None:
+        """How long the server takes over one request, as far as known: its
+        own time where it says it, else the latency without a queue."""
+        if self._server_count:
+            return self._server_sum_s / self._server_count
+        for value in (self._round_min_s, self._sample_min_s):
+            if math.isfinite(value):
+                return value
+        return None
+
+
+class QueueClock:
+    """How long a request has waited behind the run's own earlier requests.
+
+    A server computes requests in the order they came (llama.cpp's slots,
+    vLLM's scheduler), so a request sent while earlier ones are in flight may
+    sit in its queue, silent, until they are done: that silence is queueing,
+    not a stuck request. Entries record when the oldest request in flight
+    moved on: at ``times[i]`` every request numbered below ``heads[i]`` was
+    done.
+    """
+
+    def __init__(self) -> None:
+        self._in_flight: dict[int, float] = {}
+        self._heads: list[int] = []
+        self._times: list[float] = []
+
+    def sent(self, sequence: int, now: float) -> None:
+        self._in_flight[sequence] = now
+
+    def done(self, sequence: int, now: float, *, stuck: bool = False) -> None:
+        """Request ``sequence`` is over; ``stuck``: it was cut for silence,
+        stuck, not computed, so nothing ever waited behind it."""
+        oldest = next(iter(self._in_flight), None)
+        sent_at = self._in_flight.pop(sequence, now)
+        if sequence != oldest:
+            return
+        head = next(iter(self._in_flight), None)
+        if head is None:
+            return
+        self._heads.append(head)
+        self._times.append(sent_at if stuck else now)
+        if len(self._heads) > 2 * len(self._in_flight) + 64:
+            # Entries below the oldest request in flight answer no one.
+            keep = bisect.bisect_left(self._heads, head)
+            del self._heads[:keep], self._times[:keep]
+
+    def ahead(self, sequence: int) -> int:
+        """Requests in flight that were sent before ``sequence``."""
+        return sum(1 for other in self._in_flight if other < sequence)
+
+    def behind_s(self, sequence: int, now: float) -> float:
+        """Seconds request ``sequence`` has spent with an earlier one in flight."""
+        sent_at = self._in_flight.get(sequence)
+        if sent_at is None:
+            return 0.0
+        oldest = next(iter(self._in_flight))
+        if oldest < sequence:
+            return now - sent_at
+        index = bisect.bisect_left(self._heads, sequence)
+        if index == len(self._heads):
+            return 0.0
+        return max(0.0, self._times[index] - sent_at)

@@ -1,0 +1,257 @@
+"""Self-hosted servers (issue 17): a server with a fixed number of slots
+queues what it cannot compute, and computes what its client abandoned.
+
+End to end against the simulator's slot model over real HTTP on 127.0.0.1,
+on a fake clock (``looptime``: the simulator serves in the test's own loop,
+so its service times pass in no real time); the rules themselves as pure
+functions."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import aiohttp
+import pytest
+
+from pipeline.call import CallStage, ChatRequest
+from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
+from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.ratelimit import RateLimiter
+from pipeline.simulate import Simulator, SimulatorConfig
+from pipeline.transport import make_transport
+
+MODEL = "sim-1"
+# About 2 s an answer: a small local model's pace (the issue's took 40-60 s).
+SLOW: dict[str, Any] = {"latency_ms": 500.0, "token_ms": 100.0}
+
+
+async def rows(count: int) -> AsyncIterator[ChatRequest]:
+    for row in range(count):
+        yield ChatRequest(row, [{"role": "user", "content": f"question number {row}"}])
+
+
+async def run(
+    sim: Simulator, count: int, model: dict[str, Any] | None = None, **limits: Any
+) -> tuple[CallStage, dict[int, Any], float]:
+    config = ModelConfig(name=MODEL, base_url=sim.base_url, **(model or {}))
+    transport = make_transport(config, "key")
+    stage = CallStage(config, LimitsConfig(**limits), transport)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    try:
+        results = {result.row_id: result async for result in stage.results(rows(count))}
+    finally:
+        await transport.aclose()
+    return stage, results, loop.time() - start
+
+
+async def plain_loop(sim: Simulator, count: int) -> float:
+    """One request after the other, as a synchronous loop sends them."""
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    async with aiohttp.ClientSession() as session:
+        async for request in rows(count):
+            body = {"model": MODEL, "messages": request.messages}
+            async with session.post(f"{sim.base_url}/chat/completions", json=body) as response:
+                assert response.status == 200
+                await response.read()
+    return loop.time() - start
+
+
+# -- the simulator's slot model ------------------------------------------------
+
+
+@pytest.mark.looptime
+async def test_the_slot_model_queues_beyond_its_slots_and_reports_the_slot_time() -> None:
+    async with Simulator(SimulatorConfig(slots=2, **SLOW)) as sim:
+        stage, results, elapsed = await run(sim, 6, concurrency=6, adaptive=False)
+    assert {result.status for result in results.values()} == {"ok"}
+    stats = sim.stats
+    assert (stats.computed, stats.abandoned, stats.max_queued) == (6, 0, 4)
+    assert stats.queue_wait_s > 0
+    # Three waves of two: the slots, not the six in flight, set the pace.
+    one = 0.5 + 0.1 * results[0].completion_tokens
+    assert elapsed == pytest.approx(3 * one, rel=0.05)
+    # llama.cpp's timings say the slot's time; the rest of the latency was the queue.
+    assert stage.stats.server_count == 6
+    assert stage.stats.server_s_sum == pytest.approx(6 * one, rel=0.05)
+    assert stage.stats.waiting_s_sum == pytest.approx((0 + 0 + 1 + 1 + 2 + 2) * one, rel=0.05)
+
+
+@pytest.mark.looptime
+async def test_a_request_its_client_abandons_is_still_computed_and_counted() -> None:
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as session:
+            with pytest.raises(TimeoutError):
+                async with asyncio.timeout(0.2):
+                    await session.post(f"{sim.base_url}/chat/completions", json=body)
+            await asyncio.sleep(5.0)
+    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (1, 1, 0)
+
+
+@pytest.mark.looptime
+async def test_timings_come_in_the_whole_answer_and_the_last_chunk_of_a_stream() -> None:
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{sim.base_url}/chat/completions", json=body) as response:
+                whole = await response.json()
+            body["stream"] = True
+            async with session.post(f"{sim.base_url}/chat/completions", json=body) as response:
+                events = (await response.read()).decode().split("\n\n")
+    timings = whole["timings"]
+    assert timings["prompt_ms"] == 500.0
+    assert timings["predicted_ms"] == pytest.approx(100.0 * timings["predicted_n"])
+    chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
+    assert [c["timings"] for c in chunks if "timings" in c] == [timings]
+
+
+# -- the latency limit end to end ------------------------------------------------
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("slots", [1, 4, 16])
+async def test_defaults_settle_at_the_slot_count_and_compute_nothing_for_nothing(
+    slots: int,
+) -> None:
+    count = 30 * slots
+    async with Simulator(SimulatorConfig(slots=slots, **SLOW)) as sim:
+        stage, results, _ = await run(sim, count)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert len(results) == count
+    assert abs(stage.limiter.gate.slots - slots) <= 1
+    assert "latency" in (stage.stats.concurrency_reason or "")
+    # Every completion computed was delivered, and none twice.
+    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (count, 0, count)
+    assert stage.stats.abandoned == 0
+
+
+@pytest.mark.looptime
+async def test_defaults_against_one_slot_are_no_slower_than_a_plain_loop() -> None:
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        loop_s = await plain_loop(sim, 20)
+        _, results, enrich_s = await run(sim, 20)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert enrich_s <= loop_s * 1.01
+
+
+@pytest.mark.looptime
+async def test_flat_latency_doubles_up_to_the_ceiling() -> None:
+    # No slots (a hosted API without limits): one request, then two, four...
+    async with Simulator(SimulatorConfig(**SLOW)) as sim:
+        stage, results, _ = await run(sim, 400)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert stage.limiter.gate.slots == 32
+    assert stage.stats.concurrency_reason == "the configured concurrency (32), latency flat"
+
+
+@pytest.mark.looptime
+async def test_a_concurrency_given_is_where_the_run_starts() -> None:
+    async with Simulator(SimulatorConfig(**SLOW)) as sim:
+        _, results, elapsed = await run(sim, 40, concurrency=20)
+    one = 0.5 + 0.1 * max(result.completion_tokens or 0 for result in results.values())
+    assert sim.stats.max_in_flight == 20
+    assert elapsed <= 2 * one + 0.1  # two waves, no ramp
+
+
+@pytest.mark.looptime
+async def test_a_request_queued_behind_the_runs_own_is_not_cut_as_stuck() -> None:
+    # Four at once into one slot, with a 3 s stall timeout (the slot model
+    # sends nothing until an answer is computed, about 2 s): the last waits
+    # 8 s for its first byte, queued, not stuck.
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        stage, results, _ = await run(sim, 8, {"stall_timeout_s": 3.0}, concurrency=4)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (stage.stats.stalled, stage.stats.abandoned, sim.stats.abandoned) == (0, 0, 0)
+    assert sim.stats.computed == 8
+
+
+@pytest.mark.looptime
+async def test_time_queued_behind_the_runs_own_requests_counts_against_no_timeout() -> None:
+    # Six at once into one slot with a 5 s timeout: the last is answered
+    # about 10 s after it was sent. One attempt a row: a timeout would fail it.
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        stage, results, _ = await run(sim, 12, {"timeout_s": 5.0}, concurrency=6, max_attempts=1)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (stage.stats.abandoned, sim.stats.abandoned, sim.stats.computed) == (0, 0, 12)
+    assert stage.limiter.gate.slots <= 2
+
+
+@pytest.mark.looptime
+async def test_a_timeout_while_queued_lowers_the_cap_and_keeps_a_place_for_the_ghost() -> None:
+    # The server's pace: an answer a second, each taking 1 s of its time (one slot).
+    limiter = RateLimiter(concurrency=8, latency=True, start_at_ceiling=True)
+    loop = asyncio.get_running_loop()
+    for _ in range(4):
+        async with limiter.request(1) as permit:
+            await asyncio.sleep(1.0)
+            limiter.succeeded(permit, None, {}, server_s=1.0)
+    async with contextlib.AsyncExitStack() as stack:
+        first_request = limiter.request(1)
+        first = await first_request.__aenter__()
+        queued = await stack.enter_async_context(limiter.request(1))
+        await asyncio.sleep(1.5)
+        limiter.succeeded(first, None, {}, server_s=1.0)
+        await first_request.__aexit__(None, None, None)
+        limiter.saturated(queued)
+    assert limiter.gate.cap == 1.0
+    assert limiter.stats.saturated == 1
+    # The abandoned request is computed for about one more second: its place
+    # stays taken meanwhile.
+    assert limiter.gate.in_flight == 1
+    start = loop.time()
+    async with limiter.request(1):
+        assert loop.time() - start == pytest.approx(1.0, abs=0.05)
+
+
+# -- the rules ------------------------------------------------------------------
+
+
+def test_the_queue_clock_counts_the_time_spent_behind_earlier_requests() -> None:
+    clock = QueueClock()
+    clock.sent(1, 0.0)
+    clock.sent(2, 1.0)
+    clock.sent(3, 2.0)
+    assert clock.behind_s(1, 5.0) == 0.0
+    assert clock.behind_s(3, 5.0) == 3.0  # 1 and 2 still in flight
+    clock.done(2, 6.0)  # not the oldest: 3 is still behind 1
+    assert clock.behind_s(3, 7.0) == 5.0
+    clock.done(1, 8.0)  # 3 is at the head from now on
+    assert clock.behind_s(3, 20.0) == 6.0
+
+
+def test_nothing_waited_behind_a_request_cut_as_stuck() -> None:
+    # A hung request is not being computed: those sent after it were not
+    # queued behind it, and their stall timeout counts from their sending.
+    clock = QueueClock()
+    clock.sent(1, 0.0)
+    clock.sent(2, 1.0)
+    assert clock.behind_s(2, 4.0) == 3.0
+    clock.done(1, 5.0, stuck=True)
+    assert clock.behind_s(2, 6.0) == 0.0
+
+
+def test_a_latency_rise_that_does_not_fall_with_fewer_in_flight_is_taken_back() -> None:
+    gate = ConcurrencyGate(ceiling=8, start=8)
+    limit = LatencyLimit(gate, start_at_ceiling=True)
+    sequence = 0
+
+    def round_of(latency: float) -> None:
+        nonlocal sequence
+        for _ in range(8):
+            sequence += 1
+            gate.sent()
+            limit.observe(sequence, Sample(latency, gate.slots))
+
+    round_of(1.0)  # the reference
+    round_of(2.0)  # twice as slow at 8 in flight: a queue?
+    assert gate.slots == 4
+    round_of(2.0)  # at 4 just as slow: the server slowed down, not our queue
+    assert gate.slots == 8
+    assert (limit.cuts, limit.undone) == (0, 1)
+    assert "did not fall" in limit.reason
