@@ -653,6 +653,12 @@ class Context:
                     input_path.unlink()
         return jobs
 
+    def startup_job(self, section: str, index: int) -> JobResult:
+        """One ``enrich run --help``: the start-up a section subtracts for its
+        net figures, measured in every round beside the jobs it is taken from."""
+        child = Child(ENRICH_STARTUP_ARGV, self.workdir, f"{section}-start-up-{index}")
+        return finish_job(child, 0)
+
     def table(
         self, title: str, columns: Sequence[Column], entries: dict[str, dict[str, Any]]
     ) -> None:

@@ -80,3 +80,12 @@ def answer_for(prompt: str, system_prompt: str | None = None) -> str:
     if system_prompt is not None:
         messages.insert(0, {"role": "system", "content": system_prompt})
     return expected_answer(messages, MODEL)
+
+
+def report_value(report: dict[str, Any], key: str) -> Any:
+    """The value at a dotted key of a run report (``"counts.ok"``): how the
+    page and the metrics name the report's numbers."""
+    node: Any = report
+    for part in key.split("."):
+        node = node[part]
+    return node

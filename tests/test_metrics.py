@@ -23,7 +23,7 @@ from pipeline.metrics import serving
 from pipeline.report import read_report, report_path_for
 from pipeline.timeline import Timeline
 
-from conftest import MODEL, StartServer, write_questions
+from conftest import MODEL, StartServer, report_value, write_questions
 
 Scrape = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
@@ -52,13 +52,6 @@ COUNTERS: dict[tuple[str, tuple[tuple[str, str], ...]], tuple[str, str]] = {
     ("enrich_tokens_total", (("kind", "prompt"),)): ("tokens.prompt", "prompt_tokens"),
     ("enrich_tokens_total", (("kind", "completion"),)): ("tokens.completion", "completion_tokens"),
 }
-
-
-def report_value(report: dict[str, Any], key: str) -> Any:
-    node: Any = report
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 @pytest.mark.slow

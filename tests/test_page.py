@@ -28,7 +28,7 @@ from pipeline.page import CHARTS, render_page
 from pipeline.report import page_path_for, read_report, report_path_for
 from pipeline.timeline import SERIES
 
-from conftest import MODEL, StartServer, make_config, write_questions
+from conftest import MODEL, StartServer, make_config, report_value, write_questions
 
 ROWS = 240
 
@@ -89,13 +89,6 @@ def shown_numbers(page: str) -> dict[str, Any]:
         html.unescape(key): json.loads(html.unescape(value))
         for key, value in re.findall(r'data-key="([^"]+)" data-value="([^"]*)"', page)
     }
-
-
-def report_value(report: dict[str, Any], key: str) -> Any:
-    node: Any = report
-    for part in key.split("."):
-        node = node[part]
-    return node
 
 
 @pytest.mark.slow

@@ -15,7 +15,6 @@ from pathlib import Path
 from typing import Any, Final
 
 from harness import (
-    ENRICH_STARTUP_ARGV,
     JOB_BASE_TIMEOUT_S,
     MODEL,
     Build,
@@ -366,8 +365,7 @@ def section_rate(ctx: Context) -> dict[str, Any]:
             jobs[name].append(job)
             remove_outputs(output)
             input_path.unlink()
-        startup = Child(ENRICH_STARTUP_ARGV, ctx.workdir, f"rate-start-up-{index}")
-        jobs["enrich start-up"].append(finish_job(startup, 0))
+        jobs["enrich start-up"].append(ctx.startup_job("rate", index))
     startup_wall = med(jobs["enrich start-up"], "wall_s")
     entries: dict[str, dict[str, Any]] = {}
     for name in variants:

@@ -6,7 +6,6 @@ import re
 from typing import Any, Final
 
 from harness import (
-    ENRICH_STARTUP_ARGV,
     REPO,
     Child,
     Context,
@@ -80,8 +79,7 @@ def section_tail(ctx: Context) -> dict[str, Any]:
             jobs[name].append(job)
             remove_outputs(output)
             input_path.unlink()
-        startup = Child(ENRICH_STARTUP_ARGV, ctx.workdir, f"tail-start-up-{index}")
-        jobs["enrich start-up"].append(finish_job(startup, 0))
+        jobs["enrich start-up"].append(ctx.startup_job("tail", index))
     startup_wall = med(jobs["enrich start-up"], "wall_s")
     entries: dict[str, dict[str, Any]] = {}
     for name in variants:
