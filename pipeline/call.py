@@ -252,7 +252,7 @@ class CallStage:
             latency=True,
             # A concurrency the user gave is where the run starts; the
             # default is only a ceiling, and the latency limit probes up to it.
-            start_at_ceiling="concurrency" in limits.model_fields_set,
+            start_at_ceiling="concurrency" in limits.fields_set,
         )
         self._reservation = TokenReservation(model.max_tokens)
         # How long a request may go without a byte (see pipeline.stall).

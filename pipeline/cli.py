@@ -3,7 +3,7 @@ with the code of the error that ended the run (``pipeline.errors.ExitCode``,
 the one table of exit codes; the README's table is checked against it).
 
 Light to import: ``enrich --help`` (and any subcommand's) loads click and the
-standard library only. The config (pydantic), the runner (pyarrow, aiohttp)
+standard library only. The config, the runner (pyarrow, aiohttp)
 and the rest are imported inside the commands that use them.
 """
 
@@ -481,7 +481,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
 
     The argument is the run's TOML config or its output file. Reads only;
     takes run's flags too (only these are listed)."""
-    from pipeline.config import OutputConfig, read_toml
+    from pipeline.config import OutputConfig, read_toml, section_from
     from pipeline.lock import live_holder, lock_path_for
     from pipeline.status import run_status
 
@@ -495,7 +495,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
             tree["path" if name == "output" else name] = flags[name]
     if "path" not in tree:
         raise UsageError("enrich status needs the run's config file or output path (or --output)")
-    output = OutputConfig.model_validate(tree)
+    output = section_from(OutputConfig, tree)
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
     holder = live_holder(lock_path_for(output.path))

@@ -137,7 +137,7 @@ class Plan:
         config = self.config
         return JobFacts(
             output=config.output.path,
-            settings=config.model_dump(mode="json"),
+            settings=config.to_dict(),
             fingerprint=self.fingerprint,
             input_identity=input_identity,
             input_rows=self.total_rows,

@@ -103,7 +103,7 @@ class JobFacts:
 
     output: Path
     settings: Mapping[str, Any]
-    """The full config (``config.model_dump(mode="json")``), redacted when written."""
+    """The full config (``config.to_dict()``), redacted when written."""
     fingerprint: str
     """sha256 of the settings that change answers."""
     input_identity: InputIdentity | None = None

@@ -4,6 +4,7 @@ local server, so "costs only its own rows" is measured, not assumed."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import shutil
@@ -45,8 +46,8 @@ def config_for(tmp_path: Path, source: Path, base_url: str, **overrides: Any) ->
 
 
 def keep(config: RunConfig) -> RunConfig:
-    return config.model_copy(
-        update={"output": config.output.model_copy(update={"keep_checkpoint": True})}
+    return dataclasses.replace(
+        config, output=dataclasses.replace(config.output, keep_checkpoint=True)
     )
 
 
@@ -251,9 +252,7 @@ def test_a_damaged_manifest_keeps_no_part_made_for_other_settings(
     config, server = checkpointed
     manifest = config.output.resolved_run_dir / "manifest.json"
     manifest.write_text("{")
-    other = config.model_copy(
-        update={"model": config.model.model_copy(update={"name": "sim-other"})}
-    )
+    other = dataclasses.replace(config, model=dataclasses.replace(config.model, name="sim-other"))
     enrich(other)
     assert server.stats.requests == ROWS  # nothing made for sim-1 was reused for sim-other
 

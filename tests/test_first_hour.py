@@ -4,10 +4,12 @@ flags and config keys come from."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
 import tomllib
+import typing
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,6 @@ import click
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
-from pydantic import BaseModel
 
 from pipeline.cli import EXIT_CODE_HELP, cli, dataset_options, flag_overrides
 from pipeline.config import RunConfig, load_config
@@ -44,28 +45,34 @@ def enrich_process(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedP
     )
 
 
-def config_keys(model: type[BaseModel] = RunConfig, prefix: str = "") -> set[str]:
+def section_fields(section: type[Any]) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
+    """Each field of a config section by its config key: (its type, the field)."""
+    hints = typing.get_type_hints(section)
+    return {
+        field.metadata.get("alias", field.name): (hints[field.name], field)
+        for field in dataclasses.fields(section)
+    }
+
+
+def config_keys(section: type[Any] = RunConfig, prefix: str = "") -> set[str]:
     keys: set[str] = set()
-    for name, field in model.model_fields.items():
-        key = prefix + (field.alias or name)
-        annotation = field.annotation
-        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-            keys |= config_keys(annotation, key + ".")
+    for key, (annotation, _) in section_fields(section).items():
+        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
+            keys |= config_keys(annotation, prefix + key + ".")
         else:
-            keys.add(key)
+            keys.add(prefix + key)
     return keys
 
 
 def model_default(key: str) -> Any:
-    model: type[BaseModel] = RunConfig
+    section: type[Any] = RunConfig
     *sections, leaf = key.split(".")
-    for section in sections:
-        annotation = model.model_fields[section].annotation
-        assert isinstance(annotation, type)
-        model = annotation
-    by_alias = {(field.alias or name): field for name, field in model.model_fields.items()}
-    field = by_alias[leaf]
-    return REQUIRED if field.is_required() else field.get_default(call_default_factory=True)
+    for name in sections:
+        section = section_fields(section)[name][0]
+    _, field = section_fields(section)[leaf]
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return REQUIRED if field.default is dataclasses.MISSING else field.default
 
 
 @pytest.fixture

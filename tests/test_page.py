@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import html
 import json
 import os
@@ -41,7 +42,7 @@ def price_file(tmp_path: Path) -> Path:
 
 
 def with_cap(config: RunConfig, cap: float) -> RunConfig:
-    return config.model_copy(update={"max_cost": cap})
+    return dataclasses.replace(config, max_cost=cap)
 
 
 @pytest.fixture(scope="module")

@@ -109,7 +109,7 @@ def test_report_of_a_real_run(tmp_path: Path, start_server: StartServer) -> None
     report = report_of(
         summary,
         output=output,
-        settings=config.model_dump(mode="json"),
+        settings=config.to_dict(),
         fingerprint=fp,
         exit_code=0,
         input_identity=InputIdentity.of(source),
@@ -205,11 +205,11 @@ def test_the_key_never_reaches_logs_report_checkpoint_or_output(
     events = JsonEventSink(log, secrets=[KEY])
     os.environ["REPORT_TEST_KEY"] = KEY
     try:
-        events.emit("start", message=f"using key {config.api_key()}", settings=config.model_dump())
+        events.emit("start", message=f"using key {config.api_key()}", settings=config.to_dict())
         summary = enrich(config)
     finally:
         del os.environ["REPORT_TEST_KEY"]
-    settings = config.model_dump(mode="json")
+    settings = config.to_dict()
     # Even if a caller smuggled the key into the settings, the report drops it.
     settings["model"]["extra_params"] = {"api_key": KEY, "note": f"key={KEY}"}
     report = report_of(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -22,16 +23,17 @@ from conftest import StartServer, answer_for, make_config, write_questions
 
 
 def keep(config: RunConfig) -> RunConfig:
-    return config.model_copy(
-        update={"output": config.output.model_copy(update={"keep_checkpoint": True})}
+    return dataclasses.replace(
+        config, output=dataclasses.replace(config.output, keep_checkpoint=True)
     )
 
 
 def with_changes(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
     update = {
-        name: getattr(config, name).model_copy(update=values) for name, values in sections.items()
+        name: dataclasses.replace(getattr(config, name), **values)
+        for name, values in sections.items()
     }
-    return config.model_copy(update=update)
+    return dataclasses.replace(config, **update)
 
 
 def part_files(config: RunConfig) -> list[Path]:
@@ -273,8 +275,8 @@ def test_status_reports_a_checkpoint_and_a_finished_output(
     assert sorted(p.name for p in run_dir.rglob("*")) == before  # read only
 
     enrich(
-        config.model_copy(
-            update={"output": config.output.model_copy(update={"keep_checkpoint": False})}
+        dataclasses.replace(
+            config, output=dataclasses.replace(config.output, keep_checkpoint=False)
         ),
         options=RunOptions(force=True),
     )
