@@ -38,7 +38,7 @@ from pipeline.events import (
 )
 from pipeline.options import OPTIONS, Command, Option
 from pipeline.progress import NoProgress, Progress, TqdmProgress, WaitingNotes
-from pipeline.version import DISTRIBUTION
+from pipeline.version import DISTRIBUTION, VERSION
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -329,7 +329,7 @@ class InternalError(EnrichError):
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100})
-@click.version_option(package_name=DISTRIBUTION)
+@click.version_option(VERSION, package_name=DISTRIBUTION)
 def cli() -> None:
     """Enrich a dataset with LLM answers: rate-limited, checkpointed, resumable."""
 

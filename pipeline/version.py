@@ -7,20 +7,17 @@ is ``enrich-llm``, because ``enrich`` on the package index is another project
 
 from __future__ import annotations
 
-import functools
 from typing import Final
 
 DISTRIBUTION: Final = "enrich-llm"
 
+VERSION: Final = "0.1.0"
+"""The one place the version is written: pyproject.toml reads it from here
+(``[tool.setuptools.dynamic]``), so the installed metadata cannot disagree
+with it, and the first request's User-Agent needs no ``importlib.metadata``
+(its import and the search of every path entry cost 15-40 ms of start-up)."""
 
-@functools.cache
+
 def version() -> str:
-    """This installation's version; "unknown" when run from a bare checkout."""
-    # Here, not with the module: importlib.metadata costs `enrich --help`
-    # (which names the distribution) about a fifth of its start.
-    from importlib import metadata
-
-    try:
-        return metadata.version(DISTRIBUTION)
-    except metadata.PackageNotFoundError:
-        return "unknown"
+    """This installation's version."""
+    return VERSION

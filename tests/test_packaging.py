@@ -14,6 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from pipeline.version import DISTRIBUTION, VERSION, version
+
 ROOT = Path(__file__).resolve().parent.parent
 PYPROJECT: dict[str, Any] = tomllib.loads((ROOT / "pyproject.toml").read_text())
 # Our own top-level names: the package, and modules and packages beside the
@@ -97,3 +99,10 @@ def test_the_package_ships_py_typed() -> None:
     assert (ROOT / "pipeline" / "py.typed").is_file()
     package_data = PYPROJECT["tool"]["setuptools"]["package-data"]
     assert "py.typed" in package_data["pipeline"]
+
+
+def test_the_installed_version_is_the_one_the_code_reports() -> None:
+    # pyproject.toml reads it from pipeline/version.py: one place, no drift.
+    assert metadata.version(DISTRIBUTION) == VERSION == version()
+    dynamic = PYPROJECT["tool"]["setuptools"]["dynamic"]
+    assert dynamic["version"]["attr"] == "pipeline.version.VERSION"

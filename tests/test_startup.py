@@ -51,6 +51,7 @@ for cls in (transport.AiohttpTransport, transport.OpenAITransport):
         async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
             seen.setdefault("parquet_at_first_request", "pyarrow.parquet" in sys.modules)
+            seen.setdefault("metadata_at_first_request", "importlib.metadata" in sys.modules)
             return await original(self, messages, **options)
         return complete
     cls.complete = patched(cls.complete)
@@ -156,7 +157,7 @@ def test_python_m_pipeline_help_imports_no_heavy_library() -> None:
 
 def test_help_loads_no_event_loop_and_no_package_metadata() -> None:
     # Each costs `enrich --help` about a fifth of its start; the help text
-    # needs neither (--version reads the metadata when asked).
+    # needs neither (the version is pipeline.version.VERSION).
     imported = help_imports()
     assert "pipeline.stall" in imported  # the help text's stall defaults come from it
     assert "asyncio" not in imported
@@ -199,6 +200,8 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
     assert loaded["first_request"] == ["aiohttp", "pyarrow"]
     # Parquet support loads for Parquet input; checkpoint parts and the output wait.
     assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
+    # The User-Agent's version is the code's own: no search of the installed metadata.
+    assert loaded["metadata_at_first_request"] is False
     # Assembling the output may use polars; nothing ever loads the SDK.
     assert "openai" not in loaded["exit"]
 
