@@ -4,28 +4,28 @@ Secrets are never part of the config: it names the *environment variable*
 that holds the API key (``model.api_key_env``), so a config file can be
 committed and a report can echo the settings without leaking anything.
 
-The sections are frozen dataclasses checked by ``_Section.__post_init__``
-(types from the annotations, bounds from the field metadata), not pydantic
-models: importing pydantic and building the models' schemas cost 110-140 ms
-before the first request, most of a cron run's start (issue 11), for a
-config this small. The messages keep pydantic's wording ("Input should be
-greater than 0"), which ``_describe`` turns into one line naming the flag.
+The sections are msgspec Structs (frozen, keyword-only, unknown keys
+refused), not pydantic models: importing pydantic and building the models'
+schemas cost 110-140 ms before the first request, most of a cron run's start
+(issue 11), where msgspec imports in about a millisecond and converts a
+config tree in C (numbers and booleans from strings, bounds from ``Meta``,
+literals, unions). ``_describe`` turns its error ("Expected `int` >= 1 - at
+`$.limits.rpm`") into one line naming the flag that fixes it.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import datetime
-import functools
 import os
+import re
 import tomllib
-import types
 import typing
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, Literal, TypeVar
+from typing import Annotated, Any, Final, Literal, Self
 from urllib.parse import SplitResult, urlsplit
+
+import msgspec
+from msgspec import Meta, field
 
 from pipeline.errors import ConfigError, MissingSetting
 from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
@@ -40,310 +40,144 @@ DEFAULT_MAX_REFUSAL_S: Final = 900.0
 # 2M tokens (about 8 MB of text): the largest context windows offered today.
 DEFAULT_MAX_PROMPT_TOKENS: Final = 2_000_000
 
-Loc = tuple[str, ...]
+PositiveInt = Annotated[int, Meta(gt=0)]
+PositiveFloat = Annotated[float, Meta(gt=0)]
+NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
-class InvalidSetting(ValueError):
-    """One setting that failed validation: where (``loc``, config keys from
-    the section that raised it), pydantic's error type and message, and the
-    value given. ``load_config`` turns it into a ``ConfigError``."""
+class _SectionMeta(msgspec.StructMeta):
+    """A section built in Python (``LimitsConfig(rpm=60)``) goes through
+    ``msgspec.convert`` as a config file's table does: msgspec's own
+    constructor converts and checks nothing."""
 
-    def __init__(self, loc: Loc, kind: str, message: str, given: Any = None) -> None:
-        super().__init__(f"{'.'.join(loc) or 'config'}: {message}")
-        self.loc = loc
-        self.kind = kind
-        self.message = message
-        self.given = given
-
-    def within(self, key: str) -> InvalidSetting:
-        return InvalidSetting((key, *self.loc), self.kind, self.message, self.given)
+    def __call__(cls, **values: Any) -> Any:
+        # Any, so that type checkers keep the section's own signature and type.
+        section = typing.cast(type[_Section], cls)
+        names = {info.name: info.encode_name for info in msgspec.structs.fields(section)}
+        return _convert(section, {names.get(name, name): value for name, value in values.items()})
 
 
-def _bounded(default: Any = dataclasses.MISSING, **bounds: float) -> Any:
-    """A field with bounds (``gt``, ``ge``, ``le``, ``min_length``) checked on construction."""
-    return field(default=default, metadata=bounds)
-
-
-_BOUND_MESSAGES: Final = {
-    "gt": ("greater_than", "Input should be greater than {}"),
-    "ge": ("greater_than_equal", "Input should be greater than or equal to {}"),
-    "le": ("less_than_equal", "Input should be less than or equal to {}"),
-}
-_TRUE: Final = frozenset({"1", "on", "t", "true", "y", "yes"})
-_FALSE: Final = frozenset({"0", "off", "f", "false", "n", "no"})
-
-
-def _number(value: Any, kind: type[int] | type[float]) -> int | float:
-    """pydantic's lax numbers: ints and floats, whole floats as ints, numeric
-    strings; never a bool (``rpm = true`` is a mistake, not 1)."""
-    integer = kind is int
-    name, code = ("integer", "int") if integer else ("number", "float")
-    if isinstance(value, str):
-        try:
-            value = kind(value.strip())
-        except ValueError:
-            article = "an" if integer else "a"
-            raise InvalidSetting(
-                (),
-                f"{code}_parsing",
-                f"Input should be a valid {name}, unable to parse string as {article} {name}",
-                value,
-            ) from None
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        raise InvalidSetting((), f"{code}_type", f"Input should be a valid {name}", value)
-    if integer and isinstance(value, float):
-        if not value.is_integer():
-            raise InvalidSetting(
-                (),
-                "int_from_float",
-                "Input should be a valid integer, got a number with a fractional part",
-                value,
-            )
-        return int(value)
-    return kind(value)
-
-
-def _boolean(value: Any) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
-    if isinstance(value, str) and value.strip().lower() in _TRUE | _FALSE:
-        return value.strip().lower() in _TRUE
-    raise InvalidSetting(
-        (), "bool_parsing", "Input should be a valid boolean, unable to interpret input", value
-    )
-
-
-def _literal(choices: tuple[Any, ...], value: Any) -> Any:
-    if isinstance(value, str) and value in choices:
-        return value
-    shown = [repr(choice) for choice in choices]
-    said = shown[0] if len(shown) == 1 else f"{', '.join(shown[:-1])} or {shown[-1]}"
-    raise InvalidSetting((), "literal_error", f"Input should be {said}", value)
-
-
-def _union(options: tuple[Any, ...], value: Any) -> Any:
-    if value is None and type(None) in options:
-        return None
-    first: InvalidSetting | None = None
-    for option in options:
-        if option is type(None):
-            continue
-        try:
-            return _coerce(option, value)
-        except InvalidSetting as exc:
-            first = first or exc
-    assert first is not None
-    raise first
-
-
-def _coerce(hint: Any, value: Any) -> Any:
-    """``value`` as the annotated type, converted as pydantic's lax mode does."""
-    origin = typing.get_origin(hint)
-    if origin in (typing.Union, types.UnionType):
-        return _union(typing.get_args(hint), value)
-    if origin is Literal:
-        return _literal(typing.get_args(hint), value)
-    if hint is Any:
-        return value
-    if origin is dict or hint is dict:
-        if not isinstance(value, Mapping):
-            raise InvalidSetting((), "dict_type", "Input should be a valid dictionary", value)
-        return dict(value)
-    if isinstance(hint, type) and issubclass(hint, _Section):
-        return hint.from_mapping(value)
-    if hint is int or hint is float:
-        return _number(value, hint)
-    if hint is bool:
-        return _boolean(value)
-    if hint is str:
-        if not isinstance(value, str):
-            raise InvalidSetting((), "string_type", "Input should be a valid string", value)
-        return value
-    if hint is Path:
-        if not isinstance(value, str | os.PathLike):
-            raise InvalidSetting((), "path_type", "Input should be a valid path", value)
-        return Path(value)
-    raise TypeError(f"no validation for config type {hint!r}")  # a bug in this module
-
-
-def _check_bounds(value: Any, bounds: Mapping[str, Any], given: Any) -> None:
-    if value is None:
-        return
-    minimum = bounds.get("min_length")
-    if minimum is not None and len(value) < minimum:
-        noun = "character" if minimum == 1 else "characters"
-        raise InvalidSetting(
-            (), "string_too_short", f"String should have at least {minimum} {noun}", given
-        )
-    for bound, limit in bounds.items():
-        if bound not in _BOUND_MESSAGES:
-            continue
-        ok = value > limit if bound == "gt" else value >= limit if bound == "ge" else value <= limit
-        if not ok:
-            kind, message = _BOUND_MESSAGES[bound]
-            raise InvalidSetting((), kind, message.format(limit), given)
-
-
-def _key(section_field: dataclasses.Field[Any]) -> str:
-    """The field's config key (``alias`` where the name would clash)."""
-    return str(section_field.metadata.get("alias", section_field.name))
-
-
-_S = TypeVar("_S", bound="_Section")
-
-
-class _Section:
-    """A config section: a frozen, keyword-only dataclass (``_section``)
-    whose values are converted and checked on construction, from a config
-    tree (``from_mapping``) or by a caller."""
-
-    # Which fields the caller gave (pydantic's ``model_fields_set``): set by ``_section``.
-    _given: frozenset[str] = frozenset()
+class _Section(
+    msgspec.Struct,
+    metaclass=_SectionMeta,
+    frozen=True,
+    kw_only=True,
+    forbid_unknown_fields=True,
+    # Room for which fields the caller gave (``fields_set``), outside the fields.
+    dict=True,
+):
+    """A config section: frozen, checked on construction (from a config tree
+    or in Python), remembering which fields its caller gave: a concurrency
+    the user set is where the run starts, the default is only a ceiling."""
 
     @property
     def fields_set(self) -> frozenset[str]:
-        return self._given
+        given: frozenset[str] = self.__dict__.get("_given", frozenset())
+        return given
 
-    def __post_init__(self) -> None:
-        hints = _hints(type(self))
-        for section_field in dataclasses.fields(self):  # type: ignore[arg-type]
-            value = _field_value(section_field, hints, getattr(self, section_field.name))
-            object.__setattr__(self, section_field.name, value)
-        self._check()
+    def replace(self, **changes: Any) -> Self:
+        """A copy with ``changes``, checked like any setting; the fields given
+        stay given (``msgspec.structs.replace`` would forget them)."""
+        values = {info.name: getattr(self, info.name) for info in msgspec.structs.fields(self)}
+        made: Self = type(self)(**{**values, **changes})
+        return _remember(made, self.fields_set | changes.keys())
 
-    def _check(self) -> None:
-        """Checks across fields (after each field is valid): raise ValueError."""
+    def __replace__(self, **changes: Any) -> Self:
+        return self.replace(**changes)  # copy.replace (Python 3.13)
 
-    @classmethod
-    def from_mapping(cls: type[_S], tree: Any) -> _S:
-        """The section from a config table: unknown keys and missing required
-        ones are errors, as are bad values (``InvalidSetting``)."""
-        if isinstance(tree, cls):
-            return tree
-        if not isinstance(tree, Mapping):
-            raise InvalidSetting(
-                (),
-                "model_type",
-                f"Input should be a valid dictionary or instance of {cls.__name__}",
-                tree,
-            )
-        values: dict[str, Any] = {}
-        known: set[str] = set()
-        hints = _hints(cls)
-        # Field by field, in order, so the first error is the first field's
-        # (as pydantic reports them): a missing [input] before a missing [output].
-        for section_field in dataclasses.fields(cls):  # type: ignore[arg-type]
-            key = _key(section_field)
-            known.add(key)
-            if key in tree:
-                values[section_field.name] = _field_value(section_field, hints, tree[key])
-            elif _required(section_field):
-                raise InvalidSetting((key,), "missing", "Field required")
-        try:
-            made = cls(**values)
-        except ValueError as exc:
-            if isinstance(exc, InvalidSetting):
-                raise
-            raise InvalidSetting((), "value_error", str(exc)) from None
-        for key in tree:
-            if key not in known:
-                raise InvalidSetting(
-                    (str(key),), "extra_forbidden", "Extra inputs are not permitted"
-                )
-        return made
+    def __copy__(self) -> Self:
+        return self  # frozen: a copy would be the same
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled to a worker process (Ray), a section keeps its given fields.
+        values = {info.name: getattr(self, info.name) for info in msgspec.structs.fields(self)}
+        return (_unpickle, (type(self), values, self.fields_set))
 
     def to_dict(self) -> dict[str, Any]:
-        """The settings as JSON values (what the report and the manifest keep)."""
+        """The settings as JSON values under their field names (what the
+        report and the manifest keep, and the fingerprint hashes)."""
         return {
-            section_field.name: _jsonable(getattr(self, section_field.name))
-            for section_field in dataclasses.fields(self)  # type: ignore[arg-type]
+            info.name: _jsonable(getattr(self, info.name)) for info in msgspec.structs.fields(self)
         }
 
 
-def _field_value(section_field: dataclasses.Field[Any], hints: dict[str, Any], given: Any) -> Any:
-    try:
-        value = _coerce(hints[section_field.name], given)
-        _check_bounds(value, section_field.metadata, given)
-    except InvalidSetting as exc:
-        raise exc.within(_key(section_field)) from None
-    return value
+_S = typing.TypeVar("_S", bound=_Section)
+
+
+def _remember(made: _S, given: typing.AbstractSet[str]) -> _S:
+    made.__dict__["_given"] = frozenset(given)
+    return made
+
+
+def _unpickle(section: type[_S], values: dict[str, Any], given: frozenset[str]) -> _S:
+    # The values were checked when first built: msgspec's plain constructor.
+    made: _S = msgspec.StructMeta.__call__(section, **values)
+    return _remember(made, given)
+
+
+def _note_given(section: _Section, table: Mapping[str, Any]) -> None:
+    """Record, section by section, which keys the config tree gave."""
+    given = set()
+    for info in msgspec.structs.fields(section):
+        if info.encode_name not in table:
+            continue
+        given.add(info.name)
+        value, subtable = getattr(section, info.name), table[info.encode_name]
+        if isinstance(value, _Section) and isinstance(subtable, Mapping):
+            _note_given(value, subtable)
+    _remember(section, given)
+
+
+def _decode(kind: type, value: Any) -> Any:
+    # msgspec has no Path type: a string names one.
+    if kind is Path and isinstance(value, str | os.PathLike):
+        return Path(value)
+    raise TypeError(f"Expected `str` (a path), got `{type(value).__name__}`")
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    raise TypeError(f"no JSON value for {type(value).__name__}")  # a bug: a new type in a section
 
 
 def _jsonable(value: Any) -> Any:
     if isinstance(value, _Section):
         return value.to_dict()
-    if isinstance(value, Path):
-        return str(value)
-    if isinstance(value, Mapping):
-        return {str(key): _jsonable(item) for key, item in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(item) for item in value]
-    if isinstance(value, datetime.date | datetime.time):
-        return value.isoformat()
-    return value
+    return msgspec.to_builtins(value, enc_hook=_encode)
 
 
-def _required(section_field: dataclasses.Field[Any]) -> bool:
-    return (
-        section_field.default is dataclasses.MISSING
-        and section_field.default_factory is dataclasses.MISSING
-    )
-
-
-_HINTS: Final[dict[type[_Section], dict[str, Any]]] = {}
-
-
-def _hints(cls: type[_Section]) -> dict[str, Any]:
-    """The section's annotations, resolved once per class."""
-    hints = _HINTS.get(cls)
-    if hints is None:
-        hints = _HINTS[cls] = typing.get_type_hints(cls)
-    return hints
-
-
-def _section(made: type[_S]) -> type[_S]:
-    """The section (a frozen, keyword-only dataclass) remembering which
-    fields its caller gave: a concurrency the user set is where the run
-    starts, the default is only a ceiling."""
-    init: Callable[..., None] = made.__init__
-
-    @functools.wraps(init)
-    def __init__(self: _S, **values: Any) -> None:
-        init(self, **values)
-        object.__setattr__(self, "_given", frozenset(values))
-
-    setattr(made, "__init__", __init__)  # noqa: B010 (mypy forbids assigning a method)
+def _convert(section: type[_S], tree: Mapping[str, Any], path: Path | None = None) -> _S:
+    """The section from its table (keys as in the file); ConfigError with one line."""
+    try:
+        made = msgspec.convert(tree, section, strict=False, dec_hook=_decode)
+    except msgspec.ValidationError as exc:
+        raise _describe(exc, section, tree, path) from None
+    _note_given(made, tree)
     return made
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class InputConfig(_Section):
+class InputConfig(_Section, frozen=True, kw_only=True):
     path: Path
     column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
-    chunk_size: int = _bounded(1000, gt=0, le=1_000_000)
+    chunk_size: Annotated[int, Meta(gt=0, le=1_000_000)] = 1000
     # A prompt estimated above this many tokens is never sent (its row is an
     # error at once): a 10 MB cell would otherwise cost a request that fails,
     # or worse, one that is paid for. The default is above the largest
     # context any model offers today, so it only stops what no model takes.
-    max_prompt_tokens: int = _bounded(DEFAULT_MAX_PROMPT_TOKENS, gt=0)
+    max_prompt_tokens: PositiveInt = DEFAULT_MAX_PROMPT_TOKENS
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
+        # A ValueError here is msgspec's ValidationError, its text kept as is.
         if (self.column is None) == (self.template is None):
-            raise InvalidSetting(
-                (),
-                "value_error",
-                "set exactly one of --column or --template (input.column / input.template)",
+            raise ValueError(
+                "set exactly one of --column or --template (input.column / input.template)"
             )
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class OutputConfig(_Section):
+class OutputConfig(_Section, frozen=True, kw_only=True):
     path: Path
     run_dir: Path | None = None
     column_prefix: str = ""
@@ -360,24 +194,22 @@ class OutputConfig(_Section):
         return self.path.with_name(self.path.name + ".enrich")
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class ModelConfig(_Section):
-    name: str = _bounded("gpt-4o-mini", min_length=1)
+class ModelConfig(_Section, frozen=True, kw_only=True):
+    name: NonEmpty = "gpt-4o-mini"
     base_url: str | None = None
-    api_key_env: str = _bounded("OPENAI_API_KEY", min_length=1)
-    temperature: float | None = _bounded(None, ge=0, le=2)
-    top_p: float | None = _bounded(None, gt=0, le=1)
-    max_tokens: int | None = _bounded(None, gt=0)
+    api_key_env: NonEmpty = "OPENAI_API_KEY"
+    temperature: Annotated[float, Meta(ge=0, le=2)] | None = None
+    top_p: Annotated[float, Meta(gt=0, le=1)] | None = None
+    max_tokens: PositiveInt | None = None
     seed: int | None = None
     # Anything else the endpoint accepts (e.g. {"presence_penalty": 0.5}); part of the fingerprint.
     extra_params: dict[str, Any] = field(default_factory=dict)
     # The longest one request may take in all; a longer one is cut and retried.
-    timeout_s: float = _bounded(60.0, gt=0)
+    timeout_s: PositiveFloat = 60.0
     # A request that goes this long without a byte from the server (before the
     # first one, or between chunks of a streamed answer) is stuck: it is cut and
     # retried. None: learned from the answers (see pipeline.stall).
-    stall_timeout_s: float | None = _bounded(None, gt=0)
+    stall_timeout_s: PositiveFloat | None = None
     # Stream answers, so that a stuck request can be told from a long answer.
     # Servers that cannot are detected and sent plain requests; false: never stream.
     stream: bool = True
@@ -386,12 +218,9 @@ class ModelConfig(_Section):
     # openai: the official SDK's own client.
     transport: Literal["aiohttp", "openai"] = "aiohttp"
 
-    def _check(self) -> None:
+    def __post_init__(self) -> None:
         if self.base_url is not None:
-            try:
-                check_base_url(self.base_url, "--base-url")
-            except ValueError as exc:
-                raise InvalidSetting(("base_url",), "value_error", str(exc)) from None
+            check_base_url(self.base_url, "--base-url")
 
     def request_params(self) -> dict[str, Any]:
         """Sampling parameters sent with every request (only those set)."""
@@ -456,52 +285,46 @@ def check_base_url(url: str, where: str) -> None:
     del port
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class LimitsConfig(_Section):
-    concurrency: int = _bounded(32, gt=0, le=10_000)
-    rpm: int | None = _bounded(None, gt=0)
-    tpm: int | None = _bounded(None, gt=0)
-    max_attempts: int = _bounded(6, gt=0, le=100)
+class LimitsConfig(_Section, frozen=True, kw_only=True):
+    concurrency: Annotated[int, Meta(gt=0, le=10_000)] = 32
+    rpm: PositiveInt | None = None
+    tpm: PositiveInt | None = None
+    max_attempts: Annotated[int, Meta(gt=0, le=100)] = 6
     # Learn the provider's limits from x-ratelimit-* headers and 429s, and move
     # the in-flight limit up additively / down multiplicatively (AIMD) below
     # `concurrency`, and to a self-hosted server's capacity by latency (see
     # pipeline.concurrency). false: always `concurrency` in flight.
     adaptive: bool = True
-    backoff_base_s: float = _bounded(0.5, gt=0)
-    backoff_max_s: float = _bounded(60.0, gt=0)
+    backoff_base_s: PositiveFloat = 0.5
+    backoff_max_s: PositiveFloat = 60.0
     # The longest retry-after a 429 may pause the run for; a longer one (a
     # daily limit) ends the run with exit 3 and the checkpoint kept.
     # None: pause as long as the server asks.
-    max_pause_s: float | None = _bounded(None, gt=0)
+    max_pause_s: PositiveFloat | None = None
     # How long the API may stay unreachable (connections refused or reset,
     # timeouts, 5xx across the run) while the run holds its rows and probes;
     # longer ends the run with exit 75 and the checkpoint kept.
-    max_outage_s: float = _bounded(DEFAULT_MAX_OUTAGE_S, gt=0)
+    max_outage_s: PositiveFloat = DEFAULT_MAX_OUTAGE_S
     # How long the API may answer every request with 429 (no request admitted)
     # before the run ends with exit 3 and the checkpoint kept: a quota used up
     # without saying so, a key with no limit left.
-    max_refusal_s: float = _bounded(DEFAULT_MAX_REFUSAL_S, gt=0)
+    max_refusal_s: PositiveFloat = DEFAULT_MAX_REFUSAL_S
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class CheckpointConfig(_Section):
+class CheckpointConfig(_Section, frozen=True, kw_only=True):
     # Results per sealed checkpoint part (the journal holds them until then).
-    flush_every: int = _bounded(5000, gt=0)
+    flush_every: PositiveInt = 5000
     # The longest a finished answer waits before it is durable (journal and
     # cache, one group commit): what a SIGKILL can cost beyond the requests
     # in flight.
-    flush_interval_s: float = _bounded(0.1, gt=0)
+    flush_interval_s: PositiveFloat = 0.1
     # The input changed since an unfinished run: "restart" starts over on the
     # new input, reusing every answer whose request is unchanged; "refuse"
     # stops with exit 2.
     on_input_change: Literal["restart", "refuse"] = "restart"
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class CacheConfig(_Section):
+class CacheConfig(_Section, frozen=True, kw_only=True):
     # None: on for deterministic requests (no temperature, or 0), off otherwise,
     # because a row that asks for a sample wants its own.
     enabled: bool | None = None
@@ -509,21 +332,17 @@ class CacheConfig(_Section):
     dedup: bool | None = None
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class StructuredConfig(_Section):
+class StructuredConfig(_Section, frozen=True, kw_only=True):
     # A JSON Schema: a path to a .json file, inline JSON text, or a TOML table.
-    # Its key is "schema" (the name would shadow dataclasses' and pydantic's habits).
-    json_schema: str | dict[str, Any] | None = field(default=None, metadata={"alias": "schema"})
-    name: str = _bounded("row", min_length=1)
+    # Its key is "schema" (the field's name says what it holds).
+    json_schema: str | dict[str, Any] | None = field(default=None, name="schema")
+    name: NonEmpty = "row"
     # Answers that fail to parse or validate are asked again this many times in
     # all (counted apart from transport retries).
-    max_attempts: int = _bounded(3, gt=0, le=20)
+    max_attempts: Annotated[int, Meta(gt=0, le=20)] = 3
 
 
-@_section
-@dataclass(frozen=True, kw_only=True)
-class RunConfig(_Section):
+class RunConfig(_Section, frozen=True, kw_only=True):
     input: InputConfig
     output: OutputConfig
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -531,9 +350,9 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
-    max_error_rate: float = _bounded(1.0, ge=0, le=1)
+    max_error_rate: Annotated[float, Meta(ge=0, le=1)] = 1.0
     # A budget in USD for the whole job (resumed runs included); unset: no cap.
-    max_cost: float | None = _bounded(None, gt=0)
+    max_cost: PositiveFloat | None = None
     # Extra or overriding prices, same format as configs/prices.toml.
     price_file: Path | None = None
 
@@ -580,32 +399,76 @@ def _missing(key: str, path: Path | None) -> MissingSetting:
     return MissingSetting(f"missing setting {key}: {how}", key=key)
 
 
-def _describe(error: InvalidSetting, path: Path | None) -> ConfigError:
-    key = ".".join(error.loc)
-    flag = FLAG_FOR_KEY.get(key)
-    in_file = f"'{key}' in {path}" if path is not None else ""
-    fix = " or ".join(part for part in (flag, in_file) if part) or f"'{key}'"
-    if error.kind == "extra_forbidden":
+_AT: Final = re.compile(r"(?P<problem>.*?)(?: - at `\$(?P<at>[^`]*)`)?", re.DOTALL)
+_FIELD: Final = re.compile(
+    r"Object (?P<kind>contains unknown|missing required) field `(?P<name>.*)`"
+)
+_NOTHING: Final = object()
+
+
+def _given_at(tree: Mapping[str, Any], keys: list[str]) -> Any:
+    node: Any = tree
+    for key in keys:
+        if not isinstance(node, Mapping) or key not in node:
+            return _NOTHING
+        node = node[key]
+    return node
+
+
+def _choices(section: type[_Section], keys: list[str]) -> tuple[Any, ...]:
+    """The values a Literal setting allows (msgspec says only "Invalid enum value")."""
+    hint: Any = section
+    for key in keys:
+        if not (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
+            return ()
+        hint = next((f.type for f in msgspec.structs.fields(hint) if f.encode_name == key), None)
+    for option in (hint, *typing.get_args(hint)):
+        if typing.get_origin(option) is Literal:
+            return typing.get_args(option)
+    return ()
+
+
+def _describe(
+    error: msgspec.ValidationError,
+    section: type[_Section],
+    tree: Mapping[str, Any],
+    path: Path | None,
+) -> ConfigError:
+    if isinstance(error.__cause__, ValueError):
+        # Our own checks (``__post_init__``) already name the flags to use.
+        return ConfigError(str(error.__cause__))
+    found = _AT.fullmatch(str(error))
+    assert found is not None  # the pattern matches any text
+    problem, keys = found["problem"], [key for key in (found["at"] or "").split(".") if key]
+    about_field = _FIELD.fullmatch(problem)
+    if about_field is not None:
+        keys.append(about_field["name"])
+    prefix = [f.encode_name for f in msgspec.structs.fields(RunConfig) if f.type is section]
+    key = ".".join([*prefix[:1], *keys])
+    if about_field is not None and about_field["kind"] == "missing required":
+        return _missing(key, path)
+    if about_field is not None:
         where = f" in {path}" if path is not None else ""
         return ConfigError(
             f"unknown config key '{key}'{where}; remove it or check its spelling "
             "(see configs/example.toml)"
         )
-    if error.kind == "missing":
-        return _missing(key, path)
-    if error.kind == "value_error":
-        # Our own validators already name the flags to use.
-        return ConfigError(error.message)
-    return ConfigError(f"bad value for '{key}': {error.message} (got {error.given!r}); fix {fix}")
+    choices = _choices(section, keys)
+    given = _given_at(tree, keys)
+    if choices:
+        problem = f"Expected {' or '.join(repr(choice) for choice in choices)}"
+    elif given is not _NOTHING:
+        problem = re.sub(r", got `[^`]*`$", "", problem)  # the value itself is shown
+    shown = f" (got {given!r})" if given is not _NOTHING else ""
+    in_file = f"'{key}' in {path}" if path is not None else ""
+    fix = " or ".join(part for part in (FLAG_FOR_KEY.get(key), in_file) if part) or f"'{key}'"
+    return ConfigError(f"bad value for '{key}': {problem}{shown}; fix {fix}")
 
 
 def section_from(section: type[_S], tree: Mapping[str, Any], path: Path | None = None) -> _S:
     """A config section from its table (``enrich status`` reads only
     ``[output]``); raises ConfigError with one line."""
-    try:
-        return section.from_mapping(tree)
-    except InvalidSetting as exc:
-        raise _describe(exc, path) from None
+    return _convert(section, tree, path)
 
 
 def load_config(
@@ -630,4 +493,4 @@ def load_config(
     for dotted, value in {**(overrides or {}), **keyword_overrides}.items():
         if value is not None:
             _set_dotted(tree, dotted, value)
-    return section_from(RunConfig, tree, file)
+    return _convert(RunConfig, tree, file)

@@ -1,17 +1,19 @@
-"""The config's own checks (``pipeline.config``): each bad setting is one
-line naming the key, the value and the flag that fixes it; values convert
-as documented; sections built in Python are checked the same way."""
+"""The config's own checks (``pipeline.config``, msgspec underneath): each
+bad setting is one line naming the key, the value and the flag that fixes it;
+values convert as documented; sections built in Python are checked the same
+way."""
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from pipeline.config import (
-    InvalidSetting,
     LimitsConfig,
     ModelConfig,
     OutputConfig,
@@ -33,10 +35,10 @@ def error_for(**overrides: Any) -> str:
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("limits.rpm", 0, "Input should be greater than 0 (got 0); fix --rpm"),
-        ("limits.concurrency", 20_000, "Input should be less than or equal to 10000"),
-        ("max_error_rate", -1, "Input should be greater than or equal to 0 (got -1)"),
-        ("model.name", "", "String should have at least 1 character (got '')"),
+        ("limits.rpm", 0, "Expected `int` >= 1 (got 0); fix --rpm"),
+        ("limits.concurrency", 20_000, "Expected `int` <= 10000 (got 20000)"),
+        ("max_error_rate", -1, "Expected `float` >= 0.0 (got -1)"),
+        ("model.name", "", "Expected `str` of length >= 1 (got '')"),
     ],
 )
 def test_a_value_out_of_bounds_names_its_key_value_and_flag(
@@ -50,26 +52,30 @@ def test_a_value_out_of_bounds_names_its_key_value_and_flag(
 @pytest.mark.parametrize(
     ("key", "value", "message"),
     [
-        ("limits.rpm", "fast", "Input should be a valid integer, unable to parse string"),
-        ("limits.rpm", 1.5, "got a number with a fractional part"),
-        ("limits.rpm", True, "Input should be a valid integer (got True)"),
-        ("model.temperature", "hot", "Input should be a valid number"),
-        ("cache.enabled", "maybe", "Input should be a valid boolean"),
-        ("model.transport", "curl", "Input should be 'aiohttp' or 'openai' (got 'curl')"),
-        ("model.extra_params", [1], "Input should be a valid dictionary"),
-        ("structured.schema", 5, "Input should be a valid string (got 5); fix --schema"),
+        ("limits.rpm", "fast", "Expected `int | null` (got 'fast'); fix --rpm"),
+        ("limits.rpm", 1.5, "Expected `int | null` (got 1.5)"),
+        ("limits.rpm", True, "Expected `int | null` (got True)"),
+        ("model.temperature", "hot", "Expected `float | null` (got 'hot')"),
+        ("cache.enabled", "maybe", "Expected `bool | null` (got 'maybe')"),
+        ("model.transport", "curl", "Expected 'aiohttp' or 'openai' (got 'curl'); fix --transport"),
+        ("checkpoint.on_input_change", 1, "Expected 'restart' or 'refuse' (got 1)"),
+        ("model.extra_params", [1], "Expected `object` (got [1])"),
+        ("structured.schema", 5, "Expected `str | object | null` (got 5); fix --schema"),
+        ("output.path", 5, "Expected `str` (a path) (got 5); fix --output"),
     ],
 )
 def test_a_value_of_the_wrong_type_names_what_was_expected(
     key: str, value: Any, message: str
 ) -> None:
-    assert message in error_for(**{key.replace(".", "__"): value})
+    said = error_for(**{key.replace(".", "__"): value})
+    assert said.startswith(f"bad value for '{key}': ")
+    assert message in said and "\n" not in said
 
 
 def test_values_convert_as_a_toml_file_or_a_caller_may_write_them() -> None:
     config = load_config(
         None,
-        {**BASE, "limits.rpm": "600", "limits.tpm": 5e4, "model.top_p": 1, "cache.enabled": "yes"},
+        {**BASE, "limits.rpm": "600", "limits.tpm": 5e4, "model.top_p": 1, "cache.enabled": "true"},
     )
     assert config.limits.rpm == 600 and config.limits.tpm == 50_000
     assert config.model.top_p == 1.0 and isinstance(config.model.top_p, float)
@@ -89,7 +95,7 @@ def test_an_unknown_key_in_a_file_is_named_with_the_file(tmp_path: Path) -> None
 def test_a_section_that_is_not_a_table_is_bad_usage(tmp_path: Path) -> None:
     path = tmp_path / "job.toml"
     path.write_text('input = "in.csv"\n[output]\npath = "o.parquet"\n')
-    with pytest.raises(ConfigError, match="'input': Input should be a valid dictionary"):
+    with pytest.raises(ConfigError, match=r"'input': Expected `object` \(got 'in.csv'\)"):
         load_config(path)
 
 
@@ -108,11 +114,18 @@ def test_both_or_neither_prompt_source_is_one_line_naming_both_flags() -> None:
 
 
 def test_sections_built_in_python_are_checked_the_same_way() -> None:
-    with pytest.raises(InvalidSetting, match="concurrency: Input should be greater than 0"):
+    with pytest.raises(
+        ConfigError, match=r"'limits\.concurrency': Expected `int` >= 1 .* --concurrency"
+    ):
         LimitsConfig(concurrency=0)
-    with pytest.raises(InvalidSetting, match="is not an http:// or https:// URL"):
+    with pytest.raises(ConfigError, match="is not an http:// or https:// URL"):
         ModelConfig(base_url="ftp://example.com")
+    with pytest.raises(ConfigError, match=r"unknown config key 'limits\.rmp'"):
+        LimitsConfig(rmp=5)  # type: ignore[call-arg]
     assert ModelConfig(timeout_s=5).timeout_s == 5.0
+    assert isinstance(ModelConfig(timeout_s=5).timeout_s, float)
+    built = RunConfig(input={"path": "in.csv", "column": "q"}, output=OutputConfig(path="o.pq"))  # type: ignore[arg-type]
+    assert built.input.path == Path("in.csv") and built.output.path == Path("o.pq")
 
 
 def test_a_concurrency_the_user_gave_is_told_from_the_default() -> None:
@@ -143,6 +156,22 @@ def test_a_config_is_frozen() -> None:
 def test_the_output_section_alone_is_read_for_status() -> None:
     output = section_from(OutputConfig, {"path": "out.parquet"})
     assert output.resolved_run_dir == Path("out.parquet.enrich")
-    with pytest.raises(ConfigError, match="unknown config key 'colour'"):
+    with pytest.raises(ConfigError, match=r"unknown config key 'output\.colour'"):
         section_from(OutputConfig, {"path": "out.parquet", "colour": "red"})
     assert isinstance(load_config(None, BASE), RunConfig)
+
+
+def test_a_changed_or_pickled_section_keeps_the_fields_the_user_gave() -> None:
+    # Ray pickles the config to its workers; the limiter there starts where the user said.
+    limits = load_config(None, {**BASE, "limits.concurrency": 8}).limits
+    assert "concurrency" in pickle.loads(pickle.dumps(limits)).fields_set
+    assert "concurrency" in copy.deepcopy(limits).fields_set
+    changed = limits.replace(rpm=60)
+    assert changed.rpm == 60 and changed.fields_set == {"concurrency", "rpm"}
+    with pytest.raises(ConfigError, match=r"'limits\.rpm': Expected `int` >= 1"):
+        limits.replace(rpm=0)
+
+
+def test_a_boolean_may_be_written_as_a_string() -> None:
+    for text, value in (("true", True), ("False", False), ("1", True), ("0", False)):
+        assert load_config(None, {**BASE, "cache.enabled": text}).cache.enabled is value

@@ -4,7 +4,6 @@ local server, so "costs only its own rows" is measured, not assumed."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 import random
 import shutil
@@ -46,9 +45,7 @@ def config_for(tmp_path: Path, source: Path, base_url: str, **overrides: Any) ->
 
 
 def keep(config: RunConfig) -> RunConfig:
-    return dataclasses.replace(
-        config, output=dataclasses.replace(config.output, keep_checkpoint=True)
-    )
+    return config.replace(output=config.output.replace(keep_checkpoint=True))
 
 
 def warnings_of(sink: RecordingEventSink) -> list[str]:
@@ -252,7 +249,7 @@ def test_a_damaged_manifest_keeps_no_part_made_for_other_settings(
     config, server = checkpointed
     manifest = config.output.resolved_run_dir / "manifest.json"
     manifest.write_text("{")
-    other = dataclasses.replace(config, model=dataclasses.replace(config.model, name="sim-other"))
+    other = config.replace(model=config.model.replace(name="sim-other"))
     enrich(other)
     assert server.stats.requests == ROWS  # nothing made for sim-1 was reused for sim-other
 

@@ -4,16 +4,15 @@ flags and config keys come from."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import subprocess
 import sys
 import tomllib
-import typing
 from pathlib import Path
 from typing import Any
 
 import click
+import msgspec
 import polars as pl
 import pytest
 from click.testing import CliRunner, Result
@@ -45,20 +44,16 @@ def enrich_process(*args: str | Path, cwd: Path = ROOT) -> subprocess.CompletedP
     )
 
 
-def section_fields(section: type[Any]) -> dict[str, tuple[Any, dataclasses.Field[Any]]]:
-    """Each field of a config section by its config key: (its type, the field)."""
-    hints = typing.get_type_hints(section)
-    return {
-        field.metadata.get("alias", field.name): (hints[field.name], field)
-        for field in dataclasses.fields(section)
-    }
+def section_fields(section: type[Any]) -> dict[str, msgspec.structs.FieldInfo]:
+    """Each field of a config section by its config key."""
+    return {field.encode_name: field for field in msgspec.structs.fields(section)}
 
 
 def config_keys(section: type[Any] = RunConfig, prefix: str = "") -> set[str]:
     keys: set[str] = set()
-    for key, (annotation, _) in section_fields(section).items():
-        if isinstance(annotation, type) and dataclasses.is_dataclass(annotation):
-            keys |= config_keys(annotation, prefix + key + ".")
+    for key, field in section_fields(section).items():
+        if isinstance(field.type, type) and issubclass(field.type, msgspec.Struct):
+            keys |= config_keys(field.type, prefix + key + ".")
         else:
             keys.add(prefix + key)
     return keys
@@ -68,11 +63,11 @@ def model_default(key: str) -> Any:
     section: type[Any] = RunConfig
     *sections, leaf = key.split(".")
     for name in sections:
-        section = section_fields(section)[name][0]
-    _, field = section_fields(section)[leaf]
-    if field.default_factory is not dataclasses.MISSING:
+        section = section_fields(section)[name].type
+    field = section_fields(section)[leaf]
+    if field.default_factory is not msgspec.NODEFAULT:
         return field.default_factory()
-    return REQUIRED if field.default is dataclasses.MISSING else field.default
+    return REQUIRED if field.required else field.default
 
 
 @pytest.fixture

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import dataclasses
 import html
 import json
 import os
@@ -42,7 +41,7 @@ def price_file(tmp_path: Path) -> Path:
 
 
 def with_cap(config: RunConfig, cap: float) -> RunConfig:
-    return dataclasses.replace(config, max_cost=cap)
+    return config.replace(max_cost=cap)
 
 
 @pytest.fixture(scope="module")

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 from pathlib import Path
 from typing import Any
 
@@ -23,17 +22,12 @@ from conftest import StartServer, answer_for, make_config, write_questions
 
 
 def keep(config: RunConfig) -> RunConfig:
-    return dataclasses.replace(
-        config, output=dataclasses.replace(config.output, keep_checkpoint=True)
-    )
+    return config.replace(output=config.output.replace(keep_checkpoint=True))
 
 
 def with_changes(config: RunConfig, **sections: dict[str, Any]) -> RunConfig:
-    update = {
-        name: dataclasses.replace(getattr(config, name), **values)
-        for name, values in sections.items()
-    }
-    return dataclasses.replace(config, **update)
+    update = {name: getattr(config, name).replace(**values) for name, values in sections.items()}
+    return config.replace(**update)
 
 
 def part_files(config: RunConfig) -> list[Path]:
@@ -275,9 +269,7 @@ def test_status_reports_a_checkpoint_and_a_finished_output(
     assert sorted(p.name for p in run_dir.rglob("*")) == before  # read only
 
     enrich(
-        dataclasses.replace(
-            config, output=dataclasses.replace(config.output, keep_checkpoint=False)
-        ),
+        config.replace(output=config.output.replace(keep_checkpoint=False)),
         options=RunOptions(force=True),
     )
     finished = CliRunner().invoke(cli, ["status", str(tmp_path / "out.parquet")])
