@@ -11,10 +11,13 @@ schemas cost 110-140 ms before the first request, most of a cron run's start
 config tree in C (numbers and booleans from strings, bounds from ``Meta``,
 literals, unions). ``_describe`` turns its error ("Expected `int` >= 1 - at
 `$.limits.rpm`") into one line naming the flag that fixes it.
+
+No ``from __future__ import annotations`` here: msgspec would compile every
+field's annotation from its string on first use (about 8 ms before the
+first request).
 """
 
-from __future__ import annotations
-
+import functools
 import os
 import re
 import tomllib
@@ -45,6 +48,12 @@ PositiveFloat = Annotated[float, Meta(gt=0)]
 NonEmpty = Annotated[str, Meta(min_length=1)]
 
 
+@functools.cache
+def _fields(section: type[msgspec.Struct]) -> tuple[msgspec.structs.FieldInfo, ...]:
+    # msgspec.structs.fields reads the class's annotations again on every call.
+    return msgspec.structs.fields(section)
+
+
 class _SectionMeta(msgspec.StructMeta):
     """A section built in Python (``LimitsConfig(rpm=60)``) goes through
     ``msgspec.convert`` as a config file's table does: msgspec's own
@@ -53,7 +62,7 @@ class _SectionMeta(msgspec.StructMeta):
     def __call__(cls, **values: Any) -> Any:
         # Any, so that type checkers keep the section's own signature and type.
         section = typing.cast(type[_Section], cls)
-        names = {info.name: info.encode_name for info in msgspec.structs.fields(section)}
+        names = {info.name: info.encode_name for info in _fields(section)}
         return _convert(section, {names.get(name, name): value for name, value in values.items()})
 
 
@@ -78,7 +87,7 @@ class _Section(
     def replace(self, **changes: Any) -> Self:
         """A copy with ``changes``, checked like any setting; the fields given
         stay given (``msgspec.structs.replace`` would forget them)."""
-        values = {info.name: getattr(self, info.name) for info in msgspec.structs.fields(self)}
+        values = {info.name: getattr(self, info.name) for info in _fields(type(self))}
         made: Self = type(self)(**{**values, **changes})
         return _remember(made, self.fields_set | changes.keys())
 
@@ -90,15 +99,13 @@ class _Section(
 
     def __reduce__(self) -> tuple[Any, ...]:
         # Pickled to a worker process (Ray), a section keeps its given fields.
-        values = {info.name: getattr(self, info.name) for info in msgspec.structs.fields(self)}
+        values = {info.name: getattr(self, info.name) for info in _fields(type(self))}
         return (_unpickle, (type(self), values, self.fields_set))
 
     def to_dict(self) -> dict[str, Any]:
         """The settings as JSON values under their field names (what the
         report and the manifest keep, and the fingerprint hashes)."""
-        return {
-            info.name: _jsonable(getattr(self, info.name)) for info in msgspec.structs.fields(self)
-        }
+        return {info.name: _jsonable(getattr(self, info.name)) for info in _fields(type(self))}
 
 
 _S = typing.TypeVar("_S", bound=_Section)
@@ -118,7 +125,7 @@ def _unpickle(section: type[_S], values: dict[str, Any], given: frozenset[str]) 
 def _note_given(section: _Section, table: Mapping[str, Any]) -> None:
     """Record, section by section, which keys the config tree gave."""
     given = set()
-    for info in msgspec.structs.fields(section):
+    for info in _fields(type(section)):
         if info.encode_name not in table:
             continue
         given.add(info.name)
@@ -421,7 +428,7 @@ def _choices(section: type[_Section], keys: list[str]) -> tuple[Any, ...]:
     for key in keys:
         if not (isinstance(hint, type) and issubclass(hint, msgspec.Struct)):
             return ()
-        hint = next((f.type for f in msgspec.structs.fields(hint) if f.encode_name == key), None)
+        hint = next((f.type for f in _fields(hint) if f.encode_name == key), None)
     for option in (hint, *typing.get_args(hint)):
         if typing.get_origin(option) is Literal:
             return typing.get_args(option)
@@ -443,7 +450,7 @@ def _describe(
     about_field = _FIELD.fullmatch(problem)
     if about_field is not None:
         keys.append(about_field["name"])
-    prefix = [f.encode_name for f in msgspec.structs.fields(RunConfig) if f.type is section]
+    prefix = [f.encode_name for f in _fields(RunConfig) if f.type is section]
     key = ".".join([*prefix[:1], *keys])
     if about_field is not None and about_field["kind"] == "missing required":
         return _missing(key, path)
