@@ -37,12 +37,8 @@ async def open_stage(
     config = plan.config
     own_transport = transport is None
     if transport is None:
-        response_format = plan.response_format
         transport = make_transport(
-            config.model,
-            config.api_key(),
-            config.model.transport,
-            extra_params={"response_format": response_format} if response_format else None,
+            config.model, config.api_key(), config.model.transport, extra_params=plan.extra_params
         )
     stage = CallStage(
         config.model,

@@ -1,0 +1,187 @@
+"""The batch ledger: what the batch route has written, uploaded and submitted,
+durable in the run directory before the next step is taken.
+
+Layout (inside the run directory)::
+
+    batch/ledger.json              every file's state and ids (replaced atomically)
+    batch/file-00003.jsonl         a batch input file, as uploaded
+    batch/file-00003.rows.json     its rows: [row, asked row, request key] each
+
+A file goes ``written -> uploaded -> creating -> submitted -> collected``
+(or ``failed``). Each state is durable before the step that follows it, so a
+SIGKILL at any instant leaves a ledger the next run continues from:
+
+- killed after writing a file: the next run uploads it;
+- killed after the upload, before its id was kept: the next run uploads the
+  file again (an unused upload costs nothing; no batch was made);
+- killed while creating the batch (``creating``): the next run looks for a
+  batch the provider made from this file before it creates one, so rows are
+  never submitted twice;
+- killed while polling or downloading: the next run polls and downloads again;
+  a file is ``collected`` only once its results are in the checkpoint, and a
+  collected file is never downloaded again.
+
+Rows of a file not yet collected are *live*: no other file, and no online
+request, asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass, field, replace
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final, Literal
+
+from pipeline.durable import atomic_write_bytes
+from pipeline.errors import WriteFailed
+
+FileState = Literal["written", "uploaded", "creating", "submitted", "collected", "failed"]
+LIVE_STATES: Final[frozenset[str]] = frozenset({"written", "uploaded", "creating", "submitted"})
+
+BATCH_DIR: Final = "batch"
+LEDGER: Final = "ledger.json"
+LEDGER_VERSION: Final = 1
+
+
+@dataclass(frozen=True)
+class Asked:
+    """One row a file answers: ``asked`` is the row whose request line
+    carries the question (the row itself, or an identical request's row in
+    the same file: in-file dedup), ``key`` its request key (hex)."""
+
+    row: int
+    asked: int
+    key: str | None
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """One batch input file and what became of it."""
+
+    name: str
+    requests: int
+    rows: int
+    size: int
+    cost_usd: float | None
+    """Its worst-case cost at batch prices (what ``--max-cost`` counts)."""
+    state: FileState = "written"
+    file_id: str | None = None
+    batch_id: str | None = None
+    submitted_at: str | None = None
+    status: str | None = None
+    """The provider's last word on the batch (``in_progress``, ``expired``...)."""
+    output_file_id: str | None = None
+    error_file_id: str | None = None
+    completed: int = 0
+    failed: int = 0
+    reason: str | None = None
+    """Why the batch failed or was requeued, in the provider's words."""
+
+    @property
+    def live(self) -> bool:
+        return self.state in LIVE_STATES
+
+    def submitted_time(self) -> datetime | None:
+        return datetime.fromisoformat(self.submitted_at) if self.submitted_at else None
+
+
+@dataclass
+class Ledger:
+    """The run directory's batch ledger. ``save`` after every change (the
+    route does, before each next step)."""
+
+    directory: Path
+    endpoint: str
+    api_key_env: str
+    files: list[FileEntry] = field(default_factory=list)
+
+    @classmethod
+    def open(cls, run_dir: Path, endpoint: str, api_key_env: str) -> Ledger:
+        """The ledger of ``run_dir`` (an empty one when there is none yet)."""
+        found = read_ledger(run_dir)
+        if found is not None:
+            found.endpoint, found.api_key_env = endpoint, api_key_env
+            return found
+        return cls(run_dir / BATCH_DIR, endpoint, api_key_env)
+
+    def save(self) -> None:
+        body = {
+            "version": LEDGER_VERSION,
+            "endpoint": self.endpoint,
+            "api_key_env": self.api_key_env,
+            "files": [asdict(entry) for entry in self.files],
+        }
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            atomic_write_bytes(self.directory / LEDGER, json.dumps(body, indent=1).encode())
+        except OSError as exc:
+            raise WriteFailed(
+                f"cannot write the batch ledger in {self.directory} ({exc.strerror or exc}); "
+                "fix the disk, then rerun the same command (submitted batches are kept)"
+            ) from None
+
+    def update(self, name: str, **changes: Any) -> FileEntry:
+        """Change one file's entry and make it durable."""
+        for index, entry in enumerate(self.files):
+            if entry.name == name:
+                self.files[index] = replace(entry, **changes)
+                self.save()
+                return self.files[index]
+        raise KeyError(name)
+
+    def next_name(self) -> str:
+        return f"file-{len(self.files) + 1:05d}"
+
+    def data_path(self, name: str) -> Path:
+        return self.directory / f"{name}.jsonl"
+
+    def rows_path(self, name: str) -> Path:
+        return self.directory / f"{name}.rows.json"
+
+    def add(self, entry: FileEntry, data: bytes, asked: Iterable[Asked]) -> None:
+        """A new file: its content and rows first, then its entry (so an
+        entry always has both)."""
+        self.directory.mkdir(parents=True, exist_ok=True)
+        rows = [[a.row, a.asked, a.key] for a in asked]
+        atomic_write_bytes(self.data_path(entry.name), data)
+        atomic_write_bytes(self.rows_path(entry.name), json.dumps(rows).encode())
+        self.files.append(entry)
+        self.save()
+
+    def asked(self, name: str) -> list[Asked]:
+        rows = json.loads(self.rows_path(name).read_bytes())
+        return [Asked(int(row), int(asked), key) for row, asked, key in rows]
+
+    def live(self) -> list[FileEntry]:
+        return [entry for entry in self.files if entry.live]
+
+    def live_rows(self) -> Iterator[int]:
+        for entry in self.live():
+            for asked in self.asked(entry.name):
+                yield asked.row
+
+    def forget_data(self, name: str) -> None:
+        """A collected file's content is not needed any more (its ids stay)."""
+        self.data_path(name).unlink(missing_ok=True)
+
+
+def read_ledger(run_dir: Path) -> Ledger | None:
+    """The ledger in ``run_dir``, None when the run never used batches."""
+    path = run_dir / BATCH_DIR / LEDGER
+    try:
+        body = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise WriteFailed(
+            f"the batch ledger {path} cannot be read ({exc}); its batches may still be "
+            "running: cancel them on the provider's console, then rerun with --restart"
+        ) from None
+    files = [FileEntry(**entry) for entry in body.get("files", [])]
+    return Ledger(path.parent, body.get("endpoint", ""), body.get("api_key_env", ""), files)
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
