@@ -780,6 +780,65 @@ def _sample_path() -> Path:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for the faults and latencies."
 )
+@click.option(
+    "--batch-turnaround",
+    "batch_turnaround_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds from a batch's creation to completed (validating the first tenth).",
+)
+@click.option(
+    "--batch-expire-after",
+    "batch_expire_after_s",
+    type=float,
+    default=86_400.0,
+    show_default=True,
+    metavar="S",
+    help="A batch not done this many seconds after creation expires, keeping what completed.",
+)
+@click.option(
+    "--batch-fail-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of batch requests in the error file, half 500 (transient), half 400.",
+)
+@click.option(
+    "--batch-enqueued-tokens",
+    type=int,
+    default=None,
+    help="Enqueued-token limit per model: a batch past it fails with token_limit_exceeded.",
+)
+@click.option(
+    "--batch-poll-delay-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Delay before answering GET /v1/batches/{id} (a slow poll).",
+)
+@click.option(
+    "--batch-max-file-bytes",
+    type=int,
+    default=200 * 1024 * 1024,
+    show_default=True,
+    help="Largest upload; past it POST /v1/files answers 413.",
+)
+@click.option(
+    "--batch-max-requests",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Most requests in a batch file; past it the batch fails with too_many_tasks.",
+)
+@click.option(
+    "--batch-max-stored-bytes",
+    type=int,
+    default=4 * 1024 * 1024 * 1024,
+    show_default=True,
+    help="Bytes of files held in memory; past it uploads are refused until files are deleted.",
+)
 @handle_errors
 def simulate(
     host: str,
@@ -790,14 +849,21 @@ def simulate(
     rpm_schedule: str | None,
     **settings: Any,
 ) -> None:
-    """Serve a local OpenAI-compatible API with latency, limits and faults."""
-    from pipeline.simulate import SimulatorConfig, parse_rpm_schedule, serve_forever
+    """Serve a local OpenAI-compatible API with latency, limits and faults, and
+    the Files and Batches endpoints of OpenAI's Batch API."""
+    from pipeline.simulate import BatchConfig, SimulatorConfig, parse_rpm_schedule, serve_forever
 
+    batch = {
+        name.removeprefix("batch_"): settings.pop(name)
+        for name in list(settings)
+        if name.startswith("batch_")
+    }
     config = SimulatorConfig(
         rate_headers=not no_rate_headers,
         streaming=not no_streaming,
         api_key=api_key,
         rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
+        batch=BatchConfig(**batch),
         **settings,
     )
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))
