@@ -185,3 +185,45 @@ def read_ledger(run_dir: Path) -> Ledger | None:
 
 def now_iso() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+# What `enrich status` calls each file, from its state and the provider's last word.
+BATCH_KINDS: Final = (
+    "queued",
+    "submitted",
+    "in_progress",
+    "done",
+    "failed",
+    "expired",
+    "cancelled",
+)
+
+
+def kind_of(entry: FileEntry) -> str:
+    """``queued`` (not a batch yet), ``submitted`` (validating), ``in_progress``
+    (running, finalizing or cancelling), ``done``, ``failed``, ``expired``,
+    ``cancelled``."""
+    if entry.state == "failed":
+        return "failed"
+    if entry.state in ("written", "uploaded", "creating"):
+        return "queued"
+    if entry.status in ("expired", "cancelled"):
+        return entry.status
+    if entry.status == "completed" or entry.state == "collected":
+        return "done"
+    if entry.status == "validating":
+        return "submitted"
+    return "in_progress"
+
+
+def batch_summary(run_dir: Path) -> dict[str, tuple[int, int]] | None:
+    """Files and rows per kind (``BATCH_KINDS``), as last polled; None when
+    the run has no batches. Reads only."""
+    ledger = read_ledger(run_dir)
+    if ledger is None:
+        return None
+    summary = dict.fromkeys(BATCH_KINDS, (0, 0))
+    for entry in ledger.files:
+        files, rows = summary[kind_of(entry)]
+        summary[kind_of(entry)] = (files + 1, rows + entry.rows)
+    return summary

@@ -30,19 +30,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
-from pipeline.batch_ledger import BATCH_DIR, FileEntry, Ledger, now_iso
+from pipeline.batch_ledger import BATCH_DIR, FileEntry, Ledger, batch_summary, now_iso, read_ledger
 from pipeline.batch_openai import BatchClient, BatchInfo, OpenAIBatchClient, QueueFull
 from pipeline.batch_prepare import FileWriter, check_cap, open_batch_feed
 from pipeline.batch_results import LineResult, file_answers, read_lines
 from pipeline.collect import ResultSink, commit_error
+from pipeline.config import ModelConfig
 from pipeline.crashpoints import crash_point
-from pipeline.errors import BatchesPending, BatchFailed, RunInterrupted
+from pipeline.errors import BatchesPending, BatchFailed, FatalAPIError, RunInterrupted
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
@@ -349,11 +351,37 @@ async def cancel_batches(ledger: Ledger, client: BatchClient) -> list[FileEntry]
     what they finished) and tell a run that waits on them to stop."""
     cancelled = []
     for entry in ledger.live():
-        if entry.state == "submitted" and entry.batch_id is not None:
+        if entry.state != "submitted" or entry.batch_id is None:
+            continue
+        try:
             await client.cancel(entry.batch_id)
-            cancelled.append(entry)
+        except FatalAPIError:
+            # Refused because it finished meanwhile: nothing to cancel.
+            if not (await client.get(entry.batch_id)).done:
+                raise
+            continue
+        cancelled.append(entry)
     (ledger.directory / CANCEL_MARK).touch()
     return cancelled
+
+
+def cancel_run(run_dir: Path) -> int | None:
+    """``enrich cancel``: the batches of the run in ``run_dir`` cancelled
+    through the endpoint the run used (its key from the variable it named);
+    how many, or None when the run has no batches."""
+    ledger = read_ledger(run_dir)
+    if ledger is None:
+        return None
+    model = ModelConfig(name="-", base_url=ledger.endpoint, api_key_env=ledger.api_key_env)
+    client = OpenAIBatchClient(model, os.environ.get(ledger.api_key_env) or "sk-no-key-set")
+
+    async def cancel_all() -> int:
+        try:
+            return len(await cancel_batches(ledger, client))
+        finally:
+            await client.aclose()
+
+    return asyncio.run(cancel_all())
 
 
 async def send_batches(
@@ -382,7 +410,9 @@ __all__ = [
     "BATCH_DIR",
     "BatchPass",
     "RouteEnd",
+    "batch_summary",
     "cancel_batches",
+    "cancel_run",
     "open_batch_feed",
     "send_batches",
 ]

@@ -508,6 +508,9 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         said = "interrupted (no run holds the lock; the same command resumes it)"
     else:
         state, said = "finished", "finished"
+    from pipeline.batch_route import batch_summary
+
+    batches = batch_summary(output.resolved_run_dir)
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
@@ -520,6 +523,8 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
             completion_tokens=report.completion_tokens,
             last_update=updated,
         )
+        if batches is not None:
+            body["batches"] = {kind: {"files": f, "rows": r} for kind, (f, r) in batches.items()}
         click.echo(json.dumps(body))
         return
     click.echo(
@@ -528,6 +533,46 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
         f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"
         f"  last update {updated or '-'}"
+    )
+    if batches is not None:
+        click.echo(_batches_line(batches))
+
+
+def _batches_line(batches: Mapping[str, tuple[int, int]]) -> str:
+    shown = " · ".join(
+        f"{kind.replace('_', ' ')} {files} ({rows:,} rows)"
+        for kind, (files, rows) in batches.items()
+        if files
+    )
+    return f"  batches (as last polled): {shown or 'none'}"
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's checkpoint directory [OUTPUT.enrich].",
+)
+@handle_errors
+def cancel(output: Path, run_dir: Path | None) -> None:
+    """Cancel the batches of a --route batch run that are still in flight.
+    What they finished is kept: the next `enrich run` collects it and sends
+    the rest (a run waiting on them stops, exit 130)."""
+    from pipeline.batch_route import cancel_run
+    from pipeline.config import OutputConfig
+
+    directory = OutputConfig(path=output, run_dir=run_dir).resolved_run_dir
+    count = cancel_run(directory)
+    if count is None:
+        raise UsageError(
+            f"no batches to cancel in {directory}; give the output of a --route batch run "
+            "(or its --run-dir)"
+        )
+    click.echo(
+        f"cancelled {count} batch(es) of {output}; what they finished is kept: run the same "
+        "`enrich run` again to collect it and send the rest"
     )
 
 
@@ -562,6 +607,13 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     help="Share of requests the server answers 5xx, and again 429 (0 for a clean run).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--route",
+    type=click.Choice(["online", "batch"]),
+    default="online",
+    show_default=True,
+    help="batch: through the local server's Batch API (files of 20 requests, a few seconds each).",
+)
 @handle_errors
 def demo(
     input_path: Path | None,
@@ -570,13 +622,14 @@ def demo(
     latency_ms: float,
     fail_rate: float,
     quiet: bool,
+    route: str,
 ) -> None:
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
 
     from pipeline.config import load_config
     from pipeline.runner import RunOptions, enrich
-    from pipeline.simulate import Simulator, SimulatorConfig
+    from pipeline.simulate import BatchConfig, Simulator, SimulatorConfig
 
     input_path = input_path or _sample_path()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -586,7 +639,9 @@ def demo(
         fail_rate_5xx=fail_rate,
         fail_rate_429=fail_rate,
         seed=7,
+        batch=BatchConfig(turnaround_s=3.0, fail_rate=fail_rate),
     )
+
     with Simulator.run_in_thread(server_config) as server:
         click.echo(
             _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate), err=True
@@ -601,6 +656,7 @@ def demo(
                 "model.base_url": server.base_url,
                 "limits.concurrency": 16,
                 "limits.backoff_base_s": 0.05,
+                **_DEMO_ROUTES[route],
             },
         )
         summary = enrich(
@@ -614,10 +670,17 @@ def demo(
         tbl_rows=5, fmt_str_lengths=60, tbl_width_chars=120, tbl_hide_dataframe_shape=True
     ):
         preview = pl.read_parquet(output).select(
-            column, "response", "status", "latency_ms", "attempts"
+            column, "response", "status", "latency_ms", "attempts", "route"
         )
         click.echo(preview.head(5))
     click.echo(_demo_next_steps(output, column), err=True)
+
+
+# The batch demo: files of 20 requests (the sample makes three), polled every second.
+_DEMO_ROUTES: Final[dict[str, dict[str, Any]]] = {
+    "online": {},
+    "batch": {"route": "batch", "batch.max_requests": 20, "batch.poll_interval_s": 1.0},
+}
 
 
 def _demo_intro(
