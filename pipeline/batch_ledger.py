@@ -227,3 +227,8 @@ def batch_summary(run_dir: Path) -> dict[str, tuple[int, int]] | None:
         files, rows = summary[kind_of(entry)]
         summary[kind_of(entry)] = (files + 1, rows + entry.rows)
     return summary
+
+
+def in_flight(summary: dict[str, tuple[int, int]]) -> bool:
+    """Whether a ``batch_summary`` has files still to submit or running."""
+    return any(summary[kind][0] for kind in ("queued", "submitted", "in_progress"))

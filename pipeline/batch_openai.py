@@ -184,7 +184,8 @@ class OpenAIBatchClient:
             query = {"limit": "100", **({"after": after} if after else {})}
             page = await self._call("GET", "/batches", params=query)
             for item in page.get("data") or []:
-                if item.get("input_file_id") == file_id:
+                # A failed batch ran nothing (e.g. the queue was full): not it.
+                if item.get("input_file_id") == file_id and item.get("status") != "failed":
                     return BatchInfo.parse(item)
             if not page.get("has_more") or not page.get("data"):
                 return None

@@ -137,3 +137,15 @@ def file_answers(asked: Sequence[Asked], lines: Iterable[LineResult]) -> FileAns
             copy.route, copy.latency_ms = "batch", None
             answers.results.append((copy, key))
     return answers
+
+
+def not_run(row: int, how: str) -> RowResult:
+    """A row no batch of this run ran (each one ``how``: expired, cancelled):
+    a pending error, which the next run sends again."""
+    return RowResult(
+        row,
+        "error",
+        error=f"no batch ran this request (the last one {how}); the next run sends it again",
+        transient=True,
+        route="batch",
+    )

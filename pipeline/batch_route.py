@@ -37,10 +37,18 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
-from pipeline.batch_ledger import BATCH_DIR, FileEntry, Ledger, batch_summary, now_iso, read_ledger
+from pipeline.batch_ledger import (
+    BATCH_DIR,
+    FileEntry,
+    Ledger,
+    batch_summary,
+    in_flight,
+    now_iso,
+    read_ledger,
+)
 from pipeline.batch_openai import BatchClient, BatchInfo, OpenAIBatchClient, QueueFull
 from pipeline.batch_prepare import FileWriter, check_cap, open_batch_feed
-from pipeline.batch_results import LineResult, file_answers, read_lines
+from pipeline.batch_results import LineResult, file_answers, not_run, read_lines
 from pipeline.collect import ResultSink, commit_error
 from pipeline.config import ModelConfig
 from pipeline.crashpoints import crash_point
@@ -76,6 +84,9 @@ class BatchPass:
     clock: Callable[[], datetime] = _now
     _sink: ResultSink | None = field(default=None, init=False)
     _pending: bytearray = field(default_factory=bytearray, init=False)
+    _unanswered: dict[int, str] = field(default_factory=dict, init=False)
+    """Rows whose last batch ended before it ran them (expired, cancelled),
+    and how it ended: they get a pending error if no later batch answers."""
     _queue_full: bool = field(default=False, init=False)
     _failure: BatchFailed | None = field(default=None, init=False)
 
@@ -136,6 +147,7 @@ class BatchPass:
                     delay = FIRST_POLL_S
                     continue
             if not self.ledger.live():
+                await self._give_up_unanswered()
                 return "done"
             if not config.batch.wait:
                 raise BatchesPending(self._pending_message())
@@ -283,11 +295,25 @@ class BatchPass:
         await self._commit(answers.results)
         for row in answers.unanswered:
             self._pending[row] = 1
+            self._unanswered[row] = info.status
         for result, _ in answers.results:
+            self._unanswered.pop(result.row_id, None)
             if result.transient:
                 self._pending[result.row_id] = 1
         self.ledger.update(entry.name, state="collected")
         self.ledger.forget_data(entry.name)
+
+    async def _give_up_unanswered(self) -> None:
+        """Rows no batch of this run ran, ``--max-attempts`` files later:
+        pending errors, sent again by the next run (as online rows whose
+        attempts ran out)."""
+        if not self._unanswered:
+            return
+        results: list[tuple[RowResult, bytes | None]] = [
+            (not_run(row, status), None) for row, status in sorted(self._unanswered.items())
+        ]
+        self._unanswered.clear()
+        await self._commit(results)
 
     async def _commit(self, results: list[tuple[RowResult, bytes | None]]) -> None:
         """Results into the checkpoint and cache, durable before the file is
@@ -413,6 +439,7 @@ __all__ = [
     "batch_summary",
     "cancel_batches",
     "cancel_run",
+    "in_flight",
     "open_batch_feed",
     "send_batches",
 ]

@@ -500,17 +500,20 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
     holder = live_holder(lock_path_for(output.path))
+    from pipeline.batch_route import batch_summary, in_flight
+
+    batches = batch_summary(output.resolved_run_dir)
     if holder is not None:
         state = "running"
         said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
+    elif batches is not None and in_flight(batches):
+        state = "batches_pending"
+        said = "waiting on its batches (the same command collects what is done)"
     elif report.source == "checkpoint":
         state = "interrupted"
         said = "interrupted (no run holds the lock; the same command resumes it)"
     else:
         state, said = "finished", "finished"
-    from pipeline.batch_route import batch_summary
-
-    batches = batch_summary(output.resolved_run_dir)
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
