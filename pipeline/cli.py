@@ -42,6 +42,7 @@ from pipeline.version import DISTRIBUTION
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.lock import LockHolder
     from pipeline.runner import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -503,17 +504,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     from pipeline.batch_route import batch_summary, in_flight
 
     batches = batch_summary(output.resolved_run_dir)
-    if holder is not None:
-        state = "running"
-        said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
-    elif batches is not None and in_flight(batches):
-        state = "batches_pending"
-        said = "waiting on its batches (the same command collects what is done)"
-    elif report.source == "checkpoint":
-        state = "interrupted"
-        said = "interrupted (no run holds the lock; the same command resumes it)"
-    else:
-        state, said = "finished", "finished"
+    state, said = _run_state(holder, batches is not None and in_flight(batches), report.source)
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
@@ -539,6 +530,17 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     )
     if batches is not None:
         click.echo(_batches_line(batches))
+
+
+def _run_state(holder: LockHolder | None, batches_out: bool, source: str) -> tuple[str, str]:
+    """The run's state for ``enrich status``: its word and its sentence."""
+    if holder is not None:
+        return "running", f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
+    if batches_out:
+        return "batches_pending", "waiting on its batches (the same command collects what is done)"
+    if source == "checkpoint":
+        return "interrupted", "interrupted (no run holds the lock; the same command resumes it)"
+    return "finished", "finished"
 
 
 def _batches_line(batches: Mapping[str, tuple[int, int]]) -> str:
