@@ -94,24 +94,46 @@ class LineTooLarge(UsageError):
     """One request is larger than a whole batch file may be."""
 
 
-def split_lines(
-    lines: Iterable[tuple[int, bytes]], limits: FileLimits = FileLimits()
-) -> Iterator[FileContent]:
-    """``(row_id, line)`` pairs as files within ``limits``, in order; only the
-    file being filled is held. A line larger than ``max_bytes`` on its own
-    raises ``LineTooLarge`` (no file could carry it)."""
-    current = FileContent()
-    for row_id, line in lines:
+class FileSplitter:
+    """Cuts a stream of request lines into files within ``limits``: ``add``
+    returns the file the line did not fit in (now complete), ``finish`` the
+    last one. Only the file being filled is held."""
+
+    def __init__(self, limits: FileLimits = FileLimits()) -> None:
+        self.limits = limits
+        self.current = FileContent()
+
+    def add(self, row_id: int, line: bytes) -> FileContent | None:
+        """Raises ``LineTooLarge`` for a line larger than a whole file may be."""
+        limits = self.limits
         if len(line) > limits.max_bytes:
             raise LineTooLarge(
                 f"row {row_id}'s request is {len(line):,} bytes, more than a batch file may hold "
                 f"({limits.max_bytes:,}); raise --batch-max-bytes, shorten the prompt, or send "
                 "this job with --route online"
             )
+        current, done = self.current, None
         full = len(current.rows) >= limits.max_requests
         if current.rows and (full or current.size + len(line) > limits.max_bytes):
-            yield current
-            current = FileContent()
-        current.add(row_id, line)
-    if current.rows:
-        yield current
+            done, self.current = current, FileContent()
+        self.current.add(row_id, line)
+        return done
+
+    def finish(self) -> FileContent | None:
+        current, self.current = self.current, FileContent()
+        return current if current.rows else None
+
+
+def split_lines(
+    lines: Iterable[tuple[int, bytes]], limits: FileLimits = FileLimits()
+) -> Iterator[FileContent]:
+    """``(row_id, line)`` pairs as files within ``limits``, in order (see
+    ``FileSplitter``)."""
+    splitter = FileSplitter(limits)
+    for row_id, line in lines:
+        done = splitter.add(row_id, line)
+        if done is not None:
+            yield done
+    last = splitter.finish()
+    if last is not None:
+        yield last

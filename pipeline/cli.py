@@ -55,6 +55,7 @@ EXIT_CODE_HELP: Final[dict[ExitCode, str]] = {
     ExitCode.FATAL_API: "fatal API error (bad key, unknown model, quota, --max-pause)",
     ExitCode.LOCK_HELD: "another run holds this output's lock",
     ExitCode.SPEND_CAP: "stopped by --max-cost; checkpoint kept",
+    ExitCode.BATCHES_PENDING: "--route batch --no-wait: batches in flight; rerun to collect",
     ExitCode.INTERNAL: "a bug: rerun with ENRICH_DEBUG=1 and report it",
     ExitCode.WRITE_FAILED: "cannot write (disk full, I/O error); checkpoint kept",
     ExitCode.API_UNREACHABLE: "API unreachable for longer than --max-outage; checkpoint kept",

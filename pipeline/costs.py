@@ -326,17 +326,25 @@ class SpendCap:
 
 
 def checkpoint_spend(results: pl.DataFrame, price: Price) -> float:
-    """What the rows of a checkpoint cost: their reported tokens, except rows
-    answered without a request (the response cache or in-run dedup, the
-    ``cached`` column), whose tokens are the original request's and were paid
-    by someone else, or not at all."""
+    """What the rows of a checkpoint cost: their reported tokens, at the price
+    of the route that answered each (``route``), except rows answered without
+    a request (the response cache or in-run dedup, the ``cached`` column),
+    whose tokens are the original request's and were paid by someone else,
+    or not at all."""
     import polars as pl
 
     if "cached" in results.columns:
         results = results.filter(~pl.col("cached").fill_null(False))
-    prompt_tokens = int(results["prompt_tokens"].sum() or 0)
-    completion_tokens = int(results["completion_tokens"].sum() or 0)
-    return cost(prompt_tokens, completion_tokens, price)
+    by_batch = pl.col("route") == "batch" if "route" in results.columns else pl.lit(False)
+    total = 0.0
+    for rows, route_price in (
+        (results.filter(~by_batch.fill_null(False)), price),
+        (results.filter(by_batch.fill_null(False)), price.for_route("batch")),
+    ):
+        prompt_tokens = int(rows["prompt_tokens"].sum() or 0)
+        completion_tokens = int(rows["completion_tokens"].sum() or 0)
+        total += cost(prompt_tokens, completion_tokens, route_price)
+    return total
 
 
 class CostMeter:
