@@ -452,26 +452,17 @@ def report_page(output: Path, report_file: Path | None, html_file: Path | None) 
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
 @handle_errors
 def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: Any) -> None:
-    """Rows, tokens, cost and time at the configured limits. Sends nothing and
-    writes nothing, so no --output is needed. Takes the same CONFIG and flags
-    as run (those that change nothing here are accepted and not listed)."""
-    from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
-    from pipeline.costs import estimate as estimate_run
+    """Rows, tokens, cost and time at the configured limits; with --route
+    batch, the cost through the Batch API too and the number of batch files.
+    Sends nothing and writes nothing, so no --output is needed. Takes the same
+    CONFIG and flags as run (those that change nothing here are accepted and
+    not listed)."""
+    from pipeline.estimate import estimate_job
     from pipeline.runner import prepare
 
     config = build_config(config_file, flags, needs_output=False)
-    prepared = prepare(config, check_output=False)
-    result = estimate_run(
-        iter_prompt_tokens(prepared.source, prepared.spec, config.input.chunk_size),
-        model=config.model.name,
-        price=PriceTable.load(config.price_file).price_for(config.model.name),
-        max_tokens=config.model.max_tokens,
-        concurrency=config.limits.concurrency,
-        rpm=config.limits.rpm,
-        tpm=config.limits.tpm,
-        latency_s=latency,
-    )
-    click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
+    found, text = estimate_job(prepare(config, check_output=False), latency)
+    click.echo(json.dumps(found) if as_json else text)
 
 
 @cli.command()

@@ -18,6 +18,9 @@ route without a paid account. It follows OpenAI's public contract (the one
 ``GET /v1/batches/{id}``
     after ``poll_delay_ms`` (a slow poll).
 ``GET /v1/batches`` (newest first, ``after``/``limit``), ``POST /v1/batches/{id}/cancel``
+``POST /_batches/advance?seconds=S``
+    not OpenAI's: moves the batches' clock forward, so that a rehearsal or a
+    benchmark skips a long turnaround (or reaches the expiry) without waiting.
 
 Lifecycle, on the clock from the batch's creation, with ``T`` the
 ``turnaround_s``: ``validating`` for the first tenth of ``T``; then
@@ -404,6 +407,8 @@ class BatchService:
         self._clock = clock
         # Unix time = clock + this: a fake clock moves the reported times too.
         self._epoch = time.time() - clock()
+        # Time skipped by POST /_batches/advance.
+        self._skipped = 0.0
         self._files: dict[str, _File] = {}
         self._stored = 0
         self._batches: dict[str, _Batch] = {}
@@ -418,12 +423,16 @@ class BatchService:
         router.add_get("/v1/batches", self._list_batches)
         router.add_get("/v1/batches/{id}", self._get_batch)
         router.add_post("/v1/batches/{id}/cancel", self._cancel)
+        router.add_post("/_batches/advance", self._skip)
 
     def reset_stats(self) -> None:
         """Zero the counters in place (holders of ``stats`` see the reset)."""
         fresh = BatchStats()
         for name, value in vars(fresh).items():
             setattr(self.stats, name, value)
+
+    def _now(self) -> float:
+        return self._clock() + self._skipped
 
     def _unix(self, at: float) -> int:
         return int(self._epoch + at)
@@ -440,7 +449,7 @@ class BatchService:
     # -- files -------------------------------------------------------------
 
     def _store(self, filename: str, purpose: str, data: bytes) -> _File:
-        file = _File(f"file-{uuid.uuid4().hex}", filename, purpose, data, self._unix(self._clock()))
+        file = _File(f"file-{uuid.uuid4().hex}", filename, purpose, data, self._unix(self._now()))
         self._files[file.id] = file
         self._stored += len(data)
         return file
@@ -565,7 +574,7 @@ class BatchService:
         if isinstance(checked, web.Response):
             return checked
         file, endpoint = checked
-        now = self._clock()
+        now = self._now()
         starts, ends = _line_offsets(file.data)
         order = list(range(len(starts)))
         self._rng.shuffle(order)
@@ -669,7 +678,7 @@ class BatchService:
         if isinstance(batch, web.Response):
             return batch
         self.stats.polls += 1
-        self._advance(batch, self._clock())
+        self._advance(batch, self._now())
         return web.json_response(self._batch_dict(batch))
 
     async def _list_batches(self, request: web.Request) -> web.StreamResponse:
@@ -681,7 +690,7 @@ class BatchService:
         if isinstance(page, web.Response):
             return page
         ids, more = page
-        now = self._clock()
+        now = self._now()
         data = []
         for batch_id in ids:
             batch = self._batches[batch_id]
@@ -693,7 +702,7 @@ class BatchService:
         batch = self._batch_or_404(request)
         if isinstance(batch, web.Response):
             return batch
-        now = self._clock()
+        now = self._now()
         self._advance(batch, now)
         if batch.status in _TERMINAL:
             message = f"Cannot cancel a batch with status '{batch.status}'."
@@ -705,6 +714,18 @@ class BatchService:
             self.stats.batches_cancelled += 1
         self._advance(batch, now)
         return web.json_response(self._batch_dict(batch))
+
+    async def _skip(self, request: web.Request) -> web.StreamResponse:
+        """Move the batches' clock forward (``?seconds=S``): a rehearsal or a
+        benchmark skips a long turnaround without waiting for it."""
+        try:
+            seconds = float(request.query["seconds"])
+        except (KeyError, ValueError):
+            seconds = -1.0
+        if not seconds >= 0:
+            return _error(400, "Pass ?seconds=S, a number >= 0.", None, "seconds")
+        self._skipped += seconds
+        return web.json_response({"skipped_s": self._skipped})
 
     # -- the timeline ------------------------------------------------------
 

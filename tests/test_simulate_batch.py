@@ -445,6 +445,24 @@ async def test_a_slow_poll_delays_the_batch_retrieval(clock: Clock) -> None:
     assert sim.batches.stats.polls == 1
 
 
+async def test_advancing_the_clock_skips_a_long_turnaround() -> None:
+    config = SimulatorConfig(batch=BatchConfig(turnaround_s=3_600))
+    async with Simulator(config) as sim, client(sim) as c:
+        uploaded = await c.files.create(file=("r.jsonl", jsonl(2)), purpose="batch")
+        batch = await c.batches.create(
+            input_file_id=uploaded.id, endpoint=CHAT, completion_window="24h"
+        )
+        root = sim.base_url.removesuffix("/v1")
+        async with aiohttp.ClientSession() as session:
+            async with session.post(f"{root}/_batches/advance?seconds=soon") as refused:
+                assert refused.status == 400
+            async with session.post(f"{root}/_batches/advance?seconds=3600") as skipped:
+                assert (await skipped.json()) == {"skipped_s": 3600.0}
+        batch = await c.batches.retrieve(batch.id)
+    assert batch.status == "completed"
+    assert batch.completed_at is not None and batch.completed_at - batch.created_at == 3_600
+
+
 async def test_the_stats_count_uploads_batches_and_requests_per_custom_id(
     sim: Simulator, clock: Clock
 ) -> None:
