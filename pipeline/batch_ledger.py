@@ -34,8 +34,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Final, Literal
 
-from pipeline.durable import atomic_write_bytes
-from pipeline.errors import WriteFailed
+from pipeline.durable import atomic_write_bytes, remove_tree
+from pipeline.errors import CheckpointMismatch, WriteFailed
 
 FileState = Literal["written", "uploaded", "creating", "submitted", "collected", "failed"]
 LIVE_STATES: Final[frozenset[str]] = frozenset({"written", "uploaded", "creating", "submitted"})
@@ -96,21 +96,39 @@ class Ledger:
     endpoint: str
     api_key_env: str
     files: list[FileEntry] = field(default_factory=list)
+    input_sha256: str = ""
+    """The input its row numbers are of."""
 
     @classmethod
-    def open(cls, run_dir: Path, endpoint: str, api_key_env: str) -> Ledger:
-        """The ledger of ``run_dir`` (an empty one when there is none yet)."""
+    def open(cls, run_dir: Path, endpoint: str, api_key_env: str, input_sha256: str) -> Ledger:
+        """The ledger of ``run_dir`` (an empty one when there is none yet, or
+        when the one there is of an earlier input and has nothing in flight).
+        Raises ``CheckpointMismatch`` for an earlier input's batches in flight:
+        their row numbers are not this input's."""
         found = read_ledger(run_dir)
+        if found is not None and found.input_sha256 not in ("", input_sha256):
+            if found.live():
+                rows = sum(entry.rows for entry in found.live())
+                raise CheckpointMismatch(
+                    f"the input changed while {len(found.live())} batch file(s) with {rows:,} "
+                    f"rows of the earlier input are in flight ({found.directory}); rerun with "
+                    "the earlier input to collect them, or `enrich cancel` them and rerun with "
+                    "--restart"
+                )
+            remove_tree(found.directory)
+            found = None
         if found is not None:
             found.endpoint, found.api_key_env = endpoint, api_key_env
+            found.input_sha256 = input_sha256
             return found
-        return cls(run_dir / BATCH_DIR, endpoint, api_key_env)
+        return cls(run_dir / BATCH_DIR, endpoint, api_key_env, input_sha256=input_sha256)
 
     def save(self) -> None:
         body = {
             "version": LEDGER_VERSION,
             "endpoint": self.endpoint,
             "api_key_env": self.api_key_env,
+            "input_sha256": self.input_sha256,
             "files": [asdict(entry) for entry in self.files],
         }
         try:
@@ -180,7 +198,13 @@ def read_ledger(run_dir: Path) -> Ledger | None:
             "running: cancel them on the provider's console, then rerun with --restart"
         ) from None
     files = [FileEntry(**entry) for entry in body.get("files", [])]
-    return Ledger(path.parent, body.get("endpoint", ""), body.get("api_key_env", ""), files)
+    return Ledger(
+        path.parent,
+        body.get("endpoint", ""),
+        body.get("api_key_env", ""),
+        files,
+        input_sha256=body.get("input_sha256", ""),
+    )
 
 
 def now_iso() -> str:

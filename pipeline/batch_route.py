@@ -417,7 +417,11 @@ async def send_batches(
     the provider at the run's base URL."""
     config = feed.plan.config
     ledger = await asyncio.to_thread(
-        Ledger.open, feed.plan.run_dir, config.model.endpoint(), config.model.api_key_env
+        Ledger.open,
+        feed.plan.run_dir,
+        config.model.endpoint(),
+        config.model.api_key_env,
+        checkpoint.manifest.input.sha256,
     )
     client = OpenAIBatchClient(
         config.model,
