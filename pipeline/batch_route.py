@@ -35,7 +35,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Final, Literal
+from typing import TYPE_CHECKING, Any, Final, Literal
 
 from pipeline.batch_ledger import (
     BATCH_DIR,
@@ -56,6 +56,7 @@ from pipeline.errors import BatchesPending, BatchFailed, FatalAPIError, RunInter
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
+    from pipeline.events import EventSink
     from pipeline.feed import Feed
     from pipeline.results import RowResult
 
@@ -81,6 +82,7 @@ class BatchPass:
     client: BatchClient
     ledger: Ledger
     stop: asyncio.Event | None = None
+    events: EventSink | None = None
     clock: Callable[[], datetime] = _now
     _sink: ResultSink | None = field(default=None, init=False)
     _pending: bytearray = field(default_factory=bytearray, init=False)
@@ -153,6 +155,17 @@ class BatchPass:
                 raise BatchesPending(self._pending_message())
             await self._sleep(delay)
             delay = min(delay * POLL_GROWTH, config.batch.poll_interval_s)
+
+    def _say(self, entry: FileEntry, what: str, **fields: Any) -> None:
+        if self.events is not None:
+            self.events.emit(
+                "batch",
+                message=f"{entry.name} ({entry.rows:,} rows): {what}",
+                file=entry.name,
+                rows=entry.rows,
+                batch_id=entry.batch_id,
+                **fields,
+            )
 
     def _check_stop(self) -> None:
         if self.stop is not None and self.stop.is_set():
@@ -241,6 +254,9 @@ class BatchPass:
         return self._submitted(entry, info)
 
     def _submitted(self, entry: FileEntry, info: BatchInfo) -> FileEntry:
+        self._say(
+            replace(entry, batch_id=info.id), f"submitted as batch {info.id}", state="submitted"
+        )
         return self.ledger.update(
             entry.name,
             state="submitted",
@@ -253,6 +269,7 @@ class BatchPass:
     def _requeue(self, entry: FileEntry, reason: str) -> FileEntry:
         """The enqueued-token limit: the file waits for a running batch."""
         self._queue_full = True
+        self._say(entry, f"queued: {reason}", state="queued")
         return self.ledger.update(
             entry.name, state="uploaded", batch_id=None, status="queued", reason=reason
         )
@@ -302,6 +319,13 @@ class BatchPass:
                 self._pending[result.row_id] = 1
         self.ledger.update(entry.name, state="collected")
         self.ledger.forget_data(entry.name)
+        self._say(
+            entry,
+            f"batch {info.status}: {len(answers.results):,} rows answered, "
+            f"{len(answers.unanswered):,} to send again",
+            state="collected",
+            status=info.status,
+        )
 
     async def _give_up_unanswered(self) -> None:
         """Rows no batch of this run ran, ``--max-attempts`` files later:
@@ -351,6 +375,7 @@ class BatchPass:
         """Past ``--finish-online-after``: cancel what is out, keep what it
         finished, and leave the rest to the online route."""
         for entry in self.ledger.live():
+            self._say(entry, "past --finish-online-after: cancelled, the rest goes online")
             if entry.state == "creating":
                 entry = await self._adopt(entry)
             if entry.state == "submitted":
@@ -411,7 +436,10 @@ def cancel_run(run_dir: Path) -> int | None:
 
 
 async def send_batches(
-    feed: Feed, checkpoint: Checkpoint, stop: asyncio.Event | None = None
+    feed: Feed,
+    checkpoint: Checkpoint,
+    stop: asyncio.Event | None = None,
+    events: EventSink | None = None,
 ) -> RouteEnd:
     """The batch pass of a run over ``feed`` (``open_batch_feed``), through
     the provider at the run's base URL."""
@@ -431,7 +459,7 @@ async def send_batches(
         backoff_max_s=config.limits.backoff_max_s,
     )
     try:
-        return await BatchPass(feed, checkpoint, client, ledger, stop).run()
+        return await BatchPass(feed, checkpoint, client, ledger, stop, events).run()
     finally:
         await client.aclose()
 

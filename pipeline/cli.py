@@ -640,7 +640,8 @@ def demo(
 
     with Simulator.run_in_thread(server_config) as server:
         click.echo(
-            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate), err=True
+            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate, route),
+            err=True,
         )
         config = load_config(
             None,
@@ -679,8 +680,21 @@ _DEMO_ROUTES: Final[dict[str, dict[str, Any]]] = {
 }
 
 
+_DEMO_BATCH_INTRO: Final = {
+    "batch": "\n  --route batch: the rows go through the server's Batch API instead, in files "
+    "of 20 requests; each batch finishes about 3 s after it is created (a real one within "
+    "24 h, at half the price); its error file's failures are sent again in a new batch. "
+    "latency_ms is the batch's turnaround."
+}
+
+
 def _demo_intro(
-    base_url: str, input_path: Path, column: str, latency_ms: float, fail_rate: float
+    base_url: str,
+    input_path: Path,
+    column: str,
+    latency_ms: float,
+    fail_rate: float,
+    route: str = "online",
 ) -> str:
     faults = (
         f"  It answers {fail_rate:.0%} of requests with a 5xx and {fail_rate:.0%} with a 429 "
@@ -695,7 +709,7 @@ def _demo_intro(
         "network).\n"
         f"{faults}"
         f"  Rows of {input_path} whose '{column}' is blank are skipped (status skipped), "
-        "never sent."
+        "never sent." + _DEMO_BATCH_INTRO.get(route, "")
     )
 
 

@@ -157,7 +157,7 @@ class _Passes:
                 plan, point, self.reuse, self.price, wiring.progress, wiring.events
             )
             self.feeds.append((point, feed))
-            if await send_batches(feed, self.checkpoint, wiring.stop) == "done":
+            if await send_batches(feed, self.checkpoint, wiring.stop, wiring.events) == "done":
                 return
             point = resume_point(self.checkpoint, plan.total_rows, self.options, self.price)
         feed = open_feed(plan, point, self.reuse, self.price, wiring.progress, wiring.events)
