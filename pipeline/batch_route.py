@@ -347,6 +347,7 @@ class BatchPass:
         for result, key in results:
             if not result.cached:
                 feed.spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
+                feed.collected.batch_requests += result.attempts
             await feed.collected.add(result, key)
         await sink.flush()
         await sink.flush()  # waits for the first: the results are durable

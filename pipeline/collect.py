@@ -172,6 +172,8 @@ class Collected:
         self.cache_hits = 0
         self.deduplicated = 0
         self.route = "online"
+        self.batch_requests = 0
+        """Requests batches ran for this pass's rows (the online ones are the call stage's)."""
         """The route this pass sends by: what its rows' ``route`` says."""
 
     def attach(self, sink: ResultSink) -> None:

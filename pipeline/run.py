@@ -206,5 +206,6 @@ def _outcome(
         cache_hits=sum(feed.collected.cache_hits for _, feed in feeds),
         deduplicated=sum(feed.collected.deduplicated for _, feed in feeds),
         cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        batch_requests=sum(feed.collected.batch_requests for _, feed in feeds),
         error=error,
     )

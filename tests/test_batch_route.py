@@ -79,6 +79,7 @@ def test_a_batch_run_splits_into_files_and_answers_every_row_once(
     # 46 requests in files of 10 at most: five batches, every row computed once.
     assert stats.batches_created == 5 and stats.files_uploaded == 5
     computed_once(server)
+    assert summary.requests == stats.computed == 46
     assert not (tmp_path / "out.parquet.enrich").exists()
 
 
