@@ -108,6 +108,17 @@ def test_the_first_missing_setting_is_the_first_a_newcomer_needs() -> None:
         load_config(None, {"input.path": "in.csv", "input.column": "q"})
 
 
+def test_a_bad_batch_duration_or_route_names_its_flag() -> None:
+    with pytest.raises(ConfigError, match=r"^--finish-online-after wants a duration like 20h"):
+        load_config(None, {**BASE, "batch.finish_online_after": "soon"})
+    assert (
+        load_config(None, {**BASE, "batch.finish_online_after": "90m"}).batch.finish_online_after_s
+        == 5400
+    )
+    said = error_for(route="carrier")
+    assert "Expected 'online' or 'batch' (got 'carrier'); fix --route" in said
+
+
 def test_both_or_neither_prompt_source_is_one_line_naming_both_flags() -> None:
     with pytest.raises(ConfigError, match=r"exactly one of --column or --template"):
         load_config(None, {**BASE, "input.template": "{q}"})
