@@ -223,6 +223,21 @@ class StructuredConfig(_Section):
     max_attempts: int = Field(default=3, gt=0, le=20)
 
 
+class EngineConfig(_Section):
+    # Where the stages run: "local" (one process) or "ray" (workers on a Ray
+    # cluster sharing one rate limit; needs the [ray] extra).
+    engine: Literal["local", "ray"] = "local"
+
+
+class RayConfig(_Section):
+    # The cluster to join ("auto": the one `ray start` runs on this machine;
+    # "ray://host:10001": a remote one). None: a local Ray started for the run.
+    address: str | None = None
+    # Worker actors, each running the call stage with up to
+    # limits.concurrency requests in flight.
+    workers: int = Field(default=2, gt=0, le=10_000)
+
+
 class RunConfig(_Section):
     input: InputConfig
     output: OutputConfig
@@ -231,6 +246,8 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    run: EngineConfig = Field(default_factory=EngineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     max_error_rate: float = Field(default=1.0, ge=0, le=1)
     # A budget in USD for the whole job (resumed runs included); unset: no cap.
     max_cost: float | None = Field(default=None, gt=0)

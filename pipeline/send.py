@@ -12,16 +12,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.call import CallStage
-from pipeline.checkpoint import Checkpoint
 from pipeline.collect import ResultSink, commit_error
-from pipeline.errors import RunInterrupted
-from pipeline.events import EventSink
+from pipeline.errors import ConfigError, RunInterrupted
 from pipeline.feed import Feed, reused
-from pipeline.plan import Plan
 from pipeline.transport import Transport, make_transport
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.events import EventSink
+    from pipeline.plan import Plan
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
@@ -44,13 +46,17 @@ async def open_stage(
             config.model.transport,
             extra_params={"response_format": response_format} if response_format else None,
         )
-    stage = CallStage(
-        config.model,
-        config.limits,
-        transport,
-        check_answer=plan.check_answer,
-        answer_attempts=config.structured.max_attempts,
-        events=events,
+    stage = (
+        _ray_stage(plan, transport, events)
+        if config.run.engine == "ray"
+        else CallStage(
+            config.model,
+            config.limits,
+            transport,
+            check_answer=plan.check_answer,
+            answer_attempts=config.structured.max_attempts,
+            events=events,
+        )
     )
     watcher = None
     if stop is not None:
@@ -62,8 +68,24 @@ async def open_stage(
     finally:
         if watcher is not None:
             watcher.cancel()
+        closing = getattr(stage, "aclose", None)
+        if closing is not None:
+            await closing()
         if own_transport:
             await transport.aclose()
+
+
+def _ray_stage(plan: Plan, transport: Transport, events: EventSink) -> CallStage:
+    """The Ray engine's stage (its module is the only one that imports Ray)."""
+    try:
+        from pipeline.engine_ray import RayStage
+    except ImportError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise ConfigError(
+            "--engine ray needs Ray: pip install 'enrich-llm[ray]' (or use --engine local)"
+        ) from None
+    return RayStage(plan, transport, events)
 
 
 async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any]) -> None:
