@@ -119,6 +119,8 @@ class Sizes:
     tail_rows: int
     # Rows per slot of the slots section's server (1 and 4 slots).
     slots_rows: int
+    # The ray section: rows at 6,000 rpm (100 a second) per job.
+    ray_rows: int
     section_budget_s: float
 
 
@@ -135,6 +137,7 @@ FULL: Final = Sizes(
     rate_windows=2.5,
     tail_rows=2_000,
     slots_rows=30,
+    ray_rows=1_500,
     section_budget_s=180.0,
 )
 QUICK: Final = Sizes(
@@ -147,6 +150,7 @@ QUICK: Final = Sizes(
     rate_windows=1.5,
     tail_rows=500,
     slots_rows=12,
+    ray_rows=600,
     section_budget_s=45.0,
 )
 

@@ -236,6 +236,10 @@ class RayConfig(_Section):
     # Worker actors, each running the call stage with up to
     # limits.concurrency requests in flight.
     workers: int = Field(default=2, gt=0, le=10_000)
+    # false: no ledger; each worker paces at limits.rpm/tpm divided by the
+    # number of workers on its own (what Ray Data's LLM processor does; kept
+    # as the baseline the shared limit is measured against).
+    shared_limit: bool = True
 
 
 class RunConfig(_Section):

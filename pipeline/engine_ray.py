@@ -45,6 +45,7 @@ if TYPE_CHECKING:
     from pipeline.events import EventSink
     from pipeline.lease import Grant
     from pipeline.plan import Plan
+    from pipeline.ratelimit import RateLimiter
     from pipeline.transport import Messages, Transport
 
 # Ray restarts a dead worker this many times; its rows are sent again by the
@@ -138,13 +139,23 @@ class WorkerActor:
                 config.model, spec.api_key, config.model.transport, extra_params=extra
             )
             limits = config.limits
-            limiter = LeasedLimiter(
-                _ActorSource(self._ledger),
-                concurrency=limits.concurrency,
-                adaptive=limits.adaptive,
-                latency=True,
-                start_at_ceiling="concurrency" in limits.model_fields_set,
-            )
+            limiter: RateLimiter | None = None
+            if config.ray.shared_limit:
+                limiter = LeasedLimiter(
+                    _ActorSource(self._ledger),
+                    concurrency=limits.concurrency,
+                    adaptive=limits.adaptive,
+                    latency=True,
+                    start_at_ceiling="concurrency" in limits.model_fields_set,
+                )
+            else:
+                workers = config.ray.workers
+                limits = limits.model_copy(
+                    update={
+                        "rpm": limits.rpm and max(1, limits.rpm // workers),
+                        "tpm": limits.tpm and max(1, limits.tpm // workers),
+                    }
+                )
             self._stage = CallStage(
                 config.model,
                 limits,

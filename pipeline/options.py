@@ -370,6 +370,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "2",
     ),
     Option(
+        "--shared-limit/--no-shared-limit",
+        "ray.shared_limit",
+        "toggle",
+        "With --engine ray: one rate limit for all workers; off: each worker paces at "
+        "--rpm/--tpm divided by --workers on its own (the baseline).",
+        "on",
+    ),
+    Option(
         "--max-error-rate",
         "max_error_rate",
         "float",
