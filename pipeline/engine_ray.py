@@ -57,6 +57,7 @@ ROW_RESENDS: Final = 3 * WORKER_RESTARTS
 # How often the driver gathers the workers' counts for the live timeline.
 STATS_EVERY_S: Final = 1.0
 WORKER_NAME: Final = "enrich-worker"
+LEDGER_NAME: Final = "enrich-ledger"
 
 
 @dataclass(frozen=True)
@@ -122,8 +123,10 @@ class LedgerActor:
 class WorkerActor:
     """One worker: the single-machine call stage, leasing from the ledger."""
 
-    def __init__(self, spec: WorkerSpec, ledger: Any) -> None:
+    def __init__(self, spec: WorkerSpec, ledger: str) -> None:
         self._spec = spec
+        # By name, not handle: a handle argument lives in the object store,
+        # which a restarted worker's constructor could not count on.
         self._ledger = ledger
         self._stage: CallStage | None = None
         self._transport: Transport | None = None
@@ -142,7 +145,7 @@ class WorkerActor:
             limiter: RateLimiter | None = None
             if config.ray.shared_limit:
                 limiter = LeasedLimiter(
-                    _ActorSource(self._ledger),
+                    _ActorSource(ray.get_actor(self._ledger)),
                     concurrency=limits.concurrency,
                     adaptive=limits.adaptive,
                     latency=True,
@@ -199,7 +202,7 @@ def connect(address: str | None) -> bool:
             # Only the CLI talks to the terminal: workers' output stays in
             # Ray's session logs.
             log_to_driver=False,
-            logging_level=logging.WARNING,
+            logging_level=logging.ERROR,
         )
     except (ConnectionError, ValueError, RuntimeError) as exc:
         raise errors.ConfigError(
@@ -223,11 +226,12 @@ class RayStage(CallStage):
         super().__init__(config.model, limits, transport, events=events)
         self._owns_ray = connect(config.ray.address)
         limits = config.limits
+        self.ledger_name = f"{LEDGER_NAME}-{os.getpid()}-{id(self)}"
         # Handles typed Any: Ray's stubs do not see the methods of a class
         # made remote at run time.
         self.ledger: Any = (
             ray.remote(LedgerActor)
-            .options(num_cpus=0)
+            .options(num_cpus=0, name=self.ledger_name)
             .remote(limits.rpm, limits.tpm, limits.adaptive)
         )
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
@@ -235,7 +239,7 @@ class RayStage(CallStage):
         self.workers: list[Any] = [
             ray.remote(WorkerActor)
             .options(
-                name=f"{WORKER_NAME}-{os.getpid()}-{i}",
+                name=f"{WORKER_NAME}-{os.getpid()}-{id(self)}-{i}",
                 # Leave CPUs for Ray's own tasks: actors that take them all
                 # starve them (a silent hang).
                 num_cpus=min(1.0, cpus / (workers + 1)),
@@ -243,9 +247,12 @@ class RayStage(CallStage):
                 max_task_retries=0,
                 max_concurrency=max(1000, 4 * config.limits.concurrency),
             )
-            .remote(spec, self.ledger)
+            .remote(spec, self.ledger_name)
             for i in range(workers)
         ]
+        # Up before the first row: a worker's process takes seconds to start,
+        # which belongs to the start-up, not to the rows it would hold up.
+        ray.get([worker.pid.remote() for worker in self.workers])
         self._load = [0] * workers
         self._worker_stats: list[CallStats | None] = [None] * workers
         self._ledger_stats: LedgerSnapshot | None = None

@@ -225,6 +225,10 @@ class _LeasedBudget(TokenBucket):
             waited = True
             await leases.refill()
         self.taken[asyncio.current_task()] = leases.numbers.popleft()
+        # The next block is asked for while this one is spent: a worker that
+        # waits for a round trip to the ledger with nothing in hand leaves
+        # the cluster's budget unused meanwhile.
+        leases.prefetch()
         return waited
 
     def settle(self, delta: float) -> None:
@@ -258,14 +262,24 @@ class _Leases:
 
     async def refill(self) -> None:
         """Lease more (one request to the ledger at a time; waiters share it)."""
-        self._start_flusher()
-        if self._refill is None or self._refill.done():
-            self._refill = asyncio.create_task(self._exchange(max(1, self.waiting, self.want())))
         self.waiting += 1
         try:
-            await asyncio.shield(self._refill)
+            await asyncio.shield(self._ask())
         finally:
             self.waiting -= 1
+
+    def prefetch(self) -> None:
+        """Ask for the next block now, unless a request is on its way already."""
+        task = self._ask()
+        # Its failure is raised to whoever waits on it next, if anyone does.
+        task.add_done_callback(lambda t: t.cancelled() or t.exception())
+
+    def _ask(self) -> asyncio.Task[None]:
+        self._start_flusher()
+        if self._refill is None or self._refill.done():
+            want = max(1, self.waiting, self.want())
+            self._refill = asyncio.create_task(self._exchange(want))
+        return self._refill
 
     async def _exchange(self, want: int) -> None:
         reports, self.outbox = self.outbox, []

@@ -20,6 +20,8 @@ from typing import Any, Final
 from harness import Context, JobResult, Simulator, Variant, records
 from tables import RSS, RUNS, WALL, Column, med, ratio, summarize
 
+from sections.rate import StatsPoller, steady_rate
+
 RAY_RPM: Final = 6_000
 RAY_WINDOW_S: Final = 10.0
 RAY_LATENCY_MS: Final = 50.0
@@ -100,13 +102,24 @@ class Counts:
     """The simulator's 429s and requests per job, and the job's process tree's
     memory (jobs run one at a time)."""
 
-    def __init__(self, sim: Simulator, memory: TreeMemory) -> None:
+    def __init__(self, sim: Simulator, memory: TreeMemory, poller: StatsPoller) -> None:
         self.sim = sim
         self.memory = memory
+        self.poller = poller
+        self.seen = 0
         self.last = sim.stats()
 
     def inspect(self, output: Path, job: JobResult) -> None:
         now = self.sim.stats()
+        # The steady rate (the middle 80% of the job's requests admitted),
+        # against the limit: what the ledger leaves unused, start-up apart.
+        base = int(self.last["admitted"])
+        samples = [
+            (t, a - base, tok, rl, req) for t, a, tok, rl, req in self.poller.samples[self.seen :]
+        ]
+        self.seen = len(self.poller.samples)
+        rate, _, _ = steady_rate(samples, job.rows, 1)
+        job.extra["steady_vs_limit"] = rate / (RAY_RPM / 60.0)
         for key in ("requests", "rate_limited"):
             job.extra[key] = int(now[key]) - int(self.last[key])
         job.extra["share_429"] = ratio(job.extra["rate_limited"], job.extra["requests"])
@@ -128,8 +141,12 @@ def section_ray(ctx: Context) -> dict[str, Any]:
     rpm = ("--rpm", str(RAY_RPM))
     flags = ("--rpm", str(RAY_RPM), "--window-s", str(RAY_WINDOW_S))
     output = ctx.workdir / "ray-out.parquet"  # in every job's command line (Context.measure)
-    with Simulator(ctx.workdir, RAY_LATENCY_MS, *flags) as sim, TreeMemory(str(output)) as memory:
-        counts = Counts(sim, memory)
+    with (
+        Simulator(ctx.workdir, RAY_LATENCY_MS, *flags) as sim,
+        TreeMemory(str(output)) as memory,
+        StatsPoller(sim) as poller,
+    ):
+        counts = Counts(sim, memory, poller)
         local = RAY_WORKERS * RAY_CONCURRENCY
         variants = {
             "local, configured": Variant(ctx.enrich(local, *rpm), rows, counts.inspect),
@@ -151,6 +168,7 @@ def section_ray(ctx: Context) -> dict[str, Any]:
     entries = {name: summarize(runs) for name, runs in jobs.items()}
     for name, entry in entries.items():
         for key in (
+            "steady_vs_limit",
             "requests",
             "rate_limited",
             "share_429",
@@ -168,6 +186,7 @@ def section_ray(ctx: Context) -> dict[str, Any]:
         [
             WALL,
             Column("wall/ideal", "wall_vs_ideal", 2, "x"),
+            Column("steady/limit", "steady_vs_limit", 0, "%", 100.0),
             Column("429 share", "share_429", 2, "%", 100.0),
             Column("requests", "requests", 0),
             RSS,
