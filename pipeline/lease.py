@@ -101,6 +101,9 @@ class Grant:
     """The ledger's send numbers of the requests leased (possibly none)."""
     pause_s: float
     """How long the cluster is paused from now (0: not paused)."""
+    epoch: int = 0
+    """Bumped when the ledger cuts its rate or pauses: numbers granted
+    before then are not to be sent."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,11 +140,26 @@ class LimitLedger:
         self._held: dict[int, tuple[Permit, float]] = {}
         self._swept_at = -math.inf
         self.grants = 0
+        self.epoch = 0
+        self._pace = self._current_pace()
+
+    def _current_pace(self) -> tuple[float, float]:
+        requests = self.limiter.requests
+        return (requests.rate if requests is not None else math.inf, self.limiter._paused_until)
+
+    def _new_epoch(self) -> None:
+        """A slower rate or a new pause voids what workers hold; a faster
+        rate (probing up) does not."""
+        rate, paused_until = pace = self._current_pace()
+        if rate < self._pace[0] or paused_until > self._pace[1]:
+            self.epoch += 1
+        self._pace = pace
 
     async def exchange(self, reports: Sequence[Report], want: int, tokens_each: int) -> Grant:
         """Settle ``reports``, then lease up to ``want`` requests of about
         ``tokens_each`` tokens each (waiting for the budget and any pause)."""
         self.settle(reports)
+        self._new_epoch()
         numbers = []
         for _ in range(self._block(want, tokens_each)):
             permit = await self.limiter.acquire(tokens_each)
@@ -149,7 +167,8 @@ class LimitLedger:
             numbers.append(permit.number)
         if numbers:
             self.grants += 1
-        return Grant(tuple(numbers), self.pause_s())
+        self._new_epoch()
+        return Grant(tuple(numbers), self.pause_s(), self.epoch)
 
     def _block(self, want: int, tokens_each: int) -> int:
         block = max(0, want)
@@ -256,6 +275,9 @@ class _Leases:
     outbox: list[Report] = field(default_factory=list)
     tokens_each: int = 1
     waiting: int = 0
+    block: int = 1
+    """The size of the latest grant: the next is asked for below it."""
+    epoch: int = 0
     _refill: asyncio.Task[None] | None = None
     _flusher: asyncio.Task[None] | None = None
     _sends: set[asyncio.Task[None]] = field(default_factory=set)
@@ -269,7 +291,10 @@ class _Leases:
             self.waiting -= 1
 
     def prefetch(self) -> None:
-        """Ask for the next block now, unless a request is on its way already."""
+        """Ask for the next block once fewer than a block is left in hand,
+        unless a request is on its way already."""
+        if len(self.numbers) >= self.block:
+            return
         task = self._ask()
         # Its failure is raised to whoever waits on it next, if anyone does.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
@@ -284,6 +309,14 @@ class _Leases:
     async def _exchange(self, want: int) -> None:
         reports, self.outbox = self.outbox, []
         grant = await self.source.exchange(reports, want, self.tokens_each)
+        if grant.epoch != self.epoch:
+            # The ledger cut its rate or paused since these were granted:
+            # sending them would break the new pace. They go back unused.
+            self.epoch = grant.epoch
+            self.outbox.extend(Unused(number) for number in self.numbers)
+            self.numbers.clear()
+        if grant.numbers:
+            self.block = len(grant.numbers)
         self.numbers.extend(grant.numbers)
         if grant.pause_s > 0:
             self.on_pause(grant.pause_s)

@@ -6,10 +6,14 @@ does for them."""
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import Sequence
 
 import pytest
+from test_ratelimit import SlidingWindowAPI, enrich_rows
 
+from pipeline.call import CallStage
+from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.lease import FLUSH_S, Grant, LeasedLimiter, LimitLedger, Report
 from pipeline.ratelimit import RATE_HEADROOM
 
@@ -107,3 +111,34 @@ async def test_a_closing_worker_reports_every_request_it_leased() -> None:
 
     assert held_before >= 1
     assert ledger._held == {}
+
+
+def leased_stage(api: SlidingWindowAPI, ledger: LimitLedger, seed: int) -> CallStage:
+    """A worker: the single-machine call stage with a limiter leasing from ``ledger``."""
+    limits = LimitsConfig(concurrency=16)
+    limiter = LeasedLimiter(ledger, concurrency=16, latency=True)
+    return CallStage(ModelConfig(name="m"), limits, api, rng=random.Random(seed), limiter=limiter)
+
+
+@pytest.mark.slow
+@pytest.mark.looptime
+async def test_auto_mode_learns_a_limit_without_headers_from_every_workers_429s() -> None:
+    # 6,000 rpm over a 10 s window, no x-ratelimit-* headers: only the
+    # 429s' retry-after, reported by whichever worker got them, teach the
+    # ledger's estimate.
+    api = SlidingWindowAPI(6000, 10.0)
+    ledger = LimitLedger(rpm=None, tpm=None)
+    stages = [leased_stage(api, ledger, seed) for seed in range(3)]
+
+    runs = await asyncio.gather(*(enrich_rows(stage, 1200) for stage in stages))
+    for stage in stages:
+        assert isinstance(stage.limiter, LeasedLimiter)
+        await stage.limiter.aclose()
+
+    assert all(r.status == "ok" for results in runs for r in results)
+    assert ledger.snapshot().estimated_rpm is not None
+    # After the first window (a burst, then the pause its retry-after asks
+    # for), the cluster keeps to the limit.
+    end = api.admitted[-1]
+    assert api.rate(10.0, end) >= 0.90 * 6000
+    assert api.share_429(10.0, end) < 0.02
