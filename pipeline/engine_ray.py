@@ -66,7 +66,7 @@ class WorkerSpec:
     actor argument (never logged, never in the runtime env Ray shows)."""
 
     config: RunConfig
-    response_format: dict[str, Any] | None
+    extra_params: dict[str, Any] | None
     schema: dict[str, Any] | None
     api_key: str
 
@@ -137,9 +137,8 @@ class WorkerActor:
         if self._stage is None:
             spec = self._spec
             config = spec.config
-            extra = {"response_format": spec.response_format} if spec.response_format else None
             self._transport = make_transport(
-                config.model, spec.api_key, config.model.transport, extra_params=extra
+                config.model, spec.api_key, config.model.transport, extra_params=spec.extra_params
             )
             limits = config.limits
             limiter: RateLimiter | None = None
@@ -235,7 +234,7 @@ class RayStage(CallStage):
             .remote(limits.rpm, limits.tpm, limits.adaptive)
         )
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-        spec = WorkerSpec(config, plan.response_format, plan.prepared.schema, config.api_key())
+        spec = WorkerSpec(config, plan.extra_params, plan.prepared.schema, config.api_key())
         self.workers: list[Any] = [
             ray.remote(WorkerActor)
             .options(

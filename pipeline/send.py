@@ -14,6 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
+from pipeline.batch_route import RouteEnd, open_batch_feed, send_batches
 from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import ConfigError, RunInterrupted
@@ -24,6 +25,8 @@ if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
     from pipeline.events import EventSink
     from pipeline.plan import Plan
+
+__all__ = ["DRAIN_GRACE_S", "RouteEnd", "open_batch_feed", "open_stage", "send", "send_batches"]
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
@@ -39,12 +42,8 @@ async def open_stage(
     config = plan.config
     own_transport = transport is None
     if transport is None:
-        response_format = plan.response_format
         transport = make_transport(
-            config.model,
-            config.api_key(),
-            config.model.transport,
-            extra_params={"response_format": response_format} if response_format else None,
+            config.model, config.api_key(), config.model.transport, extra_params=plan.extra_params
         )
     stage = (
         _ray_stage(plan, transport, events)
