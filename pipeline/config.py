@@ -85,10 +85,11 @@ class _Section(
         return given
 
     def replace(self, **changes: Any) -> Self:
-        """A copy with ``changes``, checked like any setting; the fields given
-        stay given (``msgspec.structs.replace`` would forget them)."""
-        values = {info.name: getattr(self, info.name) for info in _fields(type(self))}
-        made: Self = type(self)(**{**values, **changes})
+        """A copy with ``changes``, not checked (as pydantic's ``model_copy``):
+        for values derived in code, such as the Ray driver's concurrency of
+        all its workers together; the fields changed count as given, the
+        others given stay given (``msgspec.structs.replace`` forgets them)."""
+        made = msgspec.structs.replace(self, **changes)
         return _remember(made, self.fields_set | changes.keys())
 
     def __replace__(self, **changes: Any) -> Self:
@@ -349,6 +350,25 @@ class StructuredConfig(_Section, frozen=True, kw_only=True):
     max_attempts: Annotated[int, Meta(gt=0, le=20)] = 3
 
 
+class EngineConfig(_Section, frozen=True, kw_only=True):
+    # Where the stages run: "local" (one process) or "ray" (workers on a Ray
+    # cluster sharing one rate limit; needs the [ray] extra).
+    engine: Literal["local", "ray"] = "local"
+
+
+class RayConfig(_Section, frozen=True, kw_only=True):
+    # The cluster to join ("auto": the one `ray start` runs on this machine;
+    # "ray://host:10001": a remote one). None: a local Ray started for the run.
+    address: str | None = None
+    # Worker actors, each running the call stage with up to
+    # limits.concurrency requests in flight.
+    workers: Annotated[int, Meta(gt=0, le=10_000)] = 2
+    # false: no ledger; each worker paces at limits.rpm/tpm divided by the
+    # number of workers on its own (what Ray Data's LLM processor does; kept
+    # as the baseline the shared limit is measured against).
+    shared_limit: bool = True
+
+
 _DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -400,6 +420,8 @@ class RunConfig(_Section, frozen=True, kw_only=True):
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     cache: CacheConfig = field(default_factory=CacheConfig)
     structured: StructuredConfig = field(default_factory=StructuredConfig)
+    run: EngineConfig = field(default_factory=EngineConfig)
+    ray: RayConfig = field(default_factory=RayConfig)
     batch: BatchConfig = field(default_factory=BatchConfig)
     # How requests are sent: one by one (online) or through the provider's Batch API.
     route: Literal["online", "batch"] = "online"

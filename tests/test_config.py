@@ -179,8 +179,9 @@ def test_a_changed_or_pickled_section_keeps_the_fields_the_user_gave() -> None:
     assert "concurrency" in copy.deepcopy(limits).fields_set
     changed = limits.replace(rpm=60)
     assert changed.rpm == 60 and changed.fields_set == {"concurrency", "rpm"}
-    with pytest.raises(ConfigError, match=r"'limits\.rpm': Expected `int` >= 1"):
-        limits.replace(rpm=0)
+    # Derived in code and not checked, as pydantic's model_copy: the Ray driver
+    # holds all its workers' concurrency, above one process's bound.
+    assert limits.replace(concurrency=20_000).concurrency == 20_000
 
 
 def test_a_boolean_may_be_written_as_a_string() -> None:
