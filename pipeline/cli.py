@@ -80,6 +80,8 @@ def _click_type(option: Option) -> Any:
         return click.Choice(option.choices)
     return {
         "path": click.Path(path_type=Path),
+        # A URI as typed: click.Path would turn s3://b/k into s3:/b/k.
+        "location": str,
         "str": str,
         "int": int,
         "float": float,
@@ -319,7 +321,7 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
 def _echo_page(config: RunConfig) -> None:
     from pipeline.report import page_path_for, report_path_for
 
-    page = page_path_for(config.output.report or report_path_for(config.output.path))
+    page = page_path_for(config.output.report or report_path_for(config.output.local_path))
     if config.output.page and page.exists():
         click.echo(f"  report page {page.resolve().as_uri()}")
 
@@ -498,7 +500,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     output = OutputConfig.model_validate(tree)
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
-    holder = live_holder(lock_path_for(output.path))
+    holder = live_holder(lock_path_for(output.local_path))
     if holder is not None:
         state = "running"
         said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"

@@ -10,14 +10,24 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Final, Literal
+from typing import Annotated, Any, Final, Literal
 from urllib.parse import SplitResult, urlsplit
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from pipeline.errors import ConfigError, MissingSetting
 from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
+from pipeline.storage import Location, local_path, parse_location
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 """What the openai client talks to when neither ``model.base_url`` nor
@@ -34,8 +44,20 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+def _location(value: object) -> Location:
+    if not isinstance(value, str | os.PathLike):
+        raise ValueError(f"--input and --output take a path or a URI, got {value!r}")
+    return parse_location(value)
+
+
+# Parsed by us, not pydantic: Path("s3://b/k") would collapse the "//".
+LocationField = Annotated[
+    Location, PlainValidator(_location), PlainSerializer(str, when_used="json")
+]
+
+
 class InputConfig(_Section):
-    path: Path
+    path: LocationField
     column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
@@ -56,7 +78,7 @@ class InputConfig(_Section):
 
 
 class OutputConfig(_Section):
-    path: Path
+    path: LocationField
     run_dir: Path | None = None
     column_prefix: str = ""
     keep_checkpoint: bool = False
@@ -65,11 +87,18 @@ class OutputConfig(_Section):
     page: bool = True
 
     @property
+    def local_path(self) -> Path:
+        """What the run's local files (run directory, lock, report) are named
+        after: the output itself, or for a remote output its stand-in under
+        ./enrich-runs/ (see pipeline.storage)."""
+        return local_path(self.path)
+
+    @property
     def resolved_run_dir(self) -> Path:
         # Beside the output, so moving a job's folder moves its checkpoint too.
         if self.run_dir is not None:
             return self.run_dir
-        return self.path.with_name(self.path.name + ".enrich")
+        return self.local_path.with_name(self.local_path.name + ".enrich")
 
 
 class ModelConfig(_Section):
