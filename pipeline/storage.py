@@ -84,7 +84,9 @@ class ObjectUri(str):
     def local_stand_in(self) -> Path:
         """Where this output's local files live: its run directory, lock and
         report are named after this path as they would be after a local output."""
-        return LOCAL_RUNS / self.scheme / Path(*[p for p in self.key.split("/") if p])
+        # "." and ".." are plain names in a key, not steps out of enrich-runs/.
+        parts = [p for p in self.key.split("/") if p not in ("", ".", "..")]
+        return LOCAL_RUNS / self.scheme / Path(*parts)
 
 
 Location = Path | ObjectUri

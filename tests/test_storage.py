@@ -191,6 +191,15 @@ def test_an_unknown_scheme_and_keys_in_the_uri_are_refused_with_the_fix() -> Non
     assert "hunter2" not in str(caught.value)
 
 
+def test_a_uri_output_keeps_its_run_files_under_enrich_runs() -> None:
+    config = load_config(
+        input="in.csv", column="q", output="s3://lake/out/../x.parquet?scheme=http"
+    )
+    assert config.output.local_path == Path("enrich-runs/s3/lake/out/x.parquet")
+    assert config.output.resolved_run_dir == Path("enrich-runs/s3/lake/out/x.parquet.enrich")
+    assert str(config.output.path) == "s3://lake/out/../x.parquet?scheme=http"
+
+
 def test_file_uris_are_local_paths(
     tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
