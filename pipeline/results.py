@@ -29,6 +29,7 @@ RESULT_SCHEMA: Final = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("model", pa.string()),
         pa.field("cached", pa.bool_()),
+        pa.field("route", pa.string()),
     ]
 )
 RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
@@ -69,6 +70,8 @@ class RowResult:
     finish_reason: str | None = None
     model: str | None = None
     cached: bool = False
+    route: str | None = None
+    """Which route answered the row (``online`` or ``batch``); None when skipped."""
     transient: bool = False
     """An error whose last failure was transient: pending, retried by the next run."""
     request_key: bytes | None = None
@@ -94,6 +97,7 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             "finish_reason": [r.finish_reason for r in ordered],
             "model": [r.model for r in ordered],
             "cached": [r.cached for r in ordered],
+            "route": [r.route for r in ordered],
             TRANSIENT: [r.transient for r in ordered],
             REQUEST_KEY: [r.request_key for r in ordered],
         },

@@ -117,6 +117,11 @@ def test_a_run_reads_s3_and_writes_s3_with_the_run_dir_local(
     assert again.up_to_date
     assert server.stats.answered == 40
 
+    # `enrich report URI` finds the local report by the same stand-in path.
+    code, text = cli("report", "s3://enrich-test/e2e/out.parquet")
+    assert code == 0, text
+    assert (tmp_path / "enrich-runs/s3/enrich-test/e2e/out.parquet.report.html").exists()
+
 
 @pytest.mark.parametrize("name", ["in.csv.gz", "in.jsonl"])
 def test_csv_gz_and_jsonl_inputs_are_read_from_s3(
