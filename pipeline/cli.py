@@ -426,15 +426,11 @@ def run(
 def report_page(output: str, report_file: Path | None, html_file: Path | None) -> None:
     """Draw a run's report page: one HTML file that opens offline in any
     browser (charts, failed rows and what to run next, settings)."""
+    from pipeline.config import output_local_path
     from pipeline.page import write_page
     from pipeline.report import page_path_for, read_report, report_path_for
-    from pipeline.storage import local_path, parse_location
 
-    try:
-        location = parse_location(output)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
-    source = report_file or report_path_for(local_path(location))
+    source = report_file or report_path_for(output_local_path(output))
     body = read_report(source)
     if body is None:
         raise UsageError(

@@ -101,6 +101,15 @@ class OutputConfig(_Section):
         return self.local_path.with_name(self.local_path.name + ".enrich")
 
 
+def output_local_path(output: str | Path) -> Path:
+    """What the local files of the run writing ``output`` (a path or a URI)
+    are named after; ConfigError for a URI that cannot be one."""
+    try:
+        return local_path(parse_location(output))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
+
+
 class ModelConfig(_Section):
     name: str = Field(default="gpt-4o-mini", min_length=1)
     base_url: str | None = None
