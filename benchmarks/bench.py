@@ -38,6 +38,7 @@ from sections.checkpoint import section_checkpoint
 from sections.latency import section_latency
 from sections.memory import section_memory
 from sections.rate import section_rate
+from sections.ray import section_ray
 from sections.resume import section_resume
 from sections.slots import section_slots
 from sections.tail import section_tail
@@ -52,6 +53,7 @@ SECTIONS: Final = (
     "rate",
     "tail",
     "slots",
+    "ray",
     "batch",
 )
 
@@ -65,6 +67,7 @@ SECTION_FUNCTIONS: Final[dict[str, Callable[[Context], dict[str, Any]]]] = {
     "rate": section_rate,
     "tail": section_tail,
     "slots": section_slots,
+    "ray": section_ray,
     "batch": section_batch,
 }
 

@@ -119,6 +119,8 @@ class Sizes:
     tail_rows: int
     # Rows per slot of the slots section's server (1 and 4 slots).
     slots_rows: int
+    # The ray section: rows at 6,000 rpm (100 a second) per job.
+    ray_rows: int
     # The batch route's input (the closing note's 100,000 rows); a fifth of it too.
     batch_rows: int
     section_budget_s: float
@@ -137,6 +139,7 @@ FULL: Final = Sizes(
     rate_windows=2.5,
     tail_rows=2_000,
     slots_rows=30,
+    ray_rows=1_500,
     batch_rows=100_000,
     section_budget_s=180.0,
 )
@@ -150,6 +153,7 @@ QUICK: Final = Sizes(
     rate_windows=1.5,
     tail_rows=500,
     slots_rows=12,
+    ray_rows=600,
     batch_rows=20_000,
     section_budget_s=45.0,
 )

@@ -235,6 +235,7 @@ class CallStage:
         check_answer: Callable[[Completion], str | None] | None = None,
         answer_attempts: int = 1,
         events: EventSink | None = None,
+        limiter: RateLimiter | None = None,
     ) -> None:
         self._model = model
         self._limits = limits
@@ -244,7 +245,9 @@ class CallStage:
         # through the limiter like any request.
         self._check_answer = check_answer
         self._answer_attempts = answer_attempts
-        self.limiter = RateLimiter(
+        # A limiter given (a worker's share of a cluster's limit, see
+        # pipeline.lease) replaces the one made from the limits.
+        self.limiter = limiter or RateLimiter(
             limits.rpm,
             limits.tpm,
             concurrency=limits.concurrency,

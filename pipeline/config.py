@@ -261,6 +261,25 @@ class StructuredConfig(_Section):
     max_attempts: int = Field(default=3, gt=0, le=20)
 
 
+class EngineConfig(_Section):
+    # Where the stages run: "local" (one process) or "ray" (workers on a Ray
+    # cluster sharing one rate limit; needs the [ray] extra).
+    engine: Literal["local", "ray"] = "local"
+
+
+class RayConfig(_Section):
+    # The cluster to join ("auto": the one `ray start` runs on this machine;
+    # "ray://host:10001": a remote one). None: a local Ray started for the run.
+    address: str | None = None
+    # Worker actors, each running the call stage with up to
+    # limits.concurrency requests in flight.
+    workers: int = Field(default=2, gt=0, le=10_000)
+    # false: no ledger; each worker paces at limits.rpm/tpm divided by the
+    # number of workers on its own (what Ray Data's LLM processor does; kept
+    # as the baseline the shared limit is measured against).
+    shared_limit: bool = True
+
+
 _DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
@@ -315,6 +334,8 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    run: EngineConfig = Field(default_factory=EngineConfig)
+    ray: RayConfig = Field(default_factory=RayConfig)
     batch: BatchConfig = Field(default_factory=BatchConfig)
     # How requests are sent: one by one (online) or through the provider's Batch API.
     route: Literal["online", "batch"] = "online"

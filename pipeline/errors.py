@@ -159,3 +159,10 @@ class RunInterrupted(EnrichError):
             f"interrupted; finished rows are saved in {run_dir}; "
             "run the same command again to resume"
         )
+
+
+class ClusterLost(EnrichError):
+    """The Ray engine lost its workers or its limiter for good (nodes gone,
+    restarts used up). The checkpoint is kept: rerunning resumes."""
+
+    exit_code = ExitCode.API_UNREACHABLE

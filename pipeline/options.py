@@ -347,6 +347,37 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "3",
     ),
     Option(
+        "--engine",
+        "run.engine",
+        "str",
+        "Where the run happens: one process, or workers on a Ray cluster sharing one "
+        "rate limit (pip install 'enrich-llm[ray]').",
+        "local",
+        choices=("local", "ray"),
+    ),
+    Option(
+        "--ray-address",
+        "ray.address",
+        "str",
+        "Ray cluster to join with --engine ray: auto, or ray://HOST:10001.",
+        "a local Ray started for the run",
+    ),
+    Option(
+        "--workers",
+        "ray.workers",
+        "int",
+        "Worker actors with --engine ray, each with up to --concurrency requests in flight.",
+        "2",
+    ),
+    Option(
+        "--shared-limit/--no-shared-limit",
+        "ray.shared_limit",
+        "toggle",
+        "With --engine ray: one rate limit for all workers; off: each worker paces at "
+        "--rpm/--tpm divided by --workers on its own (the baseline).",
+        "on",
+    ),
+    Option(
         "--route",
         "route",
         "str",

@@ -190,11 +190,11 @@ def make_plan(prepared: PreparedRun) -> Plan:
         run_dir=config.output.resolved_run_dir,
         report_path=config.output.report or report_path_for(config.output.local_path),
         secrets=(config.api_key(),),
-        check_answer=_answer_check(prepared.schema),
+        check_answer=answer_check(prepared.schema),
     )
 
 
-def _answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str | None] | None:
+def answer_check(schema: dict[str, Any] | None) -> Callable[[Completion], str | None] | None:
     """With a schema, what is wrong with an answer (None when it validates)."""
     if schema is None:
         return None

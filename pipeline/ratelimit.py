@@ -1086,16 +1086,26 @@ class RateLimiter:
         queues (at the start of a run, every worker queues at once, before a
         single answer has shown what requests cost).
         """
-        permit = await self._acquire(tokens)
+        permit = await self.acquire(tokens)
         try:
             yield permit
         finally:
-            self._in_flight_area()
-            self._sending -= 1
-            self.queue.done(permit.sequence, _now(), stuck=permit.stuck)
-            self.gate.release()
-            if permit.probe:
-                self._release_probe()
+            self.release(permit)
+
+    async def acquire(self, tokens: int | Callable[[], int]) -> Permit:
+        """``request`` without the context: the permit is held until
+        ``release`` (the cluster limiter holds a leased request's permit
+        until its worker reports the answer)."""
+        return await self._acquire(tokens)
+
+    def release(self, permit: Permit) -> None:
+        """The request of ``permit`` is over (answered, refused or given up)."""
+        self._in_flight_area()
+        self._sending -= 1
+        self.queue.done(permit.sequence, _now(), stuck=permit.stuck)
+        self.gate.release()
+        if permit.probe:
+            self._release_probe()
 
     async def _acquire(self, tokens: int | Callable[[], int]) -> Permit:
         # Before the buckets: when the probing ends, those who waited for it

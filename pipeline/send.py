@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, Final
 from pipeline.batch_route import RouteEnd, open_batch_feed, send_batches
 from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
-from pipeline.errors import RunInterrupted
+from pipeline.errors import ConfigError, RunInterrupted
 from pipeline.feed import Feed, reused
 from pipeline.transport import Transport, make_transport
 
@@ -45,13 +45,17 @@ async def open_stage(
         transport = make_transport(
             config.model, config.api_key(), config.model.transport, extra_params=plan.extra_params
         )
-    stage = CallStage(
-        config.model,
-        config.limits,
-        transport,
-        check_answer=plan.check_answer,
-        answer_attempts=config.structured.max_attempts,
-        events=events,
+    stage = (
+        _ray_stage(plan, transport, events)
+        if config.run.engine == "ray"
+        else CallStage(
+            config.model,
+            config.limits,
+            transport,
+            check_answer=plan.check_answer,
+            answer_attempts=config.structured.max_attempts,
+            events=events,
+        )
     )
     watcher = None
     if stop is not None:
@@ -63,8 +67,24 @@ async def open_stage(
     finally:
         if watcher is not None:
             watcher.cancel()
+        closing = getattr(stage, "aclose", None)
+        if closing is not None:
+            await closing()
         if own_transport:
             await transport.aclose()
+
+
+def _ray_stage(plan: Plan, transport: Transport, events: EventSink) -> CallStage:
+    """The Ray engine's stage (its module is the only one that imports Ray)."""
+    try:
+        from pipeline.engine_ray import RayStage
+    except ImportError as exc:
+        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
+            raise
+        raise ConfigError(
+            "--engine ray needs Ray: pip install 'enrich-llm[ray]' (or use --engine local)"
+        ) from None
+    return RayStage(plan, transport, events)
 
 
 async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any]) -> None:

@@ -1,0 +1,172 @@
+"""--engine ray on a local Ray cluster (one per module, 2 CPUs) against the
+simulator enforcing 6,000 requests/min over a 10 s window: the workers share
+one limit, and a worker or the driver killed with SIGKILL costs at most the
+requests in flight. Throughput against the single-process engine and against
+per-worker limiters is the benchmark's (benchmarks/sections/ray.py), not a
+wall-clock assert here."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+import pytest
+
+from pipeline.runner import enrich
+from pipeline.simulate import Simulator
+from pipeline.summary import RunSummary
+
+from conftest import MODEL, StartServer, answer_for, make_config, write_questions
+
+ray = pytest.importorskip("ray")
+
+pytestmark = pytest.mark.slow
+
+WORKERS = 2
+CONCURRENCY = 16
+LIMIT = {"rpm": 6000, "window_s": 10.0, "latency_ms": 50.0}
+
+
+@pytest.fixture(scope="module")
+def cluster() -> Iterator[str]:
+    """A local Ray for the module; the address a driver in a subprocess joins."""
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        yield str(ray.get_runtime_context().gcs_address)
+    finally:
+        ray.shutdown()
+
+
+def ray_config(tmp_path: Path, sim: Simulator, rows: int, **overrides: Any) -> Any:
+    source = write_questions(tmp_path / "in.parquet", [f"question {i}" for i in range(rows)])
+    return make_config(
+        source,
+        tmp_path / "out.parquet",
+        f"http://127.0.0.1:{sim.port}/v1",
+        **{
+            "run.engine": "ray",
+            "ray.workers": WORKERS,
+            "limits.concurrency": CONCURRENCY,
+            "limits.max_attempts": 20,
+            "cache.enabled": False,
+            **overrides,
+        },
+    )
+
+
+def assert_every_row_once_in_order(output: Path, rows: int) -> None:
+    frame = pl.read_parquet(output)
+    assert frame["id"].to_list() == list(range(rows))
+    assert frame["status"].to_list() == ["ok"] * rows
+    assert frame["response"].to_list() == [answer_for(f"question {i}") for i in range(rows)]
+
+
+def paid_twice(sim: Simulator) -> int:
+    return sum(count - 1 for count in sim.stats.answered_by_content.values() if count > 1)
+
+
+@pytest.mark.parametrize("mode", ["configured", "auto"])
+def test_ray_workers_share_one_limit_with_under_1_percent_429s(
+    cluster: str, start_server: StartServer, tmp_path: Path, mode: str
+) -> None:
+    sim = start_server(**LIMIT)
+    rows = 1200  # 12 s at the limit: more than one window
+    overrides = {"limits.rpm": 6000} if mode == "configured" else {}
+    summary = enrich(ray_config(tmp_path, sim, rows, **overrides))
+
+    assert_every_row_once_in_order(tmp_path / "out.parquet", rows)
+    assert sim.stats.rate_limited < 0.01 * sim.stats.requests
+    # Every worker's counts reach the summary; the limit is the ledger's.
+    assert summary.requests == sim.stats.requests
+    assert summary.rate_limited == sim.stats.rate_limited
+    assert summary.learned_rpm == 6000  # from the x-ratelimit headers, in both modes
+
+
+def run_in_thread(config: Any) -> tuple[threading.Thread, list[RunSummary]]:
+    done: list[RunSummary] = []
+    thread = threading.Thread(target=lambda: done.append(enrich(config)), daemon=True)
+    thread.start()
+    return thread, done
+
+
+def wait_for_answers(sim: Simulator, count: int, timeout_s: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while sim.stats.answered < count:
+        assert time.monotonic() < deadline, "the run never got going"
+        time.sleep(0.02)
+
+
+def test_a_worker_killed_mid_run_costs_only_its_requests_in_flight(
+    cluster: str, start_server: StartServer, tmp_path: Path
+) -> None:
+    sim = start_server(**LIMIT)
+    rows = 800
+    thread, done = run_in_thread(ray_config(tmp_path, sim, rows, **{"limits.rpm": 6000}))
+    wait_for_answers(sim, 250)
+    names = [a["name"] for a in ray.util.list_named_actors(all_namespaces=True)]
+    victim = ray.get_actor(next(n for n in names if n.startswith("enrich-worker-")))
+    os.kill(ray.get(victim.pid.remote()), signal.SIGKILL)
+    thread.join(timeout=120)
+
+    assert done, "the run did not finish after losing a worker"
+    assert_every_row_once_in_order(tmp_path / "out.parquet", rows)
+    assert paid_twice(sim) <= CONCURRENCY
+
+
+def enrich_command(config: Any, address: str) -> list[str]:
+    return [
+        sys.executable,
+        "-m",
+        "pipeline",
+        "run",
+        "--input",
+        str(config.input.path),
+        "--column",
+        "question",
+        "--output",
+        str(config.output.path),
+        "--model",
+        MODEL,
+        "--base-url",
+        str(config.model.base_url),
+        "--concurrency",
+        str(CONCURRENCY),
+        "--rpm",
+        "6000",
+        "--no-cache",
+        "--engine",
+        "ray",
+        "--ray-address",
+        address,
+        "--workers",
+        str(WORKERS),
+    ]
+
+
+def test_a_driver_killed_mid_run_resumes_paying_only_for_what_was_in_flight(
+    cluster: str, start_server: StartServer, tmp_path: Path
+) -> None:
+    sim = start_server(**LIMIT)
+    rows = 800
+    command = enrich_command(ray_config(tmp_path, sim, rows), cluster)
+    driver = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        wait_for_answers(sim, 250)
+        driver.send_signal(signal.SIGKILL)
+    finally:
+        driver.wait(timeout=30)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=120, check=False)
+
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert_every_row_once_in_order(tmp_path / "out.parquet", rows)
+    # In flight on every worker, plus the answers of the last group commit
+    # (0.1 s at 100 rows/s) that the kill cut.
+    assert paid_twice(sim) <= WORKERS * CONCURRENCY + 10
