@@ -8,7 +8,6 @@ small row groups instead of a 3 GB one.
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
 import pyarrow as pa
@@ -16,13 +15,13 @@ import pyarrow as pa
 from pipeline import structured, write
 from pipeline.checkpoint import Checkpoint, DamagedPart, PartSweep, bytes_per_row
 from pipeline.crashpoints import crash_point
-from pipeline.durable import remove_stale_temps
 from pipeline.errors import EnrichError
 from pipeline.read import InputSource
 from pipeline.tally import Tally
 
 if TYPE_CHECKING:
     from pipeline.plan import Plan
+    from pipeline.storage import Location
 
 # Rows per row group at most: big enough for fast scans downstream, small
 # enough that the input chunk, the results, the enriched chunk and the
@@ -55,7 +54,7 @@ def assemble(plan: Plan, checkpoint: Checkpoint) -> Tally | None:
 def assemble_output(
     source: InputSource,
     checkpoint: Checkpoint,
-    output: Path,
+    output: Location,
     *,
     prefix: str = "",
     schema: dict[str, Any] | None = None,
@@ -70,7 +69,6 @@ def assemble_output(
     parts = checkpoint.parts()
     sweep = PartSweep(checkpoint, parts)
     group_rows = rows_per_group(source, bytes_per_row(parts))
-    remove_stale_temps(output)
     tally = Tally()
     with write.AtomicParquetWriter(output, file_schema) as writer:
         for chunk in source.chunks(group_rows):

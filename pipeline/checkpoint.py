@@ -56,9 +56,11 @@ from pipeline.durable import (
     remove_tree,
     temp_path_for,
 )
-from pipeline.errors import CheckpointMismatch, UsageError
+from pipeline.errors import CheckpointMismatch, InputError, UsageError
 from pipeline.journal import JournalWriter, read_journal
 from pipeline.results import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
+from pipeline.storage import Location, ObjectUri, remote_identity
+from pipeline.storage import file_facts as file_facts
 
 if TYPE_CHECKING:
     # Imported where results are merged (resume, status, assembly): a fresh
@@ -105,10 +107,13 @@ class InputIdentity:
     ctime_ns: int = 0
 
     @classmethod
-    def of(cls, path: Path, known: InputIdentity | None = None) -> InputIdentity:
+    def of(cls, path: Location, known: InputIdentity | None = None) -> InputIdentity:
         """Identify the input by content. Hashing a big file costs seconds, so
         the known hash is reused while the file's size, mtime, inode and ctime
-        are all unchanged."""
+        are all unchanged. An object in object storage is identified by its
+        URI, size and last-modified time (see storage.remote_identity)."""
+        if isinstance(path, ObjectUri):
+            return cls(str(path), *remote_identity(path, InputError))
         stat = path.stat()
         resolved = str(path.resolve())
         facts = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
@@ -258,7 +263,7 @@ class Checkpoint:
     def open(
         cls,
         run_dir: Path,
-        input_path: Path,
+        input_path: Location,
         settings: dict[str, Any],
         *,
         input_rows: int,

@@ -82,6 +82,8 @@ def _click_type(option: Option) -> Any:
         return click.Choice(option.choices)
     return {
         "path": click.Path(path_type=Path),
+        # A URI as typed: click.Path would turn s3://b/k into s3:/b/k.
+        "location": str,
         "str": str,
         "int": int,
         "float": float,
@@ -321,7 +323,7 @@ def finish(summary: RunSummary, config: RunConfig, *, log_format: str = "text") 
 def _echo_page(config: RunConfig) -> None:
     from pipeline.report import page_path_for, report_path_for
 
-    page = page_path_for(config.output.report or report_path_for(config.output.path))
+    page = page_path_for(config.output.report or report_path_for(config.output.local_path))
     if config.output.page and page.exists():
         click.echo(f"  report page {page.resolve().as_uri()}")
 
@@ -404,7 +406,8 @@ def run(
 
 
 @cli.command("report")
-@click.argument("output", type=click.Path(path_type=Path))
+# A URI as typed (click.Path would turn s3://b/k into s3:/b/k): its report is local.
+@click.argument("output", type=str)
 @click.option(
     "--report",
     "report_file",
@@ -420,13 +423,14 @@ def run(
     help="Where to write the page [beside the report: OUTPUT.report.html].",
 )
 @handle_errors
-def report_page(output: Path, report_file: Path | None, html_file: Path | None) -> None:
+def report_page(output: str, report_file: Path | None, html_file: Path | None) -> None:
     """Draw a run's report page: one HTML file that opens offline in any
     browser (charts, failed rows and what to run next, settings)."""
+    from pipeline.config import output_local_path
     from pipeline.page import write_page
     from pipeline.report import page_path_for, read_report, report_path_for
 
-    source = report_file or report_path_for(output)
+    source = report_file or report_path_for(output_local_path(output))
     body = read_report(source)
     if body is None:
         raise UsageError(
@@ -491,7 +495,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     output = section_from(OutputConfig, tree)
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
-    holder = live_holder(lock_path_for(output.path))
+    holder = live_holder(lock_path_for(output.local_path))
     from pipeline.batch_route import batch_summary, in_flight
 
     batches = batch_summary(output.resolved_run_dir)

@@ -17,6 +17,7 @@ field's annotation from its string on first use (about 8 ms before the
 first request).
 """
 
+import abc
 import functools
 import os
 import re
@@ -33,6 +34,7 @@ from msgspec import Meta, field
 from pipeline.errors import ConfigError, MissingSetting
 from pipeline.options import FLAG_FOR_KEY, keyword_names, overrides_from_keywords
 from pipeline.outage import DEFAULT_MAX_OUTAGE_S
+from pipeline.storage import Location, ObjectUri, local_path, parse_location
 
 DEFAULT_BASE_URL: Final = "https://api.openai.com/v1"
 """What the openai client talks to when neither ``model.base_url`` nor
@@ -136,15 +138,35 @@ def _note_given(section: _Section, table: Mapping[str, Any]) -> None:
     _remember(section, given)
 
 
+class _Location(abc.ABC):  # noqa: B024 (a virtual base: registered types only)
+    """What msgspec checks ``--input``/``--output`` against: a Path or an
+    ObjectUri (msgspec takes one custom type in a union, so one ABC stands
+    for both; ``_decode`` makes it from the string as given)."""
+
+
+_Location.register(Path)
+_Location.register(ObjectUri)
+
+if typing.TYPE_CHECKING:
+    LocationField = Location
+else:
+    LocationField = _Location
+
+
 def _decode(kind: type, value: Any) -> Any:
     # msgspec has no Path type: a string names one.
-    if kind is Path and isinstance(value, str | os.PathLike):
-        return Path(value)
+    if isinstance(value, str | os.PathLike):
+        if kind is Path:
+            return Path(value)
+        if kind is _Location:
+            # Not Path(value): Path("s3://b/k") would lose a "/". A ValueError
+            # (keys in the URI, say) is msgspec's ValidationError, text kept.
+            return parse_location(value)
     raise TypeError(f"Expected `str` (a path), got `{type(value).__name__}`")
 
 
 def _encode(value: Any) -> Any:
-    if isinstance(value, Path):
+    if isinstance(value, Path | ObjectUri):
         return str(value)
     raise TypeError(f"no JSON value for {type(value).__name__}")  # a bug: a new type in a section
 
@@ -166,7 +188,7 @@ def _convert(section: type[_S], tree: Mapping[str, Any], path: Path | None = Non
 
 
 class InputConfig(_Section, frozen=True, kw_only=True):
-    path: Path
+    path: LocationField
     column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
@@ -186,7 +208,7 @@ class InputConfig(_Section, frozen=True, kw_only=True):
 
 
 class OutputConfig(_Section, frozen=True, kw_only=True):
-    path: Path
+    path: LocationField
     run_dir: Path | None = None
     column_prefix: str = ""
     keep_checkpoint: bool = False
@@ -195,11 +217,27 @@ class OutputConfig(_Section, frozen=True, kw_only=True):
     page: bool = True
 
     @property
+    def local_path(self) -> Path:
+        """What the run's local files (run directory, lock, report) are named
+        after: the output itself, or for a remote output its stand-in under
+        ./enrich-runs/ (see pipeline.storage)."""
+        return local_path(self.path)
+
+    @property
     def resolved_run_dir(self) -> Path:
         # Beside the output, so moving a job's folder moves its checkpoint too.
         if self.run_dir is not None:
             return self.run_dir
-        return self.path.with_name(self.path.name + ".enrich")
+        return self.local_path.with_name(self.local_path.name + ".enrich")
+
+
+def output_local_path(output: str | Path) -> Path:
+    """What the local files of the run writing ``output`` (a path or a URI)
+    are named after; ConfigError for a URI that cannot be one."""
+    try:
+        return local_path(parse_location(output))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 class ModelConfig(_Section, frozen=True, kw_only=True):

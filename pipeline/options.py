@@ -17,7 +17,7 @@ from typing import Any, Final, Literal
 
 from pipeline.stall import STALL_DEFAULT_S, STALL_FLOOR_S, STALL_MULTIPLE, STALL_WARMUP
 
-Kind = Literal["path", "str", "int", "float", "json", "toggle", "switch"]
+Kind = Literal["path", "location", "str", "int", "float", "json", "toggle", "switch"]
 Command = Literal["run", "estimate", "status"]
 
 RUN: Final[frozenset[Command]] = frozenset({"run"})
@@ -61,9 +61,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "--input",
         "input.path",
-        "path",
+        "location",
         "Input dataset: .csv, .parquet/.pq, .jsonl/.ndjson; gzip as .csv.gz, .jsonl.gz, "
-        ".ndjson.gz.",
+        ".ndjson.gz. A local path or a URI pyarrow opens (s3://bucket/key, gs://, file://).",
         commands=RUN_ESTIMATE,
     ),
     Option("--column", "input.column", "str", "Column holding the prompt.", commands=RUN_ESTIMATE),
@@ -101,8 +101,8 @@ OPTIONS: Final[tuple[Option, ...]] = (
     Option(
         "--output",
         "output.path",
-        "path",
-        "Enriched Parquet file to write.",
+        "location",
+        "Enriched Parquet file to write: a local path or a URI (s3://bucket/key.parquet).",
         commands=RUN_STATUS,
     ),
     Option(

@@ -83,6 +83,9 @@ def prepare(config: RunConfig, *, check_output: bool = True) -> PreparedRun:
     prompt.check_types(spec, source.schema, source=str(source.path))
     if check_output:
         write.check_output_path(config.output.path, config.input.path)
+        # A remote output's run directory, lock and report live locally
+        # under its stand-in path: its folder must exist before the lock.
+        config.output.local_path.parent.mkdir(parents=True, exist_ok=True)
     taken = [
         *source.columns(),
         *write.output_column_names(source.columns(), config.output.column_prefix),
@@ -185,7 +188,7 @@ def make_plan(prepared: PreparedRun) -> Plan:
         fingerprint=fingerprint(settings),
         response_format=prepared.response_format,
         run_dir=config.output.resolved_run_dir,
-        report_path=config.output.report or report_path_for(config.output.path),
+        report_path=config.output.report or report_path_for(config.output.local_path),
         secrets=(config.api_key(),),
         check_answer=answer_check(prepared.schema),
     )

@@ -25,7 +25,9 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.csv as pcsv
 
+from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.storage import Location, ObjectUri
 
 if TYPE_CHECKING:
     # Imported by the Parquet reader: CSV and JSONL input never load it.
@@ -67,11 +69,11 @@ class Chunk:
 class InputSource(ABC):
     """One input file, opened and validated. Build it with :func:`open_input`."""
 
-    path: Path
+    path: Location
     format: Format
     schema: pa.Schema
 
-    def __init__(self, path: Path, fmt: Format, schema: pa.Schema) -> None:
+    def __init__(self, path: Location, fmt: Format, schema: pa.Schema) -> None:
         self.path = path
         self.format = fmt
         self.schema = schema
@@ -120,7 +122,7 @@ class InputSource(ABC):
         return f"{type(self).__name__}(path={str(self.path)!r}, columns={self.columns()!r})"
 
 
-def detect_format(path: Path) -> Format:
+def detect_format(path: Location) -> Format:
     """The format implied by the file name; the content is checked by :func:`open_input`."""
     name = path.name.lower()
     for ext in sorted(_EXTENSIONS, key=len, reverse=True):
@@ -136,9 +138,13 @@ def detect_format(path: Path) -> Format:
     )
 
 
-def open_input(path: str | Path) -> InputSource:
+def open_input(path: str | Location) -> InputSource:
     """Open and validate an input file: it exists, is readable, parses, and has rows."""
-    p = Path(path).expanduser()
+    location = storage.parse_location(path)
+    if isinstance(location, ObjectUri):
+        storage.check_exists(location, InputError, "--input", "input")
+        return _source(location, detect_format(location))
+    p = location.expanduser()
     where = "" if p.is_absolute() else f" (looked for {p.absolute()})"
     if not p.exists():
         raise InputError(f"input file {p} does not exist{where}; check --input")
@@ -155,14 +161,18 @@ def open_input(path: str | Path) -> InputSource:
         ) from None
     except OSError as e:
         raise InputError(f"cannot read input {p}: {e.strerror or e}; check --input") from None
-    _check_compression(p, fmt)
+    return _source(p, fmt)
+
+
+def _source(location: Location, fmt: Format) -> InputSource:
+    _check_compression(location, fmt)
     if fmt == "parquet":
-        return _ParquetSource(p)
+        return _ParquetSource(location)
     if fmt == "csv":
-        return _CsvSource(p)
+        return _CsvSource(location)
     from pipeline.read_jsonl import JsonlSource  # polars: only JSONL input needs it
 
-    return JsonlSource(p)
+    return JsonlSource(location)
 
 
 def _rechunk(
@@ -200,15 +210,15 @@ _GZIP_MAGIC: Final = b"\x1f\x8b"
 _UTF16_BOMS: Final = (b"\xff\xfe", b"\xfe\xff")
 
 
-def _head(path: Path, size: int = 4) -> bytes:
+def _head(path: Location, size: int = 4) -> bytes:
     try:
-        with path.open("rb") as handle:
-            return handle.read(size)
-    except OSError:
+        with storage.open_stream(path) as handle:
+            return bytes(handle.read(size))
+    except (OSError, pa.ArrowException, InputError):
         return b""
 
 
-def _check_compression(path: Path, fmt: Format) -> None:
+def _check_compression(path: Location, fmt: Format) -> None:
     """A gzip file under a plain name would fail as "wrong number of fields"
     or "not UTF-8" far from the cause: say what it is and how to name it."""
     if fmt == "parquet" or path.name.lower().endswith(".gz"):
@@ -221,8 +231,12 @@ def _check_compression(path: Path, fmt: Format) -> None:
         )
 
 
-def _iconv_fix(path: Path) -> str:
-    fixed = path.with_name(f"{path.name.split('.')[0]}.utf8{''.join(path.suffixes)}")
+def _iconv_fix(path: Location) -> str:
+    stem, dot, rest = path.name.partition(".")
+    if isinstance(path, Path):
+        fixed: Path | str = path.with_name(f"{stem}.utf8{''.join(path.suffixes)}")
+    else:  # a local copy: the re-encoded file is uploaded again by the user
+        fixed = f"{stem}.utf8{dot}{rest}"
     # A UTF-16 file (Excel's "Unicode text") starts with its byte order mark.
     source = "utf-16" if _head(path, 2) in _UTF16_BOMS else "latin1"
     return (
@@ -231,11 +245,11 @@ def _iconv_fix(path: Path) -> str:
     )
 
 
-def _no_rows(path: Path, what: str) -> InputError:
+def _no_rows(path: Location, what: str) -> InputError:
     return InputError(f"input {path} has no rows ({what}); pass a file with data to --input")
 
 
-def _check_column_names(path: Path, names: list[str]) -> None:
+def _check_column_names(path: Location, names: list[str]) -> None:
     dupes = sorted(n for n, count in Counter(names).items() if count > 1)
     if dupes:
         shown = ", ".join(repr(n) for n in dupes)
@@ -249,7 +263,7 @@ def _check_column_names(path: Path, names: list[str]) -> None:
 
 
 class _ParquetSource(InputSource):
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         try:
             with self._open(path) as pf:
                 schema = pf.schema_arrow.remove_metadata()
@@ -269,12 +283,13 @@ class _ParquetSource(InputSource):
             raise _no_rows(path, "the Parquet file is empty")
 
     @staticmethod
-    def _open(path: Path) -> pq.ParquetFile:
+    def _open(path: Location) -> pq.ParquetFile:
         # pre_buffer would load whole row groups (possibly the whole file) at once;
         # page-by-page reads keep memory bounded by the batch.
         import pyarrow.parquet as pq
 
-        return pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
+        source = path if isinstance(path, Path) else storage.open_random_access(path)
+        return pq.ParquetFile(source, pre_buffer=False, buffer_size=1 << 20)
 
     def count_rows(self) -> int:
         return self._num_rows
@@ -335,7 +350,7 @@ class _CsvSource(InputSource):
     # A row longer than a block cannot be parsed; retry with bigger blocks up to this.
     _MAX_BLOCK_SIZE: Final = 64 << 20
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         self._block_size = self._BLOCK_SIZE
         self._header: list[str] = []
         while True:
@@ -350,9 +365,9 @@ class _CsvSource(InputSource):
                 raise self._error(path, e, None) from None
         super().__init__(path, "csv", schema)
 
-    def _reader(self, path: Path) -> pcsv.CSVStreamingReader:
+    def _reader(self, path: Location) -> pcsv.CSVStreamingReader:
         return pcsv.open_csv(
-            str(path),
+            str(path) if isinstance(path, Path) else storage.open_stream(path, "detect"),
             read_options=pcsv.ReadOptions(block_size=self._block_size),
             parse_options=pcsv.ParseOptions(newlines_in_values=True),
             # Everything is read as text and converted by us (see _scan), so every block
@@ -366,7 +381,7 @@ class _CsvSource(InputSource):
             ),
         )
 
-    def _scan(self, path: Path) -> tuple[pa.Schema, int]:
+    def _scan(self, path: Location) -> tuple[pa.Schema, int]:
         reader = self._reader(path)
         bad_header = InputError(
             f"input {path} has a header that is not valid UTF-8; " + _iconv_fix(path)
@@ -400,7 +415,7 @@ class _CsvSource(InputSource):
         ]
         return pa.schema(fields), rows
 
-    def _error(self, path: Path, e: BaseException, row: int | None) -> InputError:
+    def _error(self, path: Location, e: BaseException, row: int | None) -> InputError:
         text = str(e)
         near = f" near row {row}" if row is not None else ""
         if "Empty CSV file" in text:

@@ -7,15 +7,16 @@ from __future__ import annotations
 import io
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Final
 
 import polars as pl
 import pyarrow as pa
 from polars.datatypes import DataTypeClass
 
+from pipeline import storage
 from pipeline.errors import InputError
 from pipeline.read import InputSource, _detail, _iconv_fix, _no_rows
+from pipeline.storage import Location
 
 _BOM: Final = b"\xef\xbb\xbf"
 
@@ -76,7 +77,7 @@ class JsonlSource(InputSource):
     # Lines are parsed a block at a time; a longer line just makes a longer block.
     _BLOCK_SIZE: Final = 1 << 20
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Location) -> None:
         merged: dict[str, pl.DataType] = {}
         rows = 0
         for block, first_line in self._blocks(path):
@@ -100,12 +101,12 @@ class JsonlSource(InputSource):
         schema = pl.DataFrame(schema=self._pl_schema).to_arrow().schema
         super().__init__(path, "jsonl", schema)
 
-    def _blocks(self, path: Path) -> Iterator[tuple[bytes, int]]:
+    def _blocks(self, path: Location) -> Iterator[tuple[bytes, int]]:
         """Blocks of whole lines, with the 1-based number of each block's first line."""
         line_no = 1
         carry = b""
         try:
-            with pa.input_stream(str(path), compression="detect") as stream:
+            with storage.open_stream(path, "detect") as stream:
                 first = True
                 while True:
                     data = stream.read(self._BLOCK_SIZE)
@@ -131,7 +132,7 @@ class JsonlSource(InputSource):
             yield carry, line_no
 
     @staticmethod
-    def _raise_for_bad_line(path: Path, block: bytes, first_line: int) -> None:
+    def _raise_for_bad_line(path: Location, block: bytes, first_line: int) -> None:
         """Name the first line polars choked on; return if every line is a JSON object."""
         for n, line in enumerate(block.splitlines(), start=first_line):
             if not line.strip():

@@ -24,10 +24,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline.checkpoint import InputIdentity, settings_hash
+# file_facts: the output's size and mtime, local or in object storage.
+from pipeline.checkpoint import InputIdentity, file_facts, settings_hash
 from pipeline.costs import Price, cost, unknown_price_message
 from pipeline.durable import atomic_write_bytes
-from pipeline.errors import ExitCode
+from pipeline.errors import EnrichError, ExitCode
 from pipeline.events import json_safe
 from pipeline.redact import redact
 from pipeline.redact import redact_settings as redact_settings
@@ -36,6 +37,7 @@ from pipeline.version import version
 
 if TYPE_CHECKING:
     from pipeline.costs import Estimate
+    from pipeline.storage import Location
     from pipeline.summary import RunSummary
     from pipeline.timeline import Timeline
 
@@ -80,12 +82,11 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None
     return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 90, 95, 99)}
 
 
-def _file_facts(path: Path) -> dict[str, Any] | None:
-    try:
-        stat = path.stat()
-    except OSError:
+def _file_facts(path: Location) -> dict[str, Any] | None:
+    facts = file_facts(path)
+    if facts is None:
         return None
-    return {"size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+    return {"size": facts[0], "mtime_ns": facts[1]}
 
 
 def _tool_version() -> str:
@@ -101,7 +102,7 @@ class JobFacts:
     """What a report says about the job, as opposed to how the run went:
     fixed before the first request."""
 
-    output: Path
+    output: Location
     settings: Mapping[str, Any]
     """The full config (``config.to_dict()``), redacted when written."""
     fingerprint: str
@@ -322,8 +323,8 @@ class Freshness:
 def check_up_to_date(
     report_path: Path,
     *,
-    output: Path,
-    input_path: Path,
+    output: Location,
+    input_path: Location,
     fingerprint: str,
     output_settings: Mapping[str, Any] | None = None,
 ) -> Freshness:
@@ -371,7 +372,7 @@ def check_up_to_date(
     )
 
 
-def _input_change(recorded: Mapping[str, Any], input_path: Path) -> str | None:
+def _input_change(recorded: Mapping[str, Any], input_path: Location) -> str | None:
     """Why the input is not the one the report recorded (None: it is)."""
     try:
         known = InputIdentity(
@@ -386,7 +387,7 @@ def _input_change(recorded: Mapping[str, Any], input_path: Path) -> str | None:
         return "the run report does not identify the input"
     try:
         current = InputIdentity.of(input_path, known)
-    except OSError:
+    except (OSError, EnrichError):
         return f"the input {input_path} cannot be read"
     if not current.same_content(known):
         return f"the input {input_path} changed since the last run"

@@ -58,7 +58,7 @@ async def enrich_async(
     """
     events = events or NullEventSink()
     prepared = prepare(config)
-    with RunLock(lock_path_for(config.output.path), secrets=[config.api_key()]) as lock:
+    with RunLock(lock_path_for(config.output.local_path), secrets=[config.api_key()]) as lock:
         if lock.stale_holder is not None:
             events.emit(
                 "warning",

@@ -12,15 +12,16 @@ from typing import Literal
 import polars as pl
 
 from pipeline.checkpoint import Checkpoint
-from pipeline.errors import OutputError, UsageError
+from pipeline.errors import EnrichError, OutputError, UsageError
 from pipeline.results import TRANSIENT
+from pipeline.storage import Location, ObjectUri, file_facts, read_parquet_columns
 from pipeline.tally import Tally
 
 
 @dataclass(frozen=True)
 class RunStatus:
     source: Literal["checkpoint", "output"]
-    path: Path
+    path: Location
     total_rows: int
     ok: int
     error: int
@@ -66,12 +67,21 @@ def checkpoint_status(run_dir: Path) -> RunStatus | None:
     )
 
 
-def output_status(output: Path, prefix: str = "") -> RunStatus | None:
-    if not output.exists():
+def _read_columns(output: Location, columns: list[str]) -> pl.DataFrame:
+    if isinstance(output, ObjectUri):
+        frame = pl.from_arrow(read_parquet_columns(output, columns))
+        assert isinstance(frame, pl.DataFrame)  # a Table makes a DataFrame
+        return frame
+    return pl.read_parquet(output, columns=columns)
+
+
+def output_status(output: Location, prefix: str = "") -> RunStatus | None:
+    facts = file_facts(output)
+    if facts is None:
         return None
     columns = [f"{prefix}{name}" for name in ("status", "prompt_tokens", "completion_tokens")]
     try:
-        frame = pl.read_parquet(output, columns=columns)
+        frame = _read_columns(output, columns)
     except Exception as exc:  # polars raises several unrelated types for a bad file
         raise OutputError(
             f"{output} is not an enriched Parquet file ({type(exc).__name__}); "
@@ -81,12 +91,12 @@ def output_status(output: Path, prefix: str = "") -> RunStatus | None:
         source="output",
         path=output,
         total_rows=frame.height,
-        last_update=datetime.fromtimestamp(output.stat().st_mtime, tz=UTC),
+        last_update=datetime.fromtimestamp(facts[1] / 1e9, tz=UTC),
         **_counts(Tally.of_table(frame.to_arrow(), prefix)),
     )
 
 
-def run_status(output: Path, run_dir: Path, prefix: str = "") -> RunStatus:
+def run_status(output: Location, run_dir: Path, prefix: str = "") -> RunStatus:
     """The run directory if it is newer than the output (a live or interrupted
     run), else the output (a finished run keeps its run directory when rows
     failed, for the rerun that sends them again)."""
@@ -106,13 +116,15 @@ def run_status(output: Path, run_dir: Path, prefix: str = "") -> RunStatus:
     return status
 
 
-def error_reasons(output: Path, column_prefix: str = "", limit: int = 3) -> list[tuple[str, int]]:
+def error_reasons(
+    output: Location, column_prefix: str = "", limit: int = 3
+) -> list[tuple[str, int]]:
     """The most common reasons rows failed in a written output, with their
     counts, most common first: what a summary shows under "error N"."""
     column = f"{column_prefix}error"
     try:
-        errors = pl.scan_parquet(output).select(column).drop_nulls().collect()
-    except (OSError, pl.exceptions.PolarsError):
+        errors = _read_columns(output, [column]).drop_nulls()
+    except (OSError, pl.exceptions.PolarsError, EnrichError):
         return []
     counts = errors[column].value_counts(sort=True).head(limit)
     return [(str(reason), int(count)) for reason, count in counts.iter_rows()]

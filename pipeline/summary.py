@@ -12,12 +12,15 @@ from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from pipeline.storage import Location
 
 
 @dataclass(frozen=True)
 class RunSummary:
-    output: Path
+    output: Location
     run_dir: Path
     rows: int = 0
     ok: int = 0

@@ -3,6 +3,8 @@
 The file is written under a hidden temp name in the output's directory and renamed
 into place only once complete and fsynced, so a crash, a full disk or an exception
 never leaves a half-written file (or a damaged previous one) under the final name.
+An object-storage output is written to a local temp file the same way, then
+uploaded in one call once complete (see storage.upload).
 """
 
 from __future__ import annotations
@@ -17,9 +19,10 @@ from typing import TYPE_CHECKING, Final, Self
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from pipeline.durable import commit_temp, disk_full_error, temp_path_for
+from pipeline.durable import commit_temp, disk_full_error, remove_stale_temps, temp_path_for
 from pipeline.errors import ConfigError, OutputError
 from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID
+from pipeline.storage import Location, ObjectUri, check_output_bucket, local_path, upload
 
 if TYPE_CHECKING:
     # Imported where the output is written (AtomicParquetWriter).
@@ -70,8 +73,13 @@ def output_schema(input_schema: pa.Schema, prefix: str = "") -> pa.Schema:
     return pa.schema([*input_schema, *added])
 
 
-def check_output_path(output: Path, input_path: Path) -> None:
+def check_output_path(output: Location, input_path: Location) -> None:
     """Fail before any request is sent if the output could not be written at the end."""
+    if isinstance(output, ObjectUri):
+        _check_remote_output(output, input_path)
+        return
+    if isinstance(input_path, ObjectUri):
+        input_path = local_path(input_path)  # a local output is never a remote input
     output = Path(output).expanduser()
     if _same_file(output, Path(input_path).expanduser()):
         raise OutputError(
@@ -101,6 +109,20 @@ def check_output_path(output: Path, input_path: Path) -> None:
         raise OutputError(
             f"output directory {parent} is not writable; fix its permissions or change --output"
         )
+
+
+def _check_remote_output(output: ObjectUri, input_path: Location) -> None:
+    if isinstance(input_path, ObjectUri) and output.key == input_path.key:
+        raise OutputError(
+            f"output {output} is the input object; writing it would destroy the input: "
+            "choose another key with --output"
+        )
+    if output.suffix.lower() != ".parquet":
+        raise OutputError(
+            f"output {output} does not end in .parquet; the output is always Parquet: "
+            "name the object KEY.parquet in --output"
+        )
+    check_output_bucket(output)
 
 
 def _same_file(a: Path, b: Path) -> bool:
@@ -148,16 +170,20 @@ class AtomicParquetWriter:
     ``path`` before untouched.
     """
 
-    def __init__(self, path: Path, schema: pa.Schema, *, compression: str = "zstd") -> None:
+    def __init__(self, path: Location, schema: pa.Schema, *, compression: str = "zstd") -> None:
         if not _codec_available(compression):
             raise ConfigError(
                 f"unknown Parquet compression {compression!r}; use zstd, snappy, gzip, "
                 "lz4, brotli or none"
             )
-        self.path = Path(path)
+        self.path = path
         self.schema = schema
         self.compression = compression
-        self._temp = temp_path_for(self.path)
+        # A remote output's temp file sits beside its local stand-in (with its
+        # run directory), so stale ones are found and removed the same way.
+        self._temp = temp_path_for(local_path(path))
+        if isinstance(path, ObjectUri):
+            self._temp.parent.mkdir(parents=True, exist_ok=True)
         self._writer: pq.ParquetWriter | None = None
 
     def __enter__(self) -> Self:
@@ -165,11 +191,14 @@ class AtomicParquetWriter:
         # it writes the file, and a fresh run's first request needs no Parquet.
         import pyarrow.parquet as pq
 
+        # Only one run writes an output at a time (the lock), so any temp
+        # file of an earlier writer is left by a killed run.
+        remove_stale_temps(local_path(self.path))
         try:
             self._writer = pq.ParquetWriter(self._temp, self.schema, compression=self.compression)
         except (OSError, pa.ArrowException) as e:
             self._temp.unlink(missing_ok=True)
-            raise disk_full_error(e, self.path) or OutputError(
+            raise disk_full_error(e, local_path(self.path)) or OutputError(
                 f"cannot create {self._temp} next to the output ({e}); check that the "
                 f"directory of --output {self.path} exists and is writable"
             ) from None
@@ -183,7 +212,7 @@ class AtomicParquetWriter:
         try:
             self._writer.write_table(table)
         except OSError as e:
-            raise disk_full_error(e, self.path) or OutputError(
+            raise disk_full_error(e, local_path(self.path)) or OutputError(
                 f"writing {self.path} failed ({e.strerror or e}); free disk space or "
                 "change --output, then run the same command again"
             ) from None
@@ -201,10 +230,14 @@ class AtomicParquetWriter:
         try:
             if writer is not None:
                 writer.close()
-            commit_temp(self._temp, self.path)
+            if isinstance(self.path, ObjectUri):
+                upload(self._temp, self.path)
+                self._temp.unlink()
+            else:
+                commit_temp(self._temp, self.path)
         except OSError as e:
             self._discard(None)
-            raise disk_full_error(e, self.path) or OutputError(
+            raise disk_full_error(e, local_path(self.path)) or OutputError(
                 f"finishing {self.path} failed ({e.strerror or e}); free disk space or "
                 "change --output, then run the same command again"
             ) from None

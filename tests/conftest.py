@@ -41,7 +41,9 @@ def start_server() -> Iterator[StartServer]:
         yield start
 
 
-def make_config(input_path: Path, output: Path, base_url: str, **overrides: Any) -> RunConfig:
+def make_config(
+    input_path: Path | str, output: Path | str, base_url: str, **overrides: Any
+) -> RunConfig:
     """A run config for tests: fast backoff, prompts from the 'question' column."""
     values: dict[str, Any] = {
         "input.path": input_path,

@@ -64,7 +64,7 @@ def test_a_plain_rerun_retries_transient_failures_and_not_permanent_ones(
 
     first = enrich(config)
     assert (first.ok, first.error, first.pending) == (2, 2, 1)
-    report = read_report(report_path_for(config.output.path))
+    report = read_report(report_path_for(config.output.local_path))
     assert report is not None and report["counts"]["pending"] == 1
     server.reset_stats()
 
@@ -132,8 +132,8 @@ def checkpointed(tmp_path: Path, start_server: StartServer) -> Iterator[tuple[Ru
     source = write_questions(tmp_path / "in.parquet", prompts)
     config = keep(config_for(tmp_path, source, server.base_url, **{"checkpoint.flush_every": 20}))
     enrich(config)
-    config.output.path.unlink()
-    report_path_for(config.output.path).unlink()
+    config.output.local_path.unlink()
+    report_path_for(config.output.local_path).unlink()
     server.reset_stats()
     yield config, server
 
@@ -265,7 +265,7 @@ def test_changed_input_after_an_unfinished_run_starts_over_reusing_unchanged_ans
     source = write_questions(tmp_path / "in.csv", prompts)
     config = keep(config_for(tmp_path, source, server.base_url))
     enrich(config)
-    config.output.path.unlink()  # unfinished: killed before the output was written
+    config.output.local_path.unlink()  # unfinished: killed before the output was written
     tomorrow = [*prompts[:10], "nightly 10, edited", *prompts[11:], "nightly 50"]
     write_questions(source, tomorrow)
     server.reset_stats()

@@ -111,7 +111,13 @@ def test_every_flag_given_on_the_command_line_reaches_its_key(tmp_path: Path) ->
     def capture(config_file: Path | None, **flags: Any) -> None:
         parsed.update(flag_overrides(flags))
 
-    values = {"path": str(tmp_path / "x"), "str": "x", "int": "3", "float": "0.5"}
+    values = {
+        "path": str(tmp_path / "x"),
+        "location": str(tmp_path / "x"),
+        "str": "x",
+        "int": "3",
+        "float": "0.5",
+    }
     for option in OPTIONS:
         if option.kind == "toggle":
             args: list[str] = [option.flag.split("/")[1]]
