@@ -21,7 +21,7 @@ from pipeline.call import CallStage, ChatRequest
 from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulate import Simulator, SimulatorConfig
+from pipeline.simulate import STREAM_CHUNK_CHARS, Simulator, SimulatorConfig
 from pipeline.transport import make_transport
 
 MODEL = "sim-1"
@@ -35,10 +35,15 @@ async def rows(count: int) -> AsyncIterator[ChatRequest]:
 
 
 async def run(
-    sim: Simulator, count: int, model: dict[str, Any] | None = None, **limits: Any
+    sim: Simulator,
+    count: int,
+    model: dict[str, Any] | None = None,
+    *,
+    kind: str = "aiohttp",
+    **limits: Any,
 ) -> tuple[CallStage, dict[int, Any], float]:
     config = ModelConfig(name=MODEL, base_url=sim.base_url, **(model or {}))
-    transport = make_transport(config, "key")
+    transport = make_transport(config, "key", kind)
     stage = CallStage(config, LimitsConfig(**limits), transport)
     loop = asyncio.get_running_loop()
     start = loop.time()
@@ -109,6 +114,52 @@ async def test_timings_come_in_the_whole_answer_and_the_last_chunk_of_a_stream()
     assert timings["predicted_ms"] == pytest.approx(100.0 * timings["predicted_n"])
     chunks = [json.loads(e[6:]) for e in events if e.startswith("data: {")]
     assert [c["timings"] for c in chunks if "timings" in c] == [timings]
+
+
+# -- each row's own times ------------------------------------------------------
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
+    kind: str, stream: bool
+) -> None:
+    # Three at once into one slot: the second waits one answer, the third two.
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        _, results, _ = await run(
+            sim, 3, {"stream": stream}, kind=kind, concurrency=3, adaptive=False
+        )
+    ordered = sorted(results.values(), key=lambda result: result.latency_ms)
+    for waited, result in enumerate(ordered):
+        one_ms = 500.0 + 100.0 * result.completion_tokens
+        assert result.server_ms == pytest.approx(one_ms, rel=0.01)
+        assert result.generation_ms == pytest.approx(100.0 * result.completion_tokens, rel=0.01)
+        # The rest of the latency is the queue: whole answers ahead of it.
+        assert result.latency_ms - result.server_ms == pytest.approx(
+            sum(500.0 + 100.0 * r.completion_tokens for r in ordered[:waited]), abs=50.0
+        )
+        if stream:
+            # The slot model streams once an answer is computed.
+            assert result.first_token_ms == pytest.approx(result.latency_ms, abs=50.0)
+        else:
+            assert result.first_token_ms is None
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
+    kind: str,
+) -> None:
+    # A hosted API: no timings; the stream's chunks 50 ms apart after 200 ms.
+    async with Simulator(SimulatorConfig(latency_ms=200.0, chunk_delay_ms=50.0)) as sim:
+        _, results, _ = await run(sim, 2, kind=kind)
+    for result in results.values():
+        assert result.server_ms is None
+        contents = -(-len(result.response) // STREAM_CHUNK_CHARS)
+        # The role chunk goes with the headers; each content chunk 50 ms later.
+        assert result.first_token_ms == pytest.approx(250.0, abs=20.0)
+        assert result.generation_ms == pytest.approx(50.0 * (contents - 1), abs=20.0)
 
 
 # -- the latency limit end to end ------------------------------------------------
