@@ -152,6 +152,10 @@ class ServerCounts:
             server = json.loads(report.read_text()).get("server", {})
         except (OSError, ValueError):
             return
+        finally:
+            # The next job writes to the same path: a script writes no report,
+            # and must not be credited with this one.
+            report.unlink(missing_ok=True)
         if isinstance(server.get("concurrency"), int | float):
             job.extra["settled"] = float(server["concurrency"])
 
