@@ -1,5 +1,5 @@
 """Benchmarks for enrich: latency overhead, throughput, checkpoint cost, memory, resume,
-rate limits, hung requests, self-hosted servers with slots.
+rate limits, hung requests, self-hosted servers with slots, the batch route.
 
     python benchmarks/bench.py [--quick] [--only SECTION ...] [--repeats N]
 
@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Final
 
 from harness import FULL, QUICK, REPO, RESULTS_DIR, Context, Sizes, environment
+from sections.batch import section_batch
 from sections.checkpoint import section_checkpoint
 from sections.latency import section_latency
 from sections.memory import section_memory
@@ -51,6 +52,7 @@ SECTIONS: Final = (
     "rate",
     "tail",
     "slots",
+    "batch",
 )
 
 
@@ -63,6 +65,7 @@ SECTION_FUNCTIONS: Final[dict[str, Callable[[Context], dict[str, Any]]]] = {
     "rate": section_rate,
     "tail": section_tail,
     "slots": section_slots,
+    "batch": section_batch,
 }
 
 

@@ -73,7 +73,7 @@ FORMAT_VERSION: Final = 3
 # Format 1 parts lack the internal columns (transient flag, request key);
 # they read as "not transient, key unknown". Format 2 parts and journal
 # segments lack the timing columns (first_token_ms, generation_ms,
-# server_ms): they read as null, unknown.
+# server_ms), and the older of them the route: they read as null, unknown.
 READABLE_FORMATS: Final = frozenset({1, 2, 3})
 MANIFEST: Final = "manifest.json"
 PARTS: Final = "parts"

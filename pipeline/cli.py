@@ -42,6 +42,7 @@ from pipeline.version import DISTRIBUTION
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
+    from pipeline.lock import LockHolder
     from pipeline.runner import RunSummary
 
 F = TypeVar("F", bound=Callable[..., Any])
@@ -55,6 +56,7 @@ EXIT_CODE_HELP: Final[dict[ExitCode, str]] = {
     ExitCode.FATAL_API: "fatal API error (bad key, unknown model, quota, --max-pause)",
     ExitCode.LOCK_HELD: "another run holds this output's lock",
     ExitCode.SPEND_CAP: "stopped by --max-cost; checkpoint kept",
+    ExitCode.BATCHES_PENDING: "--route batch --no-wait: batches in flight; rerun to collect",
     ExitCode.INTERNAL: "a bug: rerun with ENRICH_DEBUG=1 and report it",
     ExitCode.WRITE_FAILED: "cannot write (disk full, I/O error); checkpoint kept",
     ExitCode.API_UNREACHABLE: "API unreachable for longer than --max-outage; checkpoint kept",
@@ -450,26 +452,17 @@ def report_page(output: Path, report_file: Path | None, html_file: Path | None) 
 @click.option("--json", "as_json", is_flag=True, help="Print the estimate as one JSON object.")
 @handle_errors
 def estimate(config_file: Path | None, latency: float, as_json: bool, **flags: Any) -> None:
-    """Rows, tokens, cost and time at the configured limits. Sends nothing and
-    writes nothing, so no --output is needed. Takes the same CONFIG and flags
-    as run (those that change nothing here are accepted and not listed)."""
-    from pipeline.costs import PriceTable, format_estimate, iter_prompt_tokens
-    from pipeline.costs import estimate as estimate_run
+    """Rows, tokens, cost and time at the configured limits; with --route
+    batch, the cost through the Batch API too and the number of batch files.
+    Sends nothing and writes nothing, so no --output is needed. Takes the same
+    CONFIG and flags as run (those that change nothing here are accepted and
+    not listed)."""
+    from pipeline.estimate import estimate_job
     from pipeline.runner import prepare
 
     config = build_config(config_file, flags, needs_output=False)
-    prepared = prepare(config, check_output=False)
-    result = estimate_run(
-        iter_prompt_tokens(prepared.source, prepared.spec, config.input.chunk_size),
-        model=config.model.name,
-        price=PriceTable.load(config.price_file).price_for(config.model.name),
-        max_tokens=config.model.max_tokens,
-        concurrency=config.limits.concurrency,
-        rpm=config.limits.rpm,
-        tpm=config.limits.tpm,
-        latency_s=latency,
-    )
-    click.echo(json.dumps(result.to_dict()) if as_json else format_estimate(result))
+    found, text = estimate_job(prepare(config, check_output=False), latency)
+    click.echo(json.dumps(found) if as_json else text)
 
 
 @cli.command()
@@ -499,14 +492,10 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     report = run_status(output.path, output.resolved_run_dir, output.column_prefix)
     updated = report.last_update.isoformat(timespec="seconds") if report.last_update else None
     holder = live_holder(lock_path_for(output.path))
-    if holder is not None:
-        state = "running"
-        said = f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
-    elif report.source == "checkpoint":
-        state = "interrupted"
-        said = "interrupted (no run holds the lock; the same command resumes it)"
-    else:
-        state, said = "finished", "finished"
+    from pipeline.batch_route import batch_summary, in_flight
+
+    batches = batch_summary(output.resolved_run_dir)
+    state, said = _run_state(holder, batches is not None and in_flight(batches), report.source)
     if as_json:
         counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
@@ -519,6 +508,8 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
             completion_tokens=report.completion_tokens,
             last_update=updated,
         )
+        if batches is not None:
+            body["batches"] = {kind: {"files": f, "rows": r} for kind, (f, r) in batches.items()}
         click.echo(json.dumps(body))
         return
     click.echo(
@@ -527,6 +518,57 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
         f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
         f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"
         f"  last update {updated or '-'}"
+    )
+    if batches is not None:
+        click.echo(_batches_line(batches))
+
+
+def _run_state(holder: LockHolder | None, batches_out: bool, source: str) -> tuple[str, str]:
+    """The run's state for ``enrich status``: its word and its sentence."""
+    if holder is not None:
+        return "running", f"running (pid {holder.pid} on {holder.host}, since {holder.started_at})"
+    if batches_out:
+        return "batches_pending", "waiting on its batches (the same command collects what is done)"
+    if source == "checkpoint":
+        return "interrupted", "interrupted (no run holds the lock; the same command resumes it)"
+    return "finished", "finished"
+
+
+def _batches_line(batches: Mapping[str, tuple[int, int]]) -> str:
+    shown = " · ".join(
+        f"{kind.replace('_', ' ')} {files} ({rows:,} rows)"
+        for kind, (files, rows) in batches.items()
+        if files
+    )
+    return f"  batches (as last polled): {shown or 'none'}"
+
+
+@cli.command()
+@click.argument("output", type=click.Path(path_type=Path))
+@click.option(
+    "--run-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="The run's checkpoint directory [OUTPUT.enrich].",
+)
+@handle_errors
+def cancel(output: Path, run_dir: Path | None) -> None:
+    """Cancel the batches of a --route batch run that are still in flight.
+    What they finished is kept: the next `enrich run` collects it and sends
+    the rest (a run waiting on them stops, exit 130)."""
+    from pipeline.batch_route import cancel_run
+    from pipeline.config import OutputConfig
+
+    directory = OutputConfig(path=output, run_dir=run_dir).resolved_run_dir
+    count = cancel_run(directory)
+    if count is None:
+        raise UsageError(
+            f"no batches to cancel in {directory}; give the output of a --route batch run "
+            "(or its --run-dir)"
+        )
+    click.echo(
+        f"cancelled {count} batch(es) of {output}; what they finished is kept: run the same "
+        "`enrich run` again to collect it and send the rest"
     )
 
 
@@ -561,6 +603,13 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     help="Share of requests the server answers 5xx, and again 429 (0 for a clean run).",
 )
 @click.option("--quiet", "-q", is_flag=True, help="No progress bar.")
+@click.option(
+    "--route",
+    type=click.Choice(["online", "batch"]),
+    default="online",
+    show_default=True,
+    help="batch: through the local server's Batch API (files of 20 requests, a few seconds each).",
+)
 @handle_errors
 def demo(
     input_path: Path | None,
@@ -569,13 +618,14 @@ def demo(
     latency_ms: float,
     fail_rate: float,
     quiet: bool,
+    route: str,
 ) -> None:
     """Run the sample dataset through the built-in local server: no key, no network."""
     import polars as pl
 
     from pipeline.config import load_config
     from pipeline.runner import RunOptions, enrich
-    from pipeline.simulate import Simulator, SimulatorConfig
+    from pipeline.simulate import BatchConfig, Simulator, SimulatorConfig
 
     input_path = input_path or _sample_path()
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -585,10 +635,13 @@ def demo(
         fail_rate_5xx=fail_rate,
         fail_rate_429=fail_rate,
         seed=7,
+        batch=BatchConfig(turnaround_s=3.0, fail_rate=fail_rate),
     )
+
     with Simulator.run_in_thread(server_config) as server:
         click.echo(
-            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate), err=True
+            _demo_intro(server.base_url, input_path, column, latency_ms, fail_rate, route),
+            err=True,
         )
         config = load_config(
             None,
@@ -600,6 +653,7 @@ def demo(
                 "model.base_url": server.base_url,
                 "limits.concurrency": 16,
                 "limits.backoff_base_s": 0.05,
+                **_DEMO_ROUTES[route],
             },
         )
         summary = enrich(
@@ -613,14 +667,34 @@ def demo(
         tbl_rows=5, fmt_str_lengths=60, tbl_width_chars=120, tbl_hide_dataframe_shape=True
     ):
         preview = pl.read_parquet(output).select(
-            column, "response", "status", "latency_ms", "attempts"
+            column, "response", "status", "latency_ms", "attempts", "route"
         )
         click.echo(preview.head(5))
     click.echo(_demo_next_steps(output, column), err=True)
 
 
+# The batch demo: files of 20 requests (the sample makes three), polled every second.
+_DEMO_ROUTES: Final[dict[str, dict[str, Any]]] = {
+    "online": {},
+    "batch": {"route": "batch", "batch.max_requests": 20, "batch.poll_interval_s": 1.0},
+}
+
+
+_DEMO_BATCH_INTRO: Final = {
+    "batch": "\n  --route batch: the rows go through the server's Batch API instead, in files "
+    "of 20 requests; each batch finishes about 3 s after it is created (a real one within "
+    "24 h, at half the price); its error file's failures are sent again in a new batch. "
+    "latency_ms is the batch's turnaround."
+}
+
+
 def _demo_intro(
-    base_url: str, input_path: Path, column: str, latency_ms: float, fail_rate: float
+    base_url: str,
+    input_path: Path,
+    column: str,
+    latency_ms: float,
+    fail_rate: float,
+    route: str = "online",
 ) -> str:
     faults = (
         f"  It answers {fail_rate:.0%} of requests with a 5xx and {fail_rate:.0%} with a 429 "
@@ -635,7 +709,7 @@ def _demo_intro(
         "network).\n"
         f"{faults}"
         f"  Rows of {input_path} whose '{column}' is blank are skipped (status skipped), "
-        "never sent."
+        "never sent." + _DEMO_BATCH_INTRO.get(route, "")
     )
 
 
@@ -779,6 +853,65 @@ def _sample_path() -> Path:
 @click.option(
     "--seed", type=int, default=0, show_default=True, help="Seed for the faults and latencies."
 )
+@click.option(
+    "--batch-turnaround",
+    "batch_turnaround_s",
+    type=float,
+    default=5.0,
+    show_default=True,
+    metavar="S",
+    help="Seconds from a batch's creation to completed (validating the first tenth).",
+)
+@click.option(
+    "--batch-expire-after",
+    "batch_expire_after_s",
+    type=float,
+    default=86_400.0,
+    show_default=True,
+    metavar="S",
+    help="A batch not done this many seconds after creation expires, keeping what completed.",
+)
+@click.option(
+    "--batch-fail-rate",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Share of batch requests in the error file, half 500 (transient), half 400.",
+)
+@click.option(
+    "--batch-enqueued-tokens",
+    type=int,
+    default=None,
+    help="Enqueued-token limit per model: a batch past it fails with token_limit_exceeded.",
+)
+@click.option(
+    "--batch-poll-delay-ms",
+    type=float,
+    default=0.0,
+    show_default=True,
+    help="Delay before answering GET /v1/batches/{id} (a slow poll).",
+)
+@click.option(
+    "--batch-max-file-bytes",
+    type=int,
+    default=200 * 1024 * 1024,
+    show_default=True,
+    help="Largest upload; past it POST /v1/files answers 413.",
+)
+@click.option(
+    "--batch-max-requests",
+    type=int,
+    default=50_000,
+    show_default=True,
+    help="Most requests in a batch file; past it the batch fails with too_many_tasks.",
+)
+@click.option(
+    "--batch-max-stored-bytes",
+    type=int,
+    default=4 * 1024 * 1024 * 1024,
+    show_default=True,
+    help="Bytes of files held in memory; past it uploads are refused until files are deleted.",
+)
 @handle_errors
 def simulate(
     host: str,
@@ -789,14 +922,21 @@ def simulate(
     rpm_schedule: str | None,
     **settings: Any,
 ) -> None:
-    """Serve a local OpenAI-compatible API with latency, limits and faults."""
-    from pipeline.simulate import SimulatorConfig, parse_rpm_schedule, serve_forever
+    """Serve a local OpenAI-compatible API with latency, limits and faults, and
+    the Files and Batches endpoints of OpenAI's Batch API."""
+    from pipeline.simulate import BatchConfig, SimulatorConfig, parse_rpm_schedule, serve_forever
 
+    batch = {
+        name.removeprefix("batch_"): settings.pop(name)
+        for name in list(settings)
+        if name.startswith("batch_")
+    }
     config = SimulatorConfig(
         rate_headers=not no_rate_headers,
         streaming=not no_streaming,
         api_key=api_key,
         rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
+        batch=BatchConfig(**batch),
         **settings,
     )
     serve_forever(config, host, port, ready=lambda url: click.echo(f"serving {url}", err=True))

@@ -171,6 +171,10 @@ class Collected:
         self.latencies_ms: array[float] = array("d")
         self.cache_hits = 0
         self.deduplicated = 0
+        self.route = "online"
+        self.batch_requests = 0
+        """Requests batches ran for this pass's rows (the online ones are the call stage's)."""
+        """The route this pass sends by: what its rows' ``route`` says."""
 
     def attach(self, sink: ResultSink) -> None:
         """Where results go from now on (the send stage makes the sink)."""
@@ -179,6 +183,8 @@ class Collected:
     async def add(self, result: RowResult, key: bytes | None = None) -> None:
         assert self._sink is not None, "attach a sink first"
         result.request_key = key
+        if result.route is None and result.status != "skipped":
+            result.route = self.route
         self.answered[result.row_id] = 1
         self.counter.add(result)
         if result.latency_ms is not None:

@@ -223,6 +223,52 @@ class StructuredConfig(_Section):
     max_attempts: int = Field(default=3, gt=0, le=20)
 
 
+_DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def parse_duration(text: str) -> float:
+    """Seconds in ``20h``, ``90m``, ``45s``, ``1d`` or a bare number of seconds.
+    Raises ValueError naming the forms."""
+    value = text.strip().lower()
+    scale = _DURATION_UNITS.get(value[-1:], None)
+    number = value[:-1] if scale is not None else value
+    try:
+        seconds = float(number) * (scale or 1.0)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0 or seconds == float("inf"):
+        raise ValueError(
+            f"--finish-online-after wants a duration like 20h, 90m or 600s, got {text!r}"
+        )
+    return seconds
+
+
+class BatchConfig(_Section):
+    """The batch route (``--route batch``): file limits, waiting, and when
+    what is still out goes online."""
+
+    # OpenAI's limits for one batch input file.
+    max_requests: int = Field(default=50_000, gt=0)
+    max_bytes: int = Field(default=200 * 1024 * 1024, gt=0)
+    wait: bool = True
+    # Longest wait between two polls of a batch (polls start at 1 s and back off).
+    poll_interval_s: float = Field(default=60.0, gt=0)
+    finish_online_after: str | None = None
+
+    @field_validator("finish_online_after")
+    @classmethod
+    def _duration(cls, value: str | None) -> str | None:
+        if value is not None:
+            parse_duration(value)
+        return value
+
+    @property
+    def finish_online_after_s(self) -> float | None:
+        if self.finish_online_after is None:
+            return None
+        return parse_duration(self.finish_online_after)
+
+
 class RunConfig(_Section):
     input: InputConfig
     output: OutputConfig
@@ -231,6 +277,9 @@ class RunConfig(_Section):
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig)
     cache: CacheConfig = Field(default_factory=CacheConfig)
     structured: StructuredConfig = Field(default_factory=StructuredConfig)
+    batch: BatchConfig = Field(default_factory=BatchConfig)
+    # How requests are sent: one by one (online) or through the provider's Batch API.
+    route: Literal["online", "batch"] = "online"
     max_error_rate: float = Field(default=1.0, ge=0, le=1)
     # A budget in USD for the whole job (resumed runs included); unset: no cap.
     max_cost: float | None = Field(default=None, gt=0)

@@ -44,6 +44,12 @@ DEFAULT_LATENCY_S: Final = 2.0
 
 MILLION: Final = 1_000_000
 
+Route = Literal["online", "batch"]
+
+# A batch request's share of the online price, where the price file names no
+# batch rate: the providers' documented batch discount (50%).
+BATCH_DISCOUNT: Final = 0.5
+
 
 @dataclass(frozen=True)
 class Price:
@@ -53,6 +59,9 @@ class Price:
     input_per_million: float
     output_per_million: float
     source: str = ""
+    batch_input_per_million: float | None = None
+    """The Batch API's rate; None: ``BATCH_DISCOUNT`` of the online one."""
+    batch_output_per_million: float | None = None
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -61,6 +70,24 @@ class Price:
             "output_per_million_usd": self.output_per_million,
             "source": self.source,
         }
+
+    def for_route(self, route: Route) -> Price:
+        """The price a request sent by ``route`` pays: online as it is; batch
+        at the file's batch rates, else at ``BATCH_DISCOUNT`` of online (what
+        OpenAI, Anthropic and Google document for their batch APIs). What the
+        run's cost, its cap and ``estimate`` all count with."""
+        if route == "online":
+            return self
+        return Price(
+            model=self.model,
+            input_per_million=_or(self.batch_input_per_million, self.input_per_million),
+            output_per_million=_or(self.batch_output_per_million, self.output_per_million),
+            source=f"{self.source} (batch)" if self.source else "batch",
+        )
+
+
+def _or(batch_rate: float | None, online_rate: float) -> float:
+    return online_rate * BATCH_DISCOUNT if batch_rate is None else batch_rate
 
 
 def cost(prompt_tokens: int, completion_tokens: int, price: Price) -> float:
@@ -83,6 +110,13 @@ def _price_value(table: Mapping[str, Any], name: str, model: str, path: Path) ->
             f"got {value}; fix the file"
         )
     return float(value)
+
+
+_PRICE_KEYS: Final = ("input", "output", "batch_input", "batch_output")
+
+
+def _optional_price(table: Mapping[str, Any], name: str, model: str, path: Path) -> float | None:
+    return _price_value(table, name, model, path) if name in table else None
 
 
 def read_price_file(path: Path) -> dict[str, Price]:
@@ -115,17 +149,19 @@ def read_price_file(path: Path) -> dict[str, Price]:
             raise ConfigError(
                 f'price file {path}: [models."{model}"] must be a table with input and output'
             )
-        extra = sorted(set(entry) - {"input", "output"})
+        extra = sorted(set(entry) - set(_PRICE_KEYS))
         if extra:
             raise ConfigError(
                 f"price file {path}: unknown key '{extra[0]}' for model '{model}'; "
-                "only input and output (USD per million tokens) are read"
+                f"only {', '.join(_PRICE_KEYS)} (USD per million tokens) are read"
             )
         prices[model] = Price(
             model=model,
             input_per_million=_price_value(entry, "input", model, path),
             output_per_million=_price_value(entry, "output", model, path),
             source=str(path),
+            batch_input_per_million=_optional_price(entry, "batch_input", model, path),
+            batch_output_per_million=_optional_price(entry, "batch_output", model, path),
         )
     return prices
 
@@ -290,17 +326,25 @@ class SpendCap:
 
 
 def checkpoint_spend(results: pl.DataFrame, price: Price) -> float:
-    """What the rows of a checkpoint cost: their reported tokens, except rows
-    answered without a request (the response cache or in-run dedup, the
-    ``cached`` column), whose tokens are the original request's and were paid
-    by someone else, or not at all."""
+    """What the rows of a checkpoint cost: their reported tokens, at the price
+    of the route that answered each (``route``), except rows answered without
+    a request (the response cache or in-run dedup, the ``cached`` column),
+    whose tokens are the original request's and were paid by someone else,
+    or not at all."""
     import polars as pl
 
     if "cached" in results.columns:
         results = results.filter(~pl.col("cached").fill_null(False))
-    prompt_tokens = int(results["prompt_tokens"].sum() or 0)
-    completion_tokens = int(results["completion_tokens"].sum() or 0)
-    return cost(prompt_tokens, completion_tokens, price)
+    by_batch = pl.col("route") == "batch" if "route" in results.columns else pl.lit(False)
+    total = 0.0
+    for rows, route_price in (
+        (results.filter(~by_batch.fill_null(False)), price),
+        (results.filter(by_batch.fill_null(False)), price.for_route("batch")),
+    ):
+        prompt_tokens = int(rows["prompt_tokens"].sum() or 0)
+        completion_tokens = int(rows["completion_tokens"].sum() or 0)
+        total += cost(prompt_tokens, completion_tokens, route_price)
+    return total
 
 
 class CostMeter:

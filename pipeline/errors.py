@@ -25,6 +25,7 @@ class ExitCode(IntEnum):
     FATAL_API = 3
     LOCK_HELD = 4
     SPEND_CAP = 5
+    BATCHES_PENDING = 6
     # sysexits.h: EX_SOFTWARE, EX_IOERR, EX_TEMPFAIL ("try again later").
     INTERNAL = 70
     WRITE_FAILED = 74
@@ -44,6 +45,7 @@ _OUTCOMES: dict[ExitCode, str] = {
     ExitCode.FATAL_API: "fatal_api_error",
     ExitCode.LOCK_HELD: "lock_held",
     ExitCode.SPEND_CAP: "stopped_by_spend_cap",
+    ExitCode.BATCHES_PENDING: "batches_pending",
     ExitCode.INTERNAL: "internal_error",
     ExitCode.WRITE_FAILED: "write_failed",
     ExitCode.API_UNREACHABLE: "api_unreachable",
@@ -121,6 +123,18 @@ class APIUnreachable(EnrichError):
     rerun once the API is back, finishes the job."""
 
     exit_code = ExitCode.API_UNREACHABLE
+
+
+class BatchesPending(EnrichError):
+    """``--route batch --no-wait``: batches are submitted and not finished
+    yet. Not a failure: the same command, rerun later (cron), collects them."""
+
+    exit_code = ExitCode.BATCHES_PENDING
+
+
+class BatchFailed(FatalAPIError):
+    """A batch the provider refused as a whole (validation): its reason, and
+    the fix. Its rows are free again: the next run sends them in a new file."""
 
 
 class WriteFailed(EnrichError):

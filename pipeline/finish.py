@@ -47,6 +47,8 @@ class Outcome:
     cache_hits: int = 0
     deduplicated: int = 0
     cost_usd: float | None = None
+    batch_requests: int = 0
+    """Requests that batches ran for this run (``--route batch``)."""
     error: BaseException | None = None
     """What stopped the run (an ``EnrichError`` or a cancellation), if anything."""
 
@@ -65,7 +67,7 @@ def summarize(plan: Plan, outcome: Outcome, stats: CallStats) -> RunSummary:
         resumed_rows=outcome.resumed_rows,
         prompt_tokens=tally.prompt_tokens,
         completion_tokens=tally.completion_tokens,
-        requests=stats.requests,
+        requests=stats.requests + outcome.batch_requests,
         retries=stats.retries,
         rate_limited=stats.rate_limited,
         wall_s=time.perf_counter() - plan.started_s,

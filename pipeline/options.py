@@ -347,6 +347,55 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "3",
     ),
     Option(
+        "--route",
+        "route",
+        "str",
+        "How requests are sent: online (one by one, now) or batch (the provider's Batch "
+        "API: half the price, answers within 24 h; rerun to collect).",
+        "online",
+        RUN_ESTIMATE,
+        choices=("online", "batch"),
+    ),
+    Option(
+        "--wait/--no-wait",
+        "batch.wait",
+        "toggle",
+        "With --route batch: wait for the batches to finish (--no-wait: submit, then exit 6; "
+        "rerun the same command later to collect).",
+        "on",
+    ),
+    Option(
+        "--finish-online-after",
+        "batch.finish_online_after",
+        "str",
+        "With --route batch: once the oldest batch is this old (e.g. 20h, 90m), cancel what "
+        "is still out, keep what finished and send the rest online.",
+        "never",
+    ),
+    Option(
+        "--batch-max-requests",
+        "batch.max_requests",
+        "int",
+        "Requests per batch input file at most.",
+        "50000",
+        RUN_ESTIMATE,
+    ),
+    Option(
+        "--batch-max-bytes",
+        "batch.max_bytes",
+        "int",
+        "Bytes per batch input file at most.",
+        "209715200",
+        RUN_ESTIMATE,
+    ),
+    Option(
+        "--batch-poll-interval",
+        "batch.poll_interval_s",
+        "float",
+        "Longest wait between two polls of a batch, in seconds (polls start at 1 s and back off).",
+        "60",
+    ),
+    Option(
         "--max-error-rate",
         "max_error_rate",
         "float",

@@ -125,6 +125,14 @@ class Plan:
     def total_rows(self) -> int:
         return self.prepared.total_rows
 
+    @property
+    def extra_params(self) -> dict[str, Any] | None:
+        """What every request carries besides the model's settings (the
+        structured output's ``response_format``), whichever route sends it."""
+        if self.response_format is None:
+            return None
+        return {"response_format": self.response_format}
+
     def job(
         self,
         input_identity: InputIdentity | None,

@@ -29,6 +29,7 @@ RESULT_SCHEMA: Final = pa.schema(
         pa.field("finish_reason", pa.string()),
         pa.field("model", pa.string()),
         pa.field("cached", pa.bool_()),
+        pa.field("route", pa.string()),
         # Where the time went, where known (added in checkpoint format 3,
         # after the columns above, so their positions stay as they were).
         pa.field("first_token_ms", pa.float64()),
@@ -74,6 +75,8 @@ class RowResult:
     finish_reason: str | None = None
     model: str | None = None
     cached: bool = False
+    route: str | None = None
+    """Which route answered the row (``online`` or ``batch``); None when skipped."""
     first_token_ms: float | None = None
     """Streamed answers: from sending the request to the first content."""
     generation_ms: float | None = None
@@ -107,6 +110,7 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             "finish_reason": [r.finish_reason for r in ordered],
             "model": [r.model for r in ordered],
             "cached": [r.cached for r in ordered],
+            "route": [r.route for r in ordered],
             "first_token_ms": [r.first_token_ms for r in ordered],
             "generation_ms": [r.generation_ms for r in ordered],
             "server_ms": [r.server_ms for r in ordered],

@@ -141,7 +141,7 @@ class ResumePoint:
         return held + Tally.of_table(self.unsettled.filter(kept))
 
 
-_COLUMNS = ["status", TRANSIENT, "prompt_tokens", "completion_tokens", "cached"]
+_COLUMNS = ["status", TRANSIENT, "prompt_tokens", "completion_tokens", "cached", "route"]
 
 
 def resume_point(

@@ -31,7 +31,7 @@ from pipeline.resume import (
     up_to_date,
 )
 from pipeline.send import DRAIN_GRACE_S as DRAIN_GRACE_S
-from pipeline.send import open_stage, send
+from pipeline.send import open_batch_feed, open_stage, send, send_batches
 from pipeline.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -134,13 +134,9 @@ class _Passes:
             for attempt in range(1, MAX_ASSEMBLY_PASSES + 1):
                 point = resume_point(checkpoint, plan.total_rows, self.options, self.price)
                 emit_warnings(self.wiring.events, checkpoint)
-                feed = open_feed(
-                    plan, point, self.reuse, self.price, self.wiring.progress, self.wiring.events
-                )
-                feeds.append((point, feed))
                 if attempt == 1:
                     self._start(point.done.count(1))
-                await send(feed, self.stage, checkpoint)
+                await self._send(point)
                 tally = await asyncio.to_thread(assemble, plan, checkpoint)
                 if tally is not None:
                     return _outcome(feeds, tally)
@@ -151,6 +147,22 @@ class _Passes:
             )
         except (EnrichError, asyncio.CancelledError) as exc:
             return _outcome(feeds, None, exc)
+
+    async def _send(self, point: ResumePoint) -> None:
+        """One pass by the job's route: the batch route first (``--route
+        batch``), then online for what it leaves (``--finish-online-after``)."""
+        plan, wiring = self.plan, self.wiring
+        if plan.config.route == "batch":
+            feed = open_batch_feed(
+                plan, point, self.reuse, self.price, wiring.progress, wiring.events
+            )
+            self.feeds.append((point, feed))
+            if await send_batches(feed, self.checkpoint, wiring.stop, wiring.events) == "done":
+                return
+            point = resume_point(self.checkpoint, plan.total_rows, self.options, self.price)
+        feed = open_feed(plan, point, self.reuse, self.price, wiring.progress, wiring.events)
+        self.feeds.append((point, feed))
+        await send(feed, self.stage, self.checkpoint)
 
     def _start(self, resumed: int) -> None:
         plan = self.plan
@@ -194,5 +206,6 @@ def _outcome(
         cache_hits=sum(feed.collected.cache_hits for _, feed in feeds),
         deduplicated=sum(feed.collected.deduplicated for _, feed in feeds),
         cost_usd=None if None in costs else sum(c or 0.0 for c in costs),
+        batch_requests=sum(feed.collected.batch_requests for _, feed in feeds),
         error=error,
     )

@@ -12,16 +12,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
+from pipeline.batch_route import RouteEnd, open_batch_feed, send_batches
 from pipeline.call import CallStage
-from pipeline.checkpoint import Checkpoint
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import RunInterrupted
-from pipeline.events import EventSink
 from pipeline.feed import Feed, reused
-from pipeline.plan import Plan
 from pipeline.transport import Transport, make_transport
+
+if TYPE_CHECKING:
+    from pipeline.checkpoint import Checkpoint
+    from pipeline.events import EventSink
+    from pipeline.plan import Plan
+
+__all__ = ["DRAIN_GRACE_S", "RouteEnd", "open_batch_feed", "open_stage", "send", "send_batches"]
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
@@ -37,12 +42,8 @@ async def open_stage(
     config = plan.config
     own_transport = transport is None
     if transport is None:
-        response_format = plan.response_format
         transport = make_transport(
-            config.model,
-            config.api_key(),
-            config.model.transport,
-            extra_params={"response_format": response_format} if response_format else None,
+            config.model, config.api_key(), config.model.transport, extra_params=plan.extra_params
         )
     stage = CallStage(
         config.model,

@@ -26,8 +26,10 @@ streaming request gets the 400 that servers without streaming give (``param``
 ``stream``). Directives and structured output work the same when streaming.
 
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /_stats``
-(the :class:`SimulatorStats` as JSON). Anything else answers 404 with an
-OpenAI-style JSON error.
+(the :class:`SimulatorStats` as JSON, the batch counters under ``"batch"``), and
+OpenAI's Files and Batches endpoints (``/v1/files``, ``/v1/batches``: see
+:mod:`pipeline.simulate_batch`, set up by ``SimulatorConfig(batch=...)``).
+Anything else answers 404 with an OpenAI-style JSON error.
 
 A completion request goes through these steps, in this order; the first one
 that fails answers:
@@ -146,9 +148,11 @@ from typing import Any, Final, Self
 from aiohttp import web
 
 from pipeline.errors import ConfigError
+from pipeline.simulate_batch import BatchConfig, BatchService, Outcome
 
 __all__ = [
     "BAD_JSON",
+    "BatchConfig",
     "Simulator",
     "SimulatorConfig",
     "SimulatorStats",
@@ -228,6 +232,8 @@ class SimulatorConfig:
     slots: int | None = None
     token_ms: float = 0.0
     seed: int = 0
+    # The Files and Batches endpoints (turnaround, expiry, failures, limits).
+    batch: BatchConfig = field(default_factory=BatchConfig)
 
     def __post_init__(self) -> None:
         if self.slots is not None and self.slots < 1:
@@ -599,8 +605,24 @@ def _error(
     param: str | None = None,
     headers: Mapping[str, str] | None = None,
 ) -> web.Response:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return _json(status, payload, headers)
+    return _json(status, _error_payload(message, type_, code, param), headers)
+
+
+def _error_payload(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
+    """OpenAI's error body: what a 4xx/5xx carries, and a batch's error file too."""
+    return {"error": {"message": message, "type": type_, "param": param, "code": code}}
+
+
+def _context_length_error() -> dict[str, Any]:
+    return _error_payload(
+        "This model's maximum context length is 8192 tokens. However, your messages "
+        "resulted in more tokens (simulated). Please reduce the length of the messages.",
+        "invalid_request_error",
+        "context_length_exceeded",
+        "messages",
+    )
 
 
 def _event(data: Mapping[str, Any]) -> bytes:
@@ -659,6 +681,11 @@ def _parse_chat(raw: bytes, streaming: bool) -> _Chat | web.Response:
             "We could not parse the JSON body of your request. The simulator expects "
             "a JSON chat completion request."
         )
+    return _chat_of(body, streaming)
+
+
+def _chat_of(body: Any, streaming: bool) -> _Chat | web.Response:
+    """A parsed request body as a chat completion, or its 400."""
     if not isinstance(body, dict):
         return _bad_request("The request body must be a JSON object.")
     model = body.get("model")
@@ -736,6 +763,10 @@ def _parse_schema(response_format: Any) -> dict[str, Any] | web.Response | None:
     return schema
 
 
+def _prompt_tokens(messages: Sequence[Mapping[str, Any]]) -> int:
+    return sum(estimate_tokens(_text(m.get("content"))) + 4 for m in messages)
+
+
 def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
     """The answer the request gets (shaped by a directive, structured, or
     plain), cut at ``max_tokens``, and its usage."""
@@ -753,7 +784,7 @@ def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
         # Cut on a character boundary: "ignore" drops a split multi-byte tail.
         text = text.encode()[: chat.max_tokens * 4].decode("utf-8", "ignore")
         finish_reason = "length"
-    prompt_tokens = sum(estimate_tokens(_text(m.get("content"))) + 4 for m in chat.messages)
+    prompt_tokens = _prompt_tokens(chat.messages)
     completion_tokens = estimate_tokens(text)
     usage = {
         "prompt_tokens": prompt_tokens,
@@ -768,12 +799,22 @@ class Simulator:
     :func:`run_in_thread` when the client runs elsewhere (a subprocess, sync code)."""
 
     def __init__(
-        self, config: SimulatorConfig | None = None, host: str = "127.0.0.1", port: int = 0
+        self,
+        config: SimulatorConfig | None = None,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        *,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
+        """``clock`` (seconds) times the batches only: a test moves it by hand."""
         self.config = config if config is not None else SimulatorConfig()
         self.host = host
         self.port = port
         self.stats = SimulatorStats()
+        cfg = self.config
+        self.batches = BatchService(
+            cfg.batch, self, api_key=cfg.api_key, models=cfg.models, seed=cfg.seed, clock=clock
+        )
         self._runner: web.AppRunner | None = None
         self._closing: asyncio.Event | None = None
         self._in_flight = 0
@@ -833,6 +874,7 @@ class Simulator:
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
         app.router.add_get("/_stats", self._stats)
+        self.batches.mount(app.router)
         app.router.add_route("*", "/{tail:.*}", self._not_found)
         # access_log=None: logging every request would cost more than answering it.
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=SHUTDOWN_TIMEOUT_S)
@@ -879,6 +921,7 @@ class Simulator:
         stats.first_admitted_at = stats.last_admitted_at = None
         stats.answered_by_content = collections.Counter()
         stats.max_in_flight = self._in_flight
+        self.batches.reset_stats()
 
     @classmethod
     @contextlib.contextmanager
@@ -931,6 +974,43 @@ class Simulator:
         if shaped.counted:
             self._directive_counts[chat.content] += 1
         return await self._answer(request, chat, answer, shaped, headers)  # 8
+
+    # -- a request of a batch (pipeline.simulate_batch calls these) ---------
+
+    def batch_answer(self, body: Any) -> Outcome:
+        """One request of a batch, answered as step 2, 3, 5 and the answer of
+        the module docstring would: no latency, limit nor transport fault (a
+        batch has none); a directive's 400 stays a 400, its other faults are a
+        500 (what a provider's batch reports for its own failures)."""
+        chat = _chat_of(body, streaming=False)
+        refused = chat if isinstance(chat, web.Response) else self._refuse_model(chat)
+        if refused is not None:
+            assert isinstance(refused.body, bytes)
+            content = "" if isinstance(chat, web.Response) else chat.content
+            return Outcome(refused.status, json.loads(refused.body), content)
+        assert isinstance(chat, _Chat)
+        shaped: str | None = None
+        directed = self._directive(chat.content) if _DIRECTIVE_MARK in chat.content else None
+        if directed is not None:
+            kind, counted = directed
+            if counted:
+                self._directive_counts[chat.content] += 1
+            if kind == "400":
+                return Outcome(400, _context_length_error(), chat.content)
+            if kind not in _ANSWER_KINDS:
+                payload = _error_payload(_SERVER_ERRORS[500], "server_error")
+                return Outcome(500, payload, chat.content)
+            shaped = kind
+        answer = _compose_answer(chat, shaped)
+        completion = self._completion(chat.model, answer.text, answer.finish_reason, answer.usage)
+        return Outcome(200, completion, chat.content)
+
+    def batch_prompt_tokens(self, body: Any) -> int:
+        """What a request counts against the enqueued-token limit: its prompt tokens."""
+        messages = body.get("messages") if isinstance(body, dict) else None
+        if not isinstance(messages, list):
+            return 0
+        return _prompt_tokens([m for m in messages if isinstance(m, dict)])
 
     def _refuse_model(self, chat: _Chat) -> web.Response | None:
         if self._models and chat.model not in self._models:
@@ -1052,6 +1132,17 @@ class Simulator:
         headers: Mapping[str, str] | None,
         timings: Mapping[str, float] | None = None,
     ) -> web.Response:
+        return _json(200, self._completion(model, answer, finish_reason, usage, timings), headers)
+
+    def _completion(
+        self,
+        model: str,
+        answer: str,
+        finish_reason: str,
+        usage: Mapping[str, int],
+        timings: Mapping[str, float] | None = None,
+    ) -> dict[str, Any]:
+        """A ``chat.completion`` object, with a new id."""
         self._next_id += 1
         payload: dict[str, Any] = {
             "id": f"chatcmpl-{self._next_id}",
@@ -1069,7 +1160,7 @@ class Simulator:
         }
         if timings is not None:
             payload["timings"] = timings
-        return _json(200, payload, headers)
+        return payload
 
     def _chunk(
         self,
@@ -1270,14 +1361,7 @@ class Simulator:
     ) -> web.StreamResponse:
         stats = self.stats
         if kind == "400":
-            return _error(
-                400,
-                "This model's maximum context length is 8192 tokens. However, your messages "
-                "resulted in more tokens (simulated). Please reduce the length of the messages.",
-                "invalid_request_error",
-                "context_length_exceeded",
-                "messages",
-            )
+            return _json(400, _context_length_error())
         if kind == "429":
             stats.rate_limited += 1
             headers = self._rate_headers(time.monotonic())
@@ -1421,6 +1505,7 @@ class Simulator:
     async def _stats(self, request: web.Request) -> web.StreamResponse:
         payload = self.stats.as_dict()
         payload["in_flight"] = self._in_flight
+        payload["batch"] = self.batches.stats.as_dict()
         return _json(200, payload)
 
     async def _not_found(self, request: web.Request) -> web.StreamResponse:

@@ -86,6 +86,8 @@ __all__ = [
     "TransportError",
     "TransportKind",
     "UnparseableResponse",
+    "body_params",
+    "chat_body",
     "make_transport",
     "sdk_error",
 ]
@@ -110,6 +112,22 @@ STREAM_PARAMS: Final[Mapping[str, Any]] = {
 # not one of them).
 _STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
 _EVENT_STREAM: Final = "text/event-stream"
+
+
+def body_params(
+    model: ModelConfig, extra_params: Mapping[str, Any] | None = None
+) -> dict[str, Any]:
+    """The parameters every chat request of a run carries besides its model
+    and messages: the sampling settings and ``extra_params`` (e.g.
+    ``response_format``). Both transports and the batch route send these."""
+    return {**model.request_params(), **(extra_params or {})}
+
+
+def chat_body(model: str, messages: Messages, params: Mapping[str, Any]) -> dict[str, Any]:
+    """A chat completion request's JSON body, not streamed: what the online
+    route POSTs and what a batch file's request line holds, one builder for
+    both so the two routes ask the same question."""
+    return {"model": model, "messages": messages, **params}
 
 
 def _user_agent() -> str:
@@ -223,7 +241,7 @@ class OpenAITransport:
         import openai
 
         self._model = model.name
-        self._params = {**model.request_params(), **(extra_params or {})}
+        self._params = body_params(model, extra_params)
         self._client = openai.AsyncOpenAI(
             api_key=api_key,
             base_url=model.resolved_base_url(),
@@ -871,7 +889,7 @@ class AiohttpTransport:
         self._url = _chat_url(resolve_base_url(model))
         self._proxy_headers: dict[str, str] | None = None
         self._model = model.name
-        self._params = {**model.request_params(), **(extra_params or {})}
+        self._params = body_params(model, extra_params)
         # The Watchdog of each request bounds it (total and stall), not aiohttp.
         self._timeout = aiohttp.ClientTimeout(total=None)
         self._total_s = model.timeout_s
@@ -953,7 +971,7 @@ class AiohttpTransport:
         if session is None:
             session = self._open()
         streaming = self.streaming
-        payload = {"model": self._model, "messages": messages, **self._params}
+        payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
         data = _ENCODER.encode(payload).encode()

@@ -234,3 +234,29 @@ def test_cost_meter_without_price_counts_nothing() -> None:
     priced = CostMeter(DOLLAR_A_TOKEN, already_spent=2)
     priced.settle(1, 1, 2)
     assert priced.spent == 5 and priced.spent_this_run == 3
+
+
+def test_batch_prices_default_to_half_the_online_price(table: PriceTable) -> None:
+    price = table.price_for("gpt-4o-mini")
+    assert price is not None
+    batch = price.for_route("batch")
+    assert (batch.input_per_million, batch.output_per_million) == (0.075, 0.30)
+    assert price.for_route("online") is price
+
+
+def test_a_price_file_can_set_batch_prices(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text(
+        '[models."m"]\ninput = 1.0\noutput = 4.0\nbatch_input = 0.8\nbatch_output = 3.0\n'
+    )
+    price = read_price_file(path)["m"]
+    assert price.for_route("batch").input_per_million == 0.8
+    assert price.for_route("batch").output_per_million == 3.0
+    assert price.for_route("online").input_per_million == 1.0
+
+
+def test_a_bad_batch_price_names_the_key(tmp_path: Path) -> None:
+    path = tmp_path / "prices.toml"
+    path.write_text('[models."m"]\ninput = 1.0\noutput = 4.0\nbatch_output = "cheap"\n')
+    with pytest.raises(ConfigError, match="batch_output"):
+        read_price_file(path)
