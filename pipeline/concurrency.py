@@ -19,7 +19,7 @@ requests in flight only add latency. Two controls, the lower wins:
   and probes one more when that request no longer waits.
   The latency without a queue is the server's own time where it says it
   (llama.cpp's ``timings``) plus the least network overhead seen, else the
-  lowest latency measured over a round.
+  lowest mean latency a round showed beyond its own noise.
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -62,6 +62,9 @@ DECREASE_FACTOR: Final = 0.8
 FLAT_TOLERANCE: Final = 0.05
 NOISE_SE_MULTIPLE: Final = 3.0
 NOISE_DECAY: Final = 0.8
+# A flat round lowers the latency without a queue (the reference) to its mean
+# plus this many standard errors of it: no lower than it shows for sure.
+REFERENCE_SE_MULTIPLE: Final = 2.0
 # Nor is a rise of less than this, in seconds per request, a server's queue:
 # a queued request waits for part of an answer (tens of milliseconds at
 # least on any LLM server); less is the network, or this process's own CPU
@@ -308,14 +311,19 @@ class LatencyLimit:
         # Flat: a reference for later rounds, and a measure of the noise
         # (from rounds without the queue kept on purpose: some of its
         # requests wait and some do not, which is no noise of the server's).
-        self._round_min_s = min(self._round_min_s, mean)
+        # The reference is the best round seen, and of many rounds of a
+        # jittery server (a hosted API's answers vary by tens of percent) the
+        # best is low by luck: against it every later round reads as a queue,
+        # and the cap is cut again and again. A round lowers it only by what
+        # it shows beyond REFERENCE_SE_MULTIPLE of its own standard errors.
+        upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
+        self._round_min_s = min(self._round_min_s, upper)
         if unqueued is not None and len(round_) > 1 and queued < 0.5:
             ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
             average = sum(ratios) / len(ratios)
-            spread = math.sqrt(sum((r - average) ** 2 for r in ratios) / (len(ratios) - 1))
             # A noisy spell fades over a few flat rounds rather than widening
             # the tolerance for the rest of the run.
-            self._noise = max(spread / math.sqrt(len(ratios)) / average, self._noise * NOISE_DECAY)
+            self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
             self._probing = False
@@ -420,6 +428,15 @@ class LatencyLimit:
             if math.isfinite(value):
                 return value
         return None
+
+
+def _standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    average = sum(values) / len(values)
+    spread = math.sqrt(sum((v - average) ** 2 for v in values) / (len(values) - 1))
+    return spread / math.sqrt(len(values))
 
 
 class QueueClock:

@@ -351,3 +351,26 @@ def test_a_latency_rise_that_does_not_fall_with_fewer_in_flight_is_taken_back() 
     assert gate.slots == 8
     assert (limit.cuts, limit.undone) == (0, 1)
     assert "did not fall" in limit.reason
+
+
+def test_a_lucky_round_of_a_jittery_server_does_not_lower_the_reference() -> None:
+    # Answers that vary (0.6 to 1.1 s) without any queue: the lowest round
+    # mean of many is low by luck, and against it every later round would
+    # read as a queue (cut after cut, a cluster worker's cap never regained).
+    # A round lowers the latency without a queue only by what it shows
+    # beyond its own standard error.
+    gate = ConcurrencyGate(ceiling=8, start=8)
+    limit = LatencyLimit(gate, start_at_ceiling=True)
+    sequence = 0
+
+    def round_of(*latencies: float) -> None:
+        nonlocal sequence
+        for latency in latencies:
+            sequence = gate.sent()
+            limit.observe(sequence, Sample(latency, gate.slots))
+
+    round_of(*[1.0] * 8)  # the reference, without noise
+    round_of(*[0.6, 1.1] * 4)  # mean 0.85, give or take 0.09
+    assert limit.service_s() == 1.0
+    round_of(*[0.8] * 8)  # steadily faster: that is no luck
+    assert limit.service_s() == 0.8
