@@ -40,7 +40,7 @@ from sections.memory import section_memory
 from sections.rate import section_rate
 from sections.ray import section_ray
 from sections.resume import section_resume
-from sections.slots import section_slots
+from sections.slots import EXTERNAL_ROWS, section_slots
 from sections.tail import section_tail
 from sections.throughput import section_throughput
 
@@ -103,6 +103,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         metavar="TEXT",
         help='only the rate variants whose name contains one of these, e.g. "window" "storm"',
     )
+    parser.add_argument(
+        "--server-url",
+        metavar="URL",
+        help="slots section: an OpenAI-compatible server of yours (e.g. llama.cpp on "
+        "http://127.0.0.1:8080/v1) instead of the simulator",
+    )
+    parser.add_argument(
+        "--server-model", default="sim-1", metavar="NAME", help="model to ask --server-url for"
+    )
+    parser.add_argument(
+        "--max-tokens", type=int, metavar="N", help="slots section: cap each answer at N tokens"
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep inputs and child logs")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -116,6 +128,8 @@ def sizes_from(args: argparse.Namespace) -> Sizes:
         rows = getattr(args, f"{name}_rows")
         if rows is not None:
             sizes = replace(sizes, **{f"{name}_rows": rows})
+    if args.server_url and args.slots_rows is None:
+        sizes = replace(sizes, slots_rows=EXTERNAL_ROWS)
     if args.budget is not None:
         sizes = replace(sizes, section_budget_s=args.budget)
     return sizes
@@ -136,6 +150,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.repeats,
         tuple(shlex.split(args.enrich_args)),
         rate_variants=tuple(args.rate_variants),
+        server_url=args.server_url,
+        server_model=args.server_model,
+        max_tokens=args.max_tokens,
     )
     report: dict[str, Any] = {
         "started": stamp,

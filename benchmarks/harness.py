@@ -608,6 +608,12 @@ class Context:
     enrich_flags: tuple[str, ...] = ()
     # Only the rate variants whose name contains one of these (all if empty).
     rate_variants: tuple[str, ...] = ()
+    # The slots section against a server of the user's (llama.cpp...) rather
+    # than the simulator: its base URL, the model to ask for, and a cap on
+    # answer tokens (None: the server's default).
+    server_url: str | None = None
+    server_model: str = MODEL
+    max_tokens: int | None = None
     tables: list[str] = field(default_factory=list)
     _salt: int = 0
 

@@ -13,7 +13,6 @@ import asyncio
 import collections
 import functools
 import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterable, Callable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
@@ -350,7 +349,8 @@ class CallStage:
         # a place in flight or a token reservation while it waits.
         async with self.outage.attempt() as passage, self.limiter.request(reserve) as permit:
             self._counts.requests += 1
-            started = time.perf_counter()
+            # The loop's clock, as the transport's times are (first token...).
+            started = self._loop_time()
             try:
                 # A function: a request sent before the stall timeout is
                 # learned (or while it falls) gets the current one; and the
@@ -378,7 +378,7 @@ class CallStage:
                 self._counts.bad_answers += 1
                 if row.bad_answers < self._answer_attempts:
                     return None
-            return _answered(row, completion, problem, (time.perf_counter() - started) * 1000.0)
+            return _answered(row, completion, problem, (self._loop_time() - started) * 1000.0)
 
     def _failed(self, row: _Row, exc: Exception, passage: Attempt, permit: Permit) -> Failure:
         failure = classify(exc, model=self._model.name)
@@ -685,7 +685,14 @@ def _answered(
         completion_tokens=completion.completion_tokens,
         finish_reason=completion.finish_reason,
         model=completion.model,
+        first_token_ms=_ms(completion.first_token_s),
+        generation_ms=_ms(completion.generation_s),
+        server_ms=_ms(completion.server_s),
     )
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else seconds * 1000.0
 
 
 def _short(reason: str) -> str:

@@ -71,10 +71,12 @@ if TYPE_CHECKING:
     # before its first request (with pyarrow.fs, a tenth of pyarrow's import).
     import pyarrow.parquet as pq
 
-FORMAT_VERSION: Final = 2
+FORMAT_VERSION: Final = 3
 # Format 1 parts lack the internal columns (transient flag, request key);
-# they read as "not transient, key unknown".
-READABLE_FORMATS: Final = frozenset({1, 2})
+# they read as "not transient, key unknown". Format 2 parts and journal
+# segments lack the timing columns (first_token_ms, generation_ms,
+# server_ms), and the older of them the route: they read as null, unknown.
+READABLE_FORMATS: Final = frozenset({1, 2, 3})
 MANIFEST: Final = "manifest.json"
 PARTS: Final = "parts"
 JOURNAL: Final = "journal"
@@ -217,7 +219,7 @@ def _row_id_bounds(metadata: pq.FileMetaData) -> tuple[int, int] | None:
 
 
 def _with_internal_columns(table: pa.Table, columns: Sequence[str]) -> pa.Table:
-    """Format 1 parts lack the internal columns: read them as nulls."""
+    """``columns`` of ``table``, those an older format lacks as nulls."""
     for name in columns:
         if name not in table.column_names:
             kind = PART_SCHEMA.field(name).type
@@ -309,9 +311,11 @@ class Checkpoint:
             checkpoint._write_manifest(fresh)
         elif input_changed:
             checkpoint._start_over_on(fresh)
-        elif previous.input != identity:
+        elif previous.input != identity or previous.format_version != FORMAT_VERSION:
             # Same content, new facts (a touch, a copy): remember them, so the
-            # next open does not hash the file again.
+            # next open does not hash the file again. An older format's
+            # checkpoint gets parts of this one from now on: say so, so that
+            # an older enrich refuses it rather than misread it.
             checkpoint._write_manifest(replace_input(previous, identity))
         return checkpoint
 
@@ -544,7 +548,8 @@ class Checkpoint:
             for seq, path in self._segment_files():
                 with contextlib.suppress(OSError):
                     for table in read_journal(path).tables:
-                        pieces.append(_numbered_frame(table.select(wanted), seq))
+                        table = _with_internal_columns(table, wanted)
+                        pieces.append(_numbered_frame(table, seq))
         if not pieces:
             return pl.DataFrame(PART_SCHEMA.empty_table()).select(wanted)
         return (
@@ -648,6 +653,8 @@ def write_part(path: Path, table: pa.Table, footer: Mapping[bytes, bytes]) -> No
     data page is found when read rather than passed on as an answer."""
     import pyarrow.parquet as pq
 
+    # A segment an older enrich left lacks the newer columns.
+    table = _with_internal_columns(table, PART_SCHEMA.names)
     ordered = (
         _frame(table.cast(PART_SCHEMA))
         .with_row_index("_order")

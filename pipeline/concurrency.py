@@ -13,12 +13,13 @@ requests in flight only add latency. Two controls, the lower wins:
   gradient limiter does (Netflix's concurrency-limits): by Little's law, with
   ``L`` requests in flight and latency ``ratio`` times the latency without a
   queue, the server works on about ``L / ratio`` of them; the rest are queued.
-  It starts at one request and doubles each round trip while latency stays
-  flat (or starts at ``--concurrency`` when it was given), comes down to the
-  server's capacity when latency climbs, and probes one more now and then.
+  It starts at one request and multiplies by 4 each round trip while latency
+  stays flat (or starts at ``--concurrency`` when it was given), comes down
+  to the server's capacity plus one request kept queued when latency climbs,
+  and probes one more when that request no longer waits.
   The latency without a queue is the server's own time where it says it
   (llama.cpp's ``timings``) plus the least network overhead seen, else the
-  lowest latency measured over a round.
+  lowest mean latency a round showed beyond its own noise.
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -60,6 +61,10 @@ DECREASE_FACTOR: Final = 0.8
 # mean, as measured in rounds that were flat.
 FLAT_TOLERANCE: Final = 0.05
 NOISE_SE_MULTIPLE: Final = 3.0
+NOISE_DECAY: Final = 0.8
+# A flat round lowers the latency without a queue (the reference) to its mean
+# plus this many standard errors of it: no lower than it shows for sure.
+REFERENCE_SE_MULTIPLE: Final = 2.0
 # Nor is a rise of less than this, in seconds per request, a server's queue:
 # a queued request waits for part of an answer (tens of milliseconds at
 # least on any LLM server); less is the network, or this process's own CPU
@@ -81,6 +86,14 @@ CUT_CONFIRM_SHARE: Final = 0.25
 # each time the probe finds a queue (up to HOLD_MAX_ROUNDS), back to the
 # start when one finds room.
 HOLD_ROUNDS: Final = 2
+# Requests kept queued in the server beyond its capacity: one, so that a slot
+# that frees up starts on the next request at once instead of waiting for
+# the client to see the answer and send another (at one slot, that turnaround
+# costs a tenth of the throughput). A queue of this size is not cut.
+QUEUE_KEPT: Final = 1
+# Slow start multiplies the in-flight cap by this each round trip while
+# latency stays flat: 1, 4, 16, 32 reaches 16 slots in two round trips.
+SLOW_START_FACTOR: Final = 4.0
 HOLD_MAX_ROUNDS: Final = 16
 
 
@@ -113,6 +126,10 @@ class ConcurrencyGate:
         self.slow_start = adaptive
         self.in_flight = 0
         self._sent = 0
+        # Places granted whose request has no number yet (it waits for the
+        # rate buckets, or its worker has yet to run): decided by the limit
+        # in force when granted, whenever they are numbered.
+        self.unsent = 0
         self._cut_at = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
 
@@ -132,6 +149,7 @@ class ConcurrencyGate:
     async def acquire(self) -> None:
         if self.in_flight < self.slots and not self._waiters:
             self.in_flight += 1
+            self.unsent += 1
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -140,14 +158,17 @@ class ConcurrencyGate:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 # Granted a slot just as it was cancelled: hand the slot on.
-                self.release()
+                self.release(sent=False)
             elif waiter in self._waiters:
                 # (A cancelled waiter may already have been skipped by _wake.)
                 self._waiters.remove(waiter)
             raise
 
-    def release(self) -> None:
+    def release(self, *, sent: bool = True) -> None:
+        """A place given back; ``sent=False``: its request was never numbered."""
         self.in_flight -= 1
+        if not sent:
+            self.unsent -= 1
         self._wake()
 
     def _wake(self) -> None:
@@ -155,11 +176,13 @@ class ConcurrencyGate:
             waiter = self._waiters.popleft()
             if not waiter.done():
                 self.in_flight += 1
+                self.unsent += 1
                 waiter.set_result(None)
 
     def sent(self) -> int:
         """Number a request as it is sent (for ``decrease``)."""
         self._sent += 1
+        self.unsent = max(0, self.unsent - 1)
         return self._sent
 
     @property
@@ -215,7 +238,7 @@ class LatencyLimit:
         self.reason = (
             f"the configured concurrency ({gate.ceiling})"
             if start_at_ceiling
-            else "starting: one request, doubled while latency stays flat"
+            else "starting: one request, 4 times more each round trip while latency stays flat"
         )
         # The capacity latency last showed (None: no queue seen yet).
         self.capacity: float | None = None
@@ -280,16 +303,27 @@ class LatencyLimit:
         if self._unconfirmed is not None and self._undo(ratio, mean):
             return
         queued_s = 0.0 if unqueued is None else mean - sum(unqueued) / len(unqueued)
-        if ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S:
+        # Little's law: the server computes in_flight / ratio, the rest waits.
+        queued = in_flight * (1.0 - 1.0 / ratio)
+        if ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S and queued > QUEUE_KEPT + 0.5:
             self._cut(ratio, in_flight)
             return
-        # Flat: a reference for later rounds, and a measure of the noise.
-        self._round_min_s = min(self._round_min_s, mean)
-        if unqueued is not None and len(round_) > 1:
+        # Flat: a reference for later rounds, and a measure of the noise
+        # (from rounds without the queue kept on purpose: some of its
+        # requests wait and some do not, which is no noise of the server's).
+        # The reference is the best round seen, and of many rounds of a
+        # jittery server (a hosted API's answers vary by tens of percent) the
+        # best is low by luck: against it every later round reads as a queue,
+        # and the cap is cut again and again. A round lowers it only by what
+        # it shows beyond REFERENCE_SE_MULTIPLE of its own standard errors.
+        upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
+        self._round_min_s = min(self._round_min_s, upper)
+        if unqueued is not None and len(round_) > 1 and queued < 0.5:
             ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
             average = sum(ratios) / len(ratios)
-            spread = math.sqrt(sum((r - average) ** 2 for r in ratios) / (len(ratios) - 1))
-            self._noise = max(self._noise, spread / math.sqrt(len(ratios)) / average)
+            # A noisy spell fades over a few flat rounds rather than widening
+            # the tolerance for the rest of the run.
+            self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
             self._probing = False
@@ -303,7 +337,12 @@ class LatencyLimit:
         if in_flight < cap - 0.5:
             return
         if self.slow_start:
-            self._set(min(float(ceiling), cap * 2.0))
+            self._set(min(float(ceiling), cap * SLOW_START_FACTOR))
+            return
+        if queued >= 0.5:
+            # The queue kept on purpose is there: the server is busy at this
+            # cap and no slot is idle, nothing to probe for. When it drains
+            # (the server got faster, or another client left), probing resumes.
             return
         if self._hold > 0:
             self._hold -= 1
@@ -318,7 +357,7 @@ class LatencyLimit:
             self._hold_rounds = min(HOLD_MAX_ROUNDS, self._hold_rounds * 2)
         self._probing = False
         self._hold = self._hold_rounds
-        target = max(1.0, math.floor(self.capacity + 0.5))
+        target = max(1.0, math.floor(self.capacity + 0.5)) + QUEUE_KEPT
         if target >= self.cap:
             return
         self._unconfirmed = (self.cap, ratio, self.slow_start)
@@ -354,8 +393,11 @@ class LatencyLimit:
         return True
 
     def _set(self, cap: float) -> None:
+        # Places granted under the old cap are numbered later: they belong
+        # to it, not to the round that judges the new one (those the new cap
+        # grants, from set_cap on, do).
+        self._changed_at = self.gate.sent_count + self.gate.unsent
         self.gate.set_cap(cap)
-        self._changed_at = self.gate.sent_count
         self._round = []
 
     def saturated(self, in_flight: int, capacity: float | None) -> None:
@@ -386,6 +428,15 @@ class LatencyLimit:
             if math.isfinite(value):
                 return value
         return None
+
+
+def _standard_error(values: list[float]) -> float:
+    """The standard error of the mean of ``values`` (0 for fewer than two)."""
+    if len(values) < 2:
+        return 0.0
+    average = sum(values) / len(values)
+    spread = math.sqrt(sum((v - average) ** 2 for v in values) / (len(values) - 1))
+    return spread / math.sqrt(len(values))
 
 
 class QueueClock:

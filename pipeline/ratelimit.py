@@ -1139,7 +1139,7 @@ class RateLimiter:
             # Buckets honour a pause themselves; this covers a run without any.
             await self._wait_out_pause()
         except BaseException:
-            self.gate.release()
+            self.gate.release(sent=False)
             if probe:
                 self._release_probe()
             raise

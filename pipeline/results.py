@@ -30,6 +30,11 @@ RESULT_SCHEMA: Final = pa.schema(
         pa.field("model", pa.string()),
         pa.field("cached", pa.bool_()),
         pa.field("route", pa.string()),
+        # Where the time went, where known (added in checkpoint format 3,
+        # after the columns above, so their positions stay as they were).
+        pa.field("first_token_ms", pa.float64()),
+        pa.field("generation_ms", pa.float64()),
+        pa.field("server_ms", pa.float64()),
     ]
 )
 RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
@@ -72,6 +77,14 @@ class RowResult:
     cached: bool = False
     route: str | None = None
     """Which route answered the row (``online`` or ``batch``); None when skipped."""
+    first_token_ms: float | None = None
+    """Streamed answers: from sending the request to the first content."""
+    generation_ms: float | None = None
+    """The model's time generating the answer: the server's own figure where
+    it says it, else the span over which a stream's content came."""
+    server_ms: float | None = None
+    """The server's own time for the request (llama.cpp's ``timings``);
+    ``latency_ms`` less this is waiting: the server's queue and the network."""
     transient: bool = False
     """An error whose last failure was transient: pending, retried by the next run."""
     request_key: bytes | None = None
@@ -98,6 +111,9 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
             "model": [r.model for r in ordered],
             "cached": [r.cached for r in ordered],
             "route": [r.route for r in ordered],
+            "first_token_ms": [r.first_token_ms for r in ordered],
+            "generation_ms": [r.generation_ms for r in ordered],
+            "server_ms": [r.server_ms for r in ordered],
             TRANSIENT: [r.transient for r in ordered],
             REQUEST_KEY: [r.request_key for r in ordered],
         },

@@ -157,6 +157,31 @@ class Completion:
     # where it says it (llama.cpp's ``timings``): the rest is waiting.
     first_byte_s: float | None = None
     server_s: float | None = None
+    # Streamed answers: seconds from sending to the first content, and from
+    # the first content to the last, as the client saw them arrive. The
+    # server's own generation time where it says it (``predicted_ms``).
+    first_token_s: float | None = None
+    token_span_s: float | None = None
+    server_generation_s: float | None = None
+
+    @property
+    def generation_s(self) -> float | None:
+        """The model's time producing the answer: the server's own figure
+        where it says it, else the span over which a stream's content came."""
+        if self.server_generation_s is not None:
+            return self.server_generation_s
+        return self.token_span_s
+
+    def with_timings(self, timings: object) -> Completion:
+        """This answer with the server's own times from llama.cpp's
+        ``timings`` object, if that is one."""
+        parsed = llama_timings(timings)
+        if parsed is None:
+            return self
+        prompt_s, predicted_s = parsed
+        return dataclasses.replace(
+            self, server_s=prompt_s + predicted_s, server_generation_s=predicted_s
+        )
 
 
 class Transport(Protocol):
@@ -304,13 +329,17 @@ class OpenAITransport:
                 raise _connection_failed(exc, self._secrets) from None
             watch.beat()
             self._stop_streaming("the server answers streaming requests with one JSON body")
-            return dataclasses.replace(parse_completion(body, raw.headers), silence_s=watch.longest)
+            return dataclasses.replace(
+                parse_completion(body, raw.headers),
+                silence_s=watch.longest,
+                first_byte_s=watch.first_byte_s,
+            )
         chunks = raw.parse()
         assembler = StreamAssembler()
         try:
             async for chunk in chunks:
                 watch.beat()
-                assembler.add_sdk_chunk(chunk)
+                assembler.add_sdk_chunk(chunk, watch.last)
         except openai.OpenAIError as exc:
             # Dropped, reset or timed out mid-stream, or an error event inside
             # the stream (a bare APIError: transient, see sdk_error).
@@ -319,7 +348,12 @@ class OpenAITransport:
             raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
         finally:
             await chunks.close()
-        completion = assembler.completion(raw.headers, silence_s=watch.longest)
+        completion = assembler.completion(
+            raw.headers,
+            silence_s=watch.longest,
+            first_byte_s=watch.first_byte_s,
+            started=watch.started,
+        )
         if completion.prompt_tokens is None:
             self._stop_streaming("the server streams answers without their token usage")
         return completion
@@ -350,7 +384,8 @@ class OpenAITransport:
             completion_tokens=usage.completion_tokens if usage else None,
             headers=raw.headers,
             silence_s=watch.longest,
-        )
+            first_byte_s=watch.first_byte_s,
+        ).with_timings(getattr(parsed, "timings", None))  # an extra field to the SDK
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -430,6 +465,7 @@ class StreamAssembler:
     """
 
     __slots__ = (
+        "_at",
         "_choices",
         "_data",
         "_lines",
@@ -438,8 +474,11 @@ class StreamAssembler:
         "completion_tokens",
         "done",
         "finish_reason",
+        "first_token_at",
+        "last_token_at",
         "model",
         "prompt_tokens",
+        "server_generation_s",
         "server_s",
     )
 
@@ -455,10 +494,17 @@ class StreamAssembler:
         self.prompt_tokens: int | None = None
         self.completion_tokens: int | None = None
         self.server_s: float | None = None
+        self.server_generation_s: float | None = None
+        # When the bytes being parsed came (the caller's clock), and when the
+        # first and the last content did: the stream's own pace.
+        self._at: float | None = None
+        self.first_token_at: float | None = None
+        self.last_token_at: float | None = None
         self.done = False
 
-    def feed(self, data: bytes) -> None:
-        """Raw bytes of the body, cut anywhere."""
+    def feed(self, data: bytes, at: float | None = None) -> None:
+        """Raw bytes of the body, cut anywhere; ``at``: when they came."""
+        self._at = at
         if self._pending:
             data = self._pending + data
         if self._lines or b"\r" in data:
@@ -536,6 +582,8 @@ class StreamAssembler:
                                 "not a string"
                             )
                         self._parts.append(content)
+                        if content:
+                            self._content_came()
                 finish_reason = choice.get("finish_reason")
                 if type(finish_reason) is str:
                     self.finish_reason = finish_reason
@@ -547,11 +595,27 @@ class StreamAssembler:
             self.add(None, False, None, None, prompt, completion)
         timings = chunk.get("timings")
         if timings is not None:
-            self.server_s = server_seconds(timings)
+            self._timings(timings)
 
-    def add_sdk_chunk(self, chunk: Any) -> None:
+    def _timings(self, timings: object) -> None:
+        parsed = llama_timings(timings)
+        if parsed is not None:
+            prompt_s, predicted_s = parsed
+            self.server_s = prompt_s + predicted_s
+            self.server_generation_s = predicted_s
+
+    def _content_came(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = self._at
+        self.last_token_at = self._at
+
+    def add_sdk_chunk(self, chunk: Any, at: float | None = None) -> None:
         """One ``ChatCompletionChunk`` as the SDK parsed it (without
-        validation: any attribute may be missing)."""
+        validation: any attribute may be missing); ``at``: when it came."""
+        self._at = at
+        timings = getattr(chunk, "timings", None)
+        if timings is not None:
+            self._timings(timings)
         choice = None
         for candidate in getattr(chunk, "choices", None) or ():
             if getattr(candidate, "index", 0) == 0:
@@ -586,6 +650,8 @@ class StreamAssembler:
                     f"response message content is a {type(content).__name__}, not a string"
                 )
             self._parts.append(content)
+            if content:
+                self._content_came()
         if isinstance(finish_reason, str):
             self.finish_reason = finish_reason
         prompt = _optional_int(prompt_tokens)
@@ -601,8 +667,10 @@ class StreamAssembler:
         *,
         silence_s: float | None = None,
         first_byte_s: float | None = None,
+        started: float | None = None,
     ) -> Completion:
-        """The answer, once the body has ended."""
+        """The answer, once the body has ended; ``started``: when the request
+        was sent, on the clock of the ``at`` given with the chunks."""
         if self._pending or self._data:
             self._feed_lines(self._pending + b"\n\n")  # a last event without its blank line
             self._pending = b""
@@ -621,7 +689,14 @@ class StreamAssembler:
             streamed=True,
             first_byte_s=first_byte_s,
             server_s=self.server_s,
+            first_token_s=_span(started, self.first_token_at),
+            token_span_s=_span(self.first_token_at, self.last_token_at),
+            server_generation_s=self.server_generation_s,
         )
+
+
+def _span(start: float | None, end: float | None) -> float | None:
+    return None if start is None or end is None else max(0.0, end - start)
 
 
 # ---------------------------------------------------------------------------
@@ -636,16 +711,21 @@ def _optional_int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
-def server_seconds(timings: object) -> float | None:
-    """The server's own time for an answer from llama.cpp's ``timings``
-    (``prompt_ms`` + ``predicted_ms``); None if absent or odd."""
-    if type(timings) is not dict:
+def llama_timings(timings: object) -> tuple[float, float] | None:
+    """The server's own time for an answer from llama.cpp's ``timings``:
+    seconds on the prompt (``prompt_ms``) and generating (``predicted_ms``);
+    None if absent or odd."""
+    if not isinstance(timings, Mapping):
         return None
-    parts = (timings.get("prompt_ms"), timings.get("predicted_ms"))
-    if not all(type(part) in (int, float) for part in parts):
-        return None
-    total = sum(float(part) for part in parts if part is not None) / 1000.0
-    return total if math.isfinite(total) and total >= 0 else None
+    seconds = []
+    for part in (timings.get("prompt_ms"), timings.get("predicted_ms")):
+        if not isinstance(part, int | float) or isinstance(part, bool):
+            return None
+        value = float(part) / 1000.0
+        if not math.isfinite(value) or value < 0:
+            return None
+        seconds.append(value)
+    return seconds[0], seconds[1]
 
 
 def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
@@ -682,8 +762,7 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
         prompt_tokens=_optional_int(usage.get("prompt_tokens")),
         completion_tokens=_optional_int(usage.get("completion_tokens")),
         headers=headers,
-        server_s=server_seconds(data.get("timings")),
-    )
+    ).with_timings(data.get("timings"))
 
 
 async def _read_body(content: aiohttp.StreamReader, watch: Watchdog) -> bytes:
@@ -947,9 +1026,12 @@ class AiohttpTransport:
             assembler = StreamAssembler()
             async for data in response.content.iter_any():
                 watch.beat()
-                assembler.feed(data)
+                assembler.feed(data, watch.last)
             completion = assembler.completion(
-                headers, silence_s=watch.longest, first_byte_s=watch.first_byte_s
+                headers,
+                silence_s=watch.longest,
+                first_byte_s=watch.first_byte_s,
+                started=watch.started,
             )
             if completion.prompt_tokens is None:
                 self._stop_streaming("the server streams answers without their token usage")

@@ -374,3 +374,65 @@ def test_a_stopped_rerun_counts_a_resent_row_once_with_its_new_result(
     assert (counts["rows"], counts["ok"], counts["error"], counts["pending"]) == (4, 4, 0, 0)
     held = run_status(output, config.output.resolved_run_dir)
     assert (held.done, held.ok, held.error) == (4, 4, 0)
+
+
+TIMING_COLUMNS = ("first_token_ms", "generation_ms", "server_ms")
+
+
+def _as_previous_format(table: Any) -> Any:
+    """A checkpoint table as format 2 wrote it: without the timing columns."""
+    return table.drop_columns(list(TIMING_COLUMNS))
+
+
+@pytest.mark.slow
+def test_a_checkpoint_of_the_previous_format_resumes_with_its_timings_unknown(
+    tmp_path: Path, start_server: StartServer, prompts: list[str]
+) -> None:
+    import json
+
+    import pyarrow.parquet as pq
+
+    from pipeline.checkpoint import JOURNAL, MANIFEST
+    from pipeline.journal import JournalWriter
+
+    # Slots: the server reports its own time (llama.cpp's timings).
+    server = start_server(slots=4)
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    config = keep(
+        make_config(
+            source,
+            tmp_path / "out.parquet",
+            server.base_url,
+            **{"checkpoint.flush_every": 50, "cache.enabled": False},
+        )
+    )
+    enrich(config)
+    run_dir = config.output.resolved_run_dir
+    parts = part_files(config)
+    # Format 2: parts without the timing columns, the last one still a
+    # journal segment (an older enrich killed before sealing it), and one
+    # part never written (its rows are sent again).
+    for part in parts:
+        pq.write_table(_as_previous_format(pq.read_table(part)), part)
+    last = parts[-1]
+    segment = run_dir / JOURNAL / last.name.replace("part-", "seg-").replace(".parquet", ".log")
+    writer = JournalWriter(segment)
+    writer.append(pq.read_table(last).replace_schema_metadata(None))
+    writer.close()
+    last.unlink()
+    lost = pl.read_parquet(parts[1])["_row_id"].to_list()
+    parts[1].unlink()
+    manifest = json.loads((run_dir / MANIFEST).read_text())
+    manifest["format_version"] = 2
+    (run_dir / MANIFEST).write_text(json.dumps(manifest))
+    (tmp_path / "out.parquet").unlink()
+    server.reset_stats()
+
+    enrich(config)
+
+    assert server.stats.requests == len(lost)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["response"].to_list() == [answer_for(p) for p in prompts]
+    known = out.with_row_index("row").filter(pl.col("server_ms").is_not_null())["row"].to_list()
+    assert sorted(known) == sorted(lost)
+    assert json.loads((run_dir / MANIFEST).read_text())["format_version"] == 3
