@@ -72,6 +72,17 @@ def model_config(base_url: str | None, **settings: Any) -> ModelConfig:
     return ModelConfig(**values)
 
 
+async def server_count(read: Callable[[], int], expected: int, timeout_s: float = 5.0) -> int:
+    """The simulator's count once it reaches ``expected`` (or the timeout).
+    It counts a streamed answer when its last write returns, which may be a
+    loop turn after the client has read ``[DONE]``."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout_s
+    while read() != expected and loop.time() < deadline:
+        await asyncio.sleep(0.01)
+    return read()
+
+
 async def ask(
     kind: str,
     base_url: str | None,
@@ -432,7 +443,7 @@ async def test_a_slowly_streaming_long_answer_is_not_cut(
     assert completion.text == expected_answer(messages, MODEL)
     assert completion.streamed
     assert completion.silence_s is not None and completion.silence_s < 0.5
-    assert server.stats.answered == 1
+    assert await server_count(lambda: server.stats.answered, 1) == 1
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -476,7 +487,7 @@ async def test_fault_directives_work_when_streaming(server: Simulator, kind: str
     good = await ask(kind, url, user("[[fault:badjson:1]] x"))
     assert (bad.text, bad.streamed) == (BAD_JSON, True)
     assert good.text == expected_answer(user("[[fault:badjson:1]] x"), MODEL)
-    assert server.stats.streamed == 2
+    assert await server_count(lambda: server.stats.streamed, 2) == 2
 
 
 @pytest.mark.parametrize("kind", KINDS)
