@@ -8,8 +8,9 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_startup import run_args
 
-from conftest import MODEL, write_questions
+from conftest import write_questions
 
 # Runs the CLI with the ray package hidden, as on an install without the extra.
 WITHOUT_RAY = "import sys; sys.modules['ray'] = None; from pipeline.cli import main; main()"
@@ -24,19 +25,7 @@ def test_engine_ray_without_ray_installed_exits_2_naming_the_extra(tmp_path: Pat
             sys.executable,
             "-c",
             WITHOUT_RAY,
-            "run",
-            "--input",
-            str(source),
-            "--column",
-            "question",
-            "--output",
-            str(output),
-            "--model",
-            MODEL,
-            "--base-url",
-            "http://127.0.0.1:9/v1",
-            "--engine",
-            "ray",
+            *run_args(source, output, "http://127.0.0.1:9/v1", "--engine", "ray"),
         ],
         capture_output=True,
         text=True,
