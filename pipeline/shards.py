@@ -153,7 +153,9 @@ def plan_parquet(files: Sequence[Location], shard_rows: int) -> list[Shard]:
 
 
 def _shard(location: Location, first: int, stop: int, start: int, rows: int) -> Shard:
-    return Shard(str(location), tuple(range(first, stop)), start, rows)
+    # Absolute: a Ray worker's working directory is not the driver's.
+    path = location.resolve() if isinstance(location, Path) else location
+    return Shard(str(path), tuple(range(first, stop)), start, rows)
 
 
 def _row_group_sizes(location: Location) -> list[int]:

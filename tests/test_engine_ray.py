@@ -27,6 +27,7 @@ from pipeline.costs import SpendCapReached
 from pipeline.errors import ExitCode, FatalAPIError
 from pipeline.events import RecordingEventSink
 from pipeline.runner import enrich
+from pipeline.shards import ShardSummary
 from pipeline.simulate import Simulator
 from pipeline.summary import RunSummary
 
@@ -260,3 +261,26 @@ def test_every_workers_counts_and_warnings_reach_the_driver(
     assert summary.retries == sim.stats.faults > 0
     # A worker's "retrying" warning, in the driver's events.
     assert any(event.fields.get("kind") == "retrying" for event in events.named("warning"))
+
+
+async def test_a_worker_that_cannot_see_the_run_directory_says_to_share_it(
+    tmp_path: Path,
+) -> None:
+    from pipeline.engine_ray import ShardWorker
+    from pipeline.plan import prompt_spec
+    from pipeline.shard_work import WorkerSpec, stop_error
+    from pipeline.shards import ShardTask, plan_parquet
+
+    source = questions_file(tmp_path / "in.parquet", 300)
+    config = make_config(source, tmp_path / "out.parquet", "http://127.0.0.1:9/v1")
+    elsewhere = str(tmp_path / "on-the-driver-only")
+    spec = WorkerSpec(config, prompt_spec(config), None, None, "sk-x", elsewhere, None)
+    worker = ShardWorker(spec, "no-ledger-needed")
+
+    table = await worker(pa.table({"task": [ShardTask(plan_parquet([source], 100)[0]).to_json()]}))
+
+    summary = ShardSummary.from_json(table.column("summary")[0].as_py())
+    assert summary.error_kind is not None and summary.error_message is not None
+    error = stop_error(summary.error_kind, summary.error_message)
+    assert error.exit_code == ExitCode.USAGE
+    assert elsewhere in str(error) and "--run-dir" in str(error)
