@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from pipeline.call import CallStage, CallStats, ChatRequest
 from pipeline.costs import Price, PromptBound, cost
 from pipeline.errors import EnrichError
 from pipeline.journal import JournalWriter
-from pipeline.results import TRANSIENT, RowResult, results_to_table
+from pipeline.results import ROW_ID, TRANSIENT, RowResult, results_to_table
 from pipeline.shards import (
     ShardSummary,
     ShardTask,
@@ -177,6 +178,8 @@ class ShardJob:
         self._bound = PromptBound(config.input.max_prompt_tokens, sink)
         self._spent = 0.0
         self._buffer: list[RowResult] = []
+        # A cancelled commit's thread runs on: the last commit must wait for it.
+        self._committing = threading.Lock()
         self.stop: Stop | None = None
 
     async def run(self, task: ShardTask, worker: str) -> ShardSummary:
@@ -196,13 +199,16 @@ class ShardJob:
         reporter = asyncio.create_task(self._keep_reporting(worker))
         try:
             await self._send(task, held, summary, writer)
+            await self._commit(writer)
         except EnrichError as exc:  # a run-level error: every worker must stop
             failed = Stop(type(exc).__name__, str(exc))
             summary.error_kind, summary.error_message = failed.kind, failed.message
         finally:
             reporter.cancel()
-            await asyncio.to_thread(self._commit, writer)
-            writer.close()
+            with contextlib.suppress(EnrichError):
+                await self._commit(writer)  # what is paid for is kept, if it can be
+            with self._committing:
+                writer.close()
             self.stop = await self._report(
                 worker, self.stage.stats, self._sink.take(), self._take_spent(), failed
             )
@@ -225,15 +231,15 @@ class ShardJob:
         earlier = read_results(directory)
         if earlier is not None:
             first = task.shard.first_row
-            for row in earlier.select(["_row_id", "status", TRANSIENT]).to_pylist():
+            for row in earlier.select([ROW_ID, "status", TRANSIENT]).to_pylist():
                 # Only this run's attempts leave journals here (a checkpoint
                 # opened adopts older ones): a permanent error is final even
                 # with --retry-failed, which retried it once already.
                 final = row["status"] in ("ok", "skipped") or (
                     row["status"] == "error" and not row[TRANSIENT]
                 )
-                if final and 0 <= row["_row_id"] - first < len(held):
-                    held[row["_row_id"] - first] = 1
+                if final and 0 <= row[ROW_ID] - first < len(held):
+                    held[row[ROW_ID] - first] = 1
                     summary.journaled += 1
         return held
 
@@ -299,16 +305,35 @@ class ShardJob:
             )
         self._buffer.append(result)
 
-    def _commit(self, writer: JournalWriter) -> None:
+    async def _commit(self, writer: JournalWriter) -> None:
+        # Taken on the loop, where results are added: none slips between.
         batch, self._buffer = self._buffer, []
         if batch:
-            writer.append(results_to_table(batch))
+            await asyncio.to_thread(self._append, writer, batch)
+
+    def _append(self, writer: JournalWriter, batch: list[RowResult]) -> None:
+        with self._committing:
+            try:
+                writer.append(results_to_table(batch))
+            except OSError as exc:
+                # Answers that cannot be kept must not be bought: the error
+                # stops every worker, as a failed commit stops one machine.
+                self._buffer[:0] = batch
+                raise errors.WriteFailed(
+                    f"cannot write the shard journal {writer.path} ({exc.strerror or exc}); "
+                    "what was journaled before is kept: fix the disk of the run directory "
+                    "(--run-dir), then rerun the same command"
+                ) from None
 
     async def _keep_committing(self, writer: JournalWriter) -> None:
         interval = self.spec.config.checkpoint.flush_interval_s
         while True:
             await asyncio.sleep(interval)
-            await asyncio.to_thread(self._commit, writer)
+            try:
+                await self._commit(writer)
+            except EnrichError:
+                self.stage.drain()  # the last commit, in ``run``, raises it
+                return
 
     def _take_spent(self) -> float:
         spent, self._spent = self._spent, 0.0
