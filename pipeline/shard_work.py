@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -178,8 +177,9 @@ class ShardJob:
         self._bound = PromptBound(config.input.max_prompt_tokens, sink)
         self._spent = 0.0
         self._buffer: list[RowResult] = []
-        # A cancelled commit's thread runs on: the last commit must wait for it.
-        self._committing = threading.Lock()
+        # The commit being written. Never cancelled: a job cancelled while
+        # still queued in the thread pool would silently drop its answers.
+        self._pending: asyncio.Future[None] | None = None
         self.stop: Stop | None = None
 
     async def run(self, task: ShardTask, worker: str) -> ShardSummary:
@@ -207,8 +207,7 @@ class ShardJob:
             reporter.cancel()
             with contextlib.suppress(EnrichError):
                 await self._commit(writer)  # what is paid for is kept, if it can be
-            with self._committing:
-                writer.close()
+            writer.close()
             self.stop = await self._report(
                 worker, self.stage.stats, self._sink.take(), self._take_spent(), failed
             )
@@ -306,24 +305,39 @@ class ShardJob:
         self._buffer.append(result)
 
     async def _commit(self, writer: JournalWriter) -> None:
+        """Write what was gathered, after the commit in progress (one at a
+        time, in order). Raises ``WriteFailed`` (its batch is kept for the
+        next commit)."""
+        await self._finish_pending()
         # Taken on the loop, where results are added: none slips between.
         batch, self._buffer = self._buffer, []
         if batch:
-            await asyncio.to_thread(self._append, writer, batch)
+            self._pending = asyncio.ensure_future(asyncio.to_thread(self._append, writer, batch))
+            await self._finish_pending()
+
+    async def _finish_pending(self) -> None:
+        pending = self._pending
+        if pending is None:
+            return
+        try:
+            await asyncio.shield(pending)
+        finally:
+            # Cancelled while it runs: the next commit waits for it.
+            if pending.done():
+                self._pending = None
 
     def _append(self, writer: JournalWriter, batch: list[RowResult]) -> None:
-        with self._committing:
-            try:
-                writer.append(results_to_table(batch))
-            except OSError as exc:
-                # Answers that cannot be kept must not be bought: the error
-                # stops every worker, as a failed commit stops one machine.
-                self._buffer[:0] = batch
-                raise errors.WriteFailed(
-                    f"cannot write the shard journal {writer.path} ({exc.strerror or exc}); "
-                    "what was journaled before is kept: fix the disk of the run directory "
-                    "(--run-dir), then rerun the same command"
-                ) from None
+        try:
+            writer.append(results_to_table(batch))
+        except OSError as exc:
+            # Answers that cannot be kept must not be bought: the error
+            # stops every worker, as a failed commit stops one machine.
+            self._buffer[:0] = batch
+            raise errors.WriteFailed(
+                f"cannot write the shard journal {writer.path} ({exc.strerror or exc}); "
+                "what was journaled before is kept: fix the disk of the run directory "
+                "(--run-dir), then rerun the same command"
+            ) from None
 
     async def _keep_committing(self, writer: JournalWriter) -> None:
         interval = self.spec.config.checkpoint.flush_interval_s
