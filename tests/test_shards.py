@@ -4,9 +4,12 @@ metadata, and one worker's job on a shard: all plain Python, no cluster
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import json
+import threading
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import polars as pl
@@ -256,3 +259,35 @@ async def test_a_stop_on_the_board_stops_a_shard_before_it_sends(
     assert sim.stats.requests == 0
     assert read_done(shard_dir(run_dir, shard)) is None
     assert json.loads(ShardTask(shard).to_json())["done"] is None
+
+
+async def test_answers_of_a_commit_cancelled_while_queued_are_still_journaled(
+    tmp_path: Path,
+) -> None:
+    # The group commit runs in the loop's thread pool; under load its job
+    # waits in the queue. Cancelling the committer then (the shard ends)
+    # must not drop the job: its answers are paid for.
+    loop = asyncio.get_running_loop()
+    pool = ThreadPoolExecutor(max_workers=1)
+    loop.set_default_executor(pool)
+    busy = threading.Event()
+    blocker = loop.run_in_executor(pool, busy.wait)
+    async with shard_job(tmp_path, "http://127.0.0.1:9/v1", Board()) as (job, shard, run_dir):
+        directory = shard_dir(run_dir, shard)
+        directory.mkdir(parents=True)
+        writer = JournalWriter(new_journal_path(directory))
+        job._add(ok(20), None)
+        committer = asyncio.create_task(job._commit(writer))
+        await asyncio.sleep(0.01)  # its job is queued behind the blocker
+        committer.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await committer
+        job._add(ok(21), None)
+        busy.set()
+        await blocker
+        await job._commit(writer)  # the last commit, as a shard ends
+        writer.close()
+
+    results = read_results(directory)
+    assert results is not None
+    assert sorted(results.column("_row_id").to_pylist()) == [20, 21]
