@@ -65,6 +65,7 @@ from pipeline.version import version
 
 if TYPE_CHECKING:
     import ssl
+    from urllib.parse import SplitResult
 
     import aiohttp
     import openai
@@ -95,7 +96,7 @@ __all__ = [
 Messages = Sequence[Mapping[str, str]]
 
 
-TransportKind = Literal["aiohttp", "openai"]
+TransportKind = Literal["h11", "aiohttp", "openai"]
 TRANSPORT_KINDS: Final[tuple[str, ...]] = get_args(TransportKind)
 
 # Built once: json.dumps with any option builds a new encoder on every call.
@@ -805,36 +806,55 @@ def _ssl_context() -> ssl.SSLContext | bool:
     return True
 
 
-# Proxy schemes aiohttp can talk to (it cannot tunnel TLS to an https:// proxy).
+# Proxy schemes the HTTP transports can talk to (neither tunnels TLS in TLS).
 _PROXY_SCHEMES: Final = ("http",)
 
 
 def env_proxy(url: URL) -> tuple[URL, str | None] | None:
-    """The proxy the environment names for ``url``, and the
-    ``Proxy-Authorization`` value for it (None without credentials); None
-    for no proxy. ``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case, by the URL's
-    scheme) unless ``NO_PROXY`` covers the host; credentials from the proxy
-    URL, else from ``$NETRC`` or ``~/.netrc``. An ``https://`` proxy is
-    ignored: aiohttp cannot use one."""
-    import urllib.request
-
+    """``proxy_for`` the URL, as yarl URLs (the aiohttp transport's type)."""
     from yarl import URL
 
-    if url.host is not None and urllib.request.proxy_bypass(url.host):
+    found = proxy_for(url.scheme, url.host)
+    return None if found is None else (URL(found[0].geturl()), found[1])
+
+
+def proxy_for(scheme: str, host: str | None) -> tuple[SplitResult, str | None] | None:
+    """The proxy the environment names for a URL of ``scheme`` on ``host``
+    (without its credentials), and the ``Proxy-Authorization`` value for it
+    (None without credentials); None for no proxy. ``HTTP_PROXY`` /
+    ``HTTPS_PROXY`` (any case, by the URL's scheme) unless ``NO_PROXY``
+    covers the host; credentials from the proxy URL, else from ``$NETRC`` or
+    ``~/.netrc``. An ``https://`` proxy is ignored: neither HTTP transport
+    can tunnel TLS inside TLS."""
+    if not any(_names_a_proxy(name) for name in os.environ):
+        # urllib.request reads only these variables on Linux, and loading it
+        # (http.client, email...) costs milliseconds before the first request.
         return None
-    named = urllib.request.getproxies().get(url.scheme)
+    import urllib.parse
+    import urllib.request
+
+    if host is not None and urllib.request.proxy_bypass(host):
+        return None
+    named = urllib.request.getproxies().get(scheme)
     if not named:
         return None
-    proxy = URL(named)
+    proxy = urllib.parse.urlsplit(named)
     if proxy.scheme not in _PROXY_SCHEMES:
         return None
-    if proxy.raw_user is not None or proxy.raw_password is not None:
-        return proxy.with_user(None), _basic(proxy.user or "", proxy.password or "")
-    entry = _netrc_entry(proxy.host) if proxy.host else None
+    bare = proxy._replace(netloc=proxy.netloc.rpartition("@")[2])
+    if proxy.username is not None or proxy.password is not None:
+        user = urllib.parse.unquote(proxy.username or "")
+        return bare, _basic(user, urllib.parse.unquote(proxy.password or ""))
+    entry = _netrc_entry(proxy.hostname) if proxy.hostname else None
     if entry is None:
-        return proxy, None
+        return bare, None
     login, account, password = entry
-    return proxy, _basic(login or account or "", password or "")
+    return bare, _basic(login or account or "", password or "")
+
+
+def _names_a_proxy(variable: str) -> bool:
+    name = variable.lower()
+    return name.endswith("_proxy") and name != "no_proxy"
 
 
 def _basic(user: str, password: str) -> str:
@@ -1056,13 +1076,18 @@ class AiohttpTransport:
 def make_transport(
     model: ModelConfig,
     api_key: str,
-    kind: str = "aiohttp",
+    kind: str = "h11",
     *,
     extra_params: Mapping[str, Any] | None = None,
 ) -> Transport:
-    """The transport for ``kind``: ``"aiohttp"`` (fast, the default) or
-    ``"openai"`` (the official SDK client). ``extra_params`` are sent with
-    every request too (e.g. ``response_format``)."""
+    """The transport for ``kind``: ``"h11"`` (the default: light to import,
+    ``pipeline.transport_h11``), ``"aiohttp"`` or ``"openai"`` (the official
+    SDK client). ``extra_params`` are sent with every request too (e.g.
+    ``response_format``)."""
+    if kind == "h11":
+        from pipeline.transport_h11 import H11Transport
+
+        return H11Transport(model, api_key, extra_params=extra_params)
     if kind == "aiohttp":
         return AiohttpTransport(model, api_key, extra_params=extra_params)
     if kind == "openai":

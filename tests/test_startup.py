@@ -46,7 +46,9 @@ def loaded():
 from pipeline import transport  # light: neither HTTP client comes with it
 
 seen = {{}}
-for cls in (transport.AiohttpTransport, transport.OpenAITransport):
+from pipeline import transport_h11
+
+for cls in (transport_h11.H11Transport, transport.AiohttpTransport, transport.OpenAITransport):
     def patched(original):
         async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
@@ -195,9 +197,9 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
 
     assert done.returncode == 0, done.stderr
     assert output.exists()
-    # The default transport's client and the input's reader: no more (the
-    # config is checked without pydantic).
-    assert loaded["first_request"] == ["aiohttp", "pyarrow"]
+    # The input's reader: no more (the default transport speaks HTTP with h11,
+    # and the config is checked without pydantic).
+    assert loaded["first_request"] == ["pyarrow"]
     # Parquet support loads for Parquet input; checkpoint parts and the output wait.
     assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
     # The User-Agent's version is the code's own: no search of the installed metadata.
