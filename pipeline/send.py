@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline.batch_route import RouteEnd, open_batch_feed, send_batches
 from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import ConfigError, RunInterrupted
@@ -22,11 +21,45 @@ from pipeline.feed import Feed, reused
 from pipeline.transport import Transport, make_transport
 
 if TYPE_CHECKING:
+    from pipeline.batch_route import RouteEnd
     from pipeline.checkpoint import Checkpoint
+    from pipeline.costs import Price
     from pipeline.events import EventSink
+    from pipeline.feed import Reuse
     from pipeline.plan import Plan
+    from pipeline.progress import Progress
+    from pipeline.resume import ResumePoint
 
 __all__ = ["DRAIN_GRACE_S", "RouteEnd", "open_batch_feed", "open_stage", "send", "send_batches"]
+
+
+def open_batch_feed(
+    plan: Plan,
+    point: ResumePoint,
+    reuse: Reuse,
+    price: Price | None,
+    progress: Progress,
+    events: EventSink,
+) -> Feed:
+    """The batch route's feed (``pipeline.batch_prepare.open_batch_feed``).
+    The batch route's modules are imported here, when a run takes it: an
+    online run's first request does not wait for them."""
+    from pipeline.batch_route import open_batch_feed as batch_feed
+
+    return batch_feed(plan, point, reuse, price, progress, events)
+
+
+async def send_batches(
+    feed: Feed,
+    checkpoint: Checkpoint,
+    stop: asyncio.Event | None = None,
+    events: EventSink | None = None,
+) -> RouteEnd:
+    """The batch pass of a run (``pipeline.batch_route.send_batches``)."""
+    from pipeline.batch_route import send_batches as batches
+
+    return await batches(feed, checkpoint, stop, events)
+
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
