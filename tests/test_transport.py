@@ -985,6 +985,54 @@ async def test_tls_trusts_what_the_environment_names_and_nothing_else(
     assert (await ask(client, base_url, user("hi"))).text == "over tls"
 
 
+async def tunnelling_proxy(heads: list[bytes]) -> asyncio.Server:
+    """A forward proxy that answers CONNECT with a tunnel (and notes each
+    CONNECT it is sent): what an https:// API behind a company proxy needs."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    return await asyncio.start_server(tunnel, "127.0.0.1", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", FAST)
+async def test_an_https_api_behind_a_proxy_is_reached_through_its_tunnel(
+    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    base_url, cert = tls_base_url
+    heads: list[bytes] = []
+    proxy = await tunnelling_proxy(heads)
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+    try:
+        completion = await ask(client, base_url, user("hi"))
+    finally:
+        proxy.close()
+    assert completion.text == "over tls"
+    # The proxy saw the CONNECT (the host and port), never the request or the key.
+    authority = base_url.removeprefix("https://").removesuffix("/v1")
+    assert heads[0].startswith(f"CONNECT {authority} ".encode())
+    assert KEY.encode() not in b"".join(heads)
+
+
 # -- pure parts --------------------------------------------------------------
 
 
