@@ -21,6 +21,8 @@ from pipeline.feed import Feed, reused
 from pipeline.transport import Transport, make_transport
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
     from pipeline.batch_route import RouteEnd
     from pipeline.checkpoint import Checkpoint
     from pipeline.costs import Price
@@ -30,7 +32,14 @@ if TYPE_CHECKING:
     from pipeline.progress import Progress
     from pipeline.resume import ResumePoint
 
-__all__ = ["DRAIN_GRACE_S", "RouteEnd", "open_batch_feed", "open_stage", "send", "send_batches"]
+__all__ = [
+    "DRAIN_GRACE_S",
+    "cancel_before_restart",
+    "open_batch_feed",
+    "open_stage",
+    "send",
+    "send_batches",
+]
 
 
 def open_batch_feed(
@@ -47,6 +56,19 @@ def open_batch_feed(
     from pipeline.batch_route import open_batch_feed as batch_feed
 
     return batch_feed(plan, point, reuse, price, progress, events)
+
+
+async def cancel_before_restart(run_dir: Path, events: EventSink) -> None:
+    """``pipeline.batch_route.cancel_before_restart``. Only a run directory
+    that holds the batch route's directory can have batches in flight: for
+    any other the batch route's modules are not loaded."""
+    from pipeline.batch_ledger import BATCH_DIR
+
+    if not (run_dir / BATCH_DIR).exists():
+        return
+    from pipeline.batch_route import cancel_before_restart as cancel
+
+    await cancel(run_dir, events)
 
 
 async def send_batches(
