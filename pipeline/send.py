@@ -42,6 +42,11 @@ __all__ = [
 ]
 
 
+# pipeline.batch_ledger.BATCH_DIR (tests/test_startup.py checks they agree),
+# named here so that a run directory without it does not load the batch route.
+BATCH_DIR: Final = "batch"
+
+
 def open_batch_feed(
     plan: Plan,
     point: ResumePoint,
@@ -62,8 +67,6 @@ async def cancel_before_restart(run_dir: Path, events: EventSink) -> None:
     """``pipeline.batch_route.cancel_before_restart``. Only a run directory
     that holds the batch route's directory can have batches in flight: for
     any other the batch route's modules are not loaded."""
-    from pipeline.batch_ledger import BATCH_DIR
-
     if not (run_dir / BATCH_DIR).exists():
         return
     from pipeline.batch_route import cancel_before_restart as cancel

@@ -120,6 +120,13 @@ def test_the_default_transport_loads_no_heavy_library() -> None:
     assert heavy_after(statement) == []
 
 
+def test_a_restart_looks_for_batches_where_the_batch_route_keeps_them() -> None:
+    # --restart looks for batches in flight without loading the batch route.
+    from pipeline import batch_ledger, send
+
+    assert send.BATCH_DIR == batch_ledger.BATCH_DIR
+
+
 def test_building_and_checking_the_config_loads_no_heavy_library() -> None:
     # pydantic cost 110-140 ms before the first request; the config needs none of it.
     statement = (
