@@ -4,9 +4,13 @@
 same way whichever transport is used, and whatever version of the SDK or of
 aiohttp is installed.
 
-Two transports:
+Three transports:
 
-``AiohttpTransport`` (kind ``"aiohttp"``, the fast path)
+``H11Transport`` (kind ``"h11"``, the default; ``pipeline.transport_h11``)
+    HTTP/1.1 on asyncio streams with ``h11``: what ``AiohttpTransport`` does,
+    without aiohttp's 0.3 s of imports before a run's first request.
+
+``AiohttpTransport`` (kind ``"aiohttp"``)
     One ``aiohttp.ClientSession`` POSTing JSON to ``{base_url}/chat/completions``
     and reading only the fields a ``Completion`` needs. On a fast local server
     (vLLM, llama.cpp) the client's CPU is the bottleneck; this path costs a
@@ -32,9 +36,9 @@ streamed answers without their usage) gets the same request again without
 streaming, and so does every later request of the run (``streaming`` turns
 False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
 
-Neither client is imported with this module: each transport imports its own
-when it is built, so ``enrich run`` on the default transport never loads the
-SDK, and a module that only needs ``Completion`` loads neither.
+No client is imported with this module: each transport imports its own
+when it is built, so ``enrich run`` on the default transport loads neither
+aiohttp nor the SDK, and a module that only needs ``Completion`` loads none.
 """
 
 from __future__ import annotations
