@@ -104,7 +104,7 @@ TransportKind = Literal["h11", "aiohttp", "openai"]
 TRANSPORT_KINDS: Final[tuple[str, ...]] = get_args(TransportKind)
 
 # Built once: json.dumps with any option builds a new encoder on every call.
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+JSON_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _DECODER: Final = json.JSONDecoder()
 
 
@@ -116,7 +116,7 @@ STREAM_PARAMS: Final[Mapping[str, Any]] = {
 # A 400/422 that names these is a server that will not stream ("upstream" is
 # not one of them).
 _STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
-_EVENT_STREAM: Final = "text/event-stream"
+EVENT_STREAM: Final = "text/event-stream"
 
 
 def body_params(
@@ -207,7 +207,7 @@ def rejects_streaming(status: int, body: bytes) -> bool:
     return status in (400, 422) and _STREAM_WORD.search(body) is not None
 
 
-def _stalled(watch: Watchdog) -> StalledRequest:
+def stalled_error(watch: Watchdog) -> StalledRequest:
     return StalledRequest(watch.cut_after or watch.silence(), started=watch.beats > 0)
 
 
@@ -283,7 +283,7 @@ class OpenAITransport:
                     watch.close()
         except TimeoutError:
             if watch is not None and watch.expired == "stall":
-                raise _stalled(watch) from None
+                raise stalled_error(watch) from None
             raise APITimeout("request timed out") from None
         except _StreamingRejected:
             self._stop_streaming("the server rejects streaming requests (400 naming stream)")
@@ -324,7 +324,7 @@ class OpenAITransport:
         raw = await self._create(messages, stream=True)
         watch.beat()
         response = raw.http_response
-        if _EVENT_STREAM not in response.headers.get("content-type", ""):
+        if EVENT_STREAM not in response.headers.get("content-type", ""):
             # The server ignored "stream": one JSON body, the whole answer.
             try:
                 body = await response.aread()
@@ -998,7 +998,7 @@ class AiohttpTransport:
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
-        data = _ENCODER.encode(payload).encode()
+        data = JSON_ENCODER.encode(payload).encode()
         watch: Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope:
@@ -1021,7 +1021,7 @@ class AiohttpTransport:
                     watch.close()
         except TimeoutError:
             if watch is not None and watch.expired == "stall":
-                raise _stalled(watch) from None
+                raise stalled_error(watch) from None
             # The total timeout, and aiohttp's ServerTimeoutError (a TimeoutError too).
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
@@ -1046,7 +1046,7 @@ class AiohttpTransport:
         watch: Watchdog,
         streaming: bool,
     ) -> Completion:
-        if streaming and response.content_type == _EVENT_STREAM:
+        if streaming and response.content_type == EVENT_STREAM:
             assembler = StreamAssembler()
             async for data in response.content.iter_any():
                 watch.beat()

@@ -33,20 +33,20 @@ from pipeline.errors import ConfigError
 from pipeline.redact import redact, redact_bytes
 from pipeline.stall import StallLimit, Watchdog
 from pipeline.transport import (
-    _ENCODER,
-    _EVENT_STREAM,
+    EVENT_STREAM,
+    JSON_ENCODER,
     STREAM_PARAMS,
     USER_AGENT,
     Completion,
     Messages,
     StreamAssembler,
-    _stalled,
     body_params,
     chat_body,
     parse_completion,
     proxy_for,
     rejects_streaming,
     resolve_base_url,
+    stalled_error,
 )
 from pipeline.transport_errors import (
     APIConnectionFailed,
@@ -271,7 +271,7 @@ class H11Transport:
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
-        data = _ENCODER.encode(payload).encode()
+        data = JSON_ENCODER.encode(payload).encode()
         watch: Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope:
@@ -282,7 +282,7 @@ class H11Transport:
                     watch.close()
         except TimeoutError:
             if watch is not None and watch.expired == "stall":
-                raise _stalled(watch) from None
+                raise stalled_error(watch) from None
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
             # A stream's error event may quote the request, and so the key.
@@ -350,7 +350,7 @@ class H11Transport:
         streaming: bool,
     ) -> Completion:
         content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
-        if streaming and content_type == _EVENT_STREAM:
+        if streaming and content_type == EVENT_STREAM:
             assembler = StreamAssembler()
             while type(event := await connection.next_event()) is h11.Data:
                 watch.beat()
