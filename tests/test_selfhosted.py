@@ -39,7 +39,7 @@ async def run(
     count: int,
     model: dict[str, Any] | None = None,
     *,
-    kind: str = "aiohttp",
+    kind: str = "h11",
     **limits: Any,
 ) -> tuple[CallStage, dict[int, Any], float]:
     config = ModelConfig(name=MODEL, base_url=sim.base_url, **(model or {}))
@@ -121,7 +121,7 @@ async def test_timings_come_in_the_whole_answer_and_the_last_chunk_of_a_stream()
 
 @pytest.mark.slow
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
     kind: str, stream: bool
@@ -149,7 +149,7 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
 
 @pytest.mark.slow
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
     kind: str,
 ) -> None:
