@@ -60,7 +60,9 @@ whose client had gone by then (work thrown away), ``queue_wait_s`` the time
 requests spent waiting for a slot, ``max_queued`` the longest queue. With
 ``slots`` set, answers carry llama.cpp's ``timings`` object (``prompt_n``,
 ``prompt_ms``, ``predicted_n``, ``predicted_ms``: the slot's time, not the
-queue's), in the last chunk when streamed.
+queue's), in the last chunk when streamed (not with ``timings=False``, as
+llama-cpp-python's server); ``warmup_ms`` makes the first completion
+computed that much slower (a model's first request).
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -68,7 +70,7 @@ the content of the LAST user message:
 ``[[fault:400]]``
     always answers 400 ``context_length_exceeded``.
 ``[[fault:<kind>:<n>]]``, kind one of ``500``, ``429``, ``drop``, ``malformed``,
-``hang``, ``stall`` (and ``400``)
+``hang``, ``stall``, ``cut`` (and ``400``)
     the first ``n`` requests carrying exactly this content fail with that fault,
     later ones succeed. Without ``:<n>`` the fault is permanent.
 ``[[fault:badjson]]``, ``[[fault:badjson:<n>]]``
@@ -99,7 +101,11 @@ and ``hang_max_s``; ``malformed`` is a 200 whose JSON body is cut short;
 request fails inside the stream instead, after its first chunk: ``drop``
 closes the connection, ``malformed`` sends a chunk cut short. ``stall`` (a
 directive only) is a hang that starts after the first chunk of a stream (for
-a request that does not stream it is a ``hang``); it always drops.
+a request that does not stream it is a ``hang``); it always drops. ``cut``
+(a directive only) ends a stream after its first content chunk with
+``[DONE]`` and no finish reason, as llama-cpp-python's server does to a
+stream when another request comes (its ``interrupt_requests``); a request
+that does not stream is answered as usual (and takes no count).
 
 Stats: ``requests`` counts every completion request; ``answered`` the 200
 completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
@@ -179,7 +185,7 @@ SHUTDOWN_TIMEOUT_S: Final = 0.5
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
 _DIRECTIVE: Final = re.compile(
-    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|badjson|invalid)(?::(\d+))?\]\]"
+    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|cut|badjson|invalid)(?::(\d+))?\]\]"
 )
 # Directives that shape a 200 answer rather than fail the request.
 _ANSWER_KINDS: Final = frozenset({"badjson", "invalid"})
@@ -231,6 +237,11 @@ class SimulatorConfig:
     # the latency, so long answers take long as on a real server.
     slots: int | None = None
     token_ms: float = 0.0
+    # With slots: whether answers carry llama.cpp's ``timings`` (llama.cpp
+    # sends them; llama-cpp-python's server does not), and a time added to
+    # the first completion computed (a model's first request: its warm-up).
+    timings: bool = True
+    warmup_ms: float = 0.0
     seed: int = 0
     # The Files and Batches endpoints (turnaround, expiry, failures, limits).
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -240,7 +251,14 @@ class SimulatorConfig:
             raise ConfigError(
                 f"simulator slots must be >= 1, got {self.slots}; leave it unset for no limit"
             )
-        for name in ("latency_ms", "jitter_ms", "hang_s", "chunk_delay_ms", "token_ms"):
+        for name in (
+            "latency_ms",
+            "jitter_ms",
+            "hang_s",
+            "chunk_delay_ms",
+            "token_ms",
+            "warmup_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
         if self.hang_max_s is not None and self.hang_max_s < self.hang_s:
@@ -824,6 +842,7 @@ class Simulator:
         # Created on start(): a semaphore belongs to the loop that serves.
         self._slots: asyncio.Semaphore | None = None
         self._queued = 0
+        self._warmed = False
 
         cfg = self.config
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key is not None else None
@@ -1052,6 +1071,8 @@ class Simulator:
                 kind, counted = directed
                 if kind in _ANSWER_KINDS:
                     shaped = _Shaped(kind, counted)
+                elif kind == "cut" and not chat.stream:
+                    pass  # only a stream is cut short
                 else:
                     if counted:
                         self._directive_counts[chat.content] += 1
@@ -1262,6 +1283,9 @@ class Simulator:
             await self._slots.acquire()
         finally:
             self._queued -= 1
+        if not self._warmed:
+            self._warmed = True
+            delay += cfg.warmup_ms
         try:
             stats.queue_wait_s += loop.time() - queued_at
             await asyncio.sleep(delay / 1000.0)
@@ -1271,6 +1295,8 @@ class Simulator:
         transport = request.transport
         if transport is None or transport.is_closing():
             stats.abandoned += 1
+        if not cfg.timings:
+            return None
         prompt_ms = min(delay, cfg.latency_ms)
         return {
             "prompt_n": prompt_tokens,
@@ -1338,11 +1364,17 @@ class Simulator:
     ) -> web.StreamResponse:
         """A stream that fails after its first chunk: ``malformed`` sends a
         chunk cut short, ``drop`` closes the connection, ``stall`` holds it
-        silent for the hang time first."""
+        silent for the hang time first, ``cut`` ends it after one content
+        chunk without a finish reason."""
         self._next_id += 1
         response = web.StreamResponse()
         with contextlib.suppress(ConnectionError):
             response = await self._open_stream(request, model)
+            if kind == "cut":
+                await response.write(self._chunk(model, {"content": "partial"}))
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
             if kind == "malformed":
                 await response.write(
                     f'data: {{"id": "chatcmpl-{self._next_id}", "object": "chat.completion.chunk", '
@@ -1375,7 +1407,7 @@ class Simulator:
                 headers=headers,
             )
         stats.faults += 1
-        if stream and kind in ("malformed", "drop", "stall"):
+        if stream and kind in ("malformed", "drop", "stall", "cut"):
             return await self._broken_stream(kind, request, model)
         if kind == "malformed":
             self._next_id += 1

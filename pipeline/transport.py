@@ -31,6 +31,8 @@ the request as a whole. A server that will not stream (a 400 naming
 streamed answers without their usage) gets the same request again without
 streaming, and so does every later request of the run (``streaming`` turns
 False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
+A server that cuts a stream short (no finish reason) stops streaming too,
+for the next attempts: that answer is a ``TruncatedStream``, retried.
 
 Neither client is imported with this module: each transport imports its own
 when it is built, so ``enrich run`` on the default transport never loads the
@@ -58,6 +60,7 @@ from pipeline.transport_errors import (
     APIStatus,
     APITimeout,
     TransportError,
+    TruncatedStream,
     UnparseableResponse,
     lowered_headers,
 )
@@ -112,6 +115,12 @@ STREAM_PARAMS: Final[Mapping[str, Any]] = {
 # not one of them).
 _STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
 _EVENT_STREAM: Final = "text/event-stream"
+# Why streaming stops when a server cuts a stream short: its next answers are
+# whole (llama-cpp-python interrupts streams only).
+CUT_SHORT: Final = (
+    "the server cut a streamed answer short, without its finish reason "
+    "(llama-cpp-python's server does when another request comes: its --interrupt_requests)"
+)
 
 
 def body_params(
@@ -348,12 +357,16 @@ class OpenAITransport:
             raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
         finally:
             await chunks.close()
-        completion = assembler.completion(
-            raw.headers,
-            silence_s=watch.longest,
-            first_byte_s=watch.first_byte_s,
-            started=watch.started,
-        )
+        try:
+            completion = assembler.completion(
+                raw.headers,
+                silence_s=watch.longest,
+                first_byte_s=watch.first_byte_s,
+                started=watch.started,
+            )
+        except TruncatedStream:
+            self._stop_streaming(CUT_SHORT)
+            raise
         if completion.prompt_tokens is None:
             self._stop_streaming("the server streams answers without their token usage")
         return completion
@@ -460,8 +473,9 @@ class StreamAssembler:
     ``include_usage``).
 
     A chunk that is not JSON, an error event, content that is not a string,
-    or a stream that ends before a finish reason or ``[DONE]`` is an
-    ``UnparseableResponse``: transient, the request is worth a retry.
+    or a stream that ends before a finish reason (``[DONE]`` or not: a
+    ``TruncatedStream``) is an ``UnparseableResponse``: transient, the
+    request is worth a retry.
     """
 
     __slots__ = (
@@ -676,8 +690,12 @@ class StreamAssembler:
             self._pending = b""
         if not self._choices:
             raise UnparseableResponse("the stream carried no answer")
-        if not self.done and self.finish_reason is None:
-            raise UnparseableResponse("the stream ended before the answer did")
+        if self.finish_reason is None:
+            # [DONE] without a finish reason is an answer cut short too.
+            raise TruncatedStream(
+                "the stream ended before the answer did (no finish reason"
+                + (", then [DONE])" if self.done else ")")
+            )
         return Completion(
             text="".join(self._parts) if self._parts else None,
             finish_reason=self.finish_reason,
@@ -1002,7 +1020,7 @@ class AiohttpTransport:
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
             # A stream's error event may quote the request, and so the key.
-            raise UnparseableResponse(redact(str(exc), self._secrets)) from None
+            raise type(exc)(redact(str(exc), self._secrets)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
@@ -1027,12 +1045,16 @@ class AiohttpTransport:
             async for data in response.content.iter_any():
                 watch.beat()
                 assembler.feed(data, watch.last)
-            completion = assembler.completion(
-                headers,
-                silence_s=watch.longest,
-                first_byte_s=watch.first_byte_s,
-                started=watch.started,
-            )
+            try:
+                completion = assembler.completion(
+                    headers,
+                    silence_s=watch.longest,
+                    first_byte_s=watch.first_byte_s,
+                    started=watch.started,
+                )
+            except TruncatedStream:
+                self._stop_streaming(CUT_SHORT)
+                raise
             if completion.prompt_tokens is None:
                 self._stop_streaming("the server streams answers without their token usage")
             return completion
