@@ -60,9 +60,11 @@ whose client had gone by then (work thrown away), ``queue_wait_s`` the time
 requests spent waiting for a slot, ``max_queued`` the longest queue. With
 ``slots`` set, answers carry llama.cpp's ``timings`` object (``prompt_n``,
 ``prompt_ms``, ``predicted_n``, ``predicted_ms``: the slot's time, not the
-queue's), in the last chunk when streamed (not with ``timings=False``, as
-llama-cpp-python's server); ``warmup_ms`` makes the first completion
-computed that much slower (a model's first request).
+queue's), in the last chunk when streamed; with ``timings="vllm"`` vLLM's
+``metrics`` object instead (``time_to_first_token_ms``, ``generation_time_ms``,
+``queue_time_ms``: its ``--enable-per-request-metrics``); with
+``timings=None`` neither, as llama-cpp-python's server. ``warmup_ms`` makes
+the first completion computed that much slower (a model's first request).
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -149,7 +151,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from aiohttp import web
 
@@ -237,10 +239,11 @@ class SimulatorConfig:
     # the latency, so long answers take long as on a real server.
     slots: int | None = None
     token_ms: float = 0.0
-    # With slots: whether answers carry llama.cpp's ``timings`` (llama.cpp
-    # sends them; llama-cpp-python's server does not), and a time added to
-    # the first completion computed (a model's first request: its warm-up).
-    timings: bool = True
+    # With slots: the server's own times each answer carries: llama.cpp's
+    # ``timings``, vLLM's ``metrics``, or none (llama-cpp-python's server);
+    # and a time added to the first completion computed (a model's first
+    # request: its warm-up).
+    timings: Literal["llama.cpp", "vllm"] | None = "llama.cpp"
     warmup_ms: float = 0.0
     seed: int = 0
     # The Files and Batches endpoints (turnaround, expiry, failures, limits).
@@ -1151,7 +1154,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int],
         headers: Mapping[str, str] | None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> web.Response:
         return _json(200, self._completion(model, answer, finish_reason, usage, timings), headers)
 
@@ -1161,7 +1164,7 @@ class Simulator:
         answer: str,
         finish_reason: str,
         usage: Mapping[str, int],
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> dict[str, Any]:
         """A ``chat.completion`` object, with a new id."""
         self._next_id += 1
@@ -1180,7 +1183,7 @@ class Simulator:
             "usage": usage,
         }
         if timings is not None:
-            payload["timings"] = timings
+            payload.update(timings)
         return payload
 
     def _chunk(
@@ -1188,7 +1191,7 @@ class Simulator:
         model: str,
         delta: Mapping[str, str],
         finish_reason: str | None = None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> bytes:
         """One server-sent event of a ``chat.completion.chunk`` (the id is the stream's)."""
         chunk: dict[str, Any] = {
@@ -1199,7 +1202,7 @@ class Simulator:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
         if timings is not None:
-            chunk["timings"] = timings
+            chunk.update(timings)
         return _event(chunk)
 
     async def _open_stream(
@@ -1222,7 +1225,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int] | None,
         headers: Mapping[str, str] | None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         """The answer as server-sent events, ``chunk_delay_ms`` apart; whether
         the whole stream was written (False: the client went away)."""
@@ -1231,7 +1234,7 @@ class Simulator:
             self._chunk(model, {"content": answer[start : start + STREAM_CHUNK_CHARS]})
             for start in range(0, len(answer), STREAM_CHUNK_CHARS)
         ]
-        # llama.cpp sends its timings with the finish reason.
+        # llama.cpp sends its timings with the finish reason (and so, here, vLLM).
         events.append(self._chunk(model, {}, finish_reason, timings))
         if usage is not None:
             last = {
@@ -1261,10 +1264,11 @@ class Simulator:
 
     async def _serve(
         self, completion_tokens: int, prompt_tokens: int, request: web.Request
-    ) -> dict[str, float] | None:
+    ) -> dict[str, dict[str, float]] | None:
         """The service step: the latency, in one of ``slots`` slots if set
         (queued FIFO for one), computed even if the client goes away
-        meanwhile. llama.cpp's ``timings`` with slots, else None."""
+        meanwhile. With slots, the server's own times as the answer carries
+        them (``{"timings": ...}`` or ``{"metrics": ...}``), else None."""
         cfg = self.config
         delay = cfg.latency_ms + cfg.token_ms * completion_tokens
         if cfg.jitter_ms:
@@ -1286,8 +1290,9 @@ class Simulator:
         if not self._warmed:
             self._warmed = True
             delay += cfg.warmup_ms
+        queue_ms = (loop.time() - queued_at) * 1000.0
         try:
-            stats.queue_wait_s += loop.time() - queued_at
+            stats.queue_wait_s += queue_ms / 1000.0
             await asyncio.sleep(delay / 1000.0)
         finally:
             self._slots.release()
@@ -1295,15 +1300,23 @@ class Simulator:
         transport = request.transport
         if transport is None or transport.is_closing():
             stats.abandoned += 1
-        if not cfg.timings:
-            return None
         prompt_ms = min(delay, cfg.latency_ms)
-        return {
+        if cfg.timings == "vllm":
+            metrics = {
+                "time_to_first_token_ms": prompt_ms,
+                "generation_time_ms": delay - prompt_ms,
+                "queue_time_ms": queue_ms,
+            }
+            return {"metrics": metrics}
+        if cfg.timings is None:
+            return None
+        timings = {
             "prompt_n": prompt_tokens,
             "prompt_ms": prompt_ms,
             "predicted_n": completion_tokens,
             "predicted_ms": delay - prompt_ms,
         }
+        return {"timings": timings}
 
     def _count_admitted(self, tokens: int) -> None:
         stats = self.stats

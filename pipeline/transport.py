@@ -181,15 +181,29 @@ class Completion:
             return self.server_generation_s
         return self.token_span_s
 
-    def with_timings(self, timings: object) -> Completion:
+    def with_timings(self, timings: object, metrics: object = None) -> Completion:
         """This answer with the server's own times from llama.cpp's
-        ``timings`` object, if that is one."""
+        ``timings`` object or vLLM's ``metrics``, if either is one. vLLM also
+        says how long the request waited in its queue: an answer not
+        streamed then gets a time to its first token, the server's."""
         parsed = llama_timings(timings)
-        if parsed is None:
+        if parsed is not None:
+            prompt_s, predicted_s = parsed
+            return dataclasses.replace(
+                self, server_s=prompt_s + predicted_s, server_generation_s=predicted_s
+            )
+        vllm = vllm_metrics(metrics)
+        if vllm is None:
             return self
-        prompt_s, predicted_s = parsed
+        prefill_s, decode_s, queue_s = vllm
+        first_token_s = self.first_token_s
+        if first_token_s is None and queue_s is not None:
+            first_token_s = queue_s + prefill_s
         return dataclasses.replace(
-            self, server_s=prompt_s + predicted_s, server_generation_s=predicted_s
+            self,
+            server_s=prefill_s + decode_s,
+            server_generation_s=decode_s,
+            first_token_s=first_token_s,
         )
 
 
@@ -398,7 +412,9 @@ class OpenAITransport:
             headers=raw.headers,
             silence_s=watch.longest,
             first_byte_s=watch.first_byte_s,
-        ).with_timings(getattr(parsed, "timings", None))  # an extra field to the SDK
+        ).with_timings(  # extra fields to the SDK
+            getattr(parsed, "timings", None), getattr(parsed, "metrics", None)
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -607,12 +623,15 @@ class StreamAssembler:
         if usage and type(usage) is dict:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             self.add(None, False, None, None, prompt, completion)
-        timings = chunk.get("timings")
-        if timings is not None:
-            self._timings(timings)
+        timings, metrics = chunk.get("timings"), chunk.get("metrics")
+        if timings is not None or metrics is not None:
+            self._timings(timings, metrics)
 
-    def _timings(self, timings: object) -> None:
+    def _timings(self, timings: object, metrics: object = None) -> None:
         parsed = llama_timings(timings)
+        if parsed is None:
+            vllm = vllm_metrics(metrics)
+            parsed = None if vllm is None else vllm[:2]
         if parsed is not None:
             prompt_s, predicted_s = parsed
             self.server_s = prompt_s + predicted_s
@@ -628,8 +647,9 @@ class StreamAssembler:
         validation: any attribute may be missing); ``at``: when it came."""
         self._at = at
         timings = getattr(chunk, "timings", None)
-        if timings is not None:
-            self._timings(timings)
+        metrics = getattr(chunk, "metrics", None)
+        if timings is not None or metrics is not None:
+            self._timings(timings, metrics)
         choice = None
         for candidate in getattr(chunk, "choices", None) or ():
             if getattr(candidate, "index", 0) == 0:
@@ -735,15 +755,36 @@ def llama_timings(timings: object) -> tuple[float, float] | None:
     None if absent or odd."""
     if not isinstance(timings, Mapping):
         return None
-    seconds = []
-    for part in (timings.get("prompt_ms"), timings.get("predicted_ms")):
-        if not isinstance(part, int | float) or isinstance(part, bool):
-            return None
-        value = float(part) / 1000.0
-        if not math.isfinite(value) or value < 0:
-            return None
-        seconds.append(value)
-    return seconds[0], seconds[1]
+    prompt_s, predicted_s = (
+        _seconds(timings.get("prompt_ms")),
+        _seconds(timings.get("predicted_ms")),
+    )
+    if prompt_s is None or predicted_s is None:
+        return None
+    return prompt_s, predicted_s
+
+
+def _seconds(milliseconds: object) -> float | None:
+    """A server's duration in milliseconds, in seconds (None if odd)."""
+    if not isinstance(milliseconds, int | float) or isinstance(milliseconds, bool):
+        return None
+    value = float(milliseconds) / 1000.0
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def vllm_metrics(metrics: object) -> tuple[float, float, float | None] | None:
+    """The server's own time for an answer from vLLM's per-request
+    ``metrics`` (``--enable-per-request-metrics``): seconds from being
+    scheduled to the first token (``time_to_first_token_ms``: the prompt),
+    generating (``generation_time_ms``), and queued (``queue_time_ms``, None
+    if absent); None if absent or odd."""
+    if not isinstance(metrics, Mapping):
+        return None
+    prefill_s = _seconds(metrics.get("time_to_first_token_ms"))
+    decode_s = _seconds(metrics.get("generation_time_ms"))
+    if prefill_s is None or decode_s is None:
+        return None
+    return prefill_s, decode_s, _seconds(metrics.get("queue_time_ms"))
 
 
 def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
@@ -780,7 +821,7 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
         prompt_tokens=_optional_int(usage.get("prompt_tokens")),
         completion_tokens=_optional_int(usage.get("completion_tokens")),
         headers=headers,
-    ).with_timings(data.get("timings"))
+    ).with_timings(data.get("timings"), data.get("metrics"))
 
 
 async def _read_body(content: aiohttp.StreamReader, watch: Watchdog) -> bytes:

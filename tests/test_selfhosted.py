@@ -150,6 +150,29 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
 @pytest.mark.slow
 @pytest.mark.looptime
 @pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream: bool) -> None:
+    # vLLM with --enable-per-request-metrics: `metrics` instead of `timings`,
+    # with the time queued; three at once into one slot, as above.
+    async with Simulator(SimulatorConfig(slots=1, timings="vllm", **SLOW)) as sim:
+        _, results, _ = await run(
+            sim, 3, {"stream": stream}, kind=kind, concurrency=3, adaptive=False
+        )
+    ordered = sorted(results.values(), key=lambda result: result.latency_ms or 0.0)
+    for waited, result in enumerate(ordered):
+        one_ms = 500.0 + 100.0 * (result.completion_tokens or 0)
+        queued_ms = sum(500.0 + 100.0 * (r.completion_tokens or 0) for r in ordered[:waited])
+        assert result.server_ms == pytest.approx(one_ms, rel=0.01)
+        assert result.generation_ms == pytest.approx(one_ms - 500.0, rel=0.01)
+        # Streamed: as the client saw it (the slot model streams once an
+        # answer is computed); whole: the server's queue and prompt time.
+        expected = (result.latency_ms or 0.0) if stream else queued_ms + 500.0
+        assert result.first_token_ms == pytest.approx(expected, abs=50.0)
+
+
+@pytest.mark.slow
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
 async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
     kind: str,
 ) -> None:
@@ -234,7 +257,7 @@ async def test_a_slow_first_answer_does_not_become_the_latency_without_a_queue()
     # first burst's answers all wait behind it. Against their latency the
     # queue of the next rounds looks flat; the next burst's first request,
     # sent alone, answers far faster than any of them, and re-bases it.
-    config = SimulatorConfig(slots=1, timings=False, warmup_ms=15_000.0, **SLOW)
+    config = SimulatorConfig(slots=1, timings=None, warmup_ms=15_000.0, **SLOW)
     async with Simulator(config) as sim:
         stage, results, _ = await run(sim, 40)
     assert {result.status for result in results.values()} == {"ok"}
@@ -453,7 +476,7 @@ async def test_a_slow_answer_at_the_head_of_the_runs_queue_is_not_cut_while_comp
             text = f"question number {row}" + " and so on" * (120 if row == 6 else 0)
             yield ChatRequest(row, [{"role": "user", "content": text}])
 
-    config = SimulatorConfig(slots=1, timings=False, **SLOW)
+    config = SimulatorConfig(slots=1, timings=None, **SLOW)
     async with Simulator(config) as sim:
         model = ModelConfig(name=MODEL, base_url=sim.base_url, stream=False)
         transport = make_transport(model, "key", "aiohttp")
