@@ -52,7 +52,14 @@ from pipeline.batch_results import LineResult, file_answers, not_run, read_lines
 from pipeline.collect import ResultSink, commit_error
 from pipeline.config import ModelConfig
 from pipeline.crashpoints import crash_point
-from pipeline.errors import BatchesPending, BatchFailed, FatalAPIError, RunInterrupted
+from pipeline.errors import (
+    APIUnreachable,
+    BatchesPending,
+    BatchFailed,
+    CheckpointMismatch,
+    FatalAPIError,
+    RunInterrupted,
+)
 
 if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
@@ -421,19 +428,44 @@ def cancel_run(run_dir: Path) -> int | None:
     """``enrich cancel``: the batches of the run in ``run_dir`` cancelled
     through the endpoint the run used (its key from the variable it named);
     how many, or None when the run has no batches."""
+    return asyncio.run(cancel_in(run_dir))
+
+
+async def cancel_in(run_dir: Path) -> int | None:
+    """``cancel_run`` inside a running loop."""
     ledger = read_ledger(run_dir)
     if ledger is None:
         return None
     model = ModelConfig(name="-", base_url=ledger.endpoint, api_key_env=ledger.api_key_env)
     client = OpenAIBatchClient(model, os.environ.get(ledger.api_key_env) or "sk-no-key-set")
+    try:
+        return len(await cancel_batches(ledger, client))
+    finally:
+        await client.aclose()
 
-    async def cancel_all() -> int:
-        try:
-            return len(await cancel_batches(ledger, client))
-        finally:
-            await client.aclose()
 
-    return asyncio.run(cancel_all())
+async def cancel_before_restart(run_dir: Path, events: EventSink) -> None:
+    """``--restart`` discards the run directory, and with it the only record
+    of its batches: cancel those still in flight first, or they would run on
+    (and be billed) with nobody to collect them."""
+    ledger = read_ledger(run_dir)
+    if ledger is None or not ledger.live():
+        return
+    try:
+        cancelled = await cancel_in(run_dir)
+    except (FatalAPIError, APIUnreachable) as exc:
+        raise CheckpointMismatch(
+            f"--restart would discard {len(ledger.live())} batch file(s) still in flight, "
+            f"and cancelling them failed ({exc}); cancel them with `enrich cancel` or on the "
+            f"provider's console, or delete {run_dir} to leave them running, then rerun"
+        ) from None
+    events.emit(
+        "warning",
+        level="warning",
+        kind="batches_cancelled",
+        message=f"--restart cancelled {cancelled} batch(es) of the discarded run; "
+        "what they finished is not collected",
+    )
 
 
 async def send_batches(
@@ -471,6 +503,8 @@ __all__ = [
     "RouteEnd",
     "batch_summary",
     "cancel_batches",
+    "cancel_before_restart",
+    "cancel_in",
     "cancel_run",
     "in_flight",
     "open_batch_feed",

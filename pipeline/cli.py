@@ -264,10 +264,10 @@ def _fmt_cost(value: float | None) -> str:
     )
 
 
-def _pending(summary: RunSummary) -> str:
-    if not summary.pending:
+def _pending(count: int) -> str:
+    if not count:
         return ""
-    return f" (pending {summary.pending:,}: transient failures, the next run sends them again)"
+    return f" (pending {count:,}: transient failures, the next run sends them again)"
 
 
 def _headline(summary: RunSummary) -> str:
@@ -290,7 +290,7 @@ def format_summary(summary: RunSummary, reasons: list[tuple[str, int]] | None = 
     return "\n".join(
         [
             f"{_headline(summary)} -> {summary.output}",
-            f"  ok {summary.ok:,} · error {summary.error:,}{_pending(summary)}"
+            f"  ok {summary.ok:,} · error {summary.error:,}{_pending(summary.pending)}"
             f" · skipped {summary.skipped:,} · from checkpoint {summary.resumed_rows:,}",
             f"  tokens {summary.prompt_tokens:,} in / {summary.completion_tokens:,} out",
             f"  wall {summary.wall_s:,.1f} s · {summary.rows_per_s:,.1f} rows/s"
@@ -501,7 +501,7 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     batches = batch_summary(output.resolved_run_dir)
     state, said = _run_state(holder, batches is not None and in_flight(batches), report.source)
     if as_json:
-        counts = ("total_rows", "done", "remaining", "ok", "error", "skipped")
+        counts = ("total_rows", "done", "remaining", "ok", "error", "skipped", "pending")
         body: dict[str, Any] = {name: getattr(report, name) for name in counts}
         body.update(
             state=state,
@@ -519,7 +519,8 @@ def status(config_file: Path | None, as_json: bool, **flags: Any) -> None:
     click.echo(
         f"{said}: {report.path}\n"
         f"  done {report.done:,} of {report.total_rows:,} · remaining {report.remaining:,}\n"
-        f"  ok {report.ok:,} · error {report.error:,} · skipped {report.skipped:,}\n"
+        f"  ok {report.ok:,} · error {report.error:,}{_pending(report.pending)}"
+        f" · skipped {report.skipped:,}\n"
         f"  tokens {report.prompt_tokens:,} in / {report.completion_tokens:,} out\n"
         f"  last update {updated or '-'}"
     )

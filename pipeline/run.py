@@ -31,7 +31,7 @@ from pipeline.resume import (
     up_to_date,
 )
 from pipeline.send import DRAIN_GRACE_S as DRAIN_GRACE_S
-from pipeline.send import open_batch_feed, open_stage, send, send_batches
+from pipeline.send import cancel_before_restart, open_batch_feed, open_stage, send, send_batches
 from pipeline.timeline import Timeline
 
 if TYPE_CHECKING:
@@ -73,6 +73,8 @@ async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> Run
         return skip(plan, fresh, events)
     timeline = wiring.timeline or Timeline()
     price = timeline.price = job_price(plan, events)
+    if options.restart or options.force:
+        await cancel_before_restart(plan.run_dir, events)
     checkpoint = open_checkpoint(plan, options, events)
     job = plan.job(
         checkpoint.manifest.input,

@@ -14,7 +14,7 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline.batch_route import RouteEnd, open_batch_feed, send_batches
+from pipeline.batch_route import RouteEnd, cancel_before_restart, open_batch_feed, send_batches
 from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import ConfigError, RunInterrupted
@@ -26,7 +26,15 @@ if TYPE_CHECKING:
     from pipeline.events import EventSink
     from pipeline.plan import Plan
 
-__all__ = ["DRAIN_GRACE_S", "RouteEnd", "open_batch_feed", "open_stage", "send", "send_batches"]
+__all__ = [
+    "DRAIN_GRACE_S",
+    "RouteEnd",
+    "cancel_before_restart",
+    "open_batch_feed",
+    "open_stage",
+    "send",
+    "send_batches",
+]
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.

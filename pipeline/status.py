@@ -4,7 +4,7 @@ Reads only: a live run is never disturbed."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Literal
@@ -107,7 +107,9 @@ def run_status(output: Location, run_dir: Path, prefix: str = "") -> RunStatus:
         newer = in_progress.last_update is not None and (
             finished.last_update is None or in_progress.last_update > finished.last_update
         )
-        status = in_progress if newer else finished
+        # A finished run keeps its run directory for its failed rows; only the
+        # checkpoint knows which of them failed for transient reasons.
+        status = in_progress if newer else replace(finished, pending=in_progress.pending)
     if status is None:
         raise UsageError(
             f"no run found: neither {run_dir} nor {output} exists; "

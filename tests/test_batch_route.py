@@ -19,8 +19,8 @@ from pipeline.batch_route import cancel_run
 from pipeline.cli import cli
 from pipeline.costs import SpendCapReached
 from pipeline.crashpoints import ENV as CRASH_ENV
-from pipeline.errors import BatchesPending, BatchFailed, ExitCode
-from pipeline.runner import enrich
+from pipeline.errors import BatchesPending, BatchFailed, CheckpointMismatch, ExitCode
+from pipeline.runner import RunOptions, enrich
 from pipeline.simulate import Simulator
 from pipeline.simulate_batch import BatchConfig
 
@@ -260,6 +260,45 @@ def test_no_wait_exits_6_and_cancel_keeps_what_finished(
     assert frame["status"].to_list() == ["ok"] * 20
     assert server.batches.stats.batches_cancelled == 2
     computed_once(server)
+
+
+def test_restart_cancels_the_batches_of_the_run_it_discards(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server(batch=BatchConfig(turnaround_s=3.0))
+    prompts: list[str | None] = list(questions(20))
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    with pytest.raises(BatchesPending):
+        enrich(batch_config(source, output, server, **{"batch.wait": False}))
+
+    enrich(batch_config(source, output, server), options=RunOptions(restart=True))
+
+    assert server.batches.stats.batches_cancelled == 2
+    frame = assert_every_row_once(output, prompts)
+    assert frame["status"].to_list() == ["ok"] * 20
+
+
+def test_restart_that_cannot_cancel_its_batches_discards_nothing(
+    tmp_path: Path, start_server: StartServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    key = "sk-batch-owner-0123456789"
+    monkeypatch.setenv("OPENAI_API_KEY", key)
+    server = start_server(api_key=key, batch=BatchConfig(turnaround_s=3.0))
+    source = write_questions(tmp_path / "in.csv", questions(20))
+    output = tmp_path / "out.parquet"
+    config = batch_config(source, output, server, **{"batch.wait": False})
+    with pytest.raises(BatchesPending):
+        enrich(config)
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-a-key-it-refuses-000")
+
+    with pytest.raises(CheckpointMismatch) as refused:
+        enrich(config, options=RunOptions(restart=True))
+
+    assert "enrich cancel" in str(refused.value) and "sk-a-key" not in str(refused.value)
+    assert server.batches.stats.batches_cancelled == 0
+    ledger = read_ledger(config.output.resolved_run_dir)
+    assert ledger is not None and len(ledger.live()) == 2
 
 
 def test_cancel_without_batches_says_what_to_give(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 from pathlib import Path
 from typing import Any
 
@@ -313,6 +314,26 @@ def test_a_stopped_rerun_reports_what_its_checkpoint_holds_as_status_does(
     assert (counts["ok"], counts["error"], counts["pending"], counts["skipped"]) == (2, 2, 1, 1)
     assert (held.ok, held.error, held.pending, held.skipped) == (2, 2, 1, 1)
     assert counts["rows"] == held.done == len(prompts)
+
+
+def test_status_tells_how_many_failed_rows_the_next_run_sends_again(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    prompts = ["a", "down [[fault:500:50]]", "rejected [[fault:400]]"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    enrich(make_config(source, output, server.base_url, **{"limits.max_attempts": 2}))
+
+    as_json = CliRunner().invoke(cli, ["status", str(output), "--json"])
+    as_text = CliRunner().invoke(cli, ["status", str(output)])
+
+    assert as_json.exit_code == 0, as_json.stderr
+    body = json.loads(as_json.stdout)
+    assert (body["ok"], body["error"], body["pending"]) == (1, 2, 1)
+    assert as_text.exit_code == 0, as_text.stderr
+    said = "error 2 (pending 1: transient failures, the next run sends them again)"
+    assert said in as_text.stdout
 
 
 def test_status_counts_a_finished_output_written_with_a_column_prefix(
