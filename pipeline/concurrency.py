@@ -175,15 +175,24 @@ class ConcurrencyGate:
         self.bursts = bursts
         self._wake()
 
+    @property
+    def bursting(self) -> bool:
+        """Each cap is sent as one burst. After a 429 (AIMD's slow start
+        over) the rate limits set the pace, not bursts: rounds of answers
+        would come too seldom to free their places."""
+        return self.bursts and (self.slow_start or not self.adaptive)
+
+    def next_burst(self) -> None:
+        """Send the cap's worth again (a round judged, the cap unchanged)."""
+        self._burst_left = self.slots
+        self._wake()
+
     def _may_grant(self) -> bool:
         if self.in_flight >= self.slots:
             return False
         # Nothing in flight: a burst whose round lost a request (an error,
-        # retried) must not wait forever for its answer. After a 429 (AIMD's
-        # slow start over) the rate limits set the pace, not bursts: rounds
-        # of answers would come too seldom to free their places.
-        bursting = self.bursts and (self.slow_start or not self.adaptive)
-        return not bursting or self._burst_left > 0 or self.in_flight == 0
+        # retried) must not wait forever for its answer.
+        return not self.bursting or self._burst_left > 0 or self.in_flight == 0
 
     def _grant(self) -> None:
         self.in_flight += 1
@@ -292,6 +301,7 @@ class LatencyLimit:
         # Cuts taken back: the latency rise was not a queue of ours.
         self.undone = 0
         self._changed_at = 0  # gate sequence of the last change
+        self._changes = 0
         self._round: list[Sample] = []
         self._round_min_s = math.inf  # lowest mean latency of a flat round
         self._overhead_s = math.inf  # least latency beyond the server's own time
@@ -347,7 +357,10 @@ class LatencyLimit:
             size *= 2
         if len(self._round) >= size:
             round_, self._round = self._round, []
+            changes = self._changes
             self._judge(round_)
+            if changes == self._changes:
+                self.gate.next_burst()
 
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
         """The latency without a queue to judge this round against (inf:
@@ -403,11 +416,7 @@ class LatencyLimit:
         upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
         self._round_min_s = min(reference if rebased else self._round_min_s, upper)
         if unqueued is not None and len(round_) > 1 and queued < 0.5:
-            ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
-            average = sum(ratios) / len(ratios)
-            # A noisy spell fades over a few flat rounds rather than widening
-            # the tolerance for the rest of the run.
-            self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
+            self._measure_noise(latencies, unqueued)
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
             self._probing = False
@@ -417,8 +426,10 @@ class LatencyLimit:
             if self.capacity is None:
                 self.reason = f"the configured concurrency ({ceiling}), latency flat"
             return
-        # Grow only where the cap was what held requests back.
-        if in_flight < cap - 0.5:
+        # Grow only where the cap was what held requests back (a burst of
+        # `cap` requests did: its places are not refilled, so the number in
+        # flight falls as its answers come, and says nothing).
+        if in_flight < cap - 0.5 and not self.gate.bursting:
             return
         if self.slow_start:
             self._set(min(float(ceiling), cap * SLOW_START_FACTOR))
@@ -433,6 +444,13 @@ class LatencyLimit:
             return
         self._probing = True
         self._set(cap + 1.0)
+
+    def _measure_noise(self, latencies: list[float], unqueued: list[float]) -> None:
+        ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
+        average = sum(ratios) / len(ratios)
+        # A noisy spell fades over a few flat rounds rather than widening
+        # the tolerance for the rest of the run.
+        self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
 
     def _cut(self, ratio: float, in_flight: float) -> None:
         # Little's law: the server works on about in_flight / ratio at once.
@@ -481,6 +499,7 @@ class LatencyLimit:
         # to it, not to the round that judges the new one (those the new cap
         # grants, from set_cap on, do).
         self._changed_at = self.gate.sent_count + self.gate.unsent
+        self._changes += 1
         self.gate.set_cap(cap)
         self._round = []
 
