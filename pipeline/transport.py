@@ -43,11 +43,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
@@ -207,6 +208,52 @@ class Completion:
         )
 
 
+class StreamTrial:
+    """Whether a request streams while the server's streaming is untried.
+
+    Until one streamed answer has come whole with its usage, one request at
+    a time streams and the others go whole: a server that cannot stream as
+    enrich needs (no usage in its streams; llama-cpp-python's, which cuts a
+    stream short when another request comes) shows it on that one request,
+    not on a burst of them, each computed in part and sent again."""
+
+    __slots__ = ("out", "proven")
+
+    def __init__(self) -> None:
+        self.out = False
+        self.proven = False
+
+    def take(self, streaming: bool) -> tuple[bool, bool]:
+        """(whether this request streams, whether it is the trial)."""
+        if not streaming or self.proven:
+            return streaming, False
+        if self.out:
+            return False, False
+        self.out = True
+        return True, True
+
+    def end(self, completion: Completion | None) -> None:
+        """The trial's answer (None: it failed; the next request tries)."""
+        self.out = False
+        if completion is not None and completion.streamed and completion.prompt_tokens is not None:
+            self.proven = True
+
+
+async def _tried(
+    trial: StreamTrial, streaming: bool, send: Callable[[bool], Awaitable[Completion]]
+) -> Completion:
+    """``send(stream)`` under the stream trial."""
+    stream, trying = trial.take(streaming)
+    if not trying:
+        return await send(stream)
+    completion = None
+    try:
+        completion = await send(stream)
+        return completion
+    finally:
+        trial.end(completion)
+
+
 class Transport(Protocol):
     """Sends one chat request. Raises ``TransportError`` subclasses on
     failure, so every transport shares one error classification, among them
@@ -277,6 +324,7 @@ class OpenAITransport:
         # this bounds the request as a whole, like AiohttpTransport.
         self._total_s = model.timeout_s
         self.streaming = model.stream
+        self._trial = StreamTrial()
         self.stream_fallback: str | None = None
 
     def __repr__(self) -> str:
@@ -288,7 +336,13 @@ class OpenAITransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
-        streaming = self.streaming
+        return await _tried(
+            self._trial, self.streaming, functools.partial(self._complete, messages, stall_s)
+        )
+
+    async def _complete(
+        self, messages: Messages, stall_s: StallLimit, streaming: bool
+    ) -> Completion:
         watch: Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope:
@@ -953,6 +1007,7 @@ class AiohttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=None)
         self._total_s = model.timeout_s
         self.streaming = model.stream
+        self._trial = StreamTrial()
         self.stream_fallback: str | None = None
         self._limit = limit
         self._secrets = (api_key,)
@@ -1024,12 +1079,18 @@ class AiohttpTransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        return await _tried(
+            self._trial, self.streaming, functools.partial(self._complete, messages, stall_s)
+        )
+
+    async def _complete(
+        self, messages: Messages, stall_s: StallLimit, streaming: bool
+    ) -> Completion:
         import aiohttp  # loaded by __init__: a dictionary lookup, for the except clause
 
         session = self._session
         if session is None:
             session = self._open()
-        streaming = self.streaming
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)

@@ -140,11 +140,12 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
         assert result.latency_ms - result.server_ms == pytest.approx(
             sum(500.0 + 100.0 * r.completion_tokens for r in ordered[:waited]), abs=50.0
         )
-        if stream:
-            # The slot model streams once an answer is computed.
+        if result.first_token_ms is not None:
+            # Streamed: the slot model streams once an answer is computed.
             assert result.first_token_ms == pytest.approx(result.latency_ms, abs=50.0)
-        else:
-            assert result.first_token_ms is None
+    # One streams (trying the server's streams); the two sent meanwhile go whole.
+    streamed = [result.first_token_ms is not None for result in ordered]
+    assert streamed == ([True, False, False] if stream else [False] * 3)
 
 
 @pytest.mark.slow
@@ -164,9 +165,10 @@ async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream
         queued_ms = sum(500.0 + 100.0 * (r.completion_tokens or 0) for r in ordered[:waited])
         assert result.server_ms == pytest.approx(one_ms, rel=0.01)
         assert result.generation_ms == pytest.approx(one_ms - 500.0, rel=0.01)
-        # Streamed: as the client saw it (the slot model streams once an
-        # answer is computed); whole: the server's queue and prompt time.
-        expected = (result.latency_ms or 0.0) if stream else queued_ms + 500.0
+        # Streamed (the first only: it tries the server's streams): as the
+        # client saw it, the slot model streaming once an answer is
+        # computed; whole: the server's queue and prompt time.
+        expected = (result.latency_ms or 0.0) if stream and waited == 0 else queued_ms + 500.0
         assert result.first_token_ms == pytest.approx(expected, abs=50.0)
 
 
@@ -177,8 +179,9 @@ async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
     kind: str,
 ) -> None:
     # A hosted API: no timings; the stream's chunks 50 ms apart after 200 ms.
+    # One at a time: the first tries the server's streams, the second then streams.
     async with Simulator(SimulatorConfig(latency_ms=200.0, chunk_delay_ms=50.0)) as sim:
-        _, results, _ = await run(sim, 2, kind=kind)
+        _, results, _ = await run(sim, 2, kind=kind, concurrency=1)
     for result in results.values():
         assert result.server_ms is None
         contents = -(-len(result.response) // STREAM_CHUNK_CHARS)
@@ -522,3 +525,28 @@ async def test_a_stream_cut_short_without_its_finish_reason_is_retried_not_kept(
         assert result.finish_reason == "stop"
     assert stage.stats.retries >= 1
     assert "interrupt_requests" in (getattr(transport, "stream_fallback", None) or "")
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+async def test_one_request_tries_streaming_before_a_burst_streams(kind: str) -> None:
+    # Until a streamed answer has come whole with its usage, the others sent
+    # meanwhile go whole: a server that cuts a stream short when another
+    # request comes (llama-cpp-python) would cut a whole burst of streams.
+    async with Simulator(SimulatorConfig(slots=4, **SLOW)) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url)
+        transport = make_transport(model, "key", kind)
+        try:
+            first = await asyncio.gather(
+                *(transport.complete([{"role": "user", "content": f"q{n}"}]) for n in range(4))
+            )
+            streamed_at_first = sim.stats.streamed
+            then = await asyncio.gather(
+                *(transport.complete([{"role": "user", "content": f"r{n}"}]) for n in range(4))
+            )
+        finally:
+            await transport.aclose()
+    assert [c.streamed for c in first] == [True, False, False, False]
+    assert streamed_at_first == 1
+    assert all(c.streamed for c in then)
+    assert sim.stats.streamed == 5
