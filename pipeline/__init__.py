@@ -62,6 +62,7 @@ if TYPE_CHECKING:
         TransportError,
         UnparseableResponse,
     )
+    from pipeline.transport_h11 import H11Transport
 
 # Where each public name lives.
 _EXPORTS: Final[dict[str, str]] = {
@@ -95,6 +96,7 @@ _EXPORTS: Final[dict[str, str]] = {
     "OpenAITransport": "pipeline.transport",
     "Transport": "pipeline.transport",
     "make_transport": "pipeline.transport",
+    "H11Transport": "pipeline.transport_h11",
     "APIConnectionFailed": "pipeline.transport_errors",
     "APIStatus": "pipeline.transport_errors",
     "APITimeout": "pipeline.transport_errors",
@@ -116,6 +118,7 @@ __all__ = [
     "ConfigError",
     "EnrichError",
     "FatalAPIError",
+    "H11Transport",
     "InputConfig",
     "InputError",
     "LimitsConfig",

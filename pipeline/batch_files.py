@@ -17,13 +17,12 @@ whatever the size of the dataset.
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
 
 from pipeline.errors import UsageError
-from pipeline.transport import Messages, chat_body
+from pipeline.transport import JSON_ENCODER, Messages, chat_body
 
 CHAT_URL: Final = "/v1/chat/completions"
 
@@ -32,7 +31,6 @@ DEFAULT_MAX_REQUESTS: Final = 50_000
 DEFAULT_MAX_BYTES: Final = 200 * 1024 * 1024
 
 _CUSTOM_ID_PREFIX: Final = "row-"
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 
 
 def custom_id(row_id: int) -> str:
@@ -56,7 +54,7 @@ def request_line(row_id: int, model: str, messages: Messages, params: Mapping[st
         "url": CHAT_URL,
         "body": chat_body(model, messages, params),
     }
-    return (_ENCODER.encode(line) + "\n").encode()
+    return (JSON_ENCODER.encode(line) + "\n").encode()
 
 
 @dataclass(frozen=True)

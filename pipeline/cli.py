@@ -79,16 +79,24 @@ def _exit_codes_epilog() -> str:
 
 def _click_type(option: Option) -> Any:
     if option.choices:
-        return click.Choice(option.choices)
-    return {
-        "path": click.Path(path_type=Path),
-        # A URI as typed: click.Path would turn s3://b/k into s3:/b/k.
-        "location": str,
-        "str": str,
-        "int": int,
-        "float": float,
-        "json": str,
-    }[option.kind]
+        return _choice(tuple(option.choices))
+    if option.kind == "path":
+        return _path()
+    # A URI ("location") as typed: click.Path would turn s3://b/k into s3:/b/k.
+    return {"location": str, "str": str, "int": int, "float": float, "json": str}[option.kind]
+
+
+# One instance per type, shared by the commands that take it: building a
+# click type looks up its translated messages, and the run, estimate and
+# status commands take some 120 typed options between them.
+@functools.cache
+def _path() -> click.Path:
+    return click.Path(path_type=Path)
+
+
+@functools.cache
+def _choice(choices: tuple[str, ...]) -> click.Choice[str]:
+    return click.Choice(choices)
 
 
 def dataset_options(command_name: Command) -> Callable[[F], F]:

@@ -260,9 +260,9 @@ class ModelConfig(_Section, frozen=True, kw_only=True):
     # Servers that cannot are detected and sent plain requests; false: never stream.
     stream: bool = True
     # How requests are sent; never changes an answer, so not in the fingerprint.
-    # aiohttp: a lean client at a fraction of the SDK's CPU per request;
-    # openai: the official SDK's own client.
-    transport: Literal["aiohttp", "openai"] = "aiohttp"
+    # h11: a lean client over asyncio streams, quick to import (the default);
+    # aiohttp: a lean client on aiohttp; openai: the official SDK's own client.
+    transport: Literal["h11", "aiohttp", "openai"] = "h11"
 
     def __post_init__(self) -> None:
         if self.base_url is not None:

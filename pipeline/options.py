@@ -202,9 +202,9 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "--transport",
         "model.transport",
         "str",
-        "HTTP client: aiohttp (lean) or openai (the official SDK's).",
-        "aiohttp",
-        choices=("aiohttp", "openai"),
+        "HTTP client: h11 (lean, quick to start), aiohttp or openai (the official SDK's).",
+        "h11",
+        choices=("h11", "aiohttp", "openai"),
     ),
     Option(
         "--concurrency",

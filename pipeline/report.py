@@ -17,7 +17,6 @@ its checkpoint holds.
 from __future__ import annotations
 
 import json
-import statistics
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
@@ -78,6 +77,10 @@ def latency_percentiles(latencies_ms: Sequence[float]) -> dict[str, float | None
     if len(latencies_ms) == 1:
         only = round(float(latencies_ms[0]), 3)
         return dict.fromkeys(PERCENTILES, only)
+    # Imported here: statistics (with fractions, random) is for the end of
+    # a run, and a run's first request does not wait for it.
+    import statistics
+
     cuts = statistics.quantiles(latencies_ms, n=100, method="inclusive")
     return {f"p{p}": round(cuts[p - 1], 3) for p in (50, 90, 95, 99)}
 

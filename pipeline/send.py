@@ -14,7 +14,6 @@ import contextlib
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
-from pipeline.batch_route import RouteEnd, cancel_before_restart, open_batch_feed, send_batches
 from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import ConfigError, RunInterrupted
@@ -22,19 +21,70 @@ from pipeline.feed import Feed, reused
 from pipeline.transport import Transport, make_transport
 
 if TYPE_CHECKING:
+    from pathlib import Path
+
+    from pipeline.batch_route import RouteEnd
     from pipeline.checkpoint import Checkpoint
+    from pipeline.costs import Price
     from pipeline.events import EventSink
+    from pipeline.feed import Reuse
     from pipeline.plan import Plan
+    from pipeline.progress import Progress
+    from pipeline.resume import ResumePoint
 
 __all__ = [
     "DRAIN_GRACE_S",
-    "RouteEnd",
     "cancel_before_restart",
     "open_batch_feed",
     "open_stage",
     "send",
     "send_batches",
 ]
+
+
+# pipeline.batch_ledger.BATCH_DIR (tests/test_startup.py checks they agree),
+# named here so that a run directory without it does not load the batch route.
+BATCH_DIR: Final = "batch"
+
+
+def open_batch_feed(
+    plan: Plan,
+    point: ResumePoint,
+    reuse: Reuse,
+    price: Price | None,
+    progress: Progress,
+    events: EventSink,
+) -> Feed:
+    """The batch route's feed (``pipeline.batch_prepare.open_batch_feed``).
+    The batch route's modules are imported here, when a run takes it: an
+    online run's first request does not wait for them."""
+    from pipeline.batch_route import open_batch_feed as batch_feed
+
+    return batch_feed(plan, point, reuse, price, progress, events)
+
+
+async def cancel_before_restart(run_dir: Path, events: EventSink) -> None:
+    """``pipeline.batch_route.cancel_before_restart``. Only a run directory
+    that holds the batch route's directory can have batches in flight: for
+    any other the batch route's modules are not loaded."""
+    if not (run_dir / BATCH_DIR).exists():
+        return
+    from pipeline.batch_route import cancel_before_restart as cancel
+
+    await cancel(run_dir, events)
+
+
+async def send_batches(
+    feed: Feed,
+    checkpoint: Checkpoint,
+    stop: asyncio.Event | None = None,
+    events: EventSink | None = None,
+) -> RouteEnd:
+    """The batch pass of a run (``pipeline.batch_route.send_batches``)."""
+    from pipeline.batch_route import send_batches as batches
+
+    return await batches(feed, checkpoint, stop, events)
+
 
 # How long a graceful stop waits for requests in flight: they are paid for,
 # but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.

@@ -7,7 +7,6 @@ tally); frozen, so no stage writes into it and nothing reads it back.
 
 from __future__ import annotations
 
-import statistics
 from array import array
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -90,4 +89,6 @@ class RunSummary:
     def latency_percentile(self, percent: int) -> float | None:
         if len(self.latencies_ms) < 2:
             return self.latencies_ms[0] if self.latencies_ms else None
+        import statistics  # for the end of a run: see report.latency_percentiles
+
         return statistics.quantiles(self.latencies_ms, n=100, method="inclusive")[percent - 1]

@@ -4,9 +4,13 @@
 same way whichever transport is used, and whatever version of the SDK or of
 aiohttp is installed.
 
-Two transports:
+Three transports:
 
-``AiohttpTransport`` (kind ``"aiohttp"``, the fast path)
+``H11Transport`` (kind ``"h11"``, the default; ``pipeline.transport_h11``)
+    HTTP/1.1 on asyncio streams with ``h11``: what ``AiohttpTransport`` does,
+    without aiohttp's 0.3 s of imports before a run's first request.
+
+``AiohttpTransport`` (kind ``"aiohttp"``)
     One ``aiohttp.ClientSession`` POSTing JSON to ``{base_url}/chat/completions``
     and reading only the fields a ``Completion`` needs. On a fast local server
     (vLLM, llama.cpp) the client's CPU is the bottleneck; this path costs a
@@ -34,9 +38,9 @@ False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
 A server that cuts a stream short (no finish reason) stops streaming too,
 for the next attempts: that answer is a ``TruncatedStream``, retried.
 
-Neither client is imported with this module: each transport imports its own
-when it is built, so ``enrich run`` on the default transport never loads the
-SDK, and a module that only needs ``Completion`` loads neither.
+No client is imported with this module: each transport imports its own
+when it is built, so ``enrich run`` on the default transport loads neither
+aiohttp nor the SDK, and a module that only needs ``Completion`` loads none.
 """
 
 from __future__ import annotations
@@ -69,6 +73,7 @@ from pipeline.version import version
 
 if TYPE_CHECKING:
     import ssl
+    from urllib.parse import SplitResult
 
     import aiohttp
     import openai
@@ -99,11 +104,11 @@ __all__ = [
 Messages = Sequence[Mapping[str, str]]
 
 
-TransportKind = Literal["aiohttp", "openai"]
+TransportKind = Literal["h11", "aiohttp", "openai"]
 TRANSPORT_KINDS: Final[tuple[str, ...]] = get_args(TransportKind)
 
 # Built once: json.dumps with any option builds a new encoder on every call.
-_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
+JSON_ENCODER: Final = json.JSONEncoder(ensure_ascii=False, allow_nan=False)
 _DECODER: Final = json.JSONDecoder()
 
 
@@ -115,7 +120,7 @@ STREAM_PARAMS: Final[Mapping[str, Any]] = {
 # A 400/422 that names these is a server that will not stream ("upstream" is
 # not one of them).
 _STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
-_EVENT_STREAM: Final = "text/event-stream"
+EVENT_STREAM: Final = "text/event-stream"
 # Why streaming stops when a server cuts a stream short: its next answers are
 # whole (llama-cpp-python interrupts streams only).
 CUT_SHORT: Final = (
@@ -238,20 +243,19 @@ class StreamTrial:
         if completion is not None and completion.streamed and completion.prompt_tokens is not None:
             self.proven = True
 
-
-async def _tried(
-    trial: StreamTrial, streaming: bool, send: Callable[[bool], Awaitable[Completion]]
-) -> Completion:
-    """``send(stream)`` under the stream trial."""
-    stream, trying = trial.take(streaming)
-    if not trying:
-        return await send(stream)
-    completion = None
-    try:
-        completion = await send(stream)
-        return completion
-    finally:
-        trial.end(completion)
+    async def send(
+        self, streaming: bool, send: Callable[[bool], Awaitable[Completion]]
+    ) -> Completion:
+        """``send(stream)``, streaming or not as the trial decides."""
+        stream, trying = self.take(streaming)
+        if not trying:
+            return await send(stream)
+        completion = None
+        try:
+            completion = await send(stream)
+            return completion
+        finally:
+            self.end(completion)
 
 
 class Transport(Protocol):
@@ -272,7 +276,7 @@ def rejects_streaming(status: int, body: bytes) -> bool:
     return status in (400, 422) and _STREAM_WORD.search(body) is not None
 
 
-def _stalled(watch: Watchdog) -> StalledRequest:
+def stalled_error(watch: Watchdog) -> StalledRequest:
     return StalledRequest(watch.cut_after or watch.silence(), started=watch.beats > 0)
 
 
@@ -336,8 +340,8 @@ class OpenAITransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
-        return await _tried(
-            self._trial, self.streaming, functools.partial(self._complete, messages, stall_s)
+        return await self._trial.send(
+            self.streaming, functools.partial(self._complete, messages, stall_s)
         )
 
     async def _complete(
@@ -355,7 +359,7 @@ class OpenAITransport:
                     watch.close()
         except TimeoutError:
             if watch is not None and watch.expired == "stall":
-                raise _stalled(watch) from None
+                raise stalled_error(watch) from None
             raise APITimeout("request timed out") from None
         except _StreamingRejected:
             self._stop_streaming("the server rejects streaming requests (400 naming stream)")
@@ -396,7 +400,7 @@ class OpenAITransport:
         raw = await self._create(messages, stream=True)
         watch.beat()
         response = raw.http_response
-        if _EVENT_STREAM not in response.headers.get("content-type", ""):
+        if EVENT_STREAM not in response.headers.get("content-type", ""):
             # The server ignored "stream": one JSON body, the whole answer.
             try:
                 body = await response.aread()
@@ -918,36 +922,55 @@ def _ssl_context() -> ssl.SSLContext | bool:
     return True
 
 
-# Proxy schemes aiohttp can talk to (it cannot tunnel TLS to an https:// proxy).
+# Proxy schemes the HTTP transports can talk to (neither tunnels TLS in TLS).
 _PROXY_SCHEMES: Final = ("http",)
 
 
 def env_proxy(url: URL) -> tuple[URL, str | None] | None:
-    """The proxy the environment names for ``url``, and the
-    ``Proxy-Authorization`` value for it (None without credentials); None
-    for no proxy. ``HTTP_PROXY`` / ``HTTPS_PROXY`` (any case, by the URL's
-    scheme) unless ``NO_PROXY`` covers the host; credentials from the proxy
-    URL, else from ``$NETRC`` or ``~/.netrc``. An ``https://`` proxy is
-    ignored: aiohttp cannot use one."""
-    import urllib.request
-
+    """``proxy_for`` the URL, as yarl URLs (the aiohttp transport's type)."""
     from yarl import URL
 
-    if url.host is not None and urllib.request.proxy_bypass(url.host):
+    found = proxy_for(url.scheme, url.host)
+    return None if found is None else (URL(found[0].geturl()), found[1])
+
+
+def proxy_for(scheme: str, host: str | None) -> tuple[SplitResult, str | None] | None:
+    """The proxy the environment names for a URL of ``scheme`` on ``host``
+    (without its credentials), and the ``Proxy-Authorization`` value for it
+    (None without credentials); None for no proxy. ``HTTP_PROXY`` /
+    ``HTTPS_PROXY`` (any case, by the URL's scheme) unless ``NO_PROXY``
+    covers the host; credentials from the proxy URL, else from ``$NETRC`` or
+    ``~/.netrc``. An ``https://`` proxy is ignored: neither HTTP transport
+    can tunnel TLS inside TLS."""
+    if not any(_names_a_proxy(name) for name in os.environ):
+        # urllib.request reads only these variables on Linux, and loading it
+        # (http.client, email...) costs milliseconds before the first request.
         return None
-    named = urllib.request.getproxies().get(url.scheme)
+    import urllib.parse
+    import urllib.request
+
+    if host is not None and urllib.request.proxy_bypass(host):
+        return None
+    named = urllib.request.getproxies().get(scheme)
     if not named:
         return None
-    proxy = URL(named)
+    proxy = urllib.parse.urlsplit(named)
     if proxy.scheme not in _PROXY_SCHEMES:
         return None
-    if proxy.raw_user is not None or proxy.raw_password is not None:
-        return proxy.with_user(None), _basic(proxy.user or "", proxy.password or "")
-    entry = _netrc_entry(proxy.host) if proxy.host else None
+    bare = proxy._replace(netloc=proxy.netloc.rpartition("@")[2])
+    if proxy.username is not None or proxy.password is not None:
+        user = urllib.parse.unquote(proxy.username or "")
+        return bare, _basic(user, urllib.parse.unquote(proxy.password or ""))
+    entry = _netrc_entry(proxy.hostname) if proxy.hostname else None
     if entry is None:
-        return proxy, None
+        return bare, None
     login, account, password = entry
-    return proxy, _basic(login or account or "", password or "")
+    return bare, _basic(login or account or "", password or "")
+
+
+def _names_a_proxy(variable: str) -> bool:
+    name = variable.lower()
+    return name.endswith("_proxy") and name != "no_proxy"
 
 
 def _basic(user: str, password: str) -> str:
@@ -1079,8 +1102,8 @@ class AiohttpTransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
-        return await _tried(
-            self._trial, self.streaming, functools.partial(self._complete, messages, stall_s)
+        return await self._trial.send(
+            self.streaming, functools.partial(self._complete, messages, stall_s)
         )
 
     async def _complete(
@@ -1094,7 +1117,7 @@ class AiohttpTransport:
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
-        data = _ENCODER.encode(payload).encode()
+        data = JSON_ENCODER.encode(payload).encode()
         watch: Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope:
@@ -1117,7 +1140,7 @@ class AiohttpTransport:
                     watch.close()
         except TimeoutError:
             if watch is not None and watch.expired == "stall":
-                raise _stalled(watch) from None
+                raise stalled_error(watch) from None
             # The total timeout, and aiohttp's ServerTimeoutError (a TimeoutError too).
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
@@ -1142,7 +1165,7 @@ class AiohttpTransport:
         watch: Watchdog,
         streaming: bool,
     ) -> Completion:
-        if streaming and response.content_type == _EVENT_STREAM:
+        if streaming and response.content_type == EVENT_STREAM:
             assembler = StreamAssembler()
             async for data in response.content.iter_any():
                 watch.beat()
@@ -1180,13 +1203,18 @@ class AiohttpTransport:
 def make_transport(
     model: ModelConfig,
     api_key: str,
-    kind: str = "aiohttp",
+    kind: str = "h11",
     *,
     extra_params: Mapping[str, Any] | None = None,
 ) -> Transport:
-    """The transport for ``kind``: ``"aiohttp"`` (fast, the default) or
-    ``"openai"`` (the official SDK client). ``extra_params`` are sent with
-    every request too (e.g. ``response_format``)."""
+    """The transport for ``kind``: ``"h11"`` (the default: light to import,
+    ``pipeline.transport_h11``), ``"aiohttp"`` or ``"openai"`` (the official
+    SDK client). ``extra_params`` are sent with every request too (e.g.
+    ``response_format``)."""
+    if kind == "h11":
+        from pipeline.transport_h11 import H11Transport
+
+        return H11Transport(model, api_key, extra_params=extra_params)
     if kind == "aiohttp":
         return AiohttpTransport(model, api_key, extra_params=extra_params)
     if kind == "openai":

@@ -57,7 +57,11 @@ def test_a_value_out_of_bounds_names_its_key_value_and_flag(
         ("limits.rpm", True, "Expected `int | null` (got True)"),
         ("model.temperature", "hot", "Expected `float | null` (got 'hot')"),
         ("cache.enabled", "maybe", "Expected `bool | null` (got 'maybe')"),
-        ("model.transport", "curl", "Expected 'aiohttp' or 'openai' (got 'curl'); fix --transport"),
+        (
+            "model.transport",
+            "curl",
+            "Expected 'h11' or 'aiohttp' or 'openai' (got 'curl'); fix --transport",
+        ),
         ("checkpoint.on_input_change", 1, "Expected 'restart' or 'refuse' (got 1)"),
         ("model.extra_params", [1], "Expected `object` (got [1])"),
         ("structured.schema", 5, "Expected `str | object | null` (got 5); fix --schema"),

@@ -116,6 +116,6 @@ def test_the_readme_layout_lists_every_module() -> None:
     readme = (ROOT / "README.md").read_text()
     layout = readme[readme.index("## Layout") :]
     layout = layout[: layout.index("```", layout.index("```") + 3)]
-    listed = set(re.findall(r"^  ([a-z_]+\.py)\b", layout, flags=re.MULTILINE))
+    listed = set(re.findall(r"^  ([a-z0-9_]+\.py)\b", layout, flags=re.MULTILINE))
     present = {path.name for path in PACKAGE.glob("*.py")} - {"__init__.py", "__main__.py"}
     assert listed == present

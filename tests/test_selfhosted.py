@@ -39,7 +39,7 @@ async def run(
     count: int,
     model: dict[str, Any] | None = None,
     *,
-    kind: str = "aiohttp",
+    kind: str = "h11",
     **limits: Any,
 ) -> tuple[CallStage, dict[int, Any], float]:
     config = ModelConfig(name=MODEL, base_url=sim.base_url, **(model or {}))
@@ -121,7 +121,7 @@ async def test_timings_come_in_the_whole_answer_and_the_last_chunk_of_a_stream()
 
 @pytest.mark.slow
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
     kind: str, stream: bool
@@ -150,7 +150,7 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
 
 @pytest.mark.slow
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 @pytest.mark.parametrize("stream", [True, False])
 async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream: bool) -> None:
     # vLLM with --enable-per-request-metrics: `metrics` instead of `timings`,
@@ -174,7 +174,7 @@ async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream
 
 @pytest.mark.slow
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
     kind: str,
 ) -> None:
@@ -497,7 +497,7 @@ async def test_a_slow_answer_at_the_head_of_the_runs_queue_is_not_cut_while_comp
 
 
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 async def test_a_stream_cut_short_without_its_finish_reason_is_retried_not_kept(
     kind: str,
 ) -> None:
@@ -528,7 +528,7 @@ async def test_a_stream_cut_short_without_its_finish_reason_is_retried_not_kept(
 
 
 @pytest.mark.looptime
-@pytest.mark.parametrize("kind", ["aiohttp", "openai"])
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
 async def test_one_request_tries_streaming_before_a_burst_streams(kind: str) -> None:
     # Until a streamed answer has come whole with its usage, the others sent
     # meanwhile go whole: a server that cuts a stream short when another

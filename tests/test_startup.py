@@ -34,11 +34,17 @@ HEAVY: Final = (
     "prometheus_client",
 )
 
+# Not needed for an online run's first request, so loaded after it if at
+# all: the aiohttp transport's URL type, the batch route, what the report
+# computes at the end (statistics).
+DEFERRED: Final = ("yarl", "pipeline.batch_route", "statistics")
+
 # Runs the CLI as the console script does, and prints (as its last line) the
 # heavy modules loaded when the first request went out and at exit.
 PROBE: Final = """
 import atexit, json, sys
 HEAVY = {heavy!r}
+DEFERRED = {deferred!r}
 
 def loaded():
     return sorted(m for m in HEAVY if m in sys.modules)
@@ -46,12 +52,18 @@ def loaded():
 from pipeline import transport  # light: neither HTTP client comes with it
 
 seen = {{}}
-for cls in (transport.AiohttpTransport, transport.OpenAITransport):
+from pipeline import transport_h11
+
+for cls in (transport_h11.H11Transport, transport.AiohttpTransport, transport.OpenAITransport):
     def patched(original):
         async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
             seen.setdefault("parquet_at_first_request", "pyarrow.parquet" in sys.modules)
             seen.setdefault("metadata_at_first_request", "importlib.metadata" in sys.modules)
+            seen.setdefault(
+                "deferred_at_first_request",
+                sorted(m for m in DEFERRED if m in sys.modules),
+            )
             return await original(self, messages, **options)
         return complete
     cls.complete = patched(cls.complete)
@@ -64,7 +76,7 @@ main()
 
 def probe(*args: str, cwd: Path | None = None) -> tuple[subprocess.CompletedProcess[str], Any]:
     done = subprocess.run(
-        [sys.executable, "-c", PROBE.format(heavy=HEAVY), *args],
+        [sys.executable, "-c", PROBE.format(heavy=HEAVY, deferred=DEFERRED), *args],
         capture_output=True,
         text=True,
         cwd=cwd,
@@ -94,6 +106,25 @@ def test_the_errors_and_the_transport_errors_load_no_heavy_library() -> None:
     # What an Airflow DAG file or a caller's except clause imports.
     statement = "from pipeline import EnrichError, FatalAPIError, TransportError, APIStatus"
     assert heavy_after(statement) == []
+
+
+def test_the_default_transport_loads_no_heavy_library() -> None:
+    # aiohttp cost about 0.3 s before the first request; h11 a few ms.
+    statement = (
+        "from pipeline.config import ModelConfig\n"
+        "from pipeline.transport import make_transport\n"
+        "make_transport(ModelConfig(name='m', base_url='https://example.invalid/v1'), 'k')\n"
+        "import sys\n"
+        "assert 'yarl' not in sys.modules and 'urllib.request' not in sys.modules"
+    )
+    assert heavy_after(statement) == []
+
+
+def test_a_restart_looks_for_batches_where_the_batch_route_keeps_them() -> None:
+    # --restart looks for batches in flight without loading the batch route.
+    from pipeline import batch_ledger, send
+
+    assert send.BATCH_DIR == batch_ledger.BATCH_DIR
 
 
 def test_building_and_checking_the_config_loads_no_heavy_library() -> None:
@@ -195,13 +226,14 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
 
     assert done.returncode == 0, done.stderr
     assert output.exists()
-    # The default transport's client and the input's reader: no more (the
-    # config is checked without pydantic).
-    assert loaded["first_request"] == ["aiohttp", "pyarrow"]
+    # The input's reader: no more (the default transport speaks HTTP with h11,
+    # and the config is checked without pydantic).
+    assert loaded["first_request"] == ["pyarrow"]
     # Parquet support loads for Parquet input; checkpoint parts and the output wait.
     assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
     # The User-Agent's version is the code's own: no search of the installed metadata.
     assert loaded["metadata_at_first_request"] is False
+    assert loaded["deferred_at_first_request"] == []
     # Assembling the output may use polars; nothing ever loads the SDK.
     assert "openai" not in loaded["exit"]
 

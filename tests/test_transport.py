@@ -53,13 +53,17 @@ from pipeline.transport_errors import (
     TransportError,
     UnparseableResponse,
 )
+from pipeline.transport_h11 import H11Transport
 
 from conftest import MODEL, StartServer
 
 pytestmark = pytest.mark.timeout(10)
 
 KEY = "sk-transport-test-0123456789"
-KINDS = ("aiohttp", "openai")
+KINDS = ("h11", "aiohttp", "openai")
+# The two transports that speak HTTP themselves (h11, the default, and
+# aiohttp): each must behave as the SDK's client does.
+FAST = ("h11", "aiohttp")
 
 
 def user(content: str) -> Messages:
@@ -129,12 +133,13 @@ def server(start_server: StartServer) -> Simulator:
 # -- success ----------------------------------------------------------------
 
 
-async def test_both_transports_give_the_same_completion(server: Simulator) -> None:
+@pytest.mark.parametrize("client", FAST)
+async def test_both_transports_give_the_same_completion(server: Simulator, client: str) -> None:
     messages: Messages = [
         {"role": "system", "content": "Answer in one word."},
         {"role": "user", "content": "Qu'est-ce que l'été ? ☀️"},
     ]
-    fast = await ask("aiohttp", server.base_url, messages)
+    fast = await ask(client, server.base_url, messages)
     sdk = await ask("openai", server.base_url, messages)
 
     assert comparable(fast) == comparable(sdk)
@@ -156,20 +161,22 @@ async def test_request_params_are_sent_by_both(server: Simulator) -> None:
         await ask(kind, server.base_url, user("a long enough question"), max_tokens=2)
         for kind in KINDS
     ]
-    assert comparable(results[0]) == comparable(results[1])
+    assert len({comparable(result) for result in results}) == 1
     assert results[0].finish_reason == "length"
     assert results[0].completion_tokens == 2
 
 
+@pytest.mark.parametrize("client", FAST)
 async def test_the_sdk_over_its_aiohttp_client_gives_the_same_completion(
     server: Simulator,
+    client: str,
 ) -> None:
     transport = OpenAITransport(model_config(server.base_url), KEY, http_client="aiohttp")
     try:
         completion = await transport.complete(user("hi"))
     finally:
         await transport.aclose()
-    assert comparable(completion) == comparable(await ask("aiohttp", server.base_url, user("hi")))
+    assert comparable(completion) == comparable(await ask(client, server.base_url, user("hi")))
 
 
 async def test_base_url_from_the_environment_with_a_trailing_slash(
@@ -180,11 +187,14 @@ async def test_base_url_from_the_environment_with_a_trailing_slash(
         assert (await ask(kind, None, user("hi"))).text == expected_answer(user("hi"), MODEL)
 
 
-def test_base_url_defaults_to_openai_like_the_sdk(monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize("transport_class", [H11Transport, AiohttpTransport])
+def test_base_url_defaults_to_openai_like_the_sdk(
+    monkeypatch: pytest.MonkeyPatch, transport_class: type[H11Transport | AiohttpTransport]
+) -> None:
     monkeypatch.delenv("OPENAI_BASE_URL", raising=False)
-    transport = AiohttpTransport(model_config(None), KEY)
+    transport = transport_class(model_config(None), KEY)
     assert transport.url == f"{DEFAULT_BASE_URL}/chat/completions"
-    assert AiohttpTransport(model_config("http://h:1/v1/"), KEY).url == (
+    assert transport_class(model_config("http://h:1/v1/"), KEY).url == (
         "http://h:1/v1/chat/completions"
     )
 
@@ -204,14 +214,14 @@ def classified(exc: Exception) -> Failure:
     return classify(exc, model=MODEL)
 
 
-async def both_fail(
-    base_url: str, messages: Messages, **settings: Any
-) -> tuple[Exception, Exception]:
-    fast = await failure("aiohttp", base_url, messages, **settings)
-    sdk = await failure("openai", base_url, messages, **settings)
-    assert failure_facts(fast) == failure_facts(sdk)
-    assert classified(fast) == classified(sdk)
-    return fast, sdk
+async def both_fail(base_url: str, messages: Messages, **settings: Any) -> list[Exception]:
+    """The failure from every transport, the SDK's last: all alike."""
+    failures = [await failure(kind, base_url, messages, **settings) for kind in (*FAST, "openai")]
+    sdk = failures[-1]
+    for fast in failures[:-1]:
+        assert failure_facts(fast) == failure_facts(sdk)
+        assert classified(fast) == classified(sdk)
+    return failures
 
 
 @pytest.mark.parametrize(
@@ -244,9 +254,12 @@ async def test_rate_limit_headers_reach_the_caller(server: Simulator) -> None:
         assert result.retry_after == pytest.approx(SPURIOUS_RETRY_AFTER_S)
 
 
-async def test_bad_key_is_an_authentication_error_without_the_key(server: Simulator) -> None:
+@pytest.mark.parametrize("client", FAST)
+async def test_bad_key_is_an_authentication_error_without_the_key(
+    server: Simulator, client: str
+) -> None:
     wrong = "sk-wrong-key-987654321"
-    fast = await failure("aiohttp", server.base_url, user("hi"), key=wrong)
+    fast = await failure(client, server.base_url, user("hi"), key=wrong)
     sdk = await failure("openai", server.base_url, user("hi"), key=wrong)
     assert failure_facts(fast) == failure_facts(sdk)
     for exc in (fast, sdk):
@@ -340,9 +353,10 @@ async def test_malformed_body_is_unparseable(server: Simulator, kind: str) -> No
     assert classified(exc).kind == "retry"
 
 
-async def test_a_fault_that_clears_then_succeeds(server: Simulator) -> None:
+@pytest.mark.parametrize("client", FAST)
+async def test_a_fault_that_clears_then_succeeds(server: Simulator, client: str) -> None:
     content = "[[fault:500:1]] once"
-    transport = make_transport(model_config(server.base_url), KEY, "aiohttp")
+    transport = make_transport(model_config(server.base_url), KEY, client)
     try:
         with pytest.raises(APIStatus) as caught:
             await transport.complete(user(content))
@@ -542,8 +556,9 @@ def chat_body(content: str) -> dict[str, Any]:
     }
 
 
+@pytest.mark.parametrize("client", FAST)
 async def test_sends_the_headers_servers_look_at(
-    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -555,7 +570,7 @@ async def test_sends_the_headers_servers_look_at(
     monkeypatch.setenv("OPENAI_ORG_ID", "org-1")
     monkeypatch.setenv("OPENAI_PROJECT_ID", "proj-1")
     base_url = await echo_server(handler)
-    completion = await ask("aiohttp", base_url, user("hi"), temperature=0, seed=7)
+    completion = await ask(client, base_url, user("hi"), temperature=0, seed=7)
 
     assert completion.headers["x-ratelimit-remaining-requests"] == "9"
     headers = seen["headers"]
@@ -585,13 +600,14 @@ async def test_sends_the_headers_servers_look_at(
         ["not", "an", "object"],
     ],
 )
+@pytest.mark.parametrize("client", FAST)
 async def test_a_200_that_is_not_a_chat_completion_is_unparseable(
-    echo_server: EchoServer, body: Any
+    echo_server: EchoServer, body: Any, client: str
 ) -> None:
     async def handler(request: web.Request) -> web.Response:
         return web.json_response(body)
 
-    exc = await failure("aiohttp", await echo_server(handler), user("hi"))
+    exc = await failure(client, await echo_server(handler), user("hi"))
     assert isinstance(exc, UnparseableResponse)
     assert classified(exc).kind == "retry"
 
@@ -810,8 +826,8 @@ async def test_every_status_and_body_reads_the_same_from_both_transports(
         headers = {"Retry-After": "2", "X-Request-ID": "req-1", "Content-Type": "application/json"}
         return web.Response(status=status, body=body, headers=headers)
 
-    fast, sdk = await both_fail(await echo_server(handler), user("hi"))
-    for exc in (fast, sdk):
+    failures = await both_fail(await echo_server(handler), user("hi"))
+    for exc in failures:
         assert type(exc) is APIStatus
         assert exc.status_code == status
         for name, value in expected.items():
@@ -822,7 +838,7 @@ async def test_every_status_and_body_reads_the_same_from_both_transports(
         assert str(exc) == f"Error code: {status}" + (f" - {message}" if message else "")
     expected_kind = {401: "fatal", 403: "fatal", 404: "fatal", 418: "row", 400: "row"}
     kind = "retry" if status in (408, 409, 429) or status >= 500 else expected_kind.get(status)
-    assert classified(fast).kind == (kind or "row")
+    assert classified(failures[0]).kind == (kind or "row")
 
 
 # -- proxies from the environment ----------------------------------------------
@@ -837,8 +853,9 @@ def clear_proxies(monkeypatch: pytest.MonkeyPatch) -> None:
 PROXY_USER_SECRET = "Basic dXNlcjpzZWNyZXQ="  # user:secret
 
 
+@pytest.mark.parametrize("client", FAST)
 async def test_requests_go_through_the_proxy_the_environment_names(
-    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
     seen: dict[str, Any] = {}
 
@@ -852,15 +869,17 @@ async def test_requests_go_through_the_proxy_the_environment_names(
     proxy_url = (await echo_server(proxy)).removesuffix("/v1")
     clear_proxies(monkeypatch)
     monkeypatch.setenv("HTTP_PROXY", proxy_url.replace("http://", "http://user:secret@"))
-    completion = await ask("aiohttp", "http://api.example.invalid/v1", user("hi"))
+    completion = await ask(client, "http://api.example.invalid/v1", user("hi"))
     assert completion.text == "via the proxy"
     assert seen["url"] == "http://api.example.invalid/v1/chat/completions"
     assert seen["headers"]["Proxy-Authorization"] == PROXY_USER_SECRET
     assert seen["headers"]["Authorization"] == f"Bearer {KEY}"
 
 
+@pytest.mark.parametrize("client", FAST)
 async def test_the_key_never_reaches_the_proxy_of_an_https_api(
     monkeypatch: pytest.MonkeyPatch,
+    client: str,
 ) -> None:
     heads: list[bytes] = []
 
@@ -876,7 +895,7 @@ async def test_the_key_never_reaches_the_proxy_of_an_https_api(
     clear_proxies(monkeypatch)
     monkeypatch.setenv("HTTPS_PROXY", f"http://user:secret@127.0.0.1:{port}")
     try:
-        exc = await failure("aiohttp", "https://api.example.invalid/v1", user("hi"))
+        exc = await failure(client, "https://api.example.invalid/v1", user("hi"))
     finally:
         server.close()
         await server.wait_closed()
@@ -887,8 +906,9 @@ async def test_the_key_never_reaches_the_proxy_of_an_https_api(
     assert KEY not in head
 
 
+@pytest.mark.parametrize("client", FAST)
 async def test_no_proxy_sends_directly(
-    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch
+    echo_server: EchoServer, monkeypatch: pytest.MonkeyPatch, client: str
 ) -> None:
     async def direct(request: web.Request) -> web.Response:
         return web.json_response(chat_body("direct"))
@@ -898,9 +918,9 @@ async def test_no_proxy_sends_directly(
     # A proxy that is not there: going through it would fail.
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:9")
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    assert (await ask("aiohttp", base_url, user("hi"))).text == "direct"
+    assert (await ask(client, base_url, user("hi"))).text == "direct"
     monkeypatch.delenv("NO_PROXY")
-    exc = await failure("aiohttp", base_url, user("hi"))
+    exc = await failure(client, base_url, user("hi"))
     assert type(exc) is APIConnectionFailed
 
 
@@ -938,15 +958,16 @@ async def tls_base_url(tmp_path: Path) -> AsyncIterator[tuple[str, Path]]:
 
 @pytest.mark.slow
 @pytest.mark.parametrize("variable", ["SSL_CERT_FILE", "SSL_CERT_DIR"])
+@pytest.mark.parametrize("client", FAST)
 async def test_tls_trusts_what_the_environment_names_and_nothing_else(
-    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, variable: str
+    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, variable: str, client: str
 ) -> None:
     base_url, cert = tls_base_url
     clear_proxies(monkeypatch)
     monkeypatch.delenv("SSL_CERT_FILE", raising=False)
     monkeypatch.delenv("SSL_CERT_DIR", raising=False)
     # The system store does not know a self-signed certificate.
-    exc = await failure("aiohttp", base_url, user("hi"))
+    exc = await failure(client, base_url, user("hi"))
     assert type(exc) is APIConnectionFailed
     assert "certificate" in str(exc).lower()
     if variable == "SSL_CERT_DIR":
@@ -961,7 +982,55 @@ async def test_tls_trusts_what_the_environment_names_and_nothing_else(
         monkeypatch.setenv(variable, str(cert.parent))
     else:
         monkeypatch.setenv(variable, str(cert))
-    assert (await ask("aiohttp", base_url, user("hi"))).text == "over tls"
+    assert (await ask(client, base_url, user("hi"))).text == "over tls"
+
+
+async def tunnelling_proxy(heads: list[bytes]) -> asyncio.Server:
+    """A forward proxy that answers CONNECT with a tunnel (and notes each
+    CONNECT it is sent): what an https:// API behind a company proxy needs."""
+
+    async def pipe(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+        except OSError:
+            pass
+        finally:
+            writer.close()
+
+    async def tunnel(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        head = await reader.readuntil(b"\r\n\r\n")
+        heads.append(head)
+        host, _, port = head.split(b" ")[1].decode().rpartition(":")
+        upstream_reader, upstream_writer = await asyncio.open_connection(host, int(port))
+        writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+        await writer.drain()
+        await asyncio.gather(pipe(reader, upstream_writer), pipe(upstream_reader, writer))
+
+    return await asyncio.start_server(tunnel, "127.0.0.1", 0)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("client", FAST)
+async def test_an_https_api_behind_a_proxy_is_reached_through_its_tunnel(
+    tls_base_url: tuple[str, Path], monkeypatch: pytest.MonkeyPatch, client: str
+) -> None:
+    base_url, cert = tls_base_url
+    heads: list[bytes] = []
+    proxy = await tunnelling_proxy(heads)
+    clear_proxies(monkeypatch)
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))
+    monkeypatch.setenv("HTTPS_PROXY", f"http://127.0.0.1:{proxy.sockets[0].getsockname()[1]}")
+    try:
+        completion = await ask(client, base_url, user("hi"))
+    finally:
+        proxy.close()
+    assert completion.text == "over tls"
+    # The proxy saw the CONNECT (the host and port), never the request or the key.
+    authority = base_url.removeprefix("https://").removesuffix("/v1")
+    assert heads[0].startswith(f"CONNECT {authority} ".encode())
+    assert KEY.encode() not in b"".join(heads)
 
 
 # -- pure parts --------------------------------------------------------------
@@ -997,21 +1066,27 @@ def test_parse_completion_tolerates_missing_extras() -> None:
 # -- construction and lifecycle ---------------------------------------------
 
 
-@pytest.mark.parametrize("base_url", ["localhost:8000/v1", "ftp://h/v1", "http://[::1/v1"])
+@pytest.mark.parametrize("transport_class", [H11Transport, AiohttpTransport])
+@pytest.mark.parametrize(
+    "base_url", ["localhost:8000/v1", "ftp://h/v1", "http://[::1/v1", "http://h:port/v1"]
+)
 def test_a_base_url_that_is_not_http_is_a_config_error(
-    base_url: str, monkeypatch: pytest.MonkeyPatch
+    base_url: str,
+    monkeypatch: pytest.MonkeyPatch,
+    transport_class: type[H11Transport | AiohttpTransport],
 ) -> None:
     # One given in the config is refused when the config is built (see
     # test_config); one from the environment when it is first resolved.
     monkeypatch.setenv("OPENAI_BASE_URL", base_url)
     with pytest.raises(ConfigError, match="OPENAI_BASE_URL"):
-        AiohttpTransport(model_config(None), KEY)
+        transport_class(model_config(None), KEY)
 
 
 def test_make_transport_kinds() -> None:
     config = model_config("http://h/v1")
     assert TRANSPORT_KINDS == KINDS
-    assert isinstance(make_transport(config, KEY), AiohttpTransport)
+    assert isinstance(make_transport(config, KEY), H11Transport)
+    assert isinstance(make_transport(config, KEY, "aiohttp"), AiohttpTransport)
     assert isinstance(make_transport(config, KEY, "openai"), OpenAITransport)
     with pytest.raises(ConfigError, match="unknown transport 'curl'"):
         make_transport(config, KEY, "curl")
@@ -1025,8 +1100,9 @@ async def test_reprs_never_show_the_key() -> None:
         await transport.aclose()
 
 
-async def test_aclose_is_idempotent_and_final(server: Simulator) -> None:
-    transport = AiohttpTransport(model_config(server.base_url), KEY)
+@pytest.mark.parametrize("client", FAST)
+async def test_aclose_is_idempotent_and_final(server: Simulator, client: str) -> None:
+    transport = make_transport(model_config(server.base_url), KEY, client)
     await transport.complete(user("hi"))
     await transport.aclose()
     await transport.aclose()

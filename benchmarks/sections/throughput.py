@@ -27,6 +27,9 @@ def section_throughput(ctx: Context) -> dict[str, Any]:
     variants: dict[str, Variant] = {}
     for concurrency in (256, 16):
         variants[f"enrich c={concurrency}"] = Variant(ctx.enrich(concurrency), rows)
+        # The default transport (h11) against the aiohttp one, in the same rounds.
+        aiohttp = ctx.enrich(concurrency, "--transport", "aiohttp")
+        variants[f"enrich aiohttp c={concurrency}"] = Variant(aiohttp, rows)
         variants[f"naive gather c={concurrency}"] = Variant(naive_build(concurrency), rows)
     variants["enrich start-up"] = Variant(ENRICH_STARTUP, 0)
     variants["naive start-up"] = Variant(NAIVE_STARTUP, 0)
@@ -39,12 +42,22 @@ def section_throughput(ctx: Context) -> dict[str, Any]:
             naive = entries[f"naive gather {setting}"]
             subtract_startup(entry, entries[f"{tool.split()[0]} start-up"], rows)
             entry["rows_per_s_vs_naive"] = ratio(entry["rows_per_s"], naive["rows_per_s"])
+    for concurrency in (256, 16):
+        default, baseline = (
+            entries[f"enrich c={concurrency}"],
+            entries[f"enrich aiohttp c={concurrency}"],
+        )
+        for key in ("rows_per_s", "net_rows_per_s", "net_cpu_ms_per_row"):
+            if key in default and key in baseline:
+                default[f"{key}_vs_aiohttp"] = ratio(default[key], baseline[key])
     ctx.table(
         f"throughput: {rows:,} rows, zero latency; medians; rows/s is end to end incl. "
         "process start-up, net = minus the start-up row",
         [
             ROWS_PER_S,
             Column("rows/s vs naive", "rows_per_s_vs_naive", 2, "x"),
+            Column("net rows/s vs aiohttp", "net_rows_per_s_vs_aiohttp", 2, "x"),
+            Column("net CPU/row vs aiohttp", "net_cpu_ms_per_row_vs_aiohttp", 2, "x"),
             WALL,
             CPU_PER_ROW,
             *STARTUP_COLUMNS,
