@@ -566,8 +566,10 @@ def _phrases(seed: int) -> list[str]:
     return phrases
 
 
-def make_input(directory: Path, rows: int, salt: int) -> Path:
-    """A Parquet file with a ``question`` column of about 50-200 characters.
+def make_input(directory: Path, rows: int, salt: int, row_group_rows: int | None = None) -> Path:
+    """A Parquet file with a ``question`` column of about 50-200 characters,
+    in row groups of ``row_group_rows`` (None: polars' default, one group
+    for any input here).
 
     Every prompt is unique (``Q<salt>-<row>:`` prefix), and so is every file:
     in-run dedup or a response cache, within a run or across repeats, can never
@@ -582,7 +584,7 @@ def make_input(directory: Path, rows: int, salt: int) -> Path:
         pl.lit(f"Q{salt:04d}-"), pl.col("id").cast(pl.String), pl.lit(": "), "phrase"
     )
     frame = pl.DataFrame({"id": index, "phrase": picks}).select("id", question.alias(COLUMN))
-    frame.write_parquet(path)
+    frame.write_parquet(path, row_group_size=row_group_rows)
     return path
 
 
@@ -598,6 +600,8 @@ class Variant:
     build: Build
     rows: int
     inspect: Callable[[Path, JobResult], None] | None = None
+    row_group_rows: int | None = None
+    """Row groups of the job's input (the Ray engine's shards are whole groups)."""
 
 
 @dataclass
@@ -621,9 +625,9 @@ class Context:
         """An enrich run, with the flags given to the benchmark by --enrich-args."""
         return enrich_build(concurrency, *flags, *self.enrich_flags)
 
-    def fresh_input(self, rows: int) -> Path:
+    def fresh_input(self, rows: int, row_group_rows: int | None = None) -> Path:
         self._salt += 1
-        return make_input(self.workdir, rows, self._salt)
+        return make_input(self.workdir, rows, self._salt, row_group_rows)
 
     def rounds(self, section: str) -> Iterator[int]:
         """Repeat indices; stops early when another round would overrun the
@@ -655,7 +659,11 @@ class Context:
                 order.reverse()
             for name, variant in order:
                 # A start-up variant (0 rows) reads no input.
-                input_path = self.fresh_input(variant.rows) if variant.rows else self.workdir
+                input_path = (
+                    self.fresh_input(variant.rows, variant.row_group_rows)
+                    if variant.rows
+                    else self.workdir
+                )
                 label = re.sub(r"[^\w.]+", "-", f"{section}-{name}-{index}")
                 job = finish_job(
                     Child(variant.build(input_path, output, sim), self.workdir, label),

@@ -8,6 +8,7 @@ Layout::
       journal/seg-00000007.log       results as they arrive (see ``journal.py``)
       parts/part-00000006.parquet    sealed results (row id + contract columns), by row id
       damaged/                       files found damaged, set aside (their rows are redone)
+      shards/RANGE/*.log             the Ray engine's workers' journals (see ``shards.py``)
       carried.sqlite3                answers of an earlier input's run, by request key
 
 Results are appended to a journal segment with one fsync per group of
@@ -59,6 +60,7 @@ from pipeline.durable import (
 from pipeline.errors import CheckpointMismatch, InputError, UsageError
 from pipeline.journal import JournalWriter, read_journal
 from pipeline.results import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
+from pipeline.shards import SHARDS, journals, read_results
 from pipeline.storage import Location, ObjectUri, remote_identity
 from pipeline.storage import file_facts as file_facts
 
@@ -423,6 +425,14 @@ class Checkpoint:
     def _segment_files(self) -> list[tuple[int, Path]]:
         return self._numbered(self._journal_dir, "seg-*.log", "seg-")
 
+    def _shard_journals(self) -> list[tuple[int, Path]]:
+        """The Ray engine's shard journals, numbered after every part and
+        segment (they hold the newest results)."""
+        root = self.run_dir / SHARDS
+        found = [path for directory in sorted(root.glob("*")) for path in journals(directory)]
+        first = self.next_seq() + 1_000_000
+        return [(first + index, path) for index, path in enumerate(found)]
+
     def part_path(self, seq: int) -> Path:
         return self._parts_dir / f"part-{seq:08d}.parquet"
 
@@ -477,6 +487,21 @@ class Checkpoint:
             else:
                 segment.unlink()
         fsync_dir(self._journal_dir)
+        self._adopt_shard_journals(vouched=vouched)
+
+    def _adopt_shard_journals(self, *, vouched: bool) -> None:
+        """What the Ray engine's workers journaled and no driver gathered (it
+        was killed) becomes a part. A kill between the part and the removal
+        adopts the same results again: the newest result of a row wins, and
+        they are the same."""
+        root = self.run_dir / SHARDS
+        if not root.is_dir():
+            return
+        for directory in sorted(path for path in root.iterdir() if path.is_dir()):
+            table = read_results(directory) if vouched else None
+            if table is not None and table.num_rows:
+                write_part(self.part_path(self.next_seq()), table, self.footer())
+            remove_tree(directory)
 
     def footer(self) -> dict[bytes, bytes]:
         """What every part's footer says about the rows it holds."""
@@ -525,7 +550,10 @@ class Checkpoint:
     def has_results(self) -> bool:
         """Whether any result was kept (a part, or for a read-only view a
         journal segment): False for a fresh run, with no file read."""
-        return bool(self._part_files() or (not self.writable and self._segment_files()))
+        return bool(
+            self._part_files()
+            or (not self.writable and (self._segment_files() or self._shard_journals()))
+        )
 
     def latest_results(self, columns: Sequence[str] = ("status",)) -> pl.DataFrame:
         """One row per row id seen so far, from its newest result: the row id
@@ -545,7 +573,7 @@ class Checkpoint:
                 continue
             pieces.append(_numbered_frame(table, seq))
         if not self.writable:
-            for seq, path in self._segment_files():
+            for seq, path in self._segment_files() + self._shard_journals():
                 with contextlib.suppress(OSError):
                     for table in read_journal(path).tables:
                         table = _with_internal_columns(table, wanted)
@@ -561,7 +589,10 @@ class Checkpoint:
 
     def last_update(self) -> datetime | None:
         """When results last reached the disk (the newest part or segment)."""
-        files = [path for _, path in (*self._part_files(), *self._segment_files())]
+        files = [
+            path
+            for _, path in (*self._part_files(), *self._segment_files(), *self._shard_journals())
+        ]
         times = [path.stat().st_mtime for path in files if path.exists()]
         return datetime.fromtimestamp(max(times), tz=UTC) if times else None
 

@@ -405,6 +405,10 @@ class RayConfig(_Section, frozen=True, kw_only=True):
     # number of workers on its own (what Ray Data's LLM processor does; kept
     # as the baseline the shared limit is measured against).
     shared_limit: bool = True
+    # Rows a shard holds, about (whole Parquet row groups; CSV and JSONL are
+    # staged into files of this many rows): the unit a worker enriches,
+    # journals and resumes.
+    shard_rows: Annotated[int, Meta(gt=0, le=10_000_000)] = 10_000
 
 
 _DURATION_UNITS: Final = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}

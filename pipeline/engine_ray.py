@@ -1,22 +1,24 @@
-"""The Ray engine: the same run, its requests sent by worker actors on a Ray
-cluster under one rate limit for the whole cluster.
+"""The Ray engine: workers on a Ray cluster enrich shards that enrich plans
+itself, under one rate limit for the whole cluster.
 
-The only module that imports Ray. What it changes is where a request is
-sent from, nothing else: the driver (the process running ``enrich``) plans,
-reads, renders, dedups, caches, caps the spend, journals every result as it
-arrives and assembles the output, exactly as on one machine, so resume,
-exactly-once output in input order, the report and the timeline are the
-single-process ones. ``RayStage`` is a ``CallStage`` whose ``call`` hands the
-row to a worker actor; each worker runs its own ``CallStage`` (transport,
-retries, structured output, classification, adaptive in-flight limit) with a
-``LeasedLimiter`` drawing on one ``LimitLedger`` actor (see pipeline.lease).
+The only module that imports Ray. The driver (the process running
+``enrich``) plans the shards from the input's metadata (pipeline.shards),
+never reads the input's rows, and hands the shards still to do to a Ray Data
+pipeline: ``from_items(shards).map_batches(ShardWorker, ActorPoolStrategy)``,
+one shard a batch. Each ``ShardWorker`` (an async actor) runs
+``pipeline.shard_work.ShardJob``: it reads its rows, sends them through the
+single-machine ``CallStage`` with a ``LeasedLimiter`` drawing on the one
+``LedgerActor`` (see pipeline.lease), and journals every result in the run
+directory as it finishes. The driver gathers each finished shard's journal
+into the checkpoint, so assembly, ``enrich status``, the report and resume
+are the single-machine ones.
 
-Resume is keyed on the input's row ids in the driver's journal, never on
-Ray's blocks. A worker that dies (SIGKILL, a lost node) is restarted by Ray
-and the rows it held are sent again: what it had in flight is paid twice,
-nothing else. A driver that dies takes its job's actors with it; the same
-command resumes from the journal, paying again for what was in flight and
-the last group commit (``checkpoint.flush_interval_s``).
+Resume is keyed on the shards' row ranges, never on Ray's blocks. A worker
+killed mid-shard is restarted by Ray, which runs its shard again: that
+attempt skips what the journals hold and pays only for what was in flight.
+The ledger actor also holds the board (pipeline.shard_work.Board): a fatal
+error or the spend cap posted there stops every worker; each attempt's
+counts and warnings wait there for the driver.
 """
 
 from __future__ import annotations
@@ -25,68 +27,37 @@ import asyncio
 import contextlib
 import logging
 import os
-from dataclasses import dataclass
+import threading
+import uuid
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Final
 
 import ray
-from ray.exceptions import RayActorError
+from ray.exceptions import RayError
 
 from pipeline import errors
-from pipeline.call import CallStage, CallStats, ChatRequest
+from pipeline.call import CallStage, CallStats
 from pipeline.lease import LeasedLimiter, LedgerSnapshot, LimitLedger, Report
 from pipeline.plan import answer_check
-from pipeline.results import RowResult
+from pipeline.shard_work import Board, NoticeSink, ShardJob, Stop, WorkerSpec
+from pipeline.shards import SHARDS, ShardSummary, ShardTask
 from pipeline.transport import make_transport
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
 
-    from pipeline.config import RunConfig
+    import pyarrow as pa
+
     from pipeline.events import EventSink
     from pipeline.lease import Grant
     from pipeline.plan import Plan
     from pipeline.ratelimit import RateLimiter
-    from pipeline.transport import Messages, Transport
+    from pipeline.shard_work import Notice
+    from pipeline.transport import Transport
 
-# Ray restarts a dead worker this many times; its rows are sent again by the
-# driver, never re-run by Ray (max_task_retries=0: Ray's own retry would pay
-# for them a second time on top of the driver's).
-WORKER_RESTARTS: Final = 4
-# A row given to workers that died this many times in a row ends the run.
-ROW_RESENDS: Final = 3 * WORKER_RESTARTS
-# How often the driver gathers the workers' counts for the live timeline.
+# How often the driver gathers the workers' counts and warnings.
 STATS_EVERY_S: Final = 1.0
-WORKER_NAME: Final = "enrich-worker"
 LEDGER_NAME: Final = "enrich-ledger"
-
-
-@dataclass(frozen=True)
-class WorkerSpec:
-    """What a worker needs to build its call stage. ``api_key`` travels as an
-    actor argument (never logged, never in the runtime env Ray shows)."""
-
-    config: RunConfig
-    extra_params: dict[str, Any] | None
-    schema: dict[str, Any] | None
-    api_key: str
-
-    def __repr__(self) -> str:
-        return f"WorkerSpec(model={self.config.model.name!r}, api_key=<redacted>)"
-
-
-@dataclass(frozen=True)
-class _Failed:
-    """A run-level error in a worker, sent back as a value: its class name in
-    pipeline.errors and its message."""
-
-    kind: str
-    message: str
-
-    def error(self) -> errors.EnrichError:
-        cls = getattr(errors, self.kind, None)
-        if not (isinstance(cls, type) and issubclass(cls, errors.EnrichError)):
-            cls = errors.ClusterLost
-        return cls(self.message)
 
 
 class _ActorSource:
@@ -101,11 +72,13 @@ class _ActorSource:
 
 
 class LedgerActor:
-    """The cluster's one ``LimitLedger`` (made in the actor's event loop)."""
+    """The cluster's one ``LimitLedger`` (made in the actor's event loop) and
+    its board."""
 
     def __init__(self, rpm: int | None, tpm: int | None, adaptive: bool) -> None:
         self._settings = (rpm, tpm, adaptive)
         self._ledger: LimitLedger | None = None
+        self.board = Board()
 
     def _get(self) -> LimitLedger:
         if self._ledger is None:
@@ -119,72 +92,134 @@ class LedgerActor:
     async def snapshot(self) -> LedgerSnapshot:
         return self._get().snapshot()
 
+    async def set_spend(self, max_cost: float | None, spent: float) -> None:
+        self.board.max_cost, self.board.spent = max_cost, spent
 
-class WorkerActor:
-    """One worker: the single-machine call stage, leasing from the ledger."""
+    async def report(
+        self,
+        worker: str,
+        stats: CallStats,
+        notices: list[Notice],
+        spent: float,
+        stop: Stop | None,
+    ) -> Stop | None:
+        return self.board.report(worker, stats, notices, spent, stop)
+
+    async def post_stop(self, stop: Stop) -> None:
+        self.board.post_stop(stop)
+
+    async def hello(self, worker: str, pid: int) -> None:
+        self.board.pids[worker] = pid
+
+    async def pids(self) -> list[int]:
+        return list(self.board.pids.values())
+
+    async def gather(self) -> tuple[list[CallStats], list[Notice], float]:
+        """Every worker's counts, the warnings not yet gathered, the spend."""
+        board = self.board
+        return list(board.counts.values()), board.take_notices(), board.spent
+
+
+class ShardWorker:
+    """A Ray Data UDF (an async actor of the pool): enriches the shards it is
+    given, one at a time, with one call stage for the actor's life."""
 
     def __init__(self, spec: WorkerSpec, ledger: str) -> None:
         self._spec = spec
         # By name, not handle: a handle argument lives in the object store,
         # which a restarted worker's constructor could not count on.
-        self._ledger = ledger
+        self._ledger_name = ledger
+        self._ledger: Any = None
+        self._id = uuid.uuid4().hex[:12]
         self._stage: CallStage | None = None
-        self._transport: Transport | None = None
+        self._sink = NoticeSink()
+        self._one_at_a_time: asyncio.Lock | None = None
 
-    def _get(self) -> CallStage:
-        # Built in the actor's event loop, on the first row: the limiter's
+    async def __call__(self, batch: pa.Table) -> pa.Table:
+        import pyarrow as pa
+
+        if self._one_at_a_time is None:
+            self._one_at_a_time = asyncio.Lock()
+        summaries = []
+        async with self._one_at_a_time:  # one call stage: one shard at a time
+            for text in batch.column("task").to_pylist():
+                task = ShardTask.from_json(text)
+                summary = await self._run(task)
+                summaries.append(summary.to_json())
+        return pa.table({"summary": summaries})
+
+    async def _run(self, task: ShardTask) -> ShardSummary:
+        from pathlib import Path
+
+        if not (Path(self._spec.run_dir) / SHARDS).is_dir():
+            return ShardSummary(
+                task.shard.name,
+                error_kind="ConfigError",
+                error_message=f"the run directory {self._spec.run_dir} is not visible on the "
+                f"Ray node {os.uname().nodename}: put --run-dir on storage every node mounts "
+                "at the same path",
+            )
+        job = ShardJob(self._spec, await self._get(), self._sink, self._report)
+        # Counts are the call stage's totals for the actor's life: kept
+        # under the actor's key, the newest report replaces the last.
+        return await job.run(task, self._id)
+
+    async def _report(
+        self,
+        worker: str,
+        stats: CallStats,
+        notices: list[Notice],
+        spent: float,
+        stop: Stop | None,
+    ) -> Stop | None:
+        posted: Stop | None = await self._ledger.report.remote(worker, stats, notices, spent, stop)
+        return posted
+
+    async def _get(self) -> CallStage:
+        # Built in the actor's event loop, on the first shard: the limiter's
         # clock is that loop's.
         if self._stage is None:
-            spec = self._spec
-            config = spec.config
-            self._transport = make_transport(
-                config.model, spec.api_key, config.model.transport, extra_params=spec.extra_params
-            )
-            limits = config.limits
-            limiter: RateLimiter | None = None
-            if config.ray.shared_limit:
-                limiter = LeasedLimiter(
-                    _ActorSource(ray.get_actor(self._ledger)),
-                    concurrency=limits.concurrency,
-                    adaptive=limits.adaptive,
-                    latency=True,
-                    start_at_ceiling="concurrency" in limits.fields_set,
-                )
-            else:
-                workers = config.ray.workers
-                limits = limits.replace(
-                    rpm=limits.rpm and max(1, limits.rpm // workers),
-                    tpm=limits.tpm and max(1, limits.tpm // workers),
-                )
-            self._stage = CallStage(
-                config.model,
-                limits,
-                self._transport,
-                check_answer=answer_check(spec.schema),
-                answer_attempts=config.structured.max_attempts,
-                limiter=limiter,
-            )
+            self._ledger = ray.get_actor(self._ledger_name)
+            await self._ledger.hello.remote(self._id, os.getpid())
+            self._stage = _worker_stage(self._spec, self._ledger, self._sink)
         return self._stage
 
-    async def call(self, row_id: int, messages: Messages) -> RowResult | _Failed:
-        try:
-            return await self._get().call(ChatRequest(row_id, messages))
-        except errors.EnrichError as exc:
-            return _Failed(type(exc).__name__, str(exc))
 
-    async def stats(self) -> CallStats:
-        return self._get().stats
-
-    async def pid(self) -> int:
-        return os.getpid()
-
-    async def close(self) -> None:
-        if self._stage is not None:
-            limiter = self._stage.limiter
-            if isinstance(limiter, LeasedLimiter):
-                await limiter.aclose()
-        if self._transport is not None:
-            await self._transport.aclose()
+def _worker_stage(spec: WorkerSpec, ledger: Any, sink: NoticeSink) -> CallStage:
+    config = spec.config
+    transport = make_transport(
+        config.model,
+        spec.api_key,
+        config.model.transport,
+        extra_params=None
+        if spec.response_format is None
+        else {"response_format": spec.response_format},
+    )
+    limits = config.limits
+    limiter: RateLimiter | None = None
+    if config.ray.shared_limit:
+        limiter = LeasedLimiter(
+            _ActorSource(ledger),
+            concurrency=limits.concurrency,
+            adaptive=limits.adaptive,
+            latency=True,
+            start_at_ceiling="concurrency" in limits.fields_set,
+        )
+    else:
+        workers = config.ray.workers
+        limits = limits.replace(
+            rpm=limits.rpm and max(1, limits.rpm // workers),
+            tpm=limits.tpm and max(1, limits.tpm // workers),
+        )
+    return CallStage(
+        config.model,
+        limits,
+        transport,
+        check_answer=answer_check(spec.schema),
+        answer_attempts=config.structured.max_attempts,
+        events=sink,
+        limiter=limiter,
+    )
 
 
 def connect(address: str | None) -> bool:
@@ -211,107 +246,143 @@ def connect(address: str | None) -> bool:
 
 
 class RayStage(CallStage):
-    """The driver's call stage: every row goes to a worker actor; the crew of
-    ``CallStage.results`` keeps ``workers x concurrency`` rows in flight."""
+    """The driver's side: the cluster is joined, the ledger made and the
+    shards sent to a Ray Data pipeline on the first ``run_shards`` (a batch
+    route that finishes everything never starts Ray). ``stats`` are every
+    worker's, as the board last had them."""
 
     def __init__(self, plan: Plan, transport: Transport, events: EventSink) -> None:
         config = plan.config
-        workers = config.ray.workers
-        limits = config.limits.replace(concurrency=config.limits.concurrency * workers)
+        limits = config.limits.replace(concurrency=config.limits.concurrency * config.ray.workers)
         super().__init__(config.model, limits, transport, events=events)
+        self._plan = plan
+        self._owns_ray = False
+        self.ledger: Any = None
+        self._worker_stats: list[CallStats] = []
+        self._ledger_stats: LedgerSnapshot | None = None
+
+    @property
+    def stats(self) -> CallStats:
+        return combine(self._worker_stats, self._ledger_stats)
+
+    def drain(self) -> None:
+        super().drain()
+        if self.ledger is not None:
+            self.ledger.post_stop.remote(Stop("drain", "stopped by the driver"))
+
+    def _start(self) -> None:
+        plan = self._plan
+        config = plan.config
         self._owns_ray = connect(config.ray.address)
-        limits = config.limits
         self.ledger_name = f"{LEDGER_NAME}-{os.getpid()}-{id(self)}"
-        # Handles typed Any: Ray's stubs do not see the methods of a class
-        # made remote at run time.
-        self.ledger: Any = (
+        limits = config.limits
+        # Typed Any: Ray's stubs do not see the methods of a class made
+        # remote at run time.
+        self.ledger = (
             ray.remote(LedgerActor)
             .options(num_cpus=0, name=self.ledger_name)
             .remote(limits.rpm, limits.tpm, limits.adaptive)
         )
+
+    async def run_shards(
+        self, tasks: Sequence[ShardTask], spec: WorkerSpec, spent_usd: float
+    ) -> AsyncIterator[ShardSummary]:
+        """Each shard's summary as its worker finishes it (in any order)."""
+        if not tasks:
+            return
+        if self.ledger is None:
+            self._start()
+        await self.ledger.set_spend.remote(self._plan.config.max_cost, spent_usd)
+        if self.draining:
+            await self.ledger.post_stop.remote(Stop("drain", "stopped by the driver"))
+        queue: asyncio.Queue[str | BaseException | None] = asyncio.Queue()
+        pump = threading.Thread(
+            target=_pump,
+            args=(self._dataset(tasks, spec), asyncio.get_running_loop(), queue),
+            name="enrich-ray-shards",
+            daemon=True,
+        )
+        pump.start()
+        poller = asyncio.create_task(self._poll())
+        try:
+            while (item := await queue.get()) is not None:
+                if isinstance(item, BaseException):
+                    raise errors.ClusterLost(
+                        f"the Ray workers failed ({_first_line(item)}); check the cluster "
+                        "(`ray status`) and the workers' logs, then rerun the same command "
+                        "to resume"
+                    ) from None
+                yield ShardSummary.from_json(item)
+        finally:
+            poller.cancel()
+            with contextlib.suppress(RayError):
+                await self.gather_stats()
+
+    def _dataset(self, tasks: Sequence[ShardTask], spec: WorkerSpec) -> Any:
+        import ray.data
+
+        # Only the CLI talks to the terminal.
+        logging.getLogger("ray.data").setLevel(logging.ERROR)
+        context = ray.data.DataContext.get_current()
+        context.enable_progress_bars = False
+        context.print_on_execution_start = False
+        workers = min(self._plan.config.ray.workers, len(tasks))
         cpus = float(ray.cluster_resources().get("CPU", 1.0))  # type: ignore[no-untyped-call]
-        spec = WorkerSpec(config, plan.extra_params, plan.prepared.schema, config.api_key())
-        self.workers: list[Any] = [
-            ray.remote(WorkerActor)
-            .options(
-                name=f"{WORKER_NAME}-{os.getpid()}-{id(self)}-{i}",
-                # Leave CPUs for Ray's own tasks: actors that take them all
-                # starve them (a silent hang).
-                num_cpus=min(1.0, cpus / (workers + 1)),
-                max_restarts=WORKER_RESTARTS,
-                max_task_retries=0,
-                max_concurrency=max(1000, 4 * config.limits.concurrency),
-            )
-            .remote(spec, self.ledger_name)
-            for i in range(workers)
-        ]
-        # Up before the first row: a worker's process takes seconds to start,
-        # which belongs to the start-up, not to the rows it would hold up.
-        ray.get([worker.pid.remote() for worker in self.workers])
-        self._load = [0] * workers
-        self._worker_stats: list[CallStats | None] = [None] * workers
-        self._ledger_stats: LedgerSnapshot | None = None
-        self.resent = 0
-        self._poller: asyncio.Task[None] | None = None
-
-    @property
-    def stats(self) -> CallStats:
-        return combine([s for s in self._worker_stats if s is not None], self._ledger_stats)
-
-    async def call(self, request: ChatRequest) -> RowResult:
-        if self._poller is None:
-            self._poller = asyncio.create_task(self._poll())
-        for _ in range(ROW_RESENDS):
-            index = min(range(len(self.workers)), key=self._load.__getitem__)
-            self._load[index] += 1
-            self.limiter.gate.in_flight += 1
-            try:
-                reply = await self.workers[index].call.remote(request.row_id, request.messages)
-            except RayActorError:
-                # The worker died with the row in flight: Ray restarts it,
-                # and the row goes again (to the least loaded worker).
-                self.resent += 1
-                continue
-            finally:
-                self._load[index] -= 1
-                self.limiter.gate.in_flight -= 1
-            if isinstance(reply, _Failed):
-                raise reply.error()
-            result: RowResult = reply
-            return result
-        raise errors.ClusterLost(
-            f"row {request.row_id} was lost with its worker {ROW_RESENDS} times: the Ray "
-            "cluster keeps losing workers; check its nodes (`ray status`), then rerun the "
-            "same command to resume"
+        items = [{"task": task.to_json()} for task in tasks]
+        # One shard a block and a batch: Ray Data hands out work by block.
+        return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardWorker,
+            fn_constructor_args=(spec, self.ledger_name),
+            batch_size=1,
+            batch_format="pyarrow",
+            compute=ray.data.ActorPoolStrategy(size=workers, max_tasks_in_flight_per_actor=1),
+            # Leave CPUs for Ray Data's own tasks: actors that take them all
+            # starve them (a silent hang).
+            num_cpus=min(1.0, cpus / (workers + 1)),
         )
 
     async def _poll(self) -> None:
         while True:
             await asyncio.sleep(STATS_EVERY_S)
-            with contextlib.suppress(RayActorError):
+            with contextlib.suppress(RayError):
                 await self.gather_stats()
 
     async def gather_stats(self) -> None:
-        """Every worker's counts and the ledger's, for the report and timeline."""
-        for i, worker in enumerate(self.workers):
-            with contextlib.suppress(RayActorError):
-                self._worker_stats[i] = await worker.stats.remote()
+        """Every attempt's counts and the ledger's, for the report and
+        timeline; the workers' warnings, into the driver's events."""
+        counts, notices, _ = await self.ledger.gather.remote()
+        self._worker_stats = counts
+        for notice in notices:
+            self.events.emit(
+                notice.event, level=notice.level, message=notice.message, **notice.fields
+            )
         self._ledger_stats = await self.ledger.snapshot.remote()
         self.limiter.stats.paused_s = self._ledger_stats.paused_s
 
     async def aclose(self) -> None:
-        """Gather the final counts, then end the actors (and a Ray this run started)."""
-        if self._poller is not None:
-            self._poller.cancel()
-        with contextlib.suppress(RayActorError):
-            await self.gather_stats()
-        for worker in self.workers:
-            with contextlib.suppress(RayActorError):
-                await worker.close.remote()
-            ray.kill(worker, no_restart=True)
-        ray.kill(self.ledger, no_restart=True)
+        """End the ledger (and a Ray this run started)."""
+        if self.ledger is not None:
+            ray.kill(self.ledger, no_restart=True)
         if self._owns_ray:
             ray.shutdown()
+
+
+def _pump(dataset: Any, loop: asyncio.AbstractEventLoop, queue: asyncio.Queue[Any]) -> None:
+    """Runs the pipeline (on a thread: Ray Data's iterator blocks) and posts
+    each summary to the driver's loop, then None, or what failed."""
+    item: Any = None
+    try:
+        for row in dataset.iter_rows():
+            loop.call_soon_threadsafe(queue.put_nowait, row["summary"])
+    except Exception as exc:
+        item = exc
+    with contextlib.suppress(RuntimeError):  # the loop is gone: nobody waits
+        loop.call_soon_threadsafe(queue.put_nowait, item)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[-1][:200] if text else type(exc).__name__
 
 
 def combine(workers: Sequence[CallStats], ledger: LedgerSnapshot | None) -> CallStats:

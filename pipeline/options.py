@@ -378,6 +378,14 @@ OPTIONS: Final[tuple[Option, ...]] = (
         "on",
     ),
     Option(
+        "--shard-rows",
+        "ray.shard_rows",
+        "int",
+        "With --engine ray: rows a shard holds, about (whole Parquet row groups): what a "
+        "worker reads, journals and resumes as one.",
+        "10000",
+    ),
+    Option(
         "--route",
         "route",
         "str",

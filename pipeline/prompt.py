@@ -118,6 +118,11 @@ def _mode_error(spec: PromptSpec) -> ConfigError | None:
     return None
 
 
+def needed_columns(spec: PromptSpec) -> list[str]:
+    """The input columns the prompts are made from."""
+    return _needed_columns(spec)
+
+
 def _needed_columns(spec: PromptSpec) -> list[str]:
     error = _mode_error(spec)
     if error is not None:

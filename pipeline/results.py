@@ -119,3 +119,13 @@ def results_to_table(results: Sequence[RowResult]) -> pa.Table:
         },
         schema=PART_SCHEMA,
     )
+
+
+def results_from_table(table: pa.Table) -> list[RowResult]:
+    """The results a table of ``results_to_table``'s schema holds (a journal's
+    records, read back), in its order."""
+    names = {ROW_ID: "row_id", TRANSIENT: "transient", REQUEST_KEY: "request_key"}
+    return [
+        RowResult(**{names.get(key, key): value for key, value in row.items()})
+        for row in table.to_pylist()
+    ]

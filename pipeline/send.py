@@ -18,6 +18,7 @@ from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
 from pipeline.errors import ConfigError, RunInterrupted
 from pipeline.feed import Feed, reused
+from pipeline.send_shards import ShardedStage, collect_shards, forget
 from pipeline.transport import Transport, make_transport
 
 if TYPE_CHECKING:
@@ -169,13 +170,20 @@ async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
     )
     feed.collected.attach(sink)
     committer = asyncio.create_task(sink.run())
+    gathered: list[Path] = []
     try:
-        await _collect_results(feed, stage)
+        if isinstance(stage, ShardedStage):
+            await collect_shards(feed, stage, checkpoint, gathered)
+        else:
+            await _collect_results(feed, stage)
     finally:
         committer.cancel()
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
         await asyncio.shield(sink.close())
+    # In the checkpoint now: a kill before this adopts them again (the same
+    # results; the newest of a row wins).
+    await asyncio.to_thread(forget, gathered)
     if sink.failure is not None:
         raise commit_error(sink.failure, checkpoint.run_dir)
     if stage.draining:

@@ -344,3 +344,22 @@ def test_a_batch_that_fails_validation_says_why(tmp_path: Path, start_server: St
     assert failed.value.exit_code == 3
     ledger = read_ledger(tmp_path / "out.parquet.enrich")
     assert ledger is not None and [e.state for e in ledger.files] == ["failed"]
+
+
+@pytest.mark.slow
+def test_the_batch_route_on_the_ray_engine_runs_on_the_driver_without_starting_ray(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    ray = pytest.importorskip("ray")
+    server = start_server(batch=FAST)
+    prompts: list[str | None] = list(questions(20))
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+
+    enrich(batch_config(source, output, server, **{"run.engine": "ray"}))
+
+    frame = assert_every_row_once(output, prompts)
+    assert frame["route"].to_list() == ["batch"] * 20
+    # The batches answered everything: no cluster was needed, none started.
+    assert not ray.is_initialized()
+    computed_once(server)

@@ -3,6 +3,8 @@ same workload (issue 16), and against per-worker limiters with the limit
 divided by hand (``--no-shared-limit``, Ray Data's way), in the same rounds.
 
 The server enforces 6,000 requests/min over a 10 s window, 50 ms an answer.
+Inputs come in row groups of ``RAY_SHARD_ROWS`` and the Ray jobs plan shards
+of that many rows, so the Ray Data workers share several shards each.
 Each Ray job starts its own local Ray (``ray.init()``), as a user's first
 ``--engine ray`` run does: its start-up is part of the wall time, and a
 10-row job shows it alone. "peak RSS" is the driver's high-water mark (the
@@ -27,6 +29,7 @@ RAY_WINDOW_S: Final = 10.0
 RAY_LATENCY_MS: Final = 50.0
 RAY_WORKERS: Final = 2
 RAY_CONCURRENCY: Final = 16
+RAY_SHARD_ROWS: Final = 250
 STARTUP_ROWS: Final = 10
 # How often the job's process tree's memory is sampled.
 MEMORY_POLL_S: Final = 0.5
@@ -137,7 +140,7 @@ def section_ray(ctx: Context) -> dict[str, Any]:
         f"\n[ray] {rows:,} rows at {RAY_RPM:,} rpm over a {RAY_WINDOW_S:g} s window "
         f"(ideal {ideal_s:.1f} s), {RAY_WORKERS} workers x {RAY_CONCURRENCY} in flight"
     )
-    ray = ("--engine", "ray", "--workers", str(RAY_WORKERS))
+    ray = ("--engine", "ray", "--workers", str(RAY_WORKERS), "--shard-rows", str(RAY_SHARD_ROWS))
     rpm = ("--rpm", str(RAY_RPM))
     flags = ("--rpm", str(RAY_RPM), "--window-s", str(RAY_WINDOW_S))
     output = ctx.workdir / "ray-out.parquet"  # in every job's command line (Context.measure)
@@ -148,20 +151,26 @@ def section_ray(ctx: Context) -> dict[str, Any]:
     ):
         counts = Counts(sim, memory, poller)
         local = RAY_WORKERS * RAY_CONCURRENCY
+        groups = RAY_SHARD_ROWS
         variants = {
-            "local, configured": Variant(ctx.enrich(local, *rpm), rows, counts.inspect),
+            "local, configured": Variant(ctx.enrich(local, *rpm), rows, counts.inspect, groups),
             "ray shared, configured": Variant(
-                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray), rows, counts.inspect
+                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray), rows, counts.inspect, groups
             ),
-            "ray shared, auto": Variant(ctx.enrich(RAY_CONCURRENCY, *ray), rows, counts.inspect),
+            "ray shared, auto": Variant(
+                ctx.enrich(RAY_CONCURRENCY, *ray), rows, counts.inspect, groups
+            ),
             "ray split by hand": Variant(
-                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray, "--no-shared-limit"), rows, counts.inspect
+                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray, "--no-shared-limit"),
+                rows,
+                counts.inspect,
+                groups,
             ),
             f"local, {STARTUP_ROWS} rows": Variant(
-                ctx.enrich(local, *rpm), STARTUP_ROWS, counts.inspect
+                ctx.enrich(local, *rpm), STARTUP_ROWS, counts.inspect, groups
             ),
             f"ray, {STARTUP_ROWS} rows": Variant(
-                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray), STARTUP_ROWS, counts.inspect
+                ctx.enrich(RAY_CONCURRENCY, *rpm, *ray), STARTUP_ROWS, counts.inspect, groups
             ),
         }
         jobs = ctx.measure("ray", sim, variants)
