@@ -445,6 +445,7 @@ class CallStage:
         return Patience(
             functools.partial(self.stall.for_attempt, stalls),
             functools.partial(self.limiter.behind_s, permit),
+            functools.partial(self.limiter.head_s, permit),
         )
 
     def _observe_timings(self, completion: Completion, latency_s: float) -> None:

@@ -13,17 +13,21 @@ requests in flight only add latency. Two controls, the lower wins:
   gradient limiter does (Netflix's concurrency-limits): by Little's law, with
   ``L`` requests in flight and latency ``ratio`` times the latency without a
   queue, the server works on about ``L / ratio`` of them; the rest are queued.
-  It starts at one request and multiplies by 4 each round trip while latency
-  stays flat (or starts at ``--concurrency`` when it was given), comes down
-  to the server's capacity plus one request kept queued when latency climbs,
-  and probes one more when that request no longer waits.
+  It starts with a burst of 4 requests and multiplies by 4 each round trip
+  while latency stays flat (or starts at ``--concurrency`` when it was
+  given), comes down to the server's capacity plus one request kept queued
+  when latency climbs, and probes one more when that request no longer waits.
   The latency without a queue is the server's own time where it says it
   (llama.cpp's ``timings``) plus the least network overhead seen, else the
-  lowest mean latency a round showed beyond its own noise.
+  lowest mean latency a round showed beyond its own noise; a request sent
+  while none of the run's others was in flight (it waited behind none of
+  them) re-bases that reference when it is far below it.
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
-only from the moment every earlier request is done (see ``pipeline.call``).
+only from the moment every earlier request is done, and not while the server
+answers none of those sent after it (it is computing this one; see
+``pipeline.call``).
 
 Time is the event loop's clock, so tests run it on a fake clock (``looptime``).
 """
@@ -92,8 +96,21 @@ HOLD_ROUNDS: Final = 2
 # costs a tenth of the throughput). A queue of this size is not cut.
 QUEUE_KEPT: Final = 1
 # Slow start multiplies the in-flight cap by this each round trip while
-# latency stays flat: 1, 4, 16, 32 reaches 16 slots in two round trips.
+# latency stays flat: 4, 16, 32 reaches 16 slots in one round trip.
 SLOW_START_FACTOR: Final = 4.0
+# The first round is a burst of this many requests, not one alone: a server
+# with many slots is not left idle for a round trip (at 16 slots, starting
+# from one request cost two of them); the burst's answers, queued or not,
+# become the reference (the server's timings, where it sends them, tell its
+# queue at once), and the next burst's first request re-bases it if they
+# were queued. Four queue at most three behind one slot.
+START_REQUESTS: Final = 4.0
+# A request sent alone whose latency is under every earlier answer's divided
+# by this re-bases the reference: those answers had a queue in them (a slow
+# first answer queued ahead, a spell of load), so against them a queue of
+# ours looks flat. A jittery server's answers spread, but none comes in at
+# half the fastest of those before it.
+REBASE_FACTOR: Final = 2.0
 HOLD_MAX_ROUNDS: Final = 16
 
 
@@ -132,6 +149,13 @@ class ConcurrencyGate:
         self.unsent = 0
         self._cut_at = 0
         self._waiters: collections.deque[asyncio.Future[None]] = collections.deque()
+        # Slow start sends each cap as one burst (see LatencyLimit): a place
+        # its answers free is granted again at the next cap, not at once, so
+        # that the next burst's first request goes out with none of the
+        # run's requests ahead of it in the server's queue (its latency is
+        # one without a queue of ours). Places left in the current burst:
+        self.bursts = False
+        self._burst_left = 0
 
     @property
     def effective(self) -> float:
@@ -144,12 +168,40 @@ class ConcurrencyGate:
 
     def set_cap(self, cap: float) -> None:
         self.cap = max(1.0, min(float(self.ceiling), cap))
+        self._burst_left = self.slots
         self._wake()
 
+    def set_bursts(self, bursts: bool) -> None:
+        self.bursts = bursts
+        self._wake()
+
+    @property
+    def bursting(self) -> bool:
+        """Each cap is sent as one burst. After a 429 (AIMD's slow start
+        over) the rate limits set the pace, not bursts: rounds of answers
+        would come too seldom to free their places."""
+        return self.bursts and (self.slow_start or not self.adaptive)
+
+    def next_burst(self) -> None:
+        """Send the cap's worth again (a round judged, the cap unchanged)."""
+        self._burst_left = self.slots
+        self._wake()
+
+    def _may_grant(self) -> bool:
+        if self.in_flight >= self.slots:
+            return False
+        # Nothing in flight: a burst whose round lost a request (an error,
+        # retried) must not wait forever for its answer.
+        return not self.bursting or self._burst_left > 0 or self.in_flight == 0
+
+    def _grant(self) -> None:
+        self.in_flight += 1
+        self.unsent += 1
+        self._burst_left = max(0, self._burst_left - 1)
+
     async def acquire(self) -> None:
-        if self.in_flight < self.slots and not self._waiters:
-            self.in_flight += 1
-            self.unsent += 1
+        if self._may_grant() and not self._waiters:
+            self._grant()
             return
         waiter = asyncio.get_running_loop().create_future()
         self._waiters.append(waiter)
@@ -172,11 +224,10 @@ class ConcurrencyGate:
         self._wake()
 
     def _wake(self) -> None:
-        while self._waiters and self.in_flight < self.slots:
+        while self._waiters and self._may_grant():
             waiter = self._waiters.popleft()
             if not waiter.done():
-                self.in_flight += 1
-                self.unsent += 1
+                self._grant()
                 waiter.set_result(None)
 
     def sent(self) -> int:
@@ -221,6 +272,9 @@ class Sample:
     latency_s: float
     in_flight: float
     server_s: float | None = None
+    # Sent while none of the run's other requests was in flight: it waited in
+    # the server's queue behind none of them.
+    alone: bool = False
 
 
 class LatencyLimit:
@@ -234,11 +288,12 @@ class LatencyLimit:
 
     def __init__(self, gate: ConcurrencyGate, *, start_at_ceiling: bool = False) -> None:
         self.gate = gate
+        self._slow_start = False
         self.slow_start = not start_at_ceiling
         self.reason = (
             f"the configured concurrency ({gate.ceiling})"
             if start_at_ceiling
-            else "starting: one request, 4 times more each round trip while latency stays flat"
+            else "starting: 4 requests, 4 times more each round trip while latency stays flat"
         )
         # The capacity latency last showed (None: no queue seen yet).
         self.capacity: float | None = None
@@ -246,10 +301,13 @@ class LatencyLimit:
         # Cuts taken back: the latency rise was not a queue of ours.
         self.undone = 0
         self._changed_at = 0  # gate sequence of the last change
+        self._changes = 0
         self._round: list[Sample] = []
         self._round_min_s = math.inf  # lowest mean latency of a flat round
         self._overhead_s = math.inf  # least latency beyond the server's own time
         self._sample_min_s = math.inf
+        # The least latency of the answers of rounds judged so far.
+        self._judged_min_s = math.inf
         self._server_sum_s = 0.0
         self._server_count = 0
         self._noise = 0.0  # relative standard error of a flat round's mean
@@ -258,11 +316,21 @@ class LatencyLimit:
         self._probing = False
         # (cap, ratio, slow start) before a latency cut, until a round confirms it.
         self._unconfirmed: tuple[float, float, bool] | None = None
-        gate.set_cap(gate.ceiling if start_at_ceiling else 1.0)
+        gate.set_cap(gate.ceiling if start_at_ceiling else START_REQUESTS)
 
     @property
     def cap(self) -> float:
         return self.gate.cap
+
+    @property
+    def slow_start(self) -> bool:
+        """Multiplying the cap each round trip, each cap sent as one burst."""
+        return self._slow_start
+
+    @slow_start.setter
+    def slow_start(self, value: bool) -> None:
+        self._slow_start = value
+        self.gate.set_bursts(value)
 
     @property
     def tolerance(self) -> float:
@@ -280,24 +348,51 @@ class LatencyLimit:
             return  # sent before the change: decided by the old cap
         self._round.append(sample)
         size = max(ROUND_MIN_START if self.slow_start else ROUND_MIN, math.ceil(self.cap - 1e-9))
+        if self._probing:
+            # A probe asks whether one request more waits. A server whose
+            # slots are full answers in waves, and the request kept queued
+            # waits once a wave: a round of `cap` answers spans one wave and
+            # an answer, so whether it holds a wait is down to its phase.
+            # Two waves hold one for sure.
+            size *= 2
         if len(self._round) >= size:
             round_, self._round = self._round, []
+            changes = self._changes
             self._judge(round_)
+            if changes == self._changes:
+                self.gate.next_burst()
 
-    def _unqueued(self, round_: list[Sample]) -> list[float] | None:
+    def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
+        """The latency without a queue to judge this round against (inf:
+        none yet), and whether a request of the round sent alone re-based it.
+
+        Such a request waited behind none of the run's own, so its latency
+        had no queue of ours in it; when it is far below every answer
+        before it, those all had a queue in them (a slow first answer, a
+        spell of load), and so has a reference taken from them: against it
+        a queue looks flat, and the cap climbs on a server already full.
+        (The first round has nothing before it: it becomes the reference.)"""
+        alone = [s.latency_s for s in round_ if s.alone]
+        if alone and min(alone) * REBASE_FACTOR < self._judged_min_s < math.inf:
+            return min(alone), True
+        return self._round_min_s, False
+
+    def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
         the least overhead seen where the server says it, else the reference
-        (None: this round is the first, and becomes the reference)."""
+        (None: there is none yet, and this round becomes it)."""
         if all(s.server_s is not None for s in round_) and math.isfinite(self._overhead_s):
             return [(s.server_s or 0.0) + self._overhead_s for s in round_]
-        if not math.isfinite(self._round_min_s):
+        if not math.isfinite(reference):
             return None
-        return [self._round_min_s] * len(round_)
+        return [reference] * len(round_)
 
     def _judge(self, round_: list[Sample]) -> None:
         latencies = [s.latency_s for s in round_]
         mean = sum(latencies) / len(latencies)
-        unqueued = self._unqueued(round_)
+        reference, rebased = self._reference(round_)
+        self._judged_min_s = min(self._judged_min_s, *latencies)
+        unqueued = self._unqueued(round_, reference)
         ratio = 1.0 if unqueued is None else sum(latencies) / sum(unqueued)
         in_flight = sum(s.in_flight for s in round_) / len(round_)
         if self._unconfirmed is not None and self._undo(ratio, mean):
@@ -306,6 +401,8 @@ class LatencyLimit:
         # Little's law: the server computes in_flight / ratio, the rest waits.
         queued = in_flight * (1.0 - 1.0 / ratio)
         if ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S and queued > QUEUE_KEPT + 0.5:
+            if rebased:
+                self._round_min_s = reference
             self._cut(ratio, in_flight)
             return
         # Flat: a reference for later rounds, and a measure of the noise
@@ -317,13 +414,9 @@ class LatencyLimit:
         # and the cap is cut again and again. A round lowers it only by what
         # it shows beyond REFERENCE_SE_MULTIPLE of its own standard errors.
         upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
-        self._round_min_s = min(self._round_min_s, upper)
+        self._round_min_s = min(reference if rebased else self._round_min_s, upper)
         if unqueued is not None and len(round_) > 1 and queued < 0.5:
-            ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
-            average = sum(ratios) / len(ratios)
-            # A noisy spell fades over a few flat rounds rather than widening
-            # the tolerance for the rest of the run.
-            self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
+            self._measure_noise(latencies, unqueued)
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
             self._probing = False
@@ -333,8 +426,10 @@ class LatencyLimit:
             if self.capacity is None:
                 self.reason = f"the configured concurrency ({ceiling}), latency flat"
             return
-        # Grow only where the cap was what held requests back.
-        if in_flight < cap - 0.5:
+        # Grow only where the cap was what held requests back (a burst of
+        # `cap` requests did: its places are not refilled, so the number in
+        # flight falls as its answers come, and says nothing).
+        if in_flight < cap - 0.5 and not self.gate.bursting:
             return
         if self.slow_start:
             self._set(min(float(ceiling), cap * SLOW_START_FACTOR))
@@ -349,6 +444,13 @@ class LatencyLimit:
             return
         self._probing = True
         self._set(cap + 1.0)
+
+    def _measure_noise(self, latencies: list[float], unqueued: list[float]) -> None:
+        ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
+        average = sum(ratios) / len(ratios)
+        # A noisy spell fades over a few flat rounds rather than widening
+        # the tolerance for the rest of the run.
+        self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
 
     def _cut(self, ratio: float, in_flight: float) -> None:
         # Little's law: the server works on about in_flight / ratio at once.
@@ -397,6 +499,7 @@ class LatencyLimit:
         # to it, not to the round that judges the new one (those the new cap
         # grants, from set_cap on, do).
         self._changed_at = self.gate.sent_count + self.gate.unsent
+        self._changes += 1
         self.gate.set_cap(cap)
         self._round = []
 
@@ -454,8 +557,18 @@ class QueueClock:
         self._in_flight: dict[int, float] = {}
         self._heads: list[int] = []
         self._times: list[float] = []
+        # Since when the oldest request in flight has been the oldest with
+        # another behind it, and when the server first answered another of
+        # ours after that (None: not yet): see head_s.
+        self._head_since = math.inf
+        self._moved_on_at: float | None = None
 
     def sent(self, sequence: int, now: float) -> None:
+        if not self._in_flight:
+            # Alone: the credit starts when another is sent behind it.
+            self._head_since, self._moved_on_at = math.inf, None
+        elif self._head_since == math.inf:
+            self._head_since = now
         self._in_flight[sequence] = now
 
     def done(self, sequence: int, now: float, *, stuck: bool = False) -> None:
@@ -464,16 +577,40 @@ class QueueClock:
         oldest = next(iter(self._in_flight), None)
         sent_at = self._in_flight.pop(sequence, now)
         if sequence != oldest:
+            if not stuck and self._moved_on_at is None:
+                self._moved_on_at = now
             return
         head = next(iter(self._in_flight), None)
         if head is None:
             return
+        self._head_since = max(self._in_flight[head], sent_at if stuck else now)
+        self._moved_on_at = None
+        if len(self._in_flight) < 2:
+            # Alone: the credit starts when another is sent behind it.
+            self._head_since = math.inf
         self._heads.append(head)
         self._times.append(sent_at if stuck else now)
         if len(self._heads) > 2 * len(self._in_flight) + 64:
             # Entries below the oldest request in flight answer no one.
             keep = bisect.bisect_left(self._heads, head)
             del self._heads[:keep], self._times[:keep]
+
+    def head_s(self, sequence: int, now: float) -> float:
+        """Seconds request ``sequence`` has spent as the oldest in flight with
+        later ones waiting behind it, while the server answered none of them.
+
+        A server computes in order: such a request is the one it is working
+        on (a slow answer: a long one, a machine under load), not a stuck
+        one, which a server passes by, answering those sent after it. Alone
+        in flight, nothing tells the two apart: no credit."""
+        if next(iter(self._in_flight), None) != sequence:
+            return 0.0
+        end = self._moved_on_at
+        if end is None:
+            if len(self._in_flight) < 2:
+                return 0.0
+            end = now
+        return max(0.0, end - self._head_since)
 
     def ahead(self, sequence: int) -> int:
         """Requests in flight that were sent before ``sequence``."""

@@ -937,6 +937,9 @@ class Permit:
     area: float = 0.0
     # Cut for silence and taken for stuck, not queued (see QueueClock.done).
     stuck: bool = False
+    # Sent while no other request of the run was in flight (nor the ghost of
+    # one abandoned): nothing of ours was ahead of it in the server's queue.
+    alone: bool = False
 
 
 @dataclass
@@ -1157,6 +1160,7 @@ class RateLimiter:
             probe=probe,
             in_flight=self._sending,
             area=self._area,
+            alone=self._sending == 1 and now >= self._ghosts_until,
         )
         self.queue.sent(permit.sequence, now)
         return permit
@@ -1224,7 +1228,8 @@ class RateLimiter:
             latency = now - permit.sent_at
             mean = (self._in_flight_area() - permit.area) / latency if latency > 0 else 0.0
             self.latency.observe(
-                permit.sequence, Sample(latency, max(mean, permit.in_flight), server_s)
+                permit.sequence,
+                Sample(latency, max(mean, permit.in_flight), server_s, alone=permit.alone),
             )
         if permit.gate_bound:
             self.gate.increase()
@@ -1333,6 +1338,11 @@ class RateLimiter:
         """Seconds this request has waited behind the run's own earlier
         requests (in the server's queue, as far as the client can tell)."""
         return self.queue.behind_s(permit.sequence, _now())
+
+    def head_s(self, permit: Permit) -> float:
+        """Seconds this request has been the oldest of the run's in flight
+        with others behind it, while the server answered none of them."""
+        return self.queue.head_s(permit.sequence, _now())
 
     def saturated(self, permit: Permit) -> None:
         """The request timed out queued behind the run's own requests: the

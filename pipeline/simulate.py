@@ -60,7 +60,11 @@ whose client had gone by then (work thrown away), ``queue_wait_s`` the time
 requests spent waiting for a slot, ``max_queued`` the longest queue. With
 ``slots`` set, answers carry llama.cpp's ``timings`` object (``prompt_n``,
 ``prompt_ms``, ``predicted_n``, ``predicted_ms``: the slot's time, not the
-queue's), in the last chunk when streamed.
+queue's), in the last chunk when streamed; with ``timings="vllm"`` vLLM's
+``metrics`` object instead (``time_to_first_token_ms``, ``generation_time_ms``,
+``queue_time_ms``: its ``--enable-per-request-metrics``); with
+``timings=None`` neither, as llama-cpp-python's server. ``warmup_ms`` makes
+the first completion computed that much slower (a model's first request).
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -68,7 +72,7 @@ the content of the LAST user message:
 ``[[fault:400]]``
     always answers 400 ``context_length_exceeded``.
 ``[[fault:<kind>:<n>]]``, kind one of ``500``, ``429``, ``drop``, ``malformed``,
-``hang``, ``stall`` (and ``400``)
+``hang``, ``stall``, ``cut`` (and ``400``)
     the first ``n`` requests carrying exactly this content fail with that fault,
     later ones succeed. Without ``:<n>`` the fault is permanent.
 ``[[fault:badjson]]``, ``[[fault:badjson:<n>]]``
@@ -99,7 +103,11 @@ and ``hang_max_s``; ``malformed`` is a 200 whose JSON body is cut short;
 request fails inside the stream instead, after its first chunk: ``drop``
 closes the connection, ``malformed`` sends a chunk cut short. ``stall`` (a
 directive only) is a hang that starts after the first chunk of a stream (for
-a request that does not stream it is a ``hang``); it always drops.
+a request that does not stream it is a ``hang``); it always drops. ``cut``
+(a directive only) ends a stream after its first content chunk with
+``[DONE]`` and no finish reason, as llama-cpp-python's server does to a
+stream when another request comes (its ``interrupt_requests``); a request
+that does not stream is answered as usual (and takes no count).
 
 Stats: ``requests`` counts every completion request; ``answered`` the 200
 completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
@@ -143,7 +151,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Final, Self
+from typing import Any, Final, Literal, Self
 
 from aiohttp import web
 
@@ -179,7 +187,7 @@ SHUTDOWN_TIMEOUT_S: Final = 0.5
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
 _DIRECTIVE: Final = re.compile(
-    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|badjson|invalid)(?::(\d+))?\]\]"
+    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|cut|badjson|invalid)(?::(\d+))?\]\]"
 )
 # Directives that shape a 200 answer rather than fail the request.
 _ANSWER_KINDS: Final = frozenset({"badjson", "invalid"})
@@ -231,6 +239,12 @@ class SimulatorConfig:
     # the latency, so long answers take long as on a real server.
     slots: int | None = None
     token_ms: float = 0.0
+    # With slots: the server's own times each answer carries: llama.cpp's
+    # ``timings``, vLLM's ``metrics``, or none (llama-cpp-python's server);
+    # and a time added to the first completion computed (a model's first
+    # request: its warm-up).
+    timings: Literal["llama.cpp", "vllm"] | None = "llama.cpp"
+    warmup_ms: float = 0.0
     seed: int = 0
     # The Files and Batches endpoints (turnaround, expiry, failures, limits).
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -240,7 +254,14 @@ class SimulatorConfig:
             raise ConfigError(
                 f"simulator slots must be >= 1, got {self.slots}; leave it unset for no limit"
             )
-        for name in ("latency_ms", "jitter_ms", "hang_s", "chunk_delay_ms", "token_ms"):
+        for name in (
+            "latency_ms",
+            "jitter_ms",
+            "hang_s",
+            "chunk_delay_ms",
+            "token_ms",
+            "warmup_ms",
+        ):
             if getattr(self, name) < 0:
                 raise ConfigError(f"simulator {name} must be >= 0, got {getattr(self, name)}")
         if self.hang_max_s is not None and self.hang_max_s < self.hang_s:
@@ -824,6 +845,7 @@ class Simulator:
         # Created on start(): a semaphore belongs to the loop that serves.
         self._slots: asyncio.Semaphore | None = None
         self._queued = 0
+        self._warmed = False
 
         cfg = self.config
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key is not None else None
@@ -1052,6 +1074,8 @@ class Simulator:
                 kind, counted = directed
                 if kind in _ANSWER_KINDS:
                     shaped = _Shaped(kind, counted)
+                elif kind == "cut" and not chat.stream:
+                    pass  # only a stream is cut short
                 else:
                     if counted:
                         self._directive_counts[chat.content] += 1
@@ -1130,7 +1154,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int],
         headers: Mapping[str, str] | None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> web.Response:
         return _json(200, self._completion(model, answer, finish_reason, usage, timings), headers)
 
@@ -1140,7 +1164,7 @@ class Simulator:
         answer: str,
         finish_reason: str,
         usage: Mapping[str, int],
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> dict[str, Any]:
         """A ``chat.completion`` object, with a new id."""
         self._next_id += 1
@@ -1159,7 +1183,7 @@ class Simulator:
             "usage": usage,
         }
         if timings is not None:
-            payload["timings"] = timings
+            payload.update(timings)
         return payload
 
     def _chunk(
@@ -1167,7 +1191,7 @@ class Simulator:
         model: str,
         delta: Mapping[str, str],
         finish_reason: str | None = None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> bytes:
         """One server-sent event of a ``chat.completion.chunk`` (the id is the stream's)."""
         chunk: dict[str, Any] = {
@@ -1178,7 +1202,7 @@ class Simulator:
             "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}],
         }
         if timings is not None:
-            chunk["timings"] = timings
+            chunk.update(timings)
         return _event(chunk)
 
     async def _open_stream(
@@ -1201,7 +1225,7 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int] | None,
         headers: Mapping[str, str] | None,
-        timings: Mapping[str, float] | None = None,
+        timings: Mapping[str, Mapping[str, float]] | None = None,
     ) -> tuple[web.StreamResponse, bool]:
         """The answer as server-sent events, ``chunk_delay_ms`` apart; whether
         the whole stream was written (False: the client went away)."""
@@ -1210,7 +1234,7 @@ class Simulator:
             self._chunk(model, {"content": answer[start : start + STREAM_CHUNK_CHARS]})
             for start in range(0, len(answer), STREAM_CHUNK_CHARS)
         ]
-        # llama.cpp sends its timings with the finish reason.
+        # llama.cpp sends its timings with the finish reason (and so, here, vLLM).
         events.append(self._chunk(model, {}, finish_reason, timings))
         if usage is not None:
             last = {
@@ -1240,10 +1264,11 @@ class Simulator:
 
     async def _serve(
         self, completion_tokens: int, prompt_tokens: int, request: web.Request
-    ) -> dict[str, float] | None:
+    ) -> dict[str, dict[str, float]] | None:
         """The service step: the latency, in one of ``slots`` slots if set
         (queued FIFO for one), computed even if the client goes away
-        meanwhile. llama.cpp's ``timings`` with slots, else None."""
+        meanwhile. With slots, the server's own times as the answer carries
+        them (``{"timings": ...}`` or ``{"metrics": ...}``), else None."""
         cfg = self.config
         delay = cfg.latency_ms + cfg.token_ms * completion_tokens
         if cfg.jitter_ms:
@@ -1262,8 +1287,12 @@ class Simulator:
             await self._slots.acquire()
         finally:
             self._queued -= 1
+        if not self._warmed:
+            self._warmed = True
+            delay += cfg.warmup_ms
+        queue_ms = (loop.time() - queued_at) * 1000.0
         try:
-            stats.queue_wait_s += loop.time() - queued_at
+            stats.queue_wait_s += queue_ms / 1000.0
             await asyncio.sleep(delay / 1000.0)
         finally:
             self._slots.release()
@@ -1272,12 +1301,22 @@ class Simulator:
         if transport is None or transport.is_closing():
             stats.abandoned += 1
         prompt_ms = min(delay, cfg.latency_ms)
-        return {
+        if cfg.timings == "vllm":
+            metrics = {
+                "time_to_first_token_ms": prompt_ms,
+                "generation_time_ms": delay - prompt_ms,
+                "queue_time_ms": queue_ms,
+            }
+            return {"metrics": metrics}
+        if cfg.timings is None:
+            return None
+        timings = {
             "prompt_n": prompt_tokens,
             "prompt_ms": prompt_ms,
             "predicted_n": completion_tokens,
             "predicted_ms": delay - prompt_ms,
         }
+        return {"timings": timings}
 
     def _count_admitted(self, tokens: int) -> None:
         stats = self.stats
@@ -1338,11 +1377,17 @@ class Simulator:
     ) -> web.StreamResponse:
         """A stream that fails after its first chunk: ``malformed`` sends a
         chunk cut short, ``drop`` closes the connection, ``stall`` holds it
-        silent for the hang time first."""
+        silent for the hang time first, ``cut`` ends it after one content
+        chunk without a finish reason."""
         self._next_id += 1
         response = web.StreamResponse()
         with contextlib.suppress(ConnectionError):
             response = await self._open_stream(request, model)
+            if kind == "cut":
+                await response.write(self._chunk(model, {"content": "partial"}))
+                await response.write(b"data: [DONE]\n\n")
+                await response.write_eof()
+                return response
             if kind == "malformed":
                 await response.write(
                     f'data: {{"id": "chatcmpl-{self._next_id}", "object": "chat.completion.chunk", '
@@ -1375,7 +1420,7 @@ class Simulator:
                 headers=headers,
             )
         stats.faults += 1
-        if stream and kind in ("malformed", "drop", "stall"):
+        if stream and kind in ("malformed", "drop", "stall", "cut"):
             return await self._broken_stream(kind, request, model)
         if kind == "malformed":
             self._next_id += 1

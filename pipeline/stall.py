@@ -176,16 +176,28 @@ class Patience:
     behind the run's own earlier requests (see ``pipeline.concurrency``):
     ``queued()`` gives the seconds it has waited so, which count against
     neither the stall timeout nor the total one. Waiting is not being stuck
-    or slow; fewer requests in flight, not a shorter timeout, is the cure."""
+    or slow; fewer requests in flight, not a shorter timeout, is the cure.
 
-    __slots__ = ("limit", "queued")
+    ``computing()`` gives the seconds it has spent at the head of that queue
+    while the server answered none of the requests behind it: the server was
+    computing it, so they count against the stall timeout neither (the total
+    one still bounds a slow answer)."""
 
-    def __init__(self, limit: Callable[[], float], queued: Callable[[], float]) -> None:
+    __slots__ = ("computing", "limit", "queued")
+
+    def __init__(
+        self,
+        limit: Callable[[], float],
+        queued: Callable[[], float],
+        computing: Callable[[], float] | None = None,
+    ) -> None:
         self.limit = limit
         self.queued = queued
+        self.computing = computing
 
     def __call__(self) -> float:
-        return self.limit() + self.queued()
+        extra = self.computing() if self.computing is not None else 0.0
+        return self.limit() + self.queued() + extra
 
 
 class Watchdog:

@@ -35,6 +35,8 @@ the request as a whole. A server that will not stream (a 400 naming
 streamed answers without their usage) gets the same request again without
 streaming, and so does every later request of the run (``streaming`` turns
 False, ``stream_fallback`` says why); ``model.stream = false`` never streams.
+A server that cuts a stream short (no finish reason) stops streaming too,
+for the next attempts: that answer is a ``TruncatedStream``, retried.
 
 No client is imported with this module: each transport imports its own
 when it is built, so ``enrich run`` on the default transport loads neither
@@ -45,11 +47,12 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import json
 import math
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, get_args
@@ -62,6 +65,7 @@ from pipeline.transport_errors import (
     APIStatus,
     APITimeout,
     TransportError,
+    TruncatedStream,
     UnparseableResponse,
     lowered_headers,
 )
@@ -117,6 +121,12 @@ STREAM_PARAMS: Final[Mapping[str, Any]] = {
 # not one of them).
 _STREAM_WORD: Final = re.compile(rb"\bstream(?:_options|ing)?\b", re.IGNORECASE)
 EVENT_STREAM: Final = "text/event-stream"
+# Why streaming stops when a server cuts a stream short: its next answers are
+# whole (llama-cpp-python interrupts streams only).
+CUT_SHORT: Final = (
+    "the server cut a streamed answer short, without its finish reason "
+    "(llama-cpp-python's server does when another request comes: its --interrupt_requests)"
+)
 
 
 def body_params(
@@ -177,16 +187,75 @@ class Completion:
             return self.server_generation_s
         return self.token_span_s
 
-    def with_timings(self, timings: object) -> Completion:
+    def with_timings(self, timings: object, metrics: object = None) -> Completion:
         """This answer with the server's own times from llama.cpp's
-        ``timings`` object, if that is one."""
+        ``timings`` object or vLLM's ``metrics``, if either is one. vLLM also
+        says how long the request waited in its queue: an answer not
+        streamed then gets a time to its first token, the server's."""
         parsed = llama_timings(timings)
-        if parsed is None:
+        if parsed is not None:
+            prompt_s, predicted_s = parsed
+            return dataclasses.replace(
+                self, server_s=prompt_s + predicted_s, server_generation_s=predicted_s
+            )
+        vllm = vllm_metrics(metrics)
+        if vllm is None:
             return self
-        prompt_s, predicted_s = parsed
+        prefill_s, decode_s, queue_s = vllm
+        first_token_s = self.first_token_s
+        if first_token_s is None and queue_s is not None:
+            first_token_s = queue_s + prefill_s
         return dataclasses.replace(
-            self, server_s=prompt_s + predicted_s, server_generation_s=predicted_s
+            self,
+            server_s=prefill_s + decode_s,
+            server_generation_s=decode_s,
+            first_token_s=first_token_s,
         )
+
+
+class StreamTrial:
+    """Whether a request streams while the server's streaming is untried.
+
+    Until one streamed answer has come whole with its usage, one request at
+    a time streams and the others go whole: a server that cannot stream as
+    enrich needs (no usage in its streams; llama-cpp-python's, which cuts a
+    stream short when another request comes) shows it on that one request,
+    not on a burst of them, each computed in part and sent again."""
+
+    __slots__ = ("out", "proven")
+
+    def __init__(self) -> None:
+        self.out = False
+        self.proven = False
+
+    def take(self, streaming: bool) -> tuple[bool, bool]:
+        """(whether this request streams, whether it is the trial)."""
+        if not streaming or self.proven:
+            return streaming, False
+        if self.out:
+            return False, False
+        self.out = True
+        return True, True
+
+    def end(self, completion: Completion | None) -> None:
+        """The trial's answer (None: it failed; the next request tries)."""
+        self.out = False
+        if completion is not None and completion.streamed and completion.prompt_tokens is not None:
+            self.proven = True
+
+    async def send(
+        self, streaming: bool, send: Callable[[bool], Awaitable[Completion]]
+    ) -> Completion:
+        """``send(stream)``, streaming or not as the trial decides."""
+        stream, trying = self.take(streaming)
+        if not trying:
+            return await send(stream)
+        completion = None
+        try:
+            completion = await send(stream)
+            return completion
+        finally:
+            self.end(completion)
 
 
 class Transport(Protocol):
@@ -259,6 +328,7 @@ class OpenAITransport:
         # this bounds the request as a whole, like AiohttpTransport.
         self._total_s = model.timeout_s
         self.streaming = model.stream
+        self._trial = StreamTrial()
         self.stream_fallback: str | None = None
 
     def __repr__(self) -> str:
@@ -270,7 +340,13 @@ class OpenAITransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
-        streaming = self.streaming
+        return await self._trial.send(
+            self.streaming, functools.partial(self._complete, messages, stall_s)
+        )
+
+    async def _complete(
+        self, messages: Messages, stall_s: StallLimit, streaming: bool
+    ) -> Completion:
         watch: Watchdog | None = None
         try:
             async with asyncio.timeout(None) as scope:
@@ -353,12 +429,16 @@ class OpenAITransport:
             raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
         finally:
             await chunks.close()
-        completion = assembler.completion(
-            raw.headers,
-            silence_s=watch.longest,
-            first_byte_s=watch.first_byte_s,
-            started=watch.started,
-        )
+        try:
+            completion = assembler.completion(
+                raw.headers,
+                silence_s=watch.longest,
+                first_byte_s=watch.first_byte_s,
+                started=watch.started,
+            )
+        except TruncatedStream:
+            self._stop_streaming(CUT_SHORT)
+            raise
         if completion.prompt_tokens is None:
             self._stop_streaming("the server streams answers without their token usage")
         return completion
@@ -390,7 +470,9 @@ class OpenAITransport:
             headers=raw.headers,
             silence_s=watch.longest,
             first_byte_s=watch.first_byte_s,
-        ).with_timings(getattr(parsed, "timings", None))  # an extra field to the SDK
+        ).with_timings(  # extra fields to the SDK
+            getattr(parsed, "timings", None), getattr(parsed, "metrics", None)
+        )
 
     async def aclose(self) -> None:
         await self._client.close()
@@ -465,8 +547,9 @@ class StreamAssembler:
     ``include_usage``).
 
     A chunk that is not JSON, an error event, content that is not a string,
-    or a stream that ends before a finish reason or ``[DONE]`` is an
-    ``UnparseableResponse``: transient, the request is worth a retry.
+    or a stream that ends before a finish reason (``[DONE]`` or not: a
+    ``TruncatedStream``) is an ``UnparseableResponse``: transient, the
+    request is worth a retry.
     """
 
     __slots__ = (
@@ -598,12 +681,15 @@ class StreamAssembler:
         if usage and type(usage) is dict:
             prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
             self.add(None, False, None, None, prompt, completion)
-        timings = chunk.get("timings")
-        if timings is not None:
-            self._timings(timings)
+        timings, metrics = chunk.get("timings"), chunk.get("metrics")
+        if timings is not None or metrics is not None:
+            self._timings(timings, metrics)
 
-    def _timings(self, timings: object) -> None:
+    def _timings(self, timings: object, metrics: object = None) -> None:
         parsed = llama_timings(timings)
+        if parsed is None:
+            vllm = vllm_metrics(metrics)
+            parsed = None if vllm is None else vllm[:2]
         if parsed is not None:
             prompt_s, predicted_s = parsed
             self.server_s = prompt_s + predicted_s
@@ -619,8 +705,9 @@ class StreamAssembler:
         validation: any attribute may be missing); ``at``: when it came."""
         self._at = at
         timings = getattr(chunk, "timings", None)
-        if timings is not None:
-            self._timings(timings)
+        metrics = getattr(chunk, "metrics", None)
+        if timings is not None or metrics is not None:
+            self._timings(timings, metrics)
         choice = None
         for candidate in getattr(chunk, "choices", None) or ():
             if getattr(candidate, "index", 0) == 0:
@@ -681,8 +768,12 @@ class StreamAssembler:
             self._pending = b""
         if not self._choices:
             raise UnparseableResponse("the stream carried no answer")
-        if not self.done and self.finish_reason is None:
-            raise UnparseableResponse("the stream ended before the answer did")
+        if self.finish_reason is None:
+            # [DONE] without a finish reason is an answer cut short too.
+            raise TruncatedStream(
+                "the stream ended before the answer did (no finish reason"
+                + (", then [DONE])" if self.done else ")")
+            )
         return Completion(
             text="".join(self._parts) if self._parts else None,
             finish_reason=self.finish_reason,
@@ -722,15 +813,36 @@ def llama_timings(timings: object) -> tuple[float, float] | None:
     None if absent or odd."""
     if not isinstance(timings, Mapping):
         return None
-    seconds = []
-    for part in (timings.get("prompt_ms"), timings.get("predicted_ms")):
-        if not isinstance(part, int | float) or isinstance(part, bool):
-            return None
-        value = float(part) / 1000.0
-        if not math.isfinite(value) or value < 0:
-            return None
-        seconds.append(value)
-    return seconds[0], seconds[1]
+    prompt_s, predicted_s = (
+        _seconds(timings.get("prompt_ms")),
+        _seconds(timings.get("predicted_ms")),
+    )
+    if prompt_s is None or predicted_s is None:
+        return None
+    return prompt_s, predicted_s
+
+
+def _seconds(milliseconds: object) -> float | None:
+    """A server's duration in milliseconds, in seconds (None if odd)."""
+    if not isinstance(milliseconds, int | float) or isinstance(milliseconds, bool):
+        return None
+    value = float(milliseconds) / 1000.0
+    return value if math.isfinite(value) and value >= 0 else None
+
+
+def vllm_metrics(metrics: object) -> tuple[float, float, float | None] | None:
+    """The server's own time for an answer from vLLM's per-request
+    ``metrics`` (``--enable-per-request-metrics``): seconds from being
+    scheduled to the first token (``time_to_first_token_ms``: the prompt),
+    generating (``generation_time_ms``), and queued (``queue_time_ms``, None
+    if absent); None if absent or odd."""
+    if not isinstance(metrics, Mapping):
+        return None
+    prefill_s = _seconds(metrics.get("time_to_first_token_ms"))
+    decode_s = _seconds(metrics.get("generation_time_ms"))
+    if prefill_s is None or decode_s is None:
+        return None
+    return prefill_s, decode_s, _seconds(metrics.get("queue_time_ms"))
 
 
 def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
@@ -767,7 +879,7 @@ def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
         prompt_tokens=_optional_int(usage.get("prompt_tokens")),
         completion_tokens=_optional_int(usage.get("completion_tokens")),
         headers=headers,
-    ).with_timings(data.get("timings"))
+    ).with_timings(data.get("timings"), data.get("metrics"))
 
 
 async def _read_body(content: aiohttp.StreamReader, watch: Watchdog) -> bytes:
@@ -918,6 +1030,7 @@ class AiohttpTransport:
         self._timeout = aiohttp.ClientTimeout(total=None)
         self._total_s = model.timeout_s
         self.streaming = model.stream
+        self._trial = StreamTrial()
         self.stream_fallback: str | None = None
         self._limit = limit
         self._secrets = (api_key,)
@@ -989,12 +1102,18 @@ class AiohttpTransport:
             self.stream_fallback = reason
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
+        return await self._trial.send(
+            self.streaming, functools.partial(self._complete, messages, stall_s)
+        )
+
+    async def _complete(
+        self, messages: Messages, stall_s: StallLimit, streaming: bool
+    ) -> Completion:
         import aiohttp  # loaded by __init__: a dictionary lookup, for the except clause
 
         session = self._session
         if session is None:
             session = self._open()
-        streaming = self.streaming
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
@@ -1026,7 +1145,7 @@ class AiohttpTransport:
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
             # A stream's error event may quote the request, and so the key.
-            raise UnparseableResponse(redact(str(exc), self._secrets)) from None
+            raise type(exc)(redact(str(exc), self._secrets)) from None
         except (aiohttp.ClientError, OSError) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS: what the SDK
             # reports as a connection error. Not chained: aiohttp errors carry
@@ -1051,12 +1170,16 @@ class AiohttpTransport:
             async for data in response.content.iter_any():
                 watch.beat()
                 assembler.feed(data, watch.last)
-            completion = assembler.completion(
-                headers,
-                silence_s=watch.longest,
-                first_byte_s=watch.first_byte_s,
-                started=watch.started,
-            )
+            try:
+                completion = assembler.completion(
+                    headers,
+                    silence_s=watch.longest,
+                    first_byte_s=watch.first_byte_s,
+                    started=watch.started,
+                )
+            except TruncatedStream:
+                self._stop_streaming(CUT_SHORT)
+                raise
             if completion.prompt_tokens is None:
                 self._stop_streaming("the server streams answers without their token usage")
             return completion

@@ -23,6 +23,7 @@ __all__ = [
     "APIStatus",
     "APITimeout",
     "TransportError",
+    "TruncatedStream",
     "UnparseableResponse",
     "lowered_headers",
 ]
@@ -43,6 +44,13 @@ class APIConnectionFailed(TransportError):
 
 class UnparseableResponse(TransportError):
     """A 200 whose body is not a chat completion: transient, worth a retry."""
+
+
+class TruncatedStream(UnparseableResponse):
+    """A streamed answer that ended, ``[DONE]`` or not, before its finish
+    reason: the server cut it short (llama-cpp-python's server does so to a
+    stream when another request comes, its ``interrupt_requests``). Not an
+    answer: transient, retried, and the transports stop streaming."""
 
 
 # An OpenAI error body is ``{"error": {"message", "type", "param", "code"}}``.

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any, Final
@@ -33,6 +34,7 @@ from pipeline.errors import ConfigError
 from pipeline.redact import redact, redact_bytes
 from pipeline.stall import StallLimit, Watchdog
 from pipeline.transport import (
+    CUT_SHORT,
     EVENT_STREAM,
     JSON_ENCODER,
     STREAM_PARAMS,
@@ -40,6 +42,7 @@ from pipeline.transport import (
     Completion,
     Messages,
     StreamAssembler,
+    StreamTrial,
     body_params,
     chat_body,
     parse_completion,
@@ -52,6 +55,7 @@ from pipeline.transport_errors import (
     APIConnectionFailed,
     APIStatus,
     APITimeout,
+    TruncatedStream,
     UnparseableResponse,
     lowered_headers,
 )
@@ -143,6 +147,7 @@ class H11Transport:
         self._params = body_params(model, extra_params)
         self._total_s = model.timeout_s
         self.streaming = model.stream
+        self._trial = StreamTrial()
         self.stream_fallback: str | None = None
         self._secrets = (api_key,)
         self._host = url.hostname or ""
@@ -267,7 +272,13 @@ class H11Transport:
             self._discard(connection)
 
     async def complete(self, messages: Messages, *, stall_s: StallLimit = None) -> Completion:
-        streaming = self.streaming
+        return await self._trial.send(
+            self.streaming, functools.partial(self._complete, messages, stall_s)
+        )
+
+    async def _complete(
+        self, messages: Messages, stall_s: StallLimit, streaming: bool
+    ) -> Completion:
         payload = chat_body(self._model, messages, self._params)
         if streaming:
             payload.update(STREAM_PARAMS)
@@ -286,7 +297,7 @@ class H11Transport:
             raise APITimeout("request timed out") from None
         except UnparseableResponse as exc:
             # A stream's error event may quote the request, and so the key.
-            raise UnparseableResponse(redact(str(exc), self._secrets)) from None
+            raise type(exc)(redact(str(exc), self._secrets)) from None
         except (OSError, h11.ProtocolError, _ProtocolFailed) as exc:
             # Refused, reset, dropped mid-body, bad HTTP, TLS, a proxy's no.
             raise APIConnectionFailed(
@@ -356,12 +367,16 @@ class H11Transport:
                 watch.beat()
                 assembler.feed(event.data, watch.last)
             _ended(event)
-            completion = assembler.completion(
-                headers,
-                silence_s=watch.longest,
-                first_byte_s=watch.first_byte_s,
-                started=watch.started,
-            )
+            try:
+                completion = assembler.completion(
+                    headers,
+                    silence_s=watch.longest,
+                    first_byte_s=watch.first_byte_s,
+                    started=watch.started,
+                )
+            except TruncatedStream:
+                self._stop_streaming(CUT_SHORT)
+                raise
             if completion.prompt_tokens is None:
                 self._stop_streaming("the server streams answers without their token usage")
             return completion

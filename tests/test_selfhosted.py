@@ -21,7 +21,7 @@ from pipeline.call import CallStage, ChatRequest
 from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulate import STREAM_CHUNK_CHARS, Simulator, SimulatorConfig
+from pipeline.simulate import STREAM_CHUNK_CHARS, Simulator, SimulatorConfig, expected_answer
 from pipeline.transport import make_transport
 
 MODEL = "sim-1"
@@ -140,11 +140,36 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
         assert result.latency_ms - result.server_ms == pytest.approx(
             sum(500.0 + 100.0 * r.completion_tokens for r in ordered[:waited]), abs=50.0
         )
-        if stream:
-            # The slot model streams once an answer is computed.
+        if result.first_token_ms is not None:
+            # Streamed: the slot model streams once an answer is computed.
             assert result.first_token_ms == pytest.approx(result.latency_ms, abs=50.0)
-        else:
-            assert result.first_token_ms is None
+    # One streams (trying the server's streams); the two sent meanwhile go whole.
+    streamed = [result.first_token_ms is not None for result in ordered]
+    assert streamed == ([True, False, False] if stream else [False] * 3)
+
+
+@pytest.mark.slow
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
+@pytest.mark.parametrize("stream", [True, False])
+async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream: bool) -> None:
+    # vLLM with --enable-per-request-metrics: `metrics` instead of `timings`,
+    # with the time queued; three at once into one slot, as above.
+    async with Simulator(SimulatorConfig(slots=1, timings="vllm", **SLOW)) as sim:
+        _, results, _ = await run(
+            sim, 3, {"stream": stream}, kind=kind, concurrency=3, adaptive=False
+        )
+    ordered = sorted(results.values(), key=lambda result: result.latency_ms or 0.0)
+    for waited, result in enumerate(ordered):
+        one_ms = 500.0 + 100.0 * (result.completion_tokens or 0)
+        queued_ms = sum(500.0 + 100.0 * (r.completion_tokens or 0) for r in ordered[:waited])
+        assert result.server_ms == pytest.approx(one_ms, rel=0.01)
+        assert result.generation_ms == pytest.approx(one_ms - 500.0, rel=0.01)
+        # Streamed (the first only: it tries the server's streams): as the
+        # client saw it, the slot model streaming once an answer is
+        # computed; whole: the server's queue and prompt time.
+        expected = (result.latency_ms or 0.0) if stream and waited == 0 else queued_ms + 500.0
+        assert result.first_token_ms == pytest.approx(expected, abs=50.0)
 
 
 @pytest.mark.slow
@@ -154,8 +179,9 @@ async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
     kind: str,
 ) -> None:
     # A hosted API: no timings; the stream's chunks 50 ms apart after 200 ms.
+    # One at a time: the first tries the server's streams, the second then streams.
     async with Simulator(SimulatorConfig(latency_ms=200.0, chunk_delay_ms=50.0)) as sim:
-        _, results, _ = await run(sim, 2, kind=kind)
+        _, results, _ = await run(sim, 2, kind=kind, concurrency=1)
     for result in results.values():
         assert result.server_ms is None
         contents = -(-len(result.response) // STREAM_CHUNK_CHARS)
@@ -186,13 +212,15 @@ async def test_defaults_settle_at_the_slot_count_and_compute_nothing_for_nothing
 
 @pytest.mark.slow
 @pytest.mark.looptime
+@pytest.mark.parametrize("jitter_ms", [0.0, 400.0])
 @pytest.mark.parametrize("slots", [1, 4, 16])
 async def test_defaults_keep_95_percent_of_the_best_fixed_concurrencys_throughput(
-    slots: int,
+    slots: int, jitter_ms: float
 ) -> None:
-    # 50 answers a slot: the start (one answer alone, the reference, then
-    # 4 and 16 at once) costs about two of them at 16 slots.
-    count = 50 * slots
+    # 30 answers a slot: the start (a burst of 4, then 16 at once) costs
+    # about one of them at 16 slots. With jitter, a burst's answers come
+    # apart, and fewer and fewer of it are in flight as they come.
+    count = 30 * slots
     elapsed = {}
     variants: tuple[tuple[str, dict[str, Any]], ...] = (
         ("defaults", {}),
@@ -200,7 +228,7 @@ async def test_defaults_keep_95_percent_of_the_best_fixed_concurrencys_throughpu
         ("fixed x2", {"concurrency": 2 * slots, "adaptive": False}),
     )
     for name, limits in variants:
-        async with Simulator(SimulatorConfig(slots=slots, **SLOW)) as sim:
+        async with Simulator(SimulatorConfig(slots=slots, jitter_ms=jitter_ms, **SLOW)) as sim:
             _, results, elapsed[name] = await run(sim, count, **limits)
         assert {result.status for result in results.values()} == {"ok"}
         assert (sim.stats.computed, sim.stats.abandoned) == (count, 0)
@@ -224,6 +252,22 @@ async def test_defaults_against_sixteen_slots_over_real_time_settle_and_waste_no
     assert len(results) == count
     assert (stats.computed, stats.abandoned, stats.answered) == (count, 0, count)
     assert abs(stage.limiter.gate.slots - slots) <= 1
+    assert "latency" in (stage.stats.concurrency_reason or "")
+
+
+@pytest.mark.looptime
+async def test_a_slow_first_answer_does_not_become_the_latency_without_a_queue() -> None:
+    # llama-cpp-python's server (no timings), one slot, its first answer 15 s
+    # slower than the rest (a model's warm-up; a machine under load): the
+    # first burst's answers all wait behind it. Against their latency the
+    # queue of the next rounds looks flat; the next burst's first request,
+    # sent alone, answers far faster than any of them, and re-bases it.
+    config = SimulatorConfig(slots=1, timings=None, warmup_ms=15_000.0, **SLOW)
+    async with Simulator(config) as sim:
+        stage, results, _ = await run(sim, 40)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (sim.stats.computed, sim.stats.abandoned, stage.stats.abandoned) == (40, 0, 0)
+    assert stage.limiter.gate.slots <= 2
     assert "latency" in (stage.stats.concurrency_reason or "")
 
 
@@ -321,6 +365,20 @@ def test_the_queue_clock_counts_the_time_spent_behind_earlier_requests() -> None
     assert clock.behind_s(3, 20.0) == 6.0
 
 
+def test_the_head_of_the_runs_queue_is_computed_while_none_behind_it_is_answered() -> None:
+    clock = QueueClock()
+    clock.sent(1, 0.0)
+    assert clock.head_s(1, 5.0) == 0.0  # alone: slow or stuck, who can tell
+    clock.sent(2, 1.0)
+    clock.sent(3, 2.0)
+    assert clock.head_s(1, 30.0) == 29.0  # since one waits behind it, unanswered
+    assert clock.head_s(2, 30.0) == 0.0  # not the head: queued (behind_s)
+    clock.done(1, 31.0)
+    assert clock.head_s(2, 40.0) == 9.0  # the head since 1 was answered
+    clock.done(3, 42.0)  # the server answered one sent after it: passed it by
+    assert clock.head_s(2, 60.0) == 11.0
+
+
 def test_nothing_waited_behind_a_request_cut_as_stuck() -> None:
     # A hung request is not being computed: those sent after it were not
     # queued behind it, and their stall timeout counts from their sending.
@@ -353,6 +411,41 @@ def test_a_latency_rise_that_does_not_fall_with_fewer_in_flight_is_taken_back() 
     assert "did not fall" in limit.reason
 
 
+def test_an_answer_sent_alone_far_faster_than_all_before_it_rebases_the_reference() -> None:
+    gate = ConcurrencyGate(ceiling=32, start=32)
+    limit = LatencyLimit(gate)
+    sequence = 0
+
+    def round_of(*latencies: float, alone: float | None = None) -> None:
+        nonlocal sequence
+        if alone is not None:
+            sequence = gate.sent()
+            limit.observe(sequence, Sample(alone, gate.slots, alone=True))
+        for latency in latencies:
+            sequence = gate.sent()
+            limit.observe(sequence, Sample(latency, gate.slots))
+
+    # The first burst, all slow (queued behind a slow first answer on one
+    # slot): flat against itself, it becomes the reference.
+    round_of(16.0, 17.0, 18.0, alone=15.0)
+    assert gate.slots == 16
+    # The next: its first, sent alone, takes 1 s; the rest queue behind it.
+    # Against the old reference they look flat; against 1 s, a queue.
+    round_of(*[1.0 + n for n in range(1, 16)], alone=1.0)
+    assert gate.slots <= 3
+    assert limit.service_s() == 1.0
+    # A jittery server's answer alone, a little under the fastest before it,
+    # re-bases nothing.
+    jittery = LatencyLimit(ConcurrencyGate(ceiling=32, start=32))
+    for latency in (0.25, 0.2, 0.3, 0.22):
+        jittery.observe(jittery.gate.sent(), Sample(latency, 4.0))
+    jittery.observe(jittery.gate.sent(), Sample(0.12, 16.0, alone=True))
+    for _ in range(15):
+        jittery.observe(jittery.gate.sent(), Sample(0.24, 16.0))
+    assert jittery.gate.slots == 32
+    assert (jittery.service_s() or 0.0) > 0.2
+
+
 def test_a_lucky_round_of_a_jittery_server_does_not_lower_the_reference() -> None:
     # Answers that vary (0.6 to 1.1 s) without any queue: the lowest round
     # mean of many is low by luck, and against it every later round would
@@ -374,3 +467,86 @@ def test_a_lucky_round_of_a_jittery_server_does_not_lower_the_reference() -> Non
     assert limit.service_s() == 1.0
     round_of(*[0.8] * 8)  # steadily faster: that is no luck
     assert limit.service_s() == 0.8
+
+
+@pytest.mark.looptime
+async def test_a_slow_answer_at_the_head_of_the_runs_queue_is_not_cut_while_computed() -> None:
+    # llama-cpp-python's server: one slot, no timings, answers not streamed
+    # (the stall timeout is then a timeout on the whole answer: 20 s until
+    # answers have taught it). Row 6's long prompt makes a 30 s answer; the
+    # rows sent after it wait behind it, unanswered: the server is computing
+    # it, not stuck on it, and cutting it would throw that work away.
+    async def requests() -> AsyncIterator[ChatRequest]:
+        for row in range(16):
+            text = f"question number {row}" + " and so on" * (120 if row == 6 else 0)
+            yield ChatRequest(row, [{"role": "user", "content": text}])
+
+    config = SimulatorConfig(slots=1, timings=None, **SLOW)
+    async with Simulator(config) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url, stream=False)
+        transport = make_transport(model, "key", "aiohttp")
+        stage = CallStage(model, LimitsConfig(), transport)
+        try:
+            results = {result.row_id: result async for result in stage.results(requests())}
+        finally:
+            await transport.aclose()
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (results[6].latency_ms or 0.0) > 1000.0 * 25.0
+    assert (sim.stats.computed, sim.stats.abandoned) == (16, 0)
+    assert (stage.stats.abandoned, stage.stats.stalled) == (0, 0)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
+async def test_a_stream_cut_short_without_its_finish_reason_is_retried_not_kept(
+    kind: str,
+) -> None:
+    # llama-cpp-python's server ends a stream with [DONE] and no finish
+    # reason when another request comes (its interrupt_requests): such an
+    # answer is a part of one. The row is asked again, without streaming.
+    async def requests() -> AsyncIterator[ChatRequest]:
+        for row in range(6):
+            cut = " [[fault:cut:1]]" if row % 2 else ""
+            yield ChatRequest(row, [{"role": "user", "content": f"question {row}{cut}"}])
+
+    async with Simulator(SimulatorConfig(slots=2, **SLOW)) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url)
+        transport = make_transport(model, "key", kind)
+        stage = CallStage(model, LimitsConfig(), transport)
+        try:
+            results = {result.row_id: result async for result in stage.results(requests())}
+        finally:
+            await transport.aclose()
+        assert sim.stats.faults >= 1
+    for row, result in results.items():
+        assert result.status == "ok"
+        messages = [{"role": "user", "content": f"question {row}{' [[fault:cut:1]]' * (row % 2)}"}]
+        assert result.response == expected_answer(messages, MODEL)
+        assert result.finish_reason == "stop"
+    assert stage.stats.retries >= 1
+    assert "interrupt_requests" in (getattr(transport, "stream_fallback", None) or "")
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("kind", ["h11", "aiohttp", "openai"])
+async def test_one_request_tries_streaming_before_a_burst_streams(kind: str) -> None:
+    # Until a streamed answer has come whole with its usage, the others sent
+    # meanwhile go whole: a server that cuts a stream short when another
+    # request comes (llama-cpp-python) would cut a whole burst of streams.
+    async with Simulator(SimulatorConfig(slots=4, **SLOW)) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url)
+        transport = make_transport(model, "key", kind)
+        try:
+            first = await asyncio.gather(
+                *(transport.complete([{"role": "user", "content": f"q{n}"}]) for n in range(4))
+            )
+            streamed_at_first = sim.stats.streamed
+            then = await asyncio.gather(
+                *(transport.complete([{"role": "user", "content": f"r{n}"}]) for n in range(4))
+            )
+        finally:
+            await transport.aclose()
+    assert [c.streamed for c in first] == [True, False, False, False]
+    assert streamed_at_first == 1
+    assert all(c.streamed for c in then)
+    assert sim.stats.streamed == 5
