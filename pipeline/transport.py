@@ -99,6 +99,8 @@ __all__ = [
     "chat_body",
     "make_transport",
     "sdk_error",
+    "streamed_completion",
+    "whole_completion",
 ]
 
 Messages = Sequence[Mapping[str, str]]
@@ -409,12 +411,7 @@ class OpenAITransport:
                 # the SDK would report them.
                 raise _connection_failed(exc, self._secrets) from None
             watch.beat()
-            self._stop_streaming("the server answers streaming requests with one JSON body")
-            return dataclasses.replace(
-                parse_completion(body, raw.headers),
-                silence_s=watch.longest,
-                first_byte_s=watch.first_byte_s,
-            )
+            return whole_completion(body, raw.headers, watch, True, self._stop_streaming)
         chunks = raw.parse()
         assembler = StreamAssembler()
         try:
@@ -429,19 +426,7 @@ class OpenAITransport:
             raise UnparseableResponse(f"unparseable stream chunk ({type(exc).__name__})") from None
         finally:
             await chunks.close()
-        try:
-            completion = assembler.completion(
-                raw.headers,
-                silence_s=watch.longest,
-                first_byte_s=watch.first_byte_s,
-                started=watch.started,
-            )
-        except TruncatedStream:
-            self._stop_streaming(CUT_SHORT)
-            raise
-        if completion.prompt_tokens is None:
-            self._stop_streaming("the server streams answers without their token usage")
-        return completion
+        return streamed_completion(assembler, raw.headers, watch, self._stop_streaming)
 
     async def _whole(self, messages: Messages, watch: Watchdog) -> Completion:
         import openai
@@ -845,6 +830,48 @@ def vllm_metrics(metrics: object) -> tuple[float, float, float | None] | None:
     return prefill_s, decode_s, _seconds(metrics.get("queue_time_ms"))
 
 
+def streamed_completion(
+    assembler: StreamAssembler,
+    headers: Mapping[str, str],
+    watch: Watchdog,
+    stop_streaming: Callable[[str], None],
+) -> Completion:
+    """The answer a finished stream carried (every transport's last step of
+    a streamed request). A stream cut short, or one without its usage, turns
+    streaming off for the rest of the run."""
+    try:
+        completion = assembler.completion(
+            headers,
+            silence_s=watch.longest,
+            first_byte_s=watch.first_byte_s,
+            started=watch.started,
+        )
+    except TruncatedStream:
+        stop_streaming(CUT_SHORT)
+        raise
+    if completion.prompt_tokens is None:
+        stop_streaming("the server streams answers without their token usage")
+    return completion
+
+
+def whole_completion(
+    body: bytes,
+    headers: Mapping[str, str],
+    watch: Watchdog,
+    streaming: bool,
+    stop_streaming: Callable[[str], None],
+) -> Completion:
+    """The answer in one JSON body; sent for a streaming request, it means
+    the server ignored "stream", and the rest of the run stops asking."""
+    if streaming:
+        stop_streaming("the server answers streaming requests with one JSON body")
+    return dataclasses.replace(
+        parse_completion(body, headers),
+        silence_s=watch.longest,
+        first_byte_s=watch.first_byte_s,
+    )
+
+
 def parse_completion(body: bytes, headers: Mapping[str, str]) -> Completion:
     """Read a chat completion body: only the fields a ``Completion`` needs.
 
@@ -1170,28 +1197,9 @@ class AiohttpTransport:
             async for data in response.content.iter_any():
                 watch.beat()
                 assembler.feed(data, watch.last)
-            try:
-                completion = assembler.completion(
-                    headers,
-                    silence_s=watch.longest,
-                    first_byte_s=watch.first_byte_s,
-                    started=watch.started,
-                )
-            except TruncatedStream:
-                self._stop_streaming(CUT_SHORT)
-                raise
-            if completion.prompt_tokens is None:
-                self._stop_streaming("the server streams answers without their token usage")
-            return completion
+            return streamed_completion(assembler, headers, watch, self._stop_streaming)
         body = await _read_body(response.content, watch)
-        if streaming:
-            # The server ignored "stream": one JSON body, the whole answer.
-            self._stop_streaming("the server answers streaming requests with one JSON body")
-        return dataclasses.replace(
-            parse_completion(body, headers),
-            silence_s=watch.longest,
-            first_byte_s=watch.first_byte_s,
-        )
+        return whole_completion(body, headers, watch, streaming, self._stop_streaming)
 
     async def aclose(self) -> None:
         self._closed = True

@@ -34,7 +34,6 @@ from pipeline.errors import ConfigError
 from pipeline.redact import redact, redact_bytes
 from pipeline.stall import StallLimit, Watchdog
 from pipeline.transport import (
-    CUT_SHORT,
     EVENT_STREAM,
     JSON_ENCODER,
     STREAM_PARAMS,
@@ -45,17 +44,17 @@ from pipeline.transport import (
     StreamTrial,
     body_params,
     chat_body,
-    parse_completion,
     proxy_for,
     rejects_streaming,
     resolve_base_url,
     stalled_error,
+    streamed_completion,
+    whole_completion,
 )
 from pipeline.transport_errors import (
     APIConnectionFailed,
     APIStatus,
     APITimeout,
-    TruncatedStream,
     UnparseableResponse,
     lowered_headers,
 )
@@ -367,28 +366,9 @@ class H11Transport:
                 watch.beat()
                 assembler.feed(event.data, watch.last)
             _ended(event)
-            try:
-                completion = assembler.completion(
-                    headers,
-                    silence_s=watch.longest,
-                    first_byte_s=watch.first_byte_s,
-                    started=watch.started,
-                )
-            except TruncatedStream:
-                self._stop_streaming(CUT_SHORT)
-                raise
-            if completion.prompt_tokens is None:
-                self._stop_streaming("the server streams answers without their token usage")
-            return completion
+            return streamed_completion(assembler, headers, watch, self._stop_streaming)
         body = await _body(connection, watch)
-        if streaming:
-            # The server ignored "stream": one JSON body, the whole answer.
-            self._stop_streaming("the server answers streaming requests with one JSON body")
-        return dataclasses.replace(
-            parse_completion(body, headers),
-            silence_s=watch.longest,
-            first_byte_s=watch.first_byte_s,
-        )
+        return whole_completion(body, headers, watch, streaming, self._stop_streaming)
 
     async def aclose(self) -> None:
         self._closed = True
