@@ -18,8 +18,7 @@ from dataclasses import dataclass, field
 from pipeline.batch_files import row_of
 from pipeline.batch_ledger import Asked
 from pipeline.classify import classify
-from pipeline.feed import reused
-from pipeline.results import RowResult
+from pipeline.results import RowResult, reused
 from pipeline.transport import Completion, parse_completion
 from pipeline.transport_errors import APIStatus, UnparseableResponse
 

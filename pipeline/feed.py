@@ -31,6 +31,7 @@ from pipeline.collect import Collected
 from pipeline.costs import CostMeter, PromptBound, SpendCap, SpendCapReached
 from pipeline.plan import Plan
 from pipeline.results import RowResult
+from pipeline.results import reused as reused
 
 if TYPE_CHECKING:
     from pipeline.costs import Price
@@ -102,23 +103,6 @@ def open_reuse(
 
 def _answer_bytes(result: RowResult) -> int:
     return len(result.response or "")
-
-
-def reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
-    """A row answered without a request of its own: tokens are the original
-    request's (what the answer took), attempts 0 and no latency (nothing paid)."""
-    return RowResult(
-        row_id=row_id,
-        status=answer.status if isinstance(answer, RowResult) else "ok",
-        response=answer.response,
-        error=answer.error if isinstance(answer, RowResult) else None,
-        attempts=0,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens,
-        finish_reason=answer.finish_reason,
-        model=answer.model,
-        cached=True,
-    )
 
 
 @dataclass

@@ -8,9 +8,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 import pyarrow as pa
+
+if TYPE_CHECKING:
+    from pipeline.cache import CachedAnswer
 
 Status = Literal["ok", "error", "skipped"]
 
@@ -129,3 +132,24 @@ def results_from_table(table: pa.Table) -> list[RowResult]:
         RowResult(**{names.get(key, key): value for key, value in row.items()})
         for row in table.to_pylist()
     ]
+
+
+def reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:
+    """A row answered without a request of its own (the response cache, or
+    an identical row's request): tokens are the original request's (what
+    the answer took), attempts 0 and no latency (nothing paid). A failure
+    stays what it was: a transient one is pending for the next run."""
+    failed = answer if isinstance(answer, RowResult) else None
+    return RowResult(
+        row_id=row_id,
+        status=failed.status if failed else "ok",
+        response=answer.response,
+        error=failed.error if failed else None,
+        attempts=0,
+        prompt_tokens=answer.prompt_tokens,
+        completion_tokens=answer.completion_tokens,
+        finish_reason=answer.finish_reason,
+        model=answer.model,
+        cached=True,
+        transient=failed.transient if failed else False,
+    )

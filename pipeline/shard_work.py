@@ -30,7 +30,7 @@ from pipeline.call import CallStage, CallStats, ChatRequest
 from pipeline.costs import Price, PromptBound, cost
 from pipeline.errors import EnrichError
 from pipeline.journal import JournalWriter
-from pipeline.results import ROW_ID, TRANSIENT, RowResult, results_to_table
+from pipeline.results import ROW_ID, TRANSIENT, RowResult, results_to_table, reused
 from pipeline.shards import (
     ShardSummary,
     ShardTask,
@@ -260,7 +260,7 @@ class ShardJob:
                     self._add(result, key)
                     for follower in followers.pop(key, [])[1:]:
                         summary.deduplicated += 1
-                        self._add(_reused(follower, result), key)
+                        self._add(reused(follower, result), key)
         finally:
             committer.cancel()
 
@@ -380,20 +380,3 @@ def stop_error(kind: str, message: str) -> EnrichError:
     if not (isinstance(cls, type) and issubclass(cls, EnrichError)):
         cls = errors.ClusterLost
     return cls(message)
-
-
-def _reused(row_id: int, answer: RowResult) -> RowResult:
-    """A row answered by an identical row's request (see ``feed.reused``)."""
-    return RowResult(
-        row_id=row_id,
-        status=answer.status,
-        response=answer.response,
-        error=answer.error,
-        attempts=0,
-        prompt_tokens=answer.prompt_tokens,
-        completion_tokens=answer.completion_tokens,
-        finish_reason=answer.finish_reason,
-        model=answer.model,
-        cached=True,
-        transient=answer.transient,
-    )

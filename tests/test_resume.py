@@ -316,6 +316,23 @@ def test_a_stopped_rerun_reports_what_its_checkpoint_holds_as_status_does(
     assert counts["rows"] == held.done == len(prompts)
 
 
+def test_a_duplicate_of_a_row_that_failed_transiently_is_sent_again_by_the_next_run(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    server = start_server()
+    # Three identical prompts share one request; it fails with a 500 on every attempt.
+    prompts = ["same [[fault:500:100]]"] * 3 + ["b"]
+    source = write_questions(tmp_path / "in.parquet", prompts)
+    output = tmp_path / "out.parquet"
+    config = make_config(source, output, server.base_url, **{"limits.max_attempts": 2})
+
+    first = enrich(config)
+
+    assert (first.ok, first.error, first.pending) == (1, 3, 3)
+    status = run_status(output, config.output.resolved_run_dir)
+    assert status.pending == 3
+
+
 def test_status_tells_how_many_failed_rows_the_next_run_sends_again(
     tmp_path: Path, start_server: StartServer
 ) -> None:
