@@ -57,6 +57,18 @@ def assert_every_row_once(output: Path, prompts: list[str | None]) -> pl.DataFra
     return frame
 
 
+def left_running(
+    tmp_path: Path, server: Simulator, prompts: list[str | None]
+) -> tuple[Path, Path, BatchesPending]:
+    """A --no-wait run over ``prompts`` that submitted its batches and left
+    them running: its input, its output and what it raised."""
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+    with pytest.raises(BatchesPending) as pending:
+        enrich(batch_config(source, output, server, **{"batch.wait": False}))
+    return source, output, pending.value
+
+
 def computed_once(server: Simulator) -> None:
     counts = server.batches.stats.computed_by_custom_id
     assert counts and set(counts.values()) == {1}, counts
@@ -242,12 +254,8 @@ def test_no_wait_exits_6_and_cancel_keeps_what_finished(
 ) -> None:
     server = start_server(batch=BatchConfig(turnaround_s=3.0))
     prompts: list[str | None] = list(questions(20))
-    source = write_questions(tmp_path / "in.csv", prompts)
-    output = tmp_path / "out.parquet"
-    no_wait = batch_config(source, output, server, **{"batch.wait": False})
-    with pytest.raises(BatchesPending) as pending:
-        enrich(no_wait)
-    assert pending.value.exit_code == ExitCode.BATCHES_PENDING
+    source, output, pending = left_running(tmp_path, server, prompts)
+    assert pending.exit_code == ExitCode.BATCHES_PENDING
     assert int(ExitCode.BATCHES_PENDING) == 6
     status = CliRunner().invoke(cli, ["status", str(output)])
     assert status.output.startswith("waiting on its batches")
@@ -267,10 +275,7 @@ def test_restart_cancels_the_batches_of_the_run_it_discards(
 ) -> None:
     server = start_server(batch=BatchConfig(turnaround_s=3.0))
     prompts: list[str | None] = list(questions(20))
-    source = write_questions(tmp_path / "in.csv", prompts)
-    output = tmp_path / "out.parquet"
-    with pytest.raises(BatchesPending):
-        enrich(batch_config(source, output, server, **{"batch.wait": False}))
+    source, output, _ = left_running(tmp_path, server, prompts)
 
     enrich(batch_config(source, output, server), options=RunOptions(restart=True))
 
@@ -285,11 +290,8 @@ def test_restart_that_cannot_cancel_its_batches_discards_nothing(
     key = "sk-batch-owner-0123456789"
     monkeypatch.setenv("OPENAI_API_KEY", key)
     server = start_server(api_key=key, batch=BatchConfig(turnaround_s=3.0))
-    source = write_questions(tmp_path / "in.csv", questions(20))
-    output = tmp_path / "out.parquet"
-    config = batch_config(source, output, server, **{"batch.wait": False})
-    with pytest.raises(BatchesPending):
-        enrich(config)
+    source, output, _ = left_running(tmp_path, server, list(questions(20)))
+    config = batch_config(source, output, server)
     monkeypatch.setenv("OPENAI_API_KEY", "sk-a-key-it-refuses-000")
 
     with pytest.raises(CheckpointMismatch) as refused:
