@@ -115,6 +115,19 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--max-tokens", type=int, metavar="N", help="slots section: cap each answer at N tokens"
     )
+    parser.add_argument(
+        "--slots",
+        type=int,
+        nargs="+",
+        metavar="N",
+        help="slots section: only these slot counts of the simulator [1 4 16]",
+    )
+    parser.add_argument(
+        "--baseline-tree",
+        metavar="DIR",
+        help="slots section: also run enrich's defaults from this checkout (another "
+        "commit's tree, by PYTHONPATH), interleaved: before and after in the same run",
+    )
     parser.add_argument("--keep-temp", action="store_true", help="keep inputs and child logs")
     args = parser.parse_args(argv)
     if args.repeats < 1:
@@ -153,6 +166,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_url=args.server_url,
         server_model=args.server_model,
         max_tokens=args.max_tokens,
+        slot_counts=tuple(args.slots) if args.slots else None,
+        baseline_tree=args.baseline_tree,
     )
     report: dict[str, Any] = {
         "started": stamp,

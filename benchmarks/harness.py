@@ -554,15 +554,22 @@ _POOL_SIZE: Final = 4096
 
 
 def _phrases(seed: int) -> list[str]:
-    """Sentence-like phrases of 31-181 characters (the row prefix adds the rest)."""
+    """Sentence-like phrases of 31-181 characters (the row prefix adds the rest).
+
+    Their words change with ``seed``, their lengths do not: the simulator's
+    answers (and their service time, per token) follow a prompt's length, so
+    inputs of the same size made with different seeds are the same work.
+    Drawn per job, the lengths made the total work of 30 rows differ by 10%
+    from one job to the next, which read as one variant being slower."""
     rng = random.Random(seed)
+    lengths = random.Random(0)
     phrases = []
     for _ in range(_POOL_SIZE):
-        target = rng.randint(31, 181)
+        target = lengths.randint(31, 181)
         text = rng.choice(_OPENERS)
         while len(text) < target:
             text += " " + rng.choice(_WORDS)
-        phrases.append(text[: target - 1].rstrip() + "?")
+        phrases.append(text[: target - 1] + "?")
     return phrases
 
 
@@ -618,6 +625,10 @@ class Context:
     server_url: str | None = None
     server_model: str = MODEL
     max_tokens: int | None = None
+    # The slots section's slot counts (None: all), and another checkout whose
+    # enrich defaults run beside this one's (before/after in one run).
+    slot_counts: tuple[int, ...] | None = None
+    baseline_tree: str | None = None
     tables: list[str] = field(default_factory=list)
     _salt: int = 0
 

@@ -94,12 +94,16 @@ def script_build(ctx: Context, script: str) -> Build:
     return build
 
 
-def enrich_run(ctx: Context, *flags: str) -> Build:
-    """enrich with ``flags``; none: the run finds the server's capacity."""
+def enrich_run(ctx: Context, *flags: str, tree: str | None = None) -> Build:
+    """enrich with ``flags``; none: the run finds the server's capacity.
+    ``tree``: the code of that checkout instead of this one's."""
 
     def build(input_path: Path, output: Path, sim: Simulator) -> list[str]:
         limit = ("--max-tokens", str(ctx.max_tokens)) if ctx.max_tokens else ()
+        # env(1) execs the child: the measured process is still enrich.
+        code = ("env", f"PYTHONPATH={tree}") if tree else ()
         return [
+            *code,
             *measured_module("pipeline", "run", "--quiet"),
             *("--input", str(input_path), "--column", COLUMN, "--output", str(output)),
             *("--model", ctx.server_model, "--base-url", sim.base_url, *limit),
@@ -162,7 +166,7 @@ class ServerCounts:
 
 def section_slots(ctx: Context) -> dict[str, Any]:
     results: dict[str, Any] = {}
-    for slots in (1,) if ctx.server_url else SLOT_COUNTS:
+    for slots in (1,) if ctx.server_url else ctx.slot_counts or SLOT_COUNTS:
         rows = ctx.sizes.slots_rows * slots
         if ctx.server_url:
             print(f"\n[slots] {ctx.server_url}, {rows:,} rows, taken as {slots} slot(s)")
@@ -212,6 +216,9 @@ def variants(ctx: Context, sim: Simulator, slots: int, rows: int) -> dict[str, V
         chosen["plain loop"] = Variant(script_build(ctx, PLAIN_SCRIPT), rows, counts.inspect)
     chosen["asyncio.gather"] = Variant(script_build(ctx, GATHER_SCRIPT), rows, counts.inspect)
     chosen["enrich defaults"] = Variant(enrich_run(ctx), rows, counts.inspect)
+    if ctx.baseline_tree:
+        build = enrich_run(ctx, tree=ctx.baseline_tree)
+        chosen["enrich defaults, baseline"] = Variant(build, rows, counts.inspect)
     for fixed in (slots, 2 * slots):
         build = enrich_run(ctx, "--concurrency", str(fixed), "--no-adaptive")
         chosen[f"enrich fixed {fixed}"] = Variant(build, rows, counts.inspect)
