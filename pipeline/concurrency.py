@@ -112,6 +112,17 @@ START_REQUESTS: Final = 4.0
 # half the fastest of those before it.
 REBASE_FACTOR: Final = 2.0
 HOLD_MAX_ROUNDS: Final = 16
+# Past slow start a queue kept on purpose never drains, so no request is sent
+# alone again, and a reference taken while the server was slow (a warm-up, a
+# spell of load) would stand for the rest of the run, the cap held far above
+# the server's slots. After this many rounds judged with no answer sent
+# alone, the run lets its queue drain once and sends the next request alone
+# (BBR's ProbeRTT): its latency re-bases the reference if below it. Doubled
+# after each drain (a drain idles the slots of a many-slot server while they
+# empty: at most a round trip of them each time), up to DRAIN_MAX_ROUNDS. Not
+# where the server says its own time: that reference has no queue in it.
+DRAIN_ROUNDS: Final = 4
+DRAIN_MAX_ROUNDS: Final = 64
 
 
 class ConcurrencyGate:
@@ -156,6 +167,9 @@ class ConcurrencyGate:
         # one without a queue of ours). Places left in the current burst:
         self.bursts = False
         self._burst_left = 0
+        # Granting nothing until nothing is in flight, then one request, sent
+        # alone, and on as before (LatencyLimit's re-measure).
+        self.draining = False
 
     @property
     def effective(self) -> float:
@@ -187,14 +201,22 @@ class ConcurrencyGate:
         self._burst_left = self.slots
         self._wake()
 
+    def drain(self) -> None:
+        """Let the run's requests in flight all finish before the next is
+        granted: that one goes alone."""
+        self.draining = True
+
     def _may_grant(self) -> bool:
         if self.in_flight >= self.slots:
             return False
+        if self.draining:
+            return self.in_flight == 0
         # Nothing in flight: a burst whose round lost a request (an error,
         # retried) must not wait forever for its answer.
         return not self.bursting or self._burst_left > 0 or self.in_flight == 0
 
     def _grant(self) -> None:
+        self.draining = False
         self.in_flight += 1
         self.unsent += 1
         self._burst_left = max(0, self._burst_left - 1)
@@ -316,6 +338,12 @@ class LatencyLimit:
         self._probing = False
         # (cap, ratio, slow start) before a latency cut, until a round confirms it.
         self._unconfirmed: tuple[float, float, bool] | None = None
+        # Rounds judged since an answer sent alone, and the drain's schedule
+        # (see DRAIN_ROUNDS); rounds since a drain was asked, until its
+        # request sent alone is answered (None: no drain under way).
+        self._unprobed = 0
+        self._drain_rounds = DRAIN_ROUNDS
+        self._drain_wait: int | None = None
         gate.set_cap(gate.ceiling if start_at_ceiling else START_REQUESTS)
 
     @property
@@ -345,6 +373,8 @@ class LatencyLimit:
             self._server_sum_s += sample.server_s
             self._server_count += 1
         if sequence <= self._changed_at:
+            if sample.alone:
+                self._drain_wait = None  # the drain's answer, judged by no round
             return  # sent before the change: decided by the old cap
         self._round.append(sample)
         size = max(ROUND_MIN_START if self.slow_start else ROUND_MIN, math.ceil(self.cap - 1e-9))
@@ -375,22 +405,59 @@ class LatencyLimit:
         alone = [s.latency_s for s in round_ if s.alone]
         if alone and min(alone) * REBASE_FACTOR < self._judged_min_s < math.inf:
             return min(alone), True
+        # The drain's request was sent alone on purpose, to test the
+        # reference: below it beyond a round's noise, it re-bases it. A
+        # jittery server's lucky answer can pass that test; the cut it brings
+        # is taken back by the next round (_undo) when latency does not fall.
+        drained = self._drain_wait is not None
+        if drained and alone and min(alone) * (1.0 + self.tolerance) < self._round_min_s < math.inf:
+            return min(alone), True
         return self._round_min_s, False
 
     def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
         the least overhead seen where the server says it, else the reference
         (None: there is none yet, and this round becomes it)."""
-        if all(s.server_s is not None for s in round_) and math.isfinite(self._overhead_s):
+        if self._timed(round_):
             return [(s.server_s or 0.0) + self._overhead_s for s in round_]
         if not math.isfinite(reference):
             return None
         return [reference] * len(round_)
 
+    def _timed(self, round_: list[Sample]) -> bool:
+        """Every answer says the server's own time: the latency without a
+        queue is measured answer by answer."""
+        return all(s.server_s is not None for s in round_) and math.isfinite(self._overhead_s)
+
+    def _schedule_drain(self, round_: list[Sample]) -> None:
+        """Count the rounds with no answer sent alone, and after
+        ``_drain_rounds`` of them let the queue drain (see DRAIN_ROUNDS)."""
+        if any(s.alone for s in round_):
+            if self._drain_wait is not None:
+                self._drain_wait = None
+                self._drain_rounds = min(DRAIN_MAX_ROUNDS, 2 * self._drain_rounds)
+            self._unprobed = 0
+            return
+        if self._drain_wait is not None:
+            # Its request lost (an error, retried): the next drain is due.
+            self._drain_wait += 1
+            if self._drain_wait > 2:
+                self._drain_wait = None
+            return
+        gate = self.gate
+        if self.slow_start or self._timed(round_) or gate.cap >= min(gate.ceiling, gate.limit):
+            return  # bursts send alone; or no queue is in the reference; or 429s pace the run
+        self._unprobed += 1
+        if self._unprobed >= self._drain_rounds:
+            self._unprobed = 0
+            self._drain_wait = 0
+            gate.drain()
+
     def _judge(self, round_: list[Sample]) -> None:
         latencies = [s.latency_s for s in round_]
         mean = sum(latencies) / len(latencies)
         reference, rebased = self._reference(round_)
+        self._schedule_drain(round_)
         self._judged_min_s = min(self._judged_min_s, *latencies)
         unqueued = self._unqueued(round_, reference)
         ratio = 1.0 if unqueued is None else sum(latencies) / sum(unqueued)

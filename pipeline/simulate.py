@@ -64,7 +64,8 @@ queue's), in the last chunk when streamed; with ``timings="vllm"`` vLLM's
 ``metrics`` object instead (``time_to_first_token_ms``, ``generation_time_ms``,
 ``queue_time_ms``: its ``--enable-per-request-metrics``); with
 ``timings=None`` neither, as llama-cpp-python's server. ``warmup_ms`` makes
-the first completion computed that much slower (a model's first request).
+the first completion computed that much slower (a model's first request), or
+the first ``warmup_answers`` of them (a server slow for a while).
 
 Per-prompt directives make faults deterministic for tests. They are read from
 the content of the LAST user message:
@@ -241,10 +242,12 @@ class SimulatorConfig:
     token_ms: float = 0.0
     # With slots: the server's own times each answer carries: llama.cpp's
     # ``timings``, vLLM's ``metrics``, or none (llama-cpp-python's server);
-    # and a time added to the first completion computed (a model's first
-    # request: its warm-up).
+    # and a time added to each of the first ``warmup_answers`` completions
+    # computed (a model's first request: its warm-up; several: a server slow
+    # for a while, then fast).
     timings: Literal["llama.cpp", "vllm"] | None = "llama.cpp"
     warmup_ms: float = 0.0
+    warmup_answers: int = 1
     seed: int = 0
     # The Files and Batches endpoints (turnaround, expiry, failures, limits).
     batch: BatchConfig = field(default_factory=BatchConfig)
@@ -254,6 +257,8 @@ class SimulatorConfig:
             raise ConfigError(
                 f"simulator slots must be >= 1, got {self.slots}; leave it unset for no limit"
             )
+        if self.warmup_answers < 0:
+            raise ConfigError(f"simulator warmup_answers must be >= 0, got {self.warmup_answers}")
         for name in (
             "latency_ms",
             "jitter_ms",
@@ -845,7 +850,7 @@ class Simulator:
         # Created on start(): a semaphore belongs to the loop that serves.
         self._slots: asyncio.Semaphore | None = None
         self._queued = 0
-        self._warmed = False
+        self._warming = self.config.warmup_answers
 
         cfg = self.config
         self._auth = f"Bearer {cfg.api_key}" if cfg.api_key is not None else None
@@ -1287,8 +1292,8 @@ class Simulator:
             await self._slots.acquire()
         finally:
             self._queued -= 1
-        if not self._warmed:
-            self._warmed = True
+        if self._warming > 0:
+            self._warming -= 1
             delay += cfg.warmup_ms
         queue_ms = (loop.time() - queued_at) * 1000.0
         try:

@@ -272,6 +272,75 @@ async def test_a_slow_first_answer_does_not_become_the_latency_without_a_queue()
 
 
 @pytest.mark.looptime
+@pytest.mark.parametrize("slots", [1, 4])
+async def test_a_reference_taken_while_the_server_was_slow_is_remeasured_by_a_drain(
+    slots: int,
+) -> None:
+    # llama-cpp-python's server (no timings), slow for its first answers (a
+    # spell of load: 6 s more each), then fast. The starting rounds' answers
+    # are all slow, the first sent alone included, and become the latency
+    # without a queue; past slow start the queue kept on purpose never
+    # drains, so no answer is sent alone again, and against that reference
+    # a queue of several requests looked flat: the cap stayed at 9 on one
+    # slot, 8 on four. A drain now and then sends one request alone, whose
+    # latency re-bases the reference.
+    count = 150 * slots
+    config = SimulatorConfig(
+        slots=slots, timings=None, warmup_ms=6000.0, warmup_answers=12 * slots, **SLOW
+    )
+    async with Simulator(config) as sim:
+        stage, results, _ = await run(sim, count)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (sim.stats.computed, sim.stats.abandoned, stage.stats.abandoned) == (count, 0, 0)
+    assert stage.limiter.gate.slots <= slots + 1
+    assert "latency" in (stage.stats.concurrency_reason or "")
+
+
+async def test_a_drain_grants_nothing_until_nothing_is_in_flight_then_one_sent_alone() -> None:
+    gate = ConcurrencyGate(ceiling=8, start=4)
+    for _ in range(4):
+        await gate.acquire()
+    gate.drain()
+    gate.release()  # a place free, but three of the run's own still in flight
+    waiting = [asyncio.create_task(gate.acquire()) for _ in range(3)]
+    await asyncio.sleep(0)
+    assert not any(task.done() for task in waiting)
+    for _ in range(3):
+        gate.release()
+    await asyncio.sleep(0)
+    # The first goes alone (nothing in flight when granted); the drain is
+    # over and the others follow it at once, up to the cap.
+    assert all(task.done() for task in waiting)
+    assert (gate.in_flight, gate.draining) == (3, False)
+
+
+def test_drains_come_ever_more_seldom_and_never_where_the_server_says_its_time() -> None:
+    # A many-slot server idles while a drain empties it: each drain that
+    # finds the reference right doubles the rounds before the next.
+    def drains(server_s: float | None) -> list[int]:
+        gate = ConcurrencyGate(ceiling=64, start=64)
+        limit = LatencyLimit(gate)
+        for _ in range(4):  # the first burst: the reference
+            limit.observe(gate.sent(), Sample(1.0, 4.0, server_s))
+        limit.observe(gate.sent(), Sample(1.0, 16.0, server_s, alone=True))
+        for _ in range(15):  # at 16 a queue: cut to 9 (8 slots, one kept)
+            limit.observe(gate.sent(), Sample(2.0, 16.0, server_s))
+        assert gate.slots == 9
+        at = []
+        for answer in range(9 * 40):
+            alone = gate.draining
+            if alone:
+                at.append(answer // 9)
+                gate.draining = False
+            latency = 1.0 if alone else 1.0 + 1.0 / 9
+            limit.observe(gate.sent(), Sample(latency, 9.0, server_s, alone=alone))
+        return at
+
+    assert drains(None) == [4, 13, 30]
+    assert drains(1.0) == []
+
+
+@pytest.mark.looptime
 async def test_defaults_against_one_slot_are_no_slower_than_a_plain_loop() -> None:
     async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
         loop_s = await plain_loop(sim, 20)
