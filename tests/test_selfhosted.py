@@ -143,9 +143,11 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
         if result.first_token_ms is not None:
             # Streamed: the slot model streams once an answer is computed.
             assert result.first_token_ms == pytest.approx(result.latency_ms, abs=50.0)
-    # One streams (trying the server's streams); the two sent meanwhile go whole.
+    # One streams (trying the server's streams); the two sent meanwhile go
+    # whole. (Which of them the slot takes first is down to the client's
+    # connections: the openai SDK's pool does not keep the order they came.)
     streamed = [result.first_token_ms is not None for result in ordered]
-    assert streamed == ([True, False, False] if stream else [False] * 3)
+    assert streamed.count(True) == (1 if stream else 0)
 
 
 @pytest.mark.slow
