@@ -73,7 +73,7 @@ the content of the LAST user message:
 ``[[fault:400]]``
     always answers 400 ``context_length_exceeded``.
 ``[[fault:<kind>:<n>]]``, kind one of ``500``, ``429``, ``drop``, ``malformed``,
-``hang``, ``stall``, ``cut`` (and ``400``)
+``hang``, ``stall``, ``cut``, ``interrupt`` (and ``400``)
     the first ``n`` requests carrying exactly this content fail with that fault,
     later ones succeed. Without ``:<n>`` the fault is permanent.
 ``[[fault:badjson]]``, ``[[fault:badjson:<n>]]``
@@ -109,6 +109,9 @@ a request that does not stream it is a ``hang``); it always drops. ``cut``
 ``[DONE]`` and no finish reason, as llama-cpp-python's server does to a
 stream when another request comes (its ``interrupt_requests``); a request
 that does not stream is answered as usual (and takes no count).
+``interrupt`` (a directive only) is that server's cut as it reaches the
+client under uvicorn: the content chunk and ``[DONE]``, then the connection
+closed without the end of the body.
 
 Stats: ``requests`` counts every completion request; ``answered`` the 200
 completions delivered (bad ones included); ``faults`` drops, hangs, 5xx and
@@ -188,7 +191,7 @@ SHUTDOWN_TIMEOUT_S: Final = 0.5
 MAX_REQUEST_BYTES: Final = 64 * 1024 * 1024
 
 _DIRECTIVE: Final = re.compile(
-    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|cut|badjson|invalid)(?::(\d+))?\]\]"
+    r"\[\[fault:(400|500|429|drop|malformed|hang|stall|cut|interrupt|badjson|invalid)(?::(\d+))?\]\]"
 )
 # Directives that shape a 200 answer rather than fail the request.
 _ANSWER_KINDS: Final = frozenset({"badjson", "invalid"})
@@ -1079,7 +1082,7 @@ class Simulator:
                 kind, counted = directed
                 if kind in _ANSWER_KINDS:
                     shaped = _Shaped(kind, counted)
-                elif kind == "cut" and not chat.stream:
+                elif kind in ("cut", "interrupt") and not chat.stream:
                     pass  # only a stream is cut short
                 else:
                     if counted:
@@ -1383,16 +1386,18 @@ class Simulator:
         """A stream that fails after its first chunk: ``malformed`` sends a
         chunk cut short, ``drop`` closes the connection, ``stall`` holds it
         silent for the hang time first, ``cut`` ends it after one content
-        chunk without a finish reason."""
+        chunk without a finish reason, ``interrupt`` also, then drops it
+        without ending the body."""
         self._next_id += 1
         response = web.StreamResponse()
         with contextlib.suppress(ConnectionError):
             response = await self._open_stream(request, model)
-            if kind == "cut":
+            if kind in ("cut", "interrupt"):
                 await response.write(self._chunk(model, {"content": "partial"}))
                 await response.write(b"data: [DONE]\n\n")
-                await response.write_eof()
-                return response
+                if kind == "cut":
+                    await response.write_eof()
+                    return response
             if kind == "malformed":
                 await response.write(
                     f'data: {{"id": "chatcmpl-{self._next_id}", "object": "chat.completion.chunk", '
@@ -1425,7 +1430,7 @@ class Simulator:
                 headers=headers,
             )
         stats.faults += 1
-        if stream and kind in ("malformed", "drop", "stall", "cut"):
+        if stream and kind in ("malformed", "drop", "stall", "cut", "interrupt"):
             return await self._broken_stream(kind, request, model)
         if kind == "malformed":
             self._next_id += 1

@@ -1192,11 +1192,20 @@ class AiohttpTransport:
         watch: Watchdog,
         streaming: bool,
     ) -> Completion:
+        import aiohttp  # loaded by __init__: a dictionary lookup, for the except clause
+
         if streaming and response.content_type == EVENT_STREAM:
             assembler = StreamAssembler()
-            async for data in response.content.iter_any():
-                watch.beat()
-                assembler.feed(data, watch.last)
+            try:
+                async for data in response.content.iter_any():
+                    watch.beat()
+                    assembler.feed(data, watch.last)
+            except (aiohttp.ClientError, OSError):
+                # After [DONE] the stream is over, whatever becomes of the
+                # body's framing (llama-cpp-python's server drops the
+                # connection after the [DONE] of a stream it cuts short).
+                if not assembler.done:
+                    raise
             return streamed_completion(assembler, headers, watch, self._stop_streaming)
         body = await _read_body(response.content, watch)
         return whole_completion(body, headers, watch, streaming, self._stop_streaming)

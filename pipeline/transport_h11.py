@@ -362,10 +362,19 @@ class H11Transport:
         content_type = headers.get("content-type", "").partition(";")[0].strip().lower()
         if streaming and content_type == EVENT_STREAM:
             assembler = StreamAssembler()
-            while type(event := await connection.next_event()) is h11.Data:
-                watch.beat()
-                assembler.feed(event.data, watch.last)
-            _ended(event)
+            try:
+                while type(event := await connection.next_event()) is h11.Data:
+                    watch.beat()
+                    assembler.feed(event.data, watch.last)
+                _ended(event)
+            except (OSError, h11.ProtocolError, _ProtocolFailed):
+                # After [DONE] the stream is over, whatever becomes of the
+                # body's framing: llama-cpp-python's server, cutting a stream
+                # short, sends [DONE] and then drops the connection. What
+                # came is the answer, or a part of one (see streamed_completion).
+                # (The connection, not done, is not reused.)
+                if not assembler.done:
+                    raise
             return streamed_completion(assembler, headers, watch, self._stop_streaming)
         body = await _body(connection, watch)
         return whole_completion(body, headers, watch, streaming, self._stop_streaming)
