@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING
 
 from pipeline.costs import SpendCap
 from pipeline.durable import remove_tree
-from pipeline.results import results_from_table
+from pipeline.result_table import results_from_table
 from pipeline.shard_work import ShardedStage, WorkerSpec, stop_error
 from pipeline.shards import SHARDS, ShardTask, plan_input, read_results
 
