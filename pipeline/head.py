@@ -248,11 +248,13 @@ class Head:
                 await self._pump
 
     async def abandon(self, *, wait: bool) -> None:
-        """Preparation failed: nothing more is sent. With ``wait``, the head's
+        """The run failed before the first pass took the head (after, this
+        does nothing): nothing more is sent. With ``wait``, the head's
         requests in flight finish (they are paid for). Its answers go into
         the response cache (when the run uses one) for the fixed rerun."""
-        if not self._feed.done():
-            self._feed.set_result(None)
+        if self._feed.done():
+            return
+        self._feed.set_result(None)
         if wait and self._pump is not None:
             await asyncio.wait([self._pump])
         await self._stop_pump()

@@ -31,7 +31,7 @@ import re
 import unicodedata
 import zlib
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Final, Literal
@@ -105,28 +105,19 @@ def _start_of(path: Path) -> tuple[str, bool] | None:
 def _csv_head(
     text: str, complete: bool, spec: prompt.PromptSpec, limit: int, source: str
 ) -> HeadRows | None:
-    records: list[list[str]] = []
-    try:
-        # strict: a quote where the CSV rules do not expect one ends the head
-        # rather than be read one way here and another by pyarrow.
-        for record in csv.reader(io.StringIO(text, newline=""), strict=True):
-            if record:  # an empty line is not a row (pyarrow: ignore_empty_lines)
-                records.append(record)
-    except csv.Error:
-        if complete:
-            return None
-    if not complete:
-        records = records[:-1]  # the last record may be cut short
-    if not records:
+    # strict: a quote where the CSV rules do not expect one ends the head
+    # rather than be read one way here and another by pyarrow.
+    records = _whole_records(csv.reader(io.StringIO(text, newline=""), strict=True), complete)
+    header = next(records, None)
+    if header is None or header is _MALFORMED:
         return None
-    header, rows = records[0], records[1:]
     if any("\ufffd" in name for name in header) or max(Counter(header).values()) > 1:
         return None
+    prompts: list[tuple[int, str]] = []
     prompt.validate(spec, header, source=source)
     index = {name: i for i, name in enumerate(header)}
-    prompts = []
-    for row_id, row in enumerate(rows):
-        if len(row) != len(header):
+    for row_id, row in enumerate(records):
+        if row is _MALFORMED or len(row) != len(header):
             return None
         text_of = _exact_prompt(spec, lambda name, row=row: _csv_text(row[index[name]]))
         if text_of is not None:
@@ -134,6 +125,33 @@ def _csv_head(
             if len(prompts) >= limit:
                 break
     return HeadRows(header, prompts)
+
+
+# What _whole_records gives for a record the csv module refused.
+_MALFORMED: Final[list[str]] = []
+
+
+def _whole_records(reader: Iterator[list[str]], complete: bool) -> Iterator[list[str]]:
+    """The reader's records, read only as far as asked, without empty lines
+    (pyarrow's ignore_empty_lines) and without the last record when the text
+    is cut short (it may be cut too). A record the reader refuses comes out
+    as ``_MALFORMED`` when the text is whole; a cut text just ends there."""
+    pending: list[str] | None = None
+    try:
+        for record in reader:
+            if not record:
+                continue
+            if pending is not None:
+                yield pending
+            pending = record
+    except csv.Error:
+        if pending is not None and complete:
+            yield pending
+        if complete:
+            yield _MALFORMED
+        return
+    if pending is not None and complete:
+        yield pending
 
 
 def _jsonl_head(text: str, complete: bool, spec: prompt.PromptSpec, limit: int) -> HeadRows | None:

@@ -10,12 +10,12 @@ import asyncio
 import signal
 from typing import TYPE_CHECKING, Any, Final
 
+from pipeline.crashpoints import crash_point
 from pipeline.errors import RunInterrupted
 from pipeline.head import HeadPlan, open_head, plan_head
 from pipeline.lock import RunLock, lock_path_for, takeover_message
-from pipeline.stage import DRAIN_GRACE_S
 from pipeline.summary import RunSummary
-from pipeline.wiring import RunOptions, Wiring
+from pipeline.wiring import DRAIN_GRACE_S, RunOptions, Wiring
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -94,7 +94,9 @@ def _prepare(config: RunConfig) -> PreparedRun:
     from pipeline import run  # noqa: F401
     from pipeline.plan import prepare
 
-    return prepare(config)
+    prepared = prepare(config)
+    crash_point("head-prepared")  # the input scanned, the checkpoint not yet open
+    return prepared
 
 
 async def _run_with_head(plan: HeadPlan, options: RunOptions, wiring: Wiring) -> RunSummary:
@@ -102,17 +104,20 @@ async def _run_with_head(plan: HeadPlan, options: RunOptions, wiring: Wiring) ->
     imported, off the event loop; then the run goes on as any other."""
     async with open_head(plan, wiring) as head:
         await head.underway()
+        crash_point("head-in-flight")  # its requests out, nothing durable yet
         try:
             prepared = await asyncio.to_thread(_prepare, plan.config)
+            from pipeline.run import run
+
+            return await run(prepared, options, wiring, head)
         except asyncio.CancelledError:
             await head.abandon(wait=False)
             raise
         except Exception:
+            # A bad row further down, or the checkpoint refused: the head's
+            # answers (paid for) go to the cache unless the run took them.
             await head.abandon(wait=True)
             raise
-        from pipeline.run import run
-
-        return await run(prepared, options, wiring, head)
 
 
 def enrich(

@@ -14,6 +14,7 @@ import contextlib
 from typing import TYPE_CHECKING, Final
 
 from pipeline.collect import ResultSink, commit_error
+from pipeline.crashpoints import crash_point
 from pipeline.errors import RunInterrupted
 from pipeline.feed import Feed, reused
 from pipeline.send_shards import ShardedStage, collect_shards, forget
@@ -105,6 +106,7 @@ async def send(
             await collect_shards(feed, stage, checkpoint, gathered)
         else:
             if head is not None:
+                crash_point("head-checkpoint-open")  # open and empty, the head's answers held
                 await head.hand_over(feed)
             await _collect_results(feed, stage, head)
     finally:

@@ -8,11 +8,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from typing import TYPE_CHECKING, Any, Final, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.call import CallStage
 from pipeline.errors import ConfigError
 from pipeline.transport import Transport, make_transport
+from pipeline.wiring import DRAIN_GRACE_S
 
 if TYPE_CHECKING:
     from pipeline.config import RunConfig
@@ -33,11 +34,6 @@ class StagePlan(Protocol):
 
     @property
     def check_answer(self) -> Callable[[Completion], str | None] | None: ...
-
-
-# How long a graceful stop waits for requests in flight: they are paid for,
-# but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
-DRAIN_GRACE_S: Final = 10.0
 
 
 @contextlib.asynccontextmanager

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import asyncio
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Final
 
 from pipeline.events import EventSink, NullEventSink
 from pipeline.progress import NoProgress, Progress
@@ -14,6 +14,10 @@ from pipeline.progress import NoProgress, Progress
 if TYPE_CHECKING:
     from pipeline.timeline import Timeline
     from pipeline.transport import Transport
+
+# How long a graceful stop waits for requests in flight: they are paid for,
+# but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
+DRAIN_GRACE_S: Final = 10.0
 
 
 @dataclass(frozen=True)

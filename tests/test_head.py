@@ -9,11 +9,13 @@ import csv
 import io
 import json
 import random
+import signal
 from pathlib import Path
 from typing import Any, Final
 
 import polars as pl
 import pytest
+from test_crash import CONCURRENCY, start_run
 
 from pipeline import InputError, enrich, prompt
 from pipeline.config import RunConfig
@@ -276,3 +278,31 @@ def test_a_run_with_a_head_start_gives_the_same_output(
     assert out["response"].to_list() == expected
     assert summary.ok == 299 and summary.skipped == 1
     assert server.stats.requests == 298  # one per distinct prompt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("step", ["head-in-flight", "head-prepared", "head-checkpoint-open"])
+def test_a_kill_during_the_head_start_leaves_a_state_the_same_command_finishes(
+    tmp_path: Path, start_server: StartServer, step: str
+) -> None:
+    server = start_server(latency_ms=20)
+    rows = 200
+    prompts = [f"head crash question {i}" for i in range(rows)]
+    source = write_questions(tmp_path / "in.csv", prompts)
+    output = tmp_path / "out.parquet"
+
+    crashed = start_run(source, output, server.base_url, "--no-cache", crash_at=step)
+    crashed.communicate(timeout=60)
+    assert crashed.returncode == -signal.SIGKILL
+    assert server.stats.requests <= CONCURRENCY  # the head at most
+
+    rerun = start_run(source, output, server.base_url, "--no-cache")
+    _, stderr = rerun.communicate(timeout=60)
+
+    assert rerun.returncode == 0, stderr
+    out = pl.read_parquet(output)
+    assert out["id"].to_list() == list(range(rows))
+    assert out["response"].to_list() == [answer_for(p) for p in prompts]
+    # Nothing of the head was durable: at most its requests are paid again.
+    assert rows <= server.stats.requests <= rows + CONCURRENCY
+    assert not (tmp_path / "out.parquet.enrich").exists()
