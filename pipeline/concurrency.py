@@ -27,7 +27,10 @@ requests in flight only add latency. Two controls, the lower wins:
 run's own earlier requests from one that is stuck: the stall timeout counts
 only from the moment every earlier request is done, and not while the server
 answers none of those sent after it (it is computing this one; see
-``pipeline.call``).
+``pipeline.call``). Once the server has answered a request sent after it,
+a request waits in no queue of ours (a server computes in order): a hosted
+API answering around a hung request passes it by, and its stall timeout
+counts whatever is still in flight before it.
 
 Time is the event loop's clock, so tests run it on a fake clock (``looptime``).
 """
@@ -558,15 +561,18 @@ class QueueClock:
         self._heads: list[int] = []
         self._times: list[float] = []
         # Since when the oldest request in flight has been the oldest with
-        # another behind it, and when the server first answered another of
-        # ours after that (None: not yet): see head_s.
+        # another behind it: see head_s.
         self._head_since = math.inf
-        self._moved_on_at: float | None = None
+        # Each time an answer came for a request sent later than every one
+        # answered before it: ``_answered_at[i]`` is when the first of ours
+        # numbered up to ``_answered[i]`` was answered (see passed_at).
+        self._answered: list[int] = []
+        self._answered_at: list[float] = []
 
     def sent(self, sequence: int, now: float) -> None:
         if not self._in_flight:
             # Alone: the credit starts when another is sent behind it.
-            self._head_since, self._moved_on_at = math.inf, None
+            self._head_since = math.inf
         elif self._head_since == math.inf:
             self._head_since = now
         self._in_flight[sequence] = now
@@ -576,15 +582,15 @@ class QueueClock:
         stuck, not computed, so nothing ever waited behind it."""
         oldest = next(iter(self._in_flight), None)
         sent_at = self._in_flight.pop(sequence, now)
+        if not stuck and (not self._answered or sequence > self._answered[-1]):
+            self._answered.append(sequence)
+            self._answered_at.append(now)
         if sequence != oldest:
-            if not stuck and self._moved_on_at is None:
-                self._moved_on_at = now
             return
         head = next(iter(self._in_flight), None)
         if head is None:
             return
         self._head_since = max(self._in_flight[head], sent_at if stuck else now)
-        self._moved_on_at = None
         if len(self._in_flight) < 2:
             # Alone: the credit starts when another is sent behind it.
             self._head_since = math.inf
@@ -594,6 +600,18 @@ class QueueClock:
             # Entries below the oldest request in flight answer no one.
             keep = bisect.bisect_left(self._heads, head)
             del self._heads[:keep], self._times[:keep]
+        if len(self._answered) > 2 * len(self._in_flight) + 64:
+            # Answers up to the oldest request in flight passed none in flight.
+            keep = bisect.bisect_right(self._answered, head)
+            del self._answered[:keep], self._answered_at[:keep]
+
+    def passed_at(self, sequence: int) -> float:
+        """When the server first answered a request of ours sent after
+        ``sequence`` (inf: not yet). A server computes in order, so from
+        then on ``sequence`` waits in no queue of ours: it is being computed
+        beside others, or it is stuck."""
+        index = bisect.bisect_right(self._answered, sequence)
+        return self._answered_at[index] if index < len(self._answered) else math.inf
 
     def head_s(self, sequence: int, now: float) -> float:
         """Seconds request ``sequence`` has spent as the oldest in flight with
@@ -605,8 +623,8 @@ class QueueClock:
         in flight, nothing tells the two apart: no credit."""
         if next(iter(self._in_flight), None) != sequence:
             return 0.0
-        end = self._moved_on_at
-        if end is None:
+        end = self.passed_at(sequence)
+        if end == math.inf:
             if len(self._in_flight) < 2:
                 return 0.0
             end = now
@@ -617,14 +635,17 @@ class QueueClock:
         return sum(1 for other in self._in_flight if other < sequence)
 
     def behind_s(self, sequence: int, now: float) -> float:
-        """Seconds request ``sequence`` has spent with an earlier one in flight."""
+        """Seconds request ``sequence`` has spent with an earlier one in
+        flight, until the server answered one sent after it."""
         sent_at = self._in_flight.get(sequence)
         if sent_at is None:
             return 0.0
         oldest = next(iter(self._in_flight))
         if oldest < sequence:
-            return now - sent_at
-        index = bisect.bisect_left(self._heads, sequence)
-        if index == len(self._heads):
-            return 0.0
-        return max(0.0, self._times[index] - sent_at)
+            end = now
+        else:
+            index = bisect.bisect_left(self._heads, sequence)
+            if index == len(self._heads):
+                return 0.0
+            end = self._times[index]
+        return max(0.0, min(end, self.passed_at(sequence)) - sent_at)

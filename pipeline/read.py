@@ -16,7 +16,7 @@ from __future__ import annotations
 import re
 from abc import ABC, abstractmethod
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
@@ -101,8 +101,11 @@ class InputSource(ABC):
         per_row = max(1.0, self.bytes_per_row() + extra_bytes_per_row)
         return max(1, min(max_rows, int(budget_bytes // per_row)))
 
-    def chunks(self, chunk_size: int, start_row: int = 0) -> Iterator[Chunk]:
-        """Chunks of exactly ``chunk_size`` rows (the last may be shorter), from ``start_row``.
+    def chunks(
+        self, chunk_size: int, start_row: int = 0, columns: Sequence[str] | None = None
+    ) -> Iterator[Chunk]:
+        """Chunks of exactly ``chunk_size`` rows (the last may be shorter), from
+        ``start_row``, of ``columns`` only (None: all; Parquet reads no others).
 
         Rows before ``start_row`` may still be parsed, but are dropped as they go.
         """
@@ -110,11 +113,17 @@ class InputSource(ABC):
             raise ValueError(f"chunk_size must be at least 1, got {chunk_size}")
         if start_row < 0:
             raise ValueError(f"start_row must be at least 0, got {start_row}")
-        return _rechunk(self._pieces(chunk_size, start_row), chunk_size, start_row)
+        pieces = self._pieces(chunk_size, start_row, columns)
+        if columns is not None:
+            pieces = ((offset, table.select(list(columns))) for offset, table in pieces)
+        return _rechunk(pieces, chunk_size, start_row)
 
     @abstractmethod
-    def _pieces(self, chunk_size: int, start_row: int) -> Iterator[tuple[int, pa.Table]]:
-        """(offset, table) pieces of any size, in order, with ``self.schema``.
+    def _pieces(
+        self, chunk_size: int, start_row: int, columns: Sequence[str] | None
+    ) -> Iterator[tuple[int, pa.Table]]:
+        """(offset, table) pieces of any size, in order, with ``self.schema``
+        (or at least ``columns`` of it, when the format can skip the others).
 
         May start at any piece boundary at or before ``start_row``.
         """
@@ -295,7 +304,9 @@ class _ParquetSource(InputSource):
     def count_rows(self) -> int:
         return self._num_rows
 
-    def _pieces(self, chunk_size: int, start_row: int) -> Iterator[tuple[int, pa.Table]]:
+    def _pieces(
+        self, chunk_size: int, start_row: int, columns: Sequence[str] | None
+    ) -> Iterator[tuple[int, pa.Table]]:
         # Row groups that end before start_row are skipped without being read.
         first_group, offset = 0, 0
         for rows in self._group_rows:
@@ -308,7 +319,9 @@ class _ParquetSource(InputSource):
         try:
             with self._open(self.path) as pf:
                 batches = pf.iter_batches(
-                    batch_size=chunk_size, row_groups=range(first_group, len(self._group_rows))
+                    batch_size=chunk_size,
+                    row_groups=range(first_group, len(self._group_rows)),
+                    columns=None if columns is None else list(columns),
                 )
                 for batch in batches:
                     table = pa.Table.from_batches([batch]).replace_schema_metadata(None)
@@ -443,7 +456,9 @@ class _CsvSource(InputSource):
     def count_rows(self) -> int:
         return self._num_rows
 
-    def _pieces(self, chunk_size: int, start_row: int) -> Iterator[tuple[int, pa.Table]]:
+    def _pieces(
+        self, chunk_size: int, start_row: int, columns: Sequence[str] | None
+    ) -> Iterator[tuple[int, pa.Table]]:
         offset = 0
         converted = [
             (i, field.type) for i, field in enumerate(self.schema) if field.type != pa.string()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Final
 
 import polars as pl
@@ -159,7 +159,9 @@ class JsonlSource(InputSource):
     def count_rows(self) -> int:
         return self._num_rows
 
-    def _pieces(self, chunk_size: int, start_row: int) -> Iterator[tuple[int, pa.Table]]:
+    def _pieces(
+        self, chunk_size: int, start_row: int, columns: Sequence[str] | None
+    ) -> Iterator[tuple[int, pa.Table]]:
         offset = 0
         for block, first_line in self._blocks(self.path):
             try:

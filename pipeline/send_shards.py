@@ -12,17 +12,18 @@ results, and the newest result of a row wins.
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from pipeline.costs import SpendCap
 from pipeline.durable import remove_tree
+from pipeline.prompt import needed_columns
 from pipeline.result_table import results_from_table
 from pipeline.shard_work import ShardedStage, WorkerSpec, stop_error
-from pipeline.shards import SHARDS, ShardTask, plan_input, read_results
+from pipeline.shards import SHARDS, STAGED, ShardTask, plan_input, read_results
 
 if TYPE_CHECKING:
     from collections.abc import Sequence
-    from pathlib import Path
 
     from pipeline.checkpoint import Checkpoint
     from pipeline.feed import Feed
@@ -45,12 +46,22 @@ async def collect_shards(
         plan.run_dir,
         config.ray.shard_rows,
         checkpoint.manifest.input.sha256,
+        needed_columns(plan.prepared.spec),
     )
     tasks = []
     for shard in shards:
         done = feed.done[shard.first_row : shard.stop_row]
         if done.count(0):
             tasks.append(ShardTask(shard, bytes(done) if done.count(1) else None))
+    staged = any(Path(shard.path).parent == plan.run_dir / STAGED for shard in shards)
+    stage.events.emit(
+        "shards",
+        message=f"{len(tasks):,} of {len(shards):,} shards to do, for {config.ray.workers} "
+        "workers" + (" (the prompt columns staged in the run directory)" if staged else ""),
+        shards=len(shards),
+        to_do=len(tasks),
+        staged=staged,
+    )
     (plan.run_dir / SHARDS).mkdir(exist_ok=True)
     spec = WorkerSpec(
         config,

@@ -46,7 +46,7 @@ if TYPE_CHECKING:
     import pyarrow as pa
 
     from pipeline.config import RunConfig
-    from pipeline.events import Level
+    from pipeline.events import EventSink, Level
 
 # How often a worker reports and looks for a stop: what the spend cap can be
 # passed by, and how long a fatal error takes to reach every worker.
@@ -368,6 +368,7 @@ class ShardedStage(Protocol):
     """A call stage whose workers enrich whole shards (the Ray engine's)."""
 
     draining: bool
+    events: EventSink
 
     def run_shards(
         self, tasks: Sequence[ShardTask], spec: WorkerSpec, spent_usd: float

@@ -53,6 +53,9 @@ if TYPE_CHECKING:
 # its time on requests, not on starting a shard; few enough that a shard a
 # dead worker leaves half done is little to reread.
 DEFAULT_SHARD_ROWS: Final = 10_000
+# A Parquet file whose row groups make shards of more rows than this many
+# shards' worth is staged: whole row groups would leave the other workers idle.
+OVERSIZED_GROUP: Final = 2
 SHARDS: Final = "shards"
 STAGED: Final = "staged"
 DONE: Final = "done.json"
@@ -199,21 +202,38 @@ def read_shard(shard: Shard, columns: Sequence[str]) -> pa.Table:
         ) from None
 
 
-def plan_input(source: InputSource, run_dir: Path, shard_rows: int, identity: str) -> list[Shard]:
-    """The shards of the run's input; CSV and JSONL are staged first (once:
-    ``identity`` names the input's content, and a rerun over the same input
-    finds its staged files)."""
+def plan_input(
+    source: InputSource,
+    run_dir: Path,
+    shard_rows: int,
+    identity: str,
+    columns: Sequence[str],
+) -> list[Shard]:
+    """The shards of the run's input. CSV, JSONL and Parquet with a row group
+    of more than ``OVERSIZED_GROUP`` shards' rows are staged first, their
+    ``columns`` only (once: ``identity`` names the input's content, and a
+    rerun over the same input finds its staged files)."""
     if source.format == "parquet":
-        return plan_parquet(parquet_files(source.path), shard_rows)
-    return plan_parquet(stage(source, run_dir / STAGED, shard_rows, identity), shard_rows)
+        shards = plan_parquet(parquet_files(source.path), shard_rows)
+        if all(shard.rows <= OVERSIZED_GROUP * shard_rows for shard in shards):
+            return shards
+    staged = stage(source, run_dir / STAGED, shard_rows, identity, columns)
+    return plan_parquet(staged, shard_rows)
 
 
-def stage(source: InputSource, directory: Path, shard_rows: int, identity: str) -> list[Path]:
-    """Parquet copies of ``source``, ``shard_rows`` rows a file (fewer when
-    rows are large), each written durably; the manifest written last says
-    they are complete. Found complete for ``identity``: nothing is written."""
+def stage(
+    source: InputSource,
+    directory: Path,
+    shard_rows: int,
+    identity: str,
+    columns: Sequence[str],
+) -> list[Path]:
+    """Parquet copies of ``source``'s ``columns``, ``shard_rows`` rows a file
+    (fewer when rows are large), each written durably; the manifest written
+    last says they are complete. Found complete for ``identity``: nothing is
+    written."""
     manifest = directory / _STAGED_MANIFEST
-    wanted = {"input": identity, "shard_rows": shard_rows}
+    wanted = {"input": identity, "shard_rows": shard_rows, "columns": list(columns)}
     try:
         made = json.loads(manifest.read_bytes())
         files = [directory / name for name in made["files"]]
@@ -223,18 +243,20 @@ def stage(source: InputSource, directory: Path, shard_rows: int, identity: str) 
         pass
     remove_tree(directory)
     directory.mkdir(parents=True)
-    files = list(_write_staged(source, directory, shard_rows))
+    files = list(_write_staged(source, directory, shard_rows, columns))
     fsync_dir(directory)
     body = {"made_for": wanted, "files": [path.name for path in files]}
     atomic_write_bytes(manifest, json.dumps(body).encode())
     return files
 
 
-def _write_staged(source: InputSource, directory: Path, shard_rows: int) -> Iterator[Path]:
+def _write_staged(
+    source: InputSource, directory: Path, shard_rows: int, columns: Sequence[str]
+) -> Iterator[Path]:
     import pyarrow.parquet as pq
 
     chunk_rows = source.rows_within(_STAGED_BYTES, shard_rows)
-    for number, chunk in enumerate(source.chunks(chunk_rows)):
+    for number, chunk in enumerate(source.chunks(chunk_rows, columns=columns)):
         path = directory / f"rows-{number:08d}.parquet"
         temp = temp_path_for(path)
         pq.write_table(chunk.table, temp, row_group_size=chunk.num_rows)

@@ -55,18 +55,24 @@ def cluster() -> Iterator[str]:
         ray.shutdown()
 
 
-def questions_file(path: Path, rows: int) -> Path:
+def questions_file(path: Path, rows: int, row_group: int = ROW_GROUP) -> Path:
     if path.suffix != ".parquet":
         return write_questions(path, [f"question {i}" for i in range(rows)])
     table = pa.table({"id": range(rows), "question": [f"question {i}" for i in range(rows)]})
-    pq.write_table(table, path, row_group_size=ROW_GROUP)
+    pq.write_table(table, path, row_group_size=row_group)
     return path
 
 
 def ray_config(
-    tmp_path: Path, sim: Simulator, rows: int, *, name: str = "in.parquet", **overrides: Any
+    tmp_path: Path,
+    sim: Simulator,
+    rows: int,
+    *,
+    name: str = "in.parquet",
+    row_group: int = ROW_GROUP,
+    **overrides: Any,
 ) -> Any:
-    source = questions_file(tmp_path / name, rows)
+    source = questions_file(tmp_path / name, rows, row_group)
     return make_config(
         source,
         tmp_path / "out.parquet",
@@ -246,6 +252,22 @@ def test_max_cost_stops_every_worker_and_a_higher_cap_finishes_the_job(
     enrich(ray_config(tmp_path, sim, rows, price_file=prices, max_cost=1000.0))
     assert_every_row_once_in_order(tmp_path / "out.parquet", rows)
     assert paid_twice(sim) <= WORKERS * CONCURRENCY
+
+
+def test_a_parquet_file_written_as_one_row_group_is_enriched_in_shards(
+    cluster: str, start_server: StartServer, tmp_path: Path
+) -> None:
+    sim = start_server(**LIMIT)
+    events = RecordingEventSink()
+    # What pandas and pyarrow write for a file of under a million rows.
+    config = ray_config(tmp_path, sim, 600, row_group=600)
+
+    summary = enrich(config, events=events)
+
+    assert_every_row_once_in_order(tmp_path / "out.parquet", 600)
+    assert summary.requests == sim.stats.requests == 600
+    (planned,) = events.named("shards")
+    assert planned.fields == {"shards": 3, "to_do": 3, "staged": True}
 
 
 def test_every_workers_counts_and_warnings_reach_the_driver(

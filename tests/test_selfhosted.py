@@ -390,6 +390,23 @@ def test_nothing_waited_behind_a_request_cut_as_stuck() -> None:
     assert clock.behind_s(2, 6.0) == 0.0
 
 
+def test_a_request_the_server_passed_by_waits_in_no_queue_of_ours() -> None:
+    # A hosted API answering around two hung requests: the second one's
+    # silence is not queueing behind the first, nor computing once the
+    # first is cut, so its stall timeout counts from its own sending.
+    clock = QueueClock()
+    clock.sent(1, 0.0)  # hangs
+    clock.sent(2, 0.5)  # hangs
+    clock.sent(3, 0.6)  # answered
+    clock.sent(4, 1.0)  # in flight
+    clock.done(3, 0.8)
+    assert clock.behind_s(2, 4.0) == pytest.approx(0.3)  # until 3 passed it by
+    assert clock.head_s(1, 4.0) == pytest.approx(0.3)  # computing until 3 passed it by
+    clock.done(1, 4.0, stuck=True)
+    assert clock.behind_s(2, 6.0) == 0.0
+    assert clock.head_s(2, 6.0) == pytest.approx(0.3)
+
+
 def test_a_latency_rise_that_does_not_fall_with_fewer_in_flight_is_taken_back() -> None:
     gate = ConcurrencyGate(ceiling=8, start=8)
     limit = LatencyLimit(gate, start_at_ceiling=True)

@@ -72,6 +72,34 @@ def test_a_row_group_larger_than_a_shard_is_a_shard_of_its_own(tmp_path: Path) -
     assert [(s.row_groups, s.rows) for s in plan_parquet([source], 100)] == [((0,), 1000)]
 
 
+def test_a_parquet_file_of_one_large_row_group_is_staged_into_shards_of_its_prompt_column(
+    tmp_path: Path,
+) -> None:
+    # pandas and pyarrow write a file of under a million rows as one row group.
+    source = open_input(parquet(tmp_path / "in.parquet", 0, 1000, 1000))
+    run_dir = tmp_path / "run"
+
+    shards = plan_input(source, run_dir, 300, "sha-1", ["question"])
+
+    assert [(s.first_row, s.rows) for s in shards] == [(0, 300), (300, 300), (600, 300), (900, 100)]
+    assert all(Path(s.path).parent == run_dir / STAGED for s in shards)
+    last = read_shard(shards[3], ["question"])
+    assert last.column_names == ["question"]  # the other columns are not copied
+    assert last.column(0).to_pylist() == [f"question {i}" for i in range(900, 1000)]
+    assert plan_input(source, run_dir, 300, "sha-1", ["question"]) == shards
+
+
+def test_parquet_row_groups_near_the_shard_size_are_read_in_place(tmp_path: Path) -> None:
+    source = open_input(parquet(tmp_path / "in.parquet", 0, 1000, 500))
+    run_dir = tmp_path / "run"
+
+    shards = plan_input(source, run_dir, 300, "sha-1", ["question"])
+
+    assert [(s.row_groups, s.rows) for s in shards] == [((0,), 500), ((1,), 500)]
+    assert {Path(s.path) for s in shards} == {(tmp_path / "in.parquet").resolve()}
+    assert not (run_dir / STAGED).exists()
+
+
 def test_several_files_number_their_rows_on_from_one_file_to_the_next(tmp_path: Path) -> None:
     files = [
         parquet(tmp_path / "a.parquet", 0, 300, 100),
@@ -103,10 +131,10 @@ def test_csv_and_jsonl_are_staged_once_into_parquet_shards(tmp_path: Path, suffi
     source = open_input(write_questions(tmp_path / f"in{suffix}", rows))
     run_dir = tmp_path / "run"
 
-    shards = plan_input(source, run_dir, 500, "sha-1")
+    shards = plan_input(source, run_dir, 500, "sha-1", ["question"])
     staged = sorted((run_dir / STAGED).glob("*.parquet"))
     made = [path.stat().st_mtime_ns for path in staged]
-    again = plan_input(source, run_dir, 500, "sha-1")
+    again = plan_input(source, run_dir, 500, "sha-1", ["question"])
 
     assert again == shards
     assert [path.stat().st_mtime_ns for path in staged] == made  # not staged twice
@@ -118,10 +146,10 @@ def test_csv_and_jsonl_are_staged_once_into_parquet_shards(tmp_path: Path, suffi
 def test_staged_files_are_made_again_for_a_changed_input(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     first = open_input(write_questions(tmp_path / "in.csv", ["a", "b", "c"]))
-    plan_input(first, run_dir, 2, "sha-1")
+    plan_input(first, run_dir, 2, "sha-1", ["question"])
     changed = open_input(write_questions(tmp_path / "in.csv", ["x", "y", "z", "w"]))
 
-    shards = plan_input(changed, run_dir, 2, "sha-2")
+    shards = plan_input(changed, run_dir, 2, "sha-2", ["question"])
 
     questions = [q for s in shards for q in read_shard(s, ["question"]).column(0).to_pylist()]
     assert questions == ["x", "y", "z", "w"]
@@ -130,11 +158,11 @@ def test_staged_files_are_made_again_for_a_changed_input(tmp_path: Path) -> None
 def test_staging_cut_short_by_a_kill_is_staged_again(tmp_path: Path) -> None:
     run_dir = tmp_path / "run"
     source = open_input(write_questions(tmp_path / "in.csv", [f"q{i}" for i in range(10)]))
-    plan_input(source, run_dir, 4, "sha-1")
+    plan_input(source, run_dir, 4, "sha-1", ["question"])
     (run_dir / STAGED / "manifest.json").unlink()  # killed before the manifest
     (run_dir / STAGED / "rows-00000001.parquet").write_bytes(b"torn")
 
-    shards = plan_input(source, run_dir, 4, "sha-1")
+    shards = plan_input(source, run_dir, 4, "sha-1", ["question"])
 
     assert sum(read_shard(s, ["question"]).num_rows for s in shards) == 10
 
