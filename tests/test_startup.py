@@ -257,6 +257,8 @@ def test_a_resumed_run_never_loads_the_sdk_either(
 
     assert done.returncode == 0, done.stderr
     assert "first_request" in loaded  # the failed row was sent again
+    # A resumed run takes the full path: the checkpoint is read first.
+    assert "pyarrow" in loaded["first_request"]
     assert "openai" not in loaded["exit"]
 
 
