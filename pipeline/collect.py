@@ -173,6 +173,15 @@ class Collected:
         """Where results go from now on (the send stage makes the sink)."""
         self._sink = sink
 
+    def ahead(self, rows: int) -> None:
+        """Rows finished where this pass will collect them later (the Ray
+        engine's workers, until their shard is gathered): shown by a
+        progress that can (one with an ``ahead`` method) on top of those
+        collected. Rows gathered come off it first."""
+        show = getattr(self._progress, "ahead", None)
+        if show is not None:
+            show(rows)
+
     async def add(self, result: RowResult, key: bytes | None = None) -> None:
         assert self._sink is not None, "attach a sink first"
         result.request_key = key

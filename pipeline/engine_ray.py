@@ -102,8 +102,9 @@ class LedgerActor:
         notices: list[Notice],
         spent: float,
         stop: Stop | None,
+        finished: tuple[str, int] | None,
     ) -> Stop | None:
-        return self.board.report(worker, stats, notices, spent, stop)
+        return self.board.report(worker, stats, notices, spent, stop, finished)
 
     async def post_stop(self, stop: Stop) -> None:
         self.board.post_stop(stop)
@@ -114,10 +115,11 @@ class LedgerActor:
     async def pids(self) -> list[int]:
         return list(self.board.pids.values())
 
-    async def gather(self) -> tuple[list[CallStats], list[Notice], float]:
-        """Every worker's counts, the warnings not yet gathered, the spend."""
+    async def gather(self) -> tuple[list[CallStats], list[Notice], dict[str, int]]:
+        """Every worker's counts, the warnings not yet gathered, the rows
+        finished in each shard."""
         board = self.board
-        return list(board.counts.values()), board.take_notices(), board.spent
+        return list(board.counts.values()), board.take_notices(), dict(board.rows)
 
 
 class ShardWorker:
@@ -171,8 +173,11 @@ class ShardWorker:
         notices: list[Notice],
         spent: float,
         stop: Stop | None,
+        finished: tuple[str, int] | None,
     ) -> Stop | None:
-        posted: Stop | None = await self._ledger.report.remote(worker, stats, notices, spent, stop)
+        posted: Stop | None = await self._ledger.report.remote(
+            worker, stats, notices, spent, stop, finished
+        )
         return posted
 
     async def _get(self) -> CallStage:
@@ -260,6 +265,7 @@ class RayStage(CallStage):
         self.ledger: Any = None
         self._worker_stats: list[CallStats] = []
         self._ledger_stats: LedgerSnapshot | None = None
+        self.rows_in_shards: dict[str, int] = {}
 
     @property
     def stats(self) -> CallStats:
@@ -350,7 +356,7 @@ class RayStage(CallStage):
     async def gather_stats(self) -> None:
         """Every attempt's counts and the ledger's, for the report and
         timeline; the workers' warnings, into the driver's events."""
-        counts, notices, _ = await self.ledger.gather.remote()
+        counts, notices, self.rows_in_shards = await self.ledger.gather.remote()
         self._worker_stats = counts
         for notice in notices:
             self.events.emit(

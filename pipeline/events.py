@@ -241,6 +241,7 @@ class ProgressEvents:
         self._clock = clock
         self._total = 0
         self._already_done = 0
+        self._ahead = 0
         self._counter = TallyCounter()
         self._started = 0.0
         self._last_emit = 0.0
@@ -257,6 +258,11 @@ class ProgressEvents:
         if now - self._last_emit >= self._interval_s:
             self._last_emit = now
             self._emit(now)
+
+    def ahead(self, rows: int) -> None:
+        """Rows finished where the run will collect them later (the Ray
+        engine's workers): counted in ``done`` and ``ahead`` until collected."""
+        self._ahead = rows
 
     def heartbeat(self) -> None:
         """Called on a timer (the run's timeline sampler): a progress event
@@ -275,7 +281,7 @@ class ProgressEvents:
         """The numbers of a progress event (also handy for a final summary)."""
         now = self._clock() if now is None else now
         counts = self._counter.by_status()
-        processed = sum(counts.values())
+        processed = sum(counts.values()) + self._ahead
         done = self._already_done + processed
         elapsed = max(now - self._started, 1e-9)
         rate = processed / elapsed
@@ -290,6 +296,8 @@ class ProgressEvents:
             "rows_per_s": round(rate, 2),
             "eta_s": round(remaining / rate, 1) if rate > 0 else None,
         }
+        if self._ahead:
+            values["ahead"] = self._ahead
         if self._cost_so_far is not None:
             cost = self._cost_so_far()
             values["cost_usd"] = None if cost is None else round(cost, 6)

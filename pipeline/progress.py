@@ -45,6 +45,7 @@ class TqdmProgress:
         self._bar: tqdm | None = None
         self._counter = TallyCounter()
         self._resumed = 0
+        self._ahead = 0
 
     def note(self, waiting: str | None) -> None:
         """What the run waits for (a 429 pause, retries); None: nothing."""
@@ -75,6 +76,15 @@ class TqdmProgress:
         # tqdm throttles redraws itself; the postfix only needs to be fresh when it draws.
         if self._bar.n % 50 == 0 or result.status == "error":
             self._bar.set_postfix(self._postfix(), refresh=False)
+
+    def ahead(self, rows: int) -> None:
+        """Rows finished where the run will collect them later (the Ray
+        engine's workers): the bar moves with them, and collecting them
+        moves it no further."""
+        if self._bar is None or rows == self._ahead:
+            return
+        self._bar.update(rows - self._ahead)
+        self._ahead = rows
 
     def _postfix(self) -> dict[str, int]:
         counts = self._counter.by_status()

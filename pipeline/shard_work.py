@@ -81,6 +81,9 @@ class Board:
     """Dollars spent, the checkpoint's included (the cap covers the job)."""
     stop: Stop | None = None
     counts: dict[str, CallStats] = field(default_factory=dict)
+    rows: dict[str, int] = field(default_factory=dict)
+    """Rows finished so far in each shard being enriched, by shard name: what
+    the driver's progress shows before it gathers the shard."""
     notices: list[Notice] = field(default_factory=list)
     pids: dict[str, int] = field(default_factory=dict)
     """Each worker's process id, by worker: for the crash tests to aim at."""
@@ -97,12 +100,17 @@ class Board:
         notices: Sequence[Notice],
         spent_usd: float,
         stop: Stop | None = None,
+        finished: tuple[str, int] | None = None,
     ) -> Stop | None:
         """A worker says how it is doing (``stats``: its totals so far;
         ``spent_usd``: what it spent since its last report; ``stop``: the
-        run-level error it met); the answer says whether to stop."""
+        run-level error it met; ``finished``: its shard's name and the rows
+        finished there so far); the answer says whether to stop."""
         if stop is not None:
             self.post_stop(stop)
+        if finished is not None:
+            name, rows = finished
+            self.rows[name] = rows
         self.counts[worker] = stats
         self.notices.extend(notices)
         del self.notices[:-MAX_EVENTS]
@@ -118,9 +126,12 @@ class Board:
 
 
 # The worker's side of the board: (worker, its counts, its new warnings,
-# what it spent since the last report, the stop it posts) -> the stop
-# posted, if any.
-Report = Callable[[str, CallStats, list[Notice], float, Stop | None], Awaitable[Stop | None]]
+# what it spent since the last report, the stop it posts, its shard's name
+# and rows finished there) -> the stop posted, if any.
+Report = Callable[
+    [str, CallStats, list[Notice], float, Stop | None, tuple[str, int] | None],
+    Awaitable[Stop | None],
+]
 
 
 @dataclass(frozen=True)
@@ -176,6 +187,9 @@ class ShardJob:
         )
         self._bound = PromptBound(config.input.max_prompt_tokens, sink)
         self._spent = 0.0
+        self._finished: tuple[str, int] | None = None
+        """The shard in hand and its rows finished so far (earlier attempts'
+        journals included), for the driver's progress."""
         self._buffer: list[RowResult] = []
         # The commit being written. Never cancelled: a job cancelled while
         # still queued in the thread pool would silently drop its answers.
@@ -190,10 +204,11 @@ class ShardJob:
         if finished is not None:
             return finished
         summary = ShardSummary(task.shard.name, rows=task.shard.rows)
-        self.stop = await self._report(worker, self.stage.stats, [], 0.0, None)
+        self.stop = await self._report(worker, self.stage.stats, [], 0.0, None, None)
         if self.stop is not None:
             return self._stopped(summary)
         held = self._held(task, directory, summary)
+        self._finished = (task.shard.name, summary.journaled)
         failed: Stop | None = None
         writer = JournalWriter(new_journal_path(directory))
         reporter = asyncio.create_task(self._keep_reporting(worker))
@@ -209,7 +224,12 @@ class ShardJob:
                 await self._commit(writer)  # what is paid for is kept, if it can be
             writer.close()
             self.stop = await self._report(
-                worker, self.stage.stats, self._sink.take(), self._take_spent(), failed
+                worker,
+                self.stage.stats,
+                self._sink.take(),
+                self._take_spent(),
+                failed,
+                self._finished,
             )
         if summary.error_kind is None and self.stop is not None:
             return self._stopped(summary)
@@ -298,6 +318,9 @@ class ShardJob:
         result.request_key = key
         if result.route is None and result.status != "skipped":
             result.route = "online"
+        if self._finished is not None:
+            name, rows = self._finished
+            self._finished = (name, rows + 1)
         if self.spec.price is not None and not result.cached:
             self._spent += cost(
                 result.prompt_tokens or 0, result.completion_tokens or 0, self.spec.price
@@ -357,7 +380,12 @@ class ShardJob:
         while True:
             await asyncio.sleep(REPORT_EVERY_S)
             self.stop = await self._report(
-                worker, self.stage.stats, self._sink.take(), self._take_spent(), None
+                worker,
+                self.stage.stats,
+                self._sink.take(),
+                self._take_spent(),
+                None,
+                self._finished,
             )
             if self.stop is not None:
                 self.stage.drain()
@@ -369,6 +397,8 @@ class ShardedStage(Protocol):
 
     draining: bool
     events: EventSink
+    rows_in_shards: dict[str, int]
+    """Rows finished in each shard being enriched, as the board last had them."""
 
     def run_shards(
         self, tasks: Sequence[ShardTask], spec: WorkerSpec, spent_usd: float

@@ -390,6 +390,11 @@ class _Watching:
         self._timeline.observe(result)
         self._inner.advance(result)
 
+    def ahead(self, rows: int) -> None:
+        show = getattr(self._inner, "ahead", None)
+        if show is not None:
+            show(rows)
+
     def close(self) -> None:
         self._inner.close()
 

@@ -25,7 +25,7 @@ import pytest
 
 from pipeline.costs import SpendCapReached
 from pipeline.errors import ExitCode, FatalAPIError
-from pipeline.events import RecordingEventSink
+from pipeline.events import ProgressEvents, RecordingEventSink
 from pipeline.runner import enrich
 from pipeline.shards import ShardSummary
 from pipeline.simulate import Simulator
@@ -259,15 +259,21 @@ def test_a_parquet_file_written_as_one_row_group_is_enriched_in_shards(
 ) -> None:
     sim = start_server(**LIMIT)
     events = RecordingEventSink()
+    progress = ProgressEvents(events, interval_s=0.0)
     # What pandas and pyarrow write for a file of under a million rows.
     config = ray_config(tmp_path, sim, 600, row_group=600)
 
-    summary = enrich(config, events=events)
+    summary = enrich(config, events=events, progress=progress)
 
     assert_every_row_once_in_order(tmp_path / "out.parquet", 600)
     assert summary.requests == sim.stats.requests == 600
     (planned,) = events.named("shards")
     assert planned.fields == {"shards": 3, "to_do": 3, "staged": True}
+    # The progress moved with the workers' rows, before their shards were
+    # gathered, and never past the input.
+    done = [event.fields["done"] for event in events.named("progress")]
+    assert any(event.fields.get("ahead", 0) > 0 for event in events.named("progress"))
+    assert max(done) == done[-1] == 600
 
 
 def test_every_workers_counts_and_warnings_reach_the_driver(

@@ -20,6 +20,7 @@ from pipeline.events import (
     ThrottledWarning,
     redact,
 )
+from pipeline.progress import TqdmProgress
 from pipeline.results import RowResult
 
 SECRET = "sk-proj-THIS-IS-THE-KEY-0123456789"
@@ -136,6 +137,32 @@ def test_progress_events_are_periodic_and_final() -> None:
     assert last["done"] == 8 and last["ok"] == 5 and last["error"] == 1
     assert last["eta_s"] == pytest.approx(2 / (6 / 18), abs=0.1)
     assert events[-1].message == "8 of 10 rows (80.0%)"
+
+
+def test_progress_counts_rows_finished_by_workers_before_they_are_gathered() -> None:
+    progress = ProgressEvents(NullEventSink(), clock=lambda: 10.0)
+    progress.start(total=100, already_done=10)
+    assert "ahead" not in progress.fields()  # a run on one machine: nothing ahead
+    progress.ahead(30)  # the Ray workers' rows, from the board
+    assert (progress.fields()["done"], progress.fields()["ahead"]) == (40, 30)
+    # A shard gathered: its rows come off what was ahead as they are collected.
+    progress.ahead(10)
+    for row in range(20):
+        progress.advance(RowResult(row, "ok"))
+    fields = progress.fields()
+    assert (fields["done"], fields["ok"], fields["ahead"]) == (40, 20, 10)
+
+
+def test_the_progress_bar_moves_with_rows_finished_by_workers() -> None:
+    stream = io.StringIO()
+    bar = TqdmProgress(stream)
+    bar.start(total=100, already_done=0)
+    bar.ahead(30)
+    bar.ahead(10)
+    for row in range(20):
+        bar.advance(RowResult(row, "ok"))
+    bar.close()
+    assert stream.getvalue().rstrip().split("\r")[-1].lstrip().startswith("30%")
 
 
 def test_progress_fields_without_rows_or_cost() -> None:

@@ -219,9 +219,15 @@ class Reports:
         self.board = board
 
     async def __call__(
-        self, worker: str, stats: CallStats, notices: list[Notice], spent: float, stop: Stop | None
+        self,
+        worker: str,
+        stats: CallStats,
+        notices: list[Notice],
+        spent: float,
+        stop: Stop | None,
+        finished: tuple[str, int] | None,
     ) -> Stop | None:
-        return self.board.report(worker, stats, notices, spent, stop)
+        return self.board.report(worker, stats, notices, spent, stop, finished)
 
 
 @contextlib.asynccontextmanager
@@ -260,6 +266,9 @@ async def test_a_shard_run_again_sends_only_what_no_journal_holds(
 
     assert summary.done and summary.sent == 17 and summary.journaled == 2
     assert sim.stats.requests == 17
+    # What the driver's progress shows before gathering the shard: every
+    # row finished but the one the checkpoint holds (counted as resumed).
+    assert board.rows == {shard.name: 19}
     assert read_done(directory) == summary
     results = read_results(directory)
     assert results is not None
