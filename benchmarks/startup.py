@@ -10,7 +10,7 @@ Every figure is a median over several runs (the machine may be shared; the
   top-level module, and which heavy libraries it pulled in;
 - ``enrich --help`` (the console script) and ``python -c pass`` (the
   interpreter's own start, the floor) wall times;
-- first request: ``enrich run`` over a small CSV against ``python -m pipeline
+- first request: ``enrich run`` over a small CSV, then JSONL, against ``python -m pipeline
   simulate`` in its own process, timed from ``Popen`` to the first bytes of
   its first request, then stopped with SIGTERM. The run talks to the
   simulator through a relay in this process that notes when the first bytes
@@ -181,12 +181,12 @@ class Relay:
 
 
 def first_request(
-    enrich: str, relay: Relay, workdir: Path, env: dict[str, str]
+    enrich: str, relay: Relay, workdir: Path, env: dict[str, str], source: str = "in.csv"
 ) -> tuple[float, float, float]:
     """(wall seconds, CPU seconds, main thread's CPU seconds) from start to
-    the first request."""
+    the first request, for the input ``source`` in ``workdir``."""
     output = workdir / "out.parquet"
-    argv = [enrich, "run", "--quiet", "--input", str(workdir / "in.csv"), "--column", "q"]
+    argv = [enrich, "run", "--quiet", "--input", str(workdir / source), "--column", "q"]
     argv += ["--output", str(output), "--model", "sim-1", "--no-cache", "--restart"]
     argv += ["--base-url", f"http://127.0.0.1:{relay.address}/v1", "--concurrency", "4"]
     relay.reset()
@@ -237,18 +237,26 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp, simulator(env) as port:
         workdir = Path(tmp)
         env["ENRICH_CACHE_DIR"] = str(workdir / "cache")
-        rows = "\n".join(f'"question {i}: what is {i} plus {i}?"' for i in range(ROWS))
+        questions = [f"question {i}: what is {i} plus {i}?" for i in range(ROWS)]
+        rows = "\n".join(f'"{q}"' for q in questions)
         (workdir / "in.csv").write_text(f"q\n{rows}\n")
+        lines = "".join(json.dumps({"q": q}) + "\n" for q in questions)
+        (workdir / "in.jsonl").write_text(lines)
         relay = Relay(port)
-        first_request(enrich, relay, workdir, env)  # warm the page cache and the bytecode
-        runs = [first_request(enrich, relay, workdir, env) for _ in range(args.runs)]
+        for source in ("in.csv", "in.jsonl"):
+            first_request(enrich, relay, workdir, env, source)  # warm the caches
+            runs = [first_request(enrich, relay, workdir, env, source) for _ in range(args.runs)]
+            report(source, runs, floor)
+
+
+def report(source: str, runs: list[tuple[float, float, float]], floor: float) -> None:
     first = statistics.median(wall for wall, _, _ in runs)
     cpu = statistics.median(cpu for _, cpu, _ in runs)
     main_cpu = statistics.median(main for _, _, main in runs)
     print(
-        f"  first request: {first * 1000:.0f} ms after start, {(first - floor) * 1000:.0f} ms "
-        f"beyond the interpreter; {cpu * 1000:.0f} ms of CPU, {main_cpu * 1000:.0f} ms of it "
-        f"on the main thread (load {load():.2f})"
+        f"  first request ({source}): {first * 1000:.0f} ms after start, "
+        f"{(first - floor) * 1000:.0f} ms beyond the interpreter; {cpu * 1000:.0f} ms of CPU, "
+        f"{main_cpu * 1000:.0f} ms of it on the main thread (load {load():.2f})"
     )
 
 

@@ -59,7 +59,7 @@ from pipeline.durable import (
 )
 from pipeline.errors import CheckpointMismatch, InputError, UsageError
 from pipeline.journal import JournalWriter, read_journal
-from pipeline.results import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
+from pipeline.result_table import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
 from pipeline.shards import SHARDS, journals, read_results
 from pipeline.storage import Location, ObjectUri, remote_identity
 from pipeline.storage import file_facts as file_facts

@@ -17,16 +17,19 @@ from array import array
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Final, Protocol
+from typing import TYPE_CHECKING, Final, Protocol
 
-from pipeline.cache import CachedAnswer
 from pipeline.checkpoint import CheckpointWriter
 from pipeline.crashpoints import crash_point
 from pipeline.durable import disk_full_error
 from pipeline.errors import EnrichError, WriteFailed
 from pipeline.progress import Progress
 from pipeline.results import RowResult
+from pipeline.reuse import cached_answer
 from pipeline.tally import TallyCounter
+
+if TYPE_CHECKING:
+    from pipeline.cache import CachedAnswer
 
 # Results held while a slow commit (a part being sealed, a busy disk) is in
 # progress, beyond which arriving results wait for it: memory stays bounded
@@ -38,16 +41,6 @@ class AnswerStore(Protocol):
     """Where successful answers go besides the checkpoint (the response cache)."""
 
     def put_many(self, items: list[tuple[bytes, CachedAnswer]]) -> None: ...
-
-
-def cached_answer(result: RowResult) -> CachedAnswer:
-    return CachedAnswer(
-        response=result.response,
-        finish_reason=result.finish_reason,
-        model=result.model,
-        prompt_tokens=result.prompt_tokens,
-        completion_tokens=result.completion_tokens,
-    )
 
 
 class ResultSink:

@@ -230,6 +230,14 @@ class OutputConfig(_Section, frozen=True, kw_only=True):
             return self.run_dir
         return self.local_path.with_name(self.local_path.name + ".enrich")
 
+    @property
+    def resolved_report(self) -> Path:
+        """Where the run report goes: ``--report``, else beside the output
+        (``pipeline.report.report_path_for``; a test keeps the two the same)."""
+        if self.report is not None:
+            return self.report
+        return self.local_path.with_name(self.local_path.name + ".report.json")
+
 
 def output_local_path(output: str | Path) -> Path:
     """What the local files of the run writing ``output`` (a path or a URI)

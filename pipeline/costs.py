@@ -27,12 +27,13 @@ from pipeline import prompt
 from pipeline.errors import ConfigError, EnrichError, ExitCode
 from pipeline.events import EventSink, ThrottledWarning
 from pipeline.prompt import DEFAULT_COMPLETION_ESTIMATE, estimate_prompt_tokens
-from pipeline.read import InputSource
 from pipeline.results import RowResult
 from pipeline.transport import Messages
 
 if TYPE_CHECKING:
     import polars as pl
+
+    from pipeline.read import InputSource
 
 # Package data, so a wheel install knows the prices too (configs/prices.toml
 # in a checkout is a link to it).

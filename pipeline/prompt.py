@@ -1,7 +1,10 @@
 """Prompt rendering: a column of prompts, or a template filled from columns. Pure functions.
 
 Rendering is vectorised with pyarrow compute: it runs on every chunk, and a Python
-loop per row would cost seconds per million rows.
+loop per row would cost seconds per million rows. pyarrow is imported by the
+functions that take tables: the rest (the spec's checks, messages, token
+estimates) is what a run needs before its first request, which a fresh run
+sends before pyarrow is loaded (``pipeline.head``).
 """
 
 from __future__ import annotations
@@ -12,12 +15,12 @@ import string
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any, Final
-
-import pyarrow as pa
-import pyarrow.compute as pc
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import ConfigError, InputError
+
+if TYPE_CHECKING:
+    import pyarrow as pa
 
 __all__ = [
     "DEFAULT_COMPLETION_ESTIMATE",
@@ -26,6 +29,7 @@ __all__ = [
     "estimate_prompt_tokens",
     "fingerprint_fields",
     "messages",
+    "parse_template",
     "placeholders",
     "render",
     "validate",
@@ -52,14 +56,8 @@ class PromptSpec:
     system_prompt: str | None = None
 
 
-# Passed to pyarrow compute as scalars, not Python values: converting a Python value
-# costs ~100x the kernel call itself on small chunks.
-_EMPTY: Final = pa.scalar("", pa.string())
-_NULL: Final = pa.scalar(None, pa.string())
-
-
 @lru_cache(maxsize=64)
-def _parse(template: str) -> tuple[tuple[pa.Scalar, ...], tuple[str, ...]]:
+def parse_template(template: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
     """(literals, names) with ``len(literals) == len(names) + 1``, names in template order.
 
     Placeholders are column names taken literally, so ``{a.b}`` and ``{user name}`` name
@@ -99,12 +97,12 @@ def _parse(template: str) -> tuple[tuple[pa.Scalar, ...], tuple[str, ...]]:
         names.append(name)
         pending = ""
     literals.append(pending)
-    return tuple(pa.scalar(lit, pa.string()) for lit in literals), tuple(names)
+    return tuple(literals), tuple(names)
 
 
 def placeholders(template: str) -> list[str]:
     """Column names the template uses, in order of first use, each once."""
-    return list(dict.fromkeys(_parse(template)[1]))
+    return list(dict.fromkeys(parse_template(template)[1]))
 
 
 def _mode_error(spec: PromptSpec) -> ConfigError | None:
@@ -178,6 +176,8 @@ def check_types(spec: PromptSpec, schema: pa.Schema, source: str = "input") -> N
     lists, records and maps (JSON? which layout? an empty list would be sent
     as "[]") and binary (which encoding?). Numbers, booleans, dates and times
     are written as a person would, so they are fine."""
+    import pyarrow as pa
+
     for name in _needed_columns(spec):
         if name not in schema.names:
             continue
@@ -203,32 +203,42 @@ def render(spec: PromptSpec, table: pa.Table) -> list[str | None]:
     Column mode skips null and blank values. Template mode skips a row only when every
     placeholder is null or blank; otherwise a null fills in as "".
     """
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    # Passed to pyarrow compute as scalars, not Python values: converting a Python
+    # value costs ~100x the kernel call itself on small chunks.
+    empty, null = pa.scalar("", pa.string()), pa.scalar(None, pa.string())
     needed = _needed_columns(spec)
     missing = [n for n in needed if n not in table.column_names]
     if missing:
         raise _missing_column_error(spec, missing, table.column_names, "the input")
     if spec.column is not None:
         text = _as_text(table.column(spec.column))
-        blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(text, _EMPTY)), _EMPTY)
-        return list(pc.if_else(blank, _NULL, text).to_pylist())
+        blank = pc.equal(pc.utf8_trim_whitespace(pc.fill_null(text, empty)), empty)
+        return list(pc.if_else(blank, null, text).to_pylist())
 
     assert spec.template is not None
-    literals, slots = _parse(spec.template)
-    filled = {name: pc.fill_null(_as_text(table.column(name)), _EMPTY) for name in needed}
+    texts, slots = parse_template(spec.template)
+    literals = [pa.scalar(text, pa.string()) for text in texts]
+    filled = {name: pc.fill_null(_as_text(table.column(name)), empty) for name in needed}
     # A row is skipped when all its placeholder values together are blank.
     values = list(filled.values())
-    together = values[0] if len(values) == 1 else pc.binary_join_element_wise(*values, _EMPTY)
-    all_blank = pc.equal(pc.utf8_trim_whitespace(together), _EMPTY)
+    together = values[0] if len(values) == 1 else pc.binary_join_element_wise(*values, empty)
+    all_blank = pc.equal(pc.utf8_trim_whitespace(together), empty)
     parts: list[Any] = [literals[0]]
     for name, literal in zip(slots, literals[1:], strict=True):
         parts += [filled[name], literal]
     # The last argument is the separator between parts, not a part.
-    joined = pc.binary_join_element_wise(*parts, _EMPTY)
-    return list(pc.if_else(all_blank, _NULL, joined).to_pylist())
+    joined = pc.binary_join_element_wise(*parts, empty)
+    return list(pc.if_else(all_blank, null, joined).to_pylist())
 
 
 def _as_text(column: pa.ChunkedArray) -> pa.ChunkedArray:
     """The column as plain strings, as a person would write the values in a prompt."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     typ = column.type
     if pa.types.is_dictionary(typ):
         return _as_text(pc.cast(column, typ.value_type))
@@ -259,6 +269,8 @@ def _json(value: Any) -> str:
 
 
 def _python_text(column: pa.ChunkedArray, to_text: Any) -> pa.ChunkedArray:
+    import pyarrow as pa
+
     values = column.to_pylist()
     return pa.chunked_array(
         [pa.array([None if v is None else to_text(v) for v in values], type=pa.string())],

@@ -27,6 +27,7 @@ import pyarrow.csv as pcsv
 
 from pipeline import storage
 from pipeline.errors import InputError
+from pipeline.head_read import BOOL_TEXTS, FLOAT_PATTERN, INT_PATTERN
 from pipeline.storage import Location, ObjectUri
 
 if TYPE_CHECKING:
@@ -335,11 +336,11 @@ class _ParquetSource(InputSource):
 
 # -------------------------------------------------------------------------------- CSV
 
-# Types are only inferred when converting back to text would give the same value, so
-# zip codes ("02134"), ids with leading zeros and 20-digit numbers stay text.
-_INT_RE: Final = r"^(0|-?[1-9][0-9]{0,17})$"
-_FLOAT_RE: Final = r"^-?(0|[1-9][0-9]{0,14})(\.[0-9]+)?([eE][-+]?[0-9]{1,3})?$"
-_BOOLS: Final = pa.array(["true", "false", "True", "False", "TRUE", "FALSE"])
+# Types are only inferred when converting back to text would give the same value
+# (pipeline.head_read holds the patterns: a fresh run's first rows are judged by them).
+_INT_RE: Final = INT_PATTERN
+_FLOAT_RE: Final = FLOAT_PATTERN
+_BOOLS: Final = pa.array(BOOL_TEXTS)
 # Candidate types in order of preference; a column keeps the first that fits all rows.
 _CANDIDATES: Final = (pa.int64(), pa.float64(), pa.bool_())
 

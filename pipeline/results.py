@@ -6,11 +6,8 @@ another route to the same answers (e.g. the Batch API) fills the same record.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final, Literal
-
-import pyarrow as pa
 
 if TYPE_CHECKING:
     from pipeline.cache import CachedAnswer
@@ -20,27 +17,24 @@ Status = Literal["ok", "error", "skipped"]
 ROW_ID: Final = "_row_id"
 """Internal column: the 0-based position of the row in the input. Never in the output."""
 
-RESULT_SCHEMA: Final = pa.schema(
-    [
-        pa.field("response", pa.string()),
-        pa.field("status", pa.string()),
-        pa.field("error", pa.string()),
-        pa.field("latency_ms", pa.float64()),
-        pa.field("attempts", pa.int32()),
-        pa.field("prompt_tokens", pa.int32()),
-        pa.field("completion_tokens", pa.int32()),
-        pa.field("finish_reason", pa.string()),
-        pa.field("model", pa.string()),
-        pa.field("cached", pa.bool_()),
-        pa.field("route", pa.string()),
-        # Where the time went, where known (added in checkpoint format 3,
-        # after the columns above, so their positions stay as they were).
-        pa.field("first_token_ms", pa.float64()),
-        pa.field("generation_ms", pa.float64()),
-        pa.field("server_ms", pa.float64()),
-    ]
+RESULT_COLUMNS: Final = (
+    "response",
+    "status",
+    "error",
+    "latency_ms",
+    "attempts",
+    "prompt_tokens",
+    "completion_tokens",
+    "finish_reason",
+    "model",
+    "cached",
+    "route",
+    "first_token_ms",
+    "generation_ms",
+    "server_ms",
 )
-RESULT_COLUMNS: Final = tuple(RESULT_SCHEMA.names)
+"""The contract's result columns, in their order (``pipeline.result_table``
+gives their types; a test keeps the two the same)."""
 
 TRANSIENT: Final = "_transient"
 """Internal column: the row's last failure was transient (5xx, timeout, dropped
@@ -50,17 +44,6 @@ plain run sends it again. Never in the output."""
 REQUEST_KEY: Final = "_request_key"
 """Internal column: the row's request key (see ``cache.key_function``), so a run
 over a changed input can reuse every answer whose request did not change."""
-
-# What a checkpoint part holds: the row id, the contract's columns, then the
-# internal ones.
-PART_SCHEMA: Final = pa.schema(
-    [
-        pa.field(ROW_ID, pa.int64()),
-        *RESULT_SCHEMA,
-        pa.field(TRANSIENT, pa.bool_()),
-        pa.field(REQUEST_KEY, pa.binary()),
-    ]
-)
 
 
 @dataclass(slots=True)
@@ -95,43 +78,6 @@ class RowResult:
     @classmethod
     def skipped(cls, row_id: int) -> RowResult:
         return cls(row_id=row_id, status="skipped")
-
-
-def results_to_table(results: Sequence[RowResult]) -> pa.Table:
-    """Columnar form of results, sorted by row id (parts are range-scanned later)."""
-    ordered = sorted(results, key=lambda r: r.row_id)
-    return pa.table(
-        {
-            ROW_ID: [r.row_id for r in ordered],
-            "response": [r.response for r in ordered],
-            "status": [r.status for r in ordered],
-            "error": [r.error for r in ordered],
-            "latency_ms": [r.latency_ms for r in ordered],
-            "attempts": [r.attempts for r in ordered],
-            "prompt_tokens": [r.prompt_tokens for r in ordered],
-            "completion_tokens": [r.completion_tokens for r in ordered],
-            "finish_reason": [r.finish_reason for r in ordered],
-            "model": [r.model for r in ordered],
-            "cached": [r.cached for r in ordered],
-            "route": [r.route for r in ordered],
-            "first_token_ms": [r.first_token_ms for r in ordered],
-            "generation_ms": [r.generation_ms for r in ordered],
-            "server_ms": [r.server_ms for r in ordered],
-            TRANSIENT: [r.transient for r in ordered],
-            REQUEST_KEY: [r.request_key for r in ordered],
-        },
-        schema=PART_SCHEMA,
-    )
-
-
-def results_from_table(table: pa.Table) -> list[RowResult]:
-    """The results a table of ``results_to_table``'s schema holds (a journal's
-    records, read back), in its order."""
-    names = {ROW_ID: "row_id", TRANSIENT: "transient", REQUEST_KEY: "request_key"}
-    return [
-        RowResult(**{names.get(key, key): value for key, value in row.items()})
-        for row in table.to_pylist()
-    ]
 
 
 def reused(row_id: int, answer: RowResult | CachedAnswer) -> RowResult:

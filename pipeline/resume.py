@@ -24,17 +24,7 @@ if TYPE_CHECKING:
     import polars as pl
     import pyarrow as pa
 
-
-@dataclass(frozen=True)
-class RunOptions:
-    """How this invocation treats existing state (not part of the job's config)."""
-
-    restart: bool = False
-    """Discard the checkpoint and start over."""
-    retry_failed: bool = False
-    """Send the rows whose status is error again."""
-    force: bool = False
-    """Redo the job even if the output is up to date (implies restart)."""
+    from pipeline.wiring import RunOptions
 
 
 def up_to_date(plan: Plan, options: RunOptions) -> Freshness | None:

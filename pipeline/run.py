@@ -11,6 +11,7 @@ requests in flight and the commit buffer, never by the size of the input.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from array import array
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -22,7 +23,6 @@ from pipeline.feed import Feed, Reuse, open_feed, open_reuse
 from pipeline.finish import Outcome, finished, skip, stopped, summarize
 from pipeline.plan import Plan, PreparedRun, make_plan
 from pipeline.resume import (
-    RunOptions,
     earlier_segments,
     emit_warnings,
     job_price,
@@ -39,41 +39,34 @@ if TYPE_CHECKING:
     from pipeline.checkpoint import Checkpoint
     from pipeline.costs import Price
     from pipeline.events import EventSink
-    from pipeline.progress import Progress
+    from pipeline.head import Head
     from pipeline.resume import ResumePoint
     from pipeline.summary import RunSummary
     from pipeline.tally import Tally
-    from pipeline.transport import Transport
+    from pipeline.wiring import RunOptions, Wiring
 
 # A part found damaged while assembling sends its rows again; a disk that
 # keeps damaging what is written gets this many tries.
 MAX_ASSEMBLY_PASSES: Final = 3
 
 
-@dataclass(frozen=True)
-class Wiring:
-    """What the caller plugs in: where events and progress go, the transport
-    (None: one made from the config), the graceful stop, and the timeline
-    that records the run (None: one of its own; pass one to read its live
-    totals while the run goes)."""
-
-    events: EventSink
-    progress: Progress
-    transport: Transport | None = None
-    stop: asyncio.Event | None = None
-    timeline: Timeline | None = None
-
-
-async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> RunSummary:
-    """Run (or resume) one job, the output's lock held. Raises typed errors."""
+async def run(
+    prepared: PreparedRun, options: RunOptions, wiring: Wiring, head: Head | None = None
+) -> RunSummary:
+    """Run (or resume) one job, the output's lock held. Raises typed errors.
+    With a ``head`` (a fresh run's first rows, already sent through its call
+    stage), the first pass takes its results and its stage."""
     plan = make_plan(prepared)
     events = wiring.events
-    fresh = up_to_date(plan, options)
-    if fresh is not None:
-        return skip(plan, fresh, events)
+    if head is None:
+        fresh = up_to_date(plan, options)
+        if fresh is not None:
+            return skip(plan, fresh, events)
+    else:  # the run started when the head did
+        plan = replace(plan, started_at=head.plan.started_at, started_s=head.plan.started_s)
     timeline = wiring.timeline or Timeline()
     price = timeline.price = job_price(plan, events)
-    if options.restart or options.force:
+    if head is None and (options.restart or options.force):
         await cancel_before_restart(plan.run_dir, events)
     checkpoint = open_checkpoint(plan, options, events)
     job = plan.job(
@@ -82,12 +75,12 @@ async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> Run
         estimate=await asyncio.to_thread(plan.estimate, price),
         earlier_segments=earlier_segments(plan, checkpoint),
     )
-    reuse = open_reuse(plan, checkpoint.carried(), _cache_warning(events))
+    reuse = _reuse(plan, checkpoint, head, events)
     # Every finished row reaches the timeline on its way to the progress.
     wiring = replace(wiring, progress=timeline.watching(wiring.progress))
     try:
-        async with open_stage(plan, wiring.transport, events, wiring.stop) as stage:
-            passes = _Passes(plan, options, checkpoint, stage, reuse, price, wiring)
+        async with _stage(plan, wiring, head) as stage:
+            passes = _Passes(plan, options, checkpoint, stage, reuse, price, wiring, head)
             timeline.bind(stage, passes.reused)
             sampler = asyncio.create_task(timeline.run())
             try:
@@ -96,11 +89,29 @@ async def run(prepared: PreparedRun, options: RunOptions, wiring: Wiring) -> Run
                 sampler.cancel()
     finally:
         wiring.progress.close()
-        reuse.close()
+        if head is None:
+            reuse.close()  # the head's is closed by its opener
     summary = summarize(plan, outcome, stage.stats)
     if outcome.error is not None:
         stopped(plan, job, summary, outcome.error, events, timeline)
     return finished(plan, job, summary, checkpoint.remove, events, timeline)
+
+
+def _reuse(plan: Plan, checkpoint: Checkpoint, head: Head | None, events: EventSink) -> Reuse:
+    if head is None:
+        return open_reuse(
+            plan.config, plan.response_format, checkpoint.carried(), _cache_warning(events)
+        )
+    head.reuse.carried = checkpoint.carried()
+    return head.reuse
+
+
+def _stage(
+    plan: Plan, wiring: Wiring, head: Head | None
+) -> contextlib.AbstractAsyncContextManager[CallStage]:
+    if head is not None:
+        return contextlib.nullcontext(head.stage)
+    return open_stage(plan, wiring.transport, wiring.events, wiring.stop)
 
 
 def _cache_warning(events: EventSink) -> Callable[[str], None]:
@@ -122,6 +133,8 @@ class _Passes:
     reuse: Reuse
     price: Price | None
     wiring: Wiring
+    head: Head | None = None
+    """A fresh run's first rows under way: the first online pass takes them."""
     feeds: list[tuple[ResumePoint, Feed]] = field(default_factory=list)
     """Each pass's resume point and feed, the last one current."""
 
@@ -164,7 +177,8 @@ class _Passes:
             point = resume_point(self.checkpoint, plan.total_rows, self.options, self.price)
         feed = open_feed(plan, point, self.reuse, self.price, wiring.progress, wiring.events)
         self.feeds.append((point, feed))
-        await send(feed, self.stage, self.checkpoint)
+        head, self.head = self.head, None
+        await send(feed, self.stage, self.checkpoint, head)
 
     def _start(self, resumed: int) -> None:
         plan = self.plan

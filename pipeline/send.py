@@ -1,9 +1,9 @@
 """The send stage: the call stage over one pass's feed, each result on its
-way to the collect stage, and what a graceful stop needs.
+way to the collect stage.
 
 Sending stops, without losing anything paid for, on a fatal API error, an
 outage past its bound, the spend cap, a commit that fails (a full disk) and
-a stop request (``stop``: no new request, those in flight get
+a stop request (``pipeline.stage``: no new request, those in flight get
 ``DRAIN_GRACE_S``); whatever was finished is committed on the way out.
 """
 
@@ -11,36 +11,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any, Final
+from typing import TYPE_CHECKING, Final
 
-from pipeline.call import CallStage
 from pipeline.collect import ResultSink, commit_error
-from pipeline.errors import ConfigError, RunInterrupted
+from pipeline.crashpoints import crash_point
+from pipeline.errors import RunInterrupted
 from pipeline.feed import Feed, reused
 from pipeline.send_shards import ShardedStage, collect_shards, forget
-from pipeline.transport import Transport, make_transport
+from pipeline.stage import DRAIN_GRACE_S as DRAIN_GRACE_S
+from pipeline.stage import open_stage as open_stage
 
 if TYPE_CHECKING:
     from pathlib import Path
 
     from pipeline.batch_route import RouteEnd
+    from pipeline.call import CallStage
     from pipeline.checkpoint import Checkpoint
     from pipeline.costs import Price
     from pipeline.events import EventSink
     from pipeline.feed import Reuse
+    from pipeline.head import Head
     from pipeline.plan import Plan
     from pipeline.progress import Progress
     from pipeline.resume import ResumePoint
 
-__all__ = [
-    "DRAIN_GRACE_S",
-    "cancel_before_restart",
-    "open_batch_feed",
-    "open_stage",
-    "send",
-    "send_batches",
-]
+__all__ = ["cancel_before_restart", "open_batch_feed", "send", "send_batches"]
 
 
 # pipeline.batch_ledger.BATCH_DIR (tests/test_startup.py checks they agree),
@@ -87,78 +82,13 @@ async def send_batches(
     return await batches(feed, checkpoint, stop, events)
 
 
-# How long a graceful stop waits for requests in flight: they are paid for,
-# but schedulers (Airflow, Kubernetes) send SIGKILL some 30 s after SIGTERM.
-DRAIN_GRACE_S: Final = 10.0
-
-
-@contextlib.asynccontextmanager
-async def open_stage(
-    plan: Plan, transport: Transport | None, events: EventSink, stop: asyncio.Event | None
-) -> AsyncIterator[CallStage]:
-    """The run's call stage over ``transport`` (else one made from the config,
-    closed on the way out), drained when ``stop`` is set."""
-    config = plan.config
-    own_transport = transport is None
-    if transport is None:
-        transport = make_transport(
-            config.model, config.api_key(), config.model.transport, extra_params=plan.extra_params
-        )
-    stage = (
-        _ray_stage(plan, transport, events)
-        if config.run.engine == "ray"
-        else CallStage(
-            config.model,
-            config.limits,
-            transport,
-            check_answer=plan.check_answer,
-            answer_attempts=config.structured.max_attempts,
-            events=events,
-        )
-    )
-    watcher = None
-    if stop is not None:
-        this_task = asyncio.current_task()
-        assert this_task is not None
-        watcher = asyncio.create_task(_drain_on(stop, stage, this_task))
-    try:
-        yield stage
-    finally:
-        if watcher is not None:
-            watcher.cancel()
-        closing = getattr(stage, "aclose", None)
-        if closing is not None:
-            await closing()
-        if own_transport:
-            await transport.aclose()
-
-
-def _ray_stage(plan: Plan, transport: Transport, events: EventSink) -> CallStage:
-    """The Ray engine's stage (its module is the only one that imports Ray)."""
-    try:
-        from pipeline.engine_ray import RayStage
-    except ImportError as exc:
-        if exc.name != "ray" and not (exc.name or "").startswith("ray."):
-            raise
-        raise ConfigError(
-            "--engine ray needs Ray: pip install 'enrich-llm[ray]' (or use --engine local)"
-        ) from None
-    return RayStage(plan, transport, events)
-
-
-async def _drain_on(stop: asyncio.Event, stage: CallStage, run: asyncio.Task[Any]) -> None:
-    await stop.wait()
-    stage.drain()
-    await asyncio.sleep(DRAIN_GRACE_S)
-    # Still waiting (a long retry-after, a hung request): stop now; what is
-    # finished is flushed on the way out.
-    run.cancel()
-
-
-async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
+async def send(
+    feed: Feed, stage: CallStage, checkpoint: Checkpoint, head: Head | None = None
+) -> None:
     """Send the feed's requests and collect every result, the feed's own
-    (skipped, reused) included. Raises what stopped the sending, after
-    everything finished is committed."""
+    (skipped, reused) included, and a ``head``'s first (its requests went
+    out before the checkpoint was open). Raises what stopped the sending,
+    after everything finished is committed."""
     config = feed.plan.config
     sink = ResultSink(
         checkpoint.writer(config.checkpoint.flush_every),
@@ -175,7 +105,10 @@ async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
         if isinstance(stage, ShardedStage):
             await collect_shards(feed, stage, checkpoint, gathered)
         else:
-            await _collect_results(feed, stage)
+            if head is not None:
+                crash_point("head-checkpoint-open")  # open and empty, the head's answers held
+                await head.hand_over(feed)
+            await _collect_results(feed, stage, head)
     finally:
         committer.cancel()
         # Runs on success, fatal errors and cancellation alike: what was paid
@@ -192,10 +125,11 @@ async def send(feed: Feed, stage: CallStage, checkpoint: Checkpoint) -> None:
         raise feed.spend_cap_error(checkpoint.run_dir)
 
 
-async def _collect_results(feed: Feed, stage: CallStage) -> None:
+async def _collect_results(feed: Feed, stage: CallStage, head: Head | None) -> None:
     collected, dedup = feed.collected, feed.reuse.dedup
+    stream = stage.results(feed.requests()) if head is None else head.results()
     # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
-    async with contextlib.aclosing(stage.results(feed.requests())) as results:
+    async with contextlib.aclosing(stream) as results:
         async for result in results:
             feed.spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
             key = feed.in_flight.pop(result.row_id, None)

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Final
 from pipeline.costs import SpendCap
 from pipeline.durable import remove_tree
 from pipeline.prompt import needed_columns
-from pipeline.results import results_from_table
+from pipeline.result_table import results_from_table
 from pipeline.shard_work import ShardedStage, WorkerSpec, stop_error
 from pipeline.shards import SHARDS, STAGED, ShardTask, plan_input, read_results
 

@@ -30,7 +30,7 @@ from pipeline.call import CallStage, CallStats, ChatRequest
 from pipeline.costs import Price, PromptBound, cost
 from pipeline.errors import EnrichError
 from pipeline.journal import JournalWriter
-from pipeline.results import ROW_ID, TRANSIENT, RowResult, results_to_table, reused
+from pipeline.result_table import ROW_ID, TRANSIENT, RowResult, results_to_table, reused
 from pipeline.shards import (
     ShardSummary,
     ShardTask,

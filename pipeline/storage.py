@@ -14,7 +14,9 @@ carries keys is refused, so none can reach a report, a log or a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import re
 from pathlib import Path
 from typing import TYPE_CHECKING, Final
@@ -306,3 +308,66 @@ def read_parquet_columns(uri: ObjectUri, columns: list[str]) -> pa.Table:
 
     fs, path = filesystem(uri, OutputError, "--output")
     return pq.read_table(path, columns=columns, filesystem=fs)
+
+
+def check_output_path(output: Location, input_path: Location) -> None:
+    """Fail before any request is sent if the output could not be written at the end."""
+    from pipeline.errors import OutputError
+
+    if isinstance(output, ObjectUri):
+        _check_remote_output(output, input_path)
+        return
+    if isinstance(input_path, ObjectUri):
+        input_path = local_path(input_path)  # a local output is never a remote input
+    output = Path(output).expanduser()
+    if _same_file(output, Path(input_path).expanduser()):
+        raise OutputError(
+            f"output {output} is the input file; writing it would destroy the input: "
+            "choose another path with --output"
+        )
+    if output.is_dir():
+        raise OutputError(
+            f"output {output} is a directory; pass a file path such as "
+            f"--output {output / 'enriched.parquet'}"
+        )
+    if output.suffix.lower() != ".parquet":
+        raise OutputError(
+            f"output {output} does not end in .parquet; the output is always Parquet: "
+            f"use --output {output.with_suffix('.parquet')}"
+        )
+    parent = output.absolute().parent
+    if not parent.exists():
+        raise OutputError(
+            f"output directory {parent} does not exist; create it (mkdir -p {parent}) "
+            "or change --output"
+        )
+    if not parent.is_dir():
+        raise OutputError(f"output directory {parent} is not a directory; change --output")
+    # The rename needs write access to the directory, not to any existing output file.
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(
+            f"output directory {parent} is not writable; fix its permissions or change --output"
+        )
+
+
+def _check_remote_output(output: ObjectUri, input_path: Location) -> None:
+    from pipeline.errors import OutputError
+
+    if isinstance(input_path, ObjectUri) and output.key == input_path.key:
+        raise OutputError(
+            f"output {output} is the input object; writing it would destroy the input: "
+            "choose another key with --output"
+        )
+    if output.suffix.lower() != ".parquet":
+        raise OutputError(
+            f"output {output} does not end in .parquet; the output is always Parquet: "
+            "name the object KEY.parquet in --output"
+        )
+    check_output_bucket(output)
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    with contextlib.suppress(OSError):
+        # samefile sees through symlinks, hard links and relative paths.
+        return a.samefile(b)
+    return a.absolute().resolve() == b.absolute().resolve()

@@ -45,11 +45,14 @@ import json
 import re
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Final
-
-import pyarrow as pa
+from typing import TYPE_CHECKING, Any, Final
 
 from pipeline.errors import ConfigError
+
+if TYPE_CHECKING:
+    # Imported where columns are made: a run's requests and their answer
+    # checks need none of it.
+    import pyarrow as pa
 
 __all__ = [
     "DEFAULT_NAME",
@@ -76,12 +79,8 @@ _NAME: Final = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 PROPERTY_KEY: Final = b"enrich.property"
 JSON_KEY: Final = b"enrich.json"
 
-_SCALARS: Final[dict[str, pa.DataType]] = {
-    "string": pa.string(),
-    "integer": pa.int64(),
-    "number": pa.float64(),
-    "boolean": pa.bool_(),
-}
+# JSON Schema's scalar types, each a column of its own Arrow type (_arrow_type).
+_SCALARS: Final = ("string", "integer", "number", "boolean")
 _INT64_MIN: Final = -(2**63)
 _INT64_MAX: Final = 2**63 - 1
 
@@ -269,16 +268,25 @@ def _scalar_kind(prop: Any) -> str | None:
     return kind if kind in _SCALARS else None
 
 
+def _arrow_type(kind: str) -> pa.DataType:
+    import pyarrow as pa
+
+    types = {"string": pa.string(), "integer": pa.int64(), "number": pa.float64()}
+    return types.get(kind) or pa.bool_()
+
+
 def _column_type(prop: Any) -> tuple[pa.DataType, bool]:
     """The arrow type of a property's column, and whether it holds JSON text."""
+    import pyarrow as pa
+
     kind = _scalar_kind(prop)
     if kind is not None:
-        return _SCALARS[kind], False
+        return _arrow_type(kind), False
     prop = _unwrap(prop)
     if isinstance(prop, Mapping) and _declared_type(prop) == "array":
         item_kind = _scalar_kind(prop.get("items"))
         if item_kind is not None:
-            return pa.list_(_SCALARS[item_kind]), False
+            return pa.list_(_arrow_type(item_kind)), False
     return pa.string(), True
 
 
@@ -286,6 +294,8 @@ def columns_schema(schema: Mapping[str, Any], prefix: str = "") -> pa.Schema:
     """One nullable column per top-level property, in the schema's order, named
     ``prefix + property``. Field metadata records the property name and
     whether the column holds JSON text (used by :func:`to_columns`)."""
+    import pyarrow as pa
+
     fields = []
     for name, prop in schema["properties"].items():
         arrow_type, is_json = _column_type(prop)
@@ -301,6 +311,8 @@ def _to_json(value: Any) -> str:
 def _coerce(value: Any, arrow_type: pa.DataType) -> Any:
     """``value`` as the column's Python type; None when it cannot be (answers
     were validated first, so that only happens to answers nobody checked)."""
+    import pyarrow as pa
+
     if value is None:
         return None
     if pa.types.is_string(arrow_type):
@@ -330,6 +342,8 @@ def to_columns(values: Sequence[Mapping[str, Any] | None], schema: pa.Schema) ->
     """A table with one row per value, typed as ``schema`` (from
     :func:`columns_schema`). ``None`` (a row without a parsed answer) and
     missing properties are nulls; objects and other non-scalars are JSON text."""
+    import pyarrow as pa
+
     columns: list[pa.Array] = []
     for field in schema:
         metadata = field.metadata or {}
@@ -430,6 +444,8 @@ def _reason(error: Any) -> str:
 def _check_int64(answer: Mapping[str, Any], schema: Mapping[str, Any]) -> None:
     # JSON integers are unbounded; an int64 column is not. Such an answer is as
     # unusable as one of the wrong type, so it is retried like one.
+    import pyarrow as pa
+
     for name, prop in schema["properties"].items():
         arrow_type, _ = _column_type(prop)
         value = answer.get(name)

@@ -10,9 +10,7 @@ uploaded in one call once complete (see storage.upload).
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Sequence
-from pathlib import Path
 from types import TracebackType
 from typing import TYPE_CHECKING, Final, Self
 
@@ -21,8 +19,10 @@ import pyarrow.compute as pc
 
 from pipeline.durable import commit_temp, disk_full_error, remove_stale_temps, temp_path_for
 from pipeline.errors import ConfigError, OutputError
-from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID
-from pipeline.storage import Location, ObjectUri, check_output_bucket, local_path, upload
+from pipeline.result_table import RESULT_SCHEMA
+from pipeline.results import RESULT_COLUMNS, ROW_ID
+from pipeline.storage import Location, ObjectUri, local_path, upload
+from pipeline.storage import check_output_path as check_output_path
 
 if TYPE_CHECKING:
     # Imported where the output is written (AtomicParquetWriter).
@@ -71,65 +71,6 @@ def output_schema(input_schema: pa.Schema, prefix: str = "") -> pa.Schema:
     names = output_column_names(input_schema.names, prefix)
     added = [field.with_name(name) for field, name in zip(RESULT_SCHEMA, names, strict=True)]
     return pa.schema([*input_schema, *added])
-
-
-def check_output_path(output: Location, input_path: Location) -> None:
-    """Fail before any request is sent if the output could not be written at the end."""
-    if isinstance(output, ObjectUri):
-        _check_remote_output(output, input_path)
-        return
-    if isinstance(input_path, ObjectUri):
-        input_path = local_path(input_path)  # a local output is never a remote input
-    output = Path(output).expanduser()
-    if _same_file(output, Path(input_path).expanduser()):
-        raise OutputError(
-            f"output {output} is the input file; writing it would destroy the input: "
-            "choose another path with --output"
-        )
-    if output.is_dir():
-        raise OutputError(
-            f"output {output} is a directory; pass a file path such as "
-            f"--output {output / 'enriched.parquet'}"
-        )
-    if output.suffix.lower() != ".parquet":
-        raise OutputError(
-            f"output {output} does not end in .parquet; the output is always Parquet: "
-            f"use --output {output.with_suffix('.parquet')}"
-        )
-    parent = output.absolute().parent
-    if not parent.exists():
-        raise OutputError(
-            f"output directory {parent} does not exist; create it (mkdir -p {parent}) "
-            "or change --output"
-        )
-    if not parent.is_dir():
-        raise OutputError(f"output directory {parent} is not a directory; change --output")
-    # The rename needs write access to the directory, not to any existing output file.
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise OutputError(
-            f"output directory {parent} is not writable; fix its permissions or change --output"
-        )
-
-
-def _check_remote_output(output: ObjectUri, input_path: Location) -> None:
-    if isinstance(input_path, ObjectUri) and output.key == input_path.key:
-        raise OutputError(
-            f"output {output} is the input object; writing it would destroy the input: "
-            "choose another key with --output"
-        )
-    if output.suffix.lower() != ".parquet":
-        raise OutputError(
-            f"output {output} does not end in .parquet; the output is always Parquet: "
-            "name the object KEY.parquet in --output"
-        )
-    check_output_bucket(output)
-
-
-def _same_file(a: Path, b: Path) -> bool:
-    with contextlib.suppress(OSError):
-        # samefile sees through symlinks, hard links and relative paths.
-        return a.samefile(b)
-    return a.absolute().resolve() == b.absolute().resolve()
 
 
 def enriched_chunk(chunk: pa.Table, results: pa.Table, schema: pa.Schema) -> pa.Table:

@@ -12,7 +12,8 @@ import pyarrow as pa
 import pytest
 
 from pipeline.journal import HEADER, JournalWriter, encode_record, read_journal
-from pipeline.results import RowResult, results_to_table
+from pipeline.result_table import results_to_table
+from pipeline.results import RowResult
 
 
 def batch(start: int, rows: int = 3) -> pa.Table:

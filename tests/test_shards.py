@@ -22,7 +22,8 @@ from pipeline.checkpoint import Checkpoint
 from pipeline.journal import JournalWriter
 from pipeline.plan import prompt_spec
 from pipeline.read import open_input
-from pipeline.results import RowResult, results_to_table
+from pipeline.result_table import results_to_table
+from pipeline.results import RowResult
 from pipeline.shard_work import Board, Notice, NoticeSink, ShardJob, Stop, WorkerSpec
 from pipeline.shards import (
     SHARDS,

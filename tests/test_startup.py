@@ -59,6 +59,7 @@ for cls in (transport_h11.H11Transport, transport.AiohttpTransport, transport.Op
         async def complete(self, messages, **options):
             seen.setdefault("first_request", loaded())
             seen.setdefault("parquet_at_first_request", "pyarrow.parquet" in sys.modules)
+            seen.setdefault("numpy_at_first_request", "numpy" in sys.modules)
             seen.setdefault("metadata_at_first_request", "importlib.metadata" in sys.modules)
             seen.setdefault(
                 "deferred_at_first_request",
@@ -214,8 +215,8 @@ def run_args(source: Path, output: Path, base_url: str, *more: str) -> list[str]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("suffix", [".csv", ".parquet"])
-def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl", ".parquet"])
+def test_a_fresh_run_sends_its_first_request_before_any_heavy_library(
     tmp_path: Path, start_server: StartServer, suffix: str
 ) -> None:
     server = start_server()
@@ -226,9 +227,11 @@ def test_a_fresh_run_sends_its_first_request_without_polars_or_openai(
 
     assert done.returncode == 0, done.stderr
     assert output.exists()
-    # The input's reader: no more (the default transport speaks HTTP with h11,
-    # and the config is checked without pydantic).
-    assert loaded["first_request"] == ["pyarrow"]
+    # A CSV or JSONL run's first rows go out before the input is read in full
+    # (pipeline.head): no pyarrow, numpy or polars yet. A Parquet input needs
+    # pyarrow to be read at all.
+    assert loaded["first_request"] == ([] if suffix != ".parquet" else ["pyarrow"])
+    assert loaded["numpy_at_first_request"] is False or suffix == ".parquet"
     # Parquet support loads for Parquet input; checkpoint parts and the output wait.
     assert loaded["parquet_at_first_request"] == (suffix == ".parquet")
     # The User-Agent's version is the code's own: no search of the installed metadata.
@@ -254,6 +257,8 @@ def test_a_resumed_run_never_loads_the_sdk_either(
 
     assert done.returncode == 0, done.stderr
     assert "first_request" in loaded  # the failed row was sent again
+    # A resumed run takes the full path: the checkpoint is read first.
+    assert "pyarrow" in loaded["first_request"]
     assert "openai" not in loaded["exit"]
 
 

@@ -11,7 +11,8 @@ import pyarrow.parquet as pq
 import pytest
 
 from pipeline.errors import ConfigError, OutputError
-from pipeline.results import RESULT_COLUMNS, RESULT_SCHEMA, ROW_ID, RowResult, results_to_table
+from pipeline.result_table import RESULT_SCHEMA, results_to_table
+from pipeline.results import RESULT_COLUMNS, ROW_ID, RowResult
 from pipeline.write import (
     AtomicParquetWriter,
     check_output_path,
@@ -55,6 +56,11 @@ class Boom(Exception):
 
 def test_output_column_names_are_the_result_columns() -> None:
     assert output_column_names(["id", "question"]) == list(RESULT_COLUMNS)
+
+
+def test_the_result_columns_named_without_pyarrow_are_the_schemas() -> None:
+    # pipeline.results names them without pyarrow (a request's result needs none).
+    assert tuple(RESULT_SCHEMA.names) == RESULT_COLUMNS
 
 
 def test_prefix_is_added_to_every_result_column() -> None:
