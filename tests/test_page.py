@@ -58,7 +58,14 @@ def resumed_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[st
     simulated = SimulatorConfig(
         latency_ms=20, jitter_ms=20, fail_rate_5xx=0.2, fail_rate_429=0.05, seed=3
     )
-    with Simulator.run_in_thread(simulated) as server:
+    # Module-scoped, so set up before each test's isolated cache: a cache of
+    # its own, or answers left in the user's cache by other runs could be
+    # reused for free, and the cap would never be reached.
+    with (
+        pytest.MonkeyPatch.context() as patch,
+        Simulator.run_in_thread(simulated) as server,
+    ):
+        patch.setenv("ENRICH_CACHE_DIR", str(tmp_path_factory.mktemp("cache")))
         config = make_config(
             source,
             output,
