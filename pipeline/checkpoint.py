@@ -31,7 +31,6 @@ says they were made for the same input and settings.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import shutil
 from collections.abc import Mapping, Sequence
@@ -57,12 +56,12 @@ from pipeline.durable import (
     remove_tree,
     temp_path_for,
 )
-from pipeline.errors import CheckpointMismatch, InputError, UsageError
+from pipeline.errors import CheckpointMismatch, UsageError
+from pipeline.identity import InputIdentity as InputIdentity
+from pipeline.identity import settings_hash as settings_hash
 from pipeline.journal import JournalWriter, read_journal
 from pipeline.result_table import PART_SCHEMA, REQUEST_KEY, ROW_ID, RowResult, results_to_table
 from pipeline.shards import SHARDS, journals, read_results
-from pipeline.storage import Location, ObjectUri, remote_identity
-from pipeline.storage import file_facts as file_facts
 
 if TYPE_CHECKING:
     # Imported where results are merged (resume, status, assembly): a fresh
@@ -72,6 +71,8 @@ if TYPE_CHECKING:
     # Imported where parts are read or sealed, none of which a fresh run does
     # before its first request (with pyarrow.fs, a tenth of pyarrow's import).
     import pyarrow.parquet as pq
+
+    from pipeline.storage import Location
 
 FORMAT_VERSION: Final = 3
 # Format 1 parts lack the internal columns (transient flag, request key);
@@ -94,48 +95,8 @@ PART_MAX_BYTES: Final = 16 << 20
 _SETTINGS_KEY: Final = b"enrich.settings_sha256"
 _INPUT_KEY: Final = b"enrich.input_sha256"
 
-_HASH_BLOCK = 1 << 20
 
 InputChangePolicy = Literal["restart", "refuse"]
-
-
-@dataclass(frozen=True)
-class InputIdentity:
-    path: str
-    size: int
-    mtime_ns: int
-    sha256: str
-    # With mtime, what tells an edit that kept the size and mtime (cp -p,
-    # rsync -t, tar x): those restore mtime, but ctime is the kernel's own.
-    inode: int = 0
-    ctime_ns: int = 0
-
-    @classmethod
-    def of(cls, path: Location, known: InputIdentity | None = None) -> InputIdentity:
-        """Identify the input by content. Hashing a big file costs seconds, so
-        the known hash is reused while the file's size, mtime, inode and ctime
-        are all unchanged. An object in object storage is identified by its
-        URI, size and last-modified time (see storage.remote_identity)."""
-        if isinstance(path, ObjectUri):
-            return cls(str(path), *remote_identity(path, InputError))
-        stat = path.stat()
-        resolved = str(path.resolve())
-        facts = (stat.st_size, stat.st_mtime_ns, stat.st_ino, stat.st_ctime_ns)
-        if known is not None and (known.size, known.mtime_ns, known.inode, known.ctime_ns) == facts:
-            return cls(resolved, *facts[:2], known.sha256, *facts[2:])
-        digest = hashlib.sha256()
-        with path.open("rb") as handle:
-            while block := handle.read(_HASH_BLOCK):
-                digest.update(block)
-        return cls(resolved, *facts[:2], digest.hexdigest(), *facts[2:])
-
-    def same_content(self, other: InputIdentity) -> bool:
-        return (self.sha256, self.size) == (other.sha256, other.size)
-
-
-def settings_hash(settings: Mapping[str, Any]) -> str:
-    canonical = json.dumps(settings, sort_keys=True, separators=(",", ":"), default=str)
-    return hashlib.sha256(canonical.encode()).hexdigest()
 
 
 @dataclass(frozen=True)

@@ -4,8 +4,9 @@ is read in full, and before pyarrow (and polars, and numpy) are imported.
 Taken (``plan_head``) for ``--engine local`` on the online route with a
 local CSV or JSONL input (``.gz`` too), a prompt column or template, no
 ``--json-schema`` and no ``--max-cost``, when the run directory holds no
-checkpoint and no report says the output may already be up to date
-(``--restart``/``--force`` skip that check, as the full path does). In order:
+checkpoint and the last run's report (if any) does not say the output is up
+to date (``--restart``/``--force`` skip that check, as the full path does): a
+nightly job rewriting the same output over a new input takes it. In order:
 the config is checked and the first rows read with the standard library
 (``pipeline.head_read``: only rows whose prompt is provably the full path's);
 a prompt column the CSV header lacks stops the run here, before anything is
@@ -26,124 +27,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import time
-from collections.abc import AsyncGenerator, AsyncIterator, Callable
-from dataclasses import dataclass, field
-from datetime import UTC, datetime
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final
+from collections.abc import AsyncGenerator, AsyncIterator
+from typing import TYPE_CHECKING, Final
 
 from pipeline import prompt
 from pipeline.call import CallStage, ChatRequest
-from pipeline.costs import PriceTable
-from pipeline.head_read import Format, HeadRows, read_head
+from pipeline.head_plan import HeadPlan as HeadPlan
+from pipeline.head_plan import plan_head as plan_head
 from pipeline.results import RowResult, reused
 from pipeline.reuse import Admission, Messages, Reuse, cached_answer, open_reuse
 from pipeline.stage import open_stage
-from pipeline.storage import ObjectUri, check_output_path
 
 if TYPE_CHECKING:
     from pipeline.cache import CachedAnswer
-    from pipeline.config import RunConfig
     from pipeline.feed import Feed
-    from pipeline.transport import Completion
-    from pipeline.wiring import RunOptions, Wiring
+    from pipeline.wiring import Wiring
 
 __all__ = ["Head", "HeadPlan", "open_head", "plan_head"]
-
-_FORMATS: Final[dict[str, Format]] = {
-    ".csv": "csv",
-    ".csv.gz": "csv",
-    ".jsonl": "jsonl",
-    ".jsonl.gz": "jsonl",
-    ".ndjson": "jsonl",
-    ".ndjson.gz": "jsonl",
-}
-
 
 # Event-loop turns the head's requests may take to reach the transport before
 # the preparation starts anyway (a turn is microseconds when nothing waits).
 _SETTLE_TURNS: Final = 100
-
-
-@dataclass(frozen=True)
-class HeadPlan:
-    """A head start decided on: the config, this invocation's options and
-    the first rows (what ``pipeline.stage`` needs of a plan, too)."""
-
-    config: RunConfig
-    options: RunOptions
-    rows: HeadRows
-    extra_params: dict[str, Any] | None = None
-    check_answer: Callable[[Completion], str | None] | None = None
-    started_at: datetime = field(default_factory=lambda: datetime.now(UTC))
-    started_s: float = field(default_factory=time.perf_counter)
-
-    def fresh(self) -> bool:
-        """Whether the run starts from nothing: no checkpoint to resume and no
-        report that could say the output is up to date. Asked with the
-        output's lock held (an overlapping run may have made one meanwhile)."""
-        output = self.config.output
-        run_dir = output.resolved_run_dir
-        if run_dir.exists() and any(run_dir.iterdir()):
-            return False
-        return self.options.restart or self.options.force or not output.resolved_report.exists()
-
-
-def _spec(config: RunConfig) -> prompt.PromptSpec:
-    return prompt.PromptSpec(
-        column=config.input.column,
-        template=config.input.template,
-        system_prompt=config.input.system_prompt,
-    )
-
-
-def _format(config: RunConfig) -> Format | None:
-    """The input's format when the run can take a head start."""
-    if config.run.engine != "local" or config.route != "online":
-        return None
-    if config.structured.json_schema is not None or config.max_cost is not None:
-        return None  # answer columns and the spend cap are settled by the full path
-    path, output = config.input.path, config.output.path
-    if isinstance(path, ObjectUri) or isinstance(output, ObjectUri):
-        return None
-    name = path.name.lower()
-    for ext in sorted(_FORMATS, key=len, reverse=True):
-        if name.endswith(ext):
-            return _FORMATS[ext]
-    return None
-
-
-def plan_head(config: RunConfig, options: RunOptions) -> HeadPlan | None:
-    """The head start this run can take, or None (the full path). Raises
-    the full path's typed errors for what it checks: the base URL, the prompt
-    source, the output path and a prompt column the CSV header lacks."""
-    fmt = _format(config)
-    if fmt is None:
-        return None
-    config.model.resolved_base_url()  # a bad $OPENAI_BASE_URL stops here, before any write
-    spec = _spec(config)
-    prompt.needed_columns(spec)
-    if config.price_file is not None:
-        PriceTable.load(config.price_file)  # a bad --price-file stops here, as on the full path
-    check_output_path(config.output.path, config.input.path)
-    assert isinstance(config.input.path, Path)
-    rows = read_head(config.input.path.expanduser(), fmt, spec, config.limits.concurrency)
-    if rows is None:
-        return None
-    bound = config.input.max_prompt_tokens
-    if bound is not None:
-        # A prompt over the bound is refused by the feed, with its warning.
-        prompts = [
-            (row_id, text)
-            for row_id, text in rows.prompts
-            if prompt.estimate_prompt_tokens(prompt.messages(spec, text)) <= bound
-        ]
-        rows = HeadRows(rows.columns, prompts)
-    if not rows.prompts:
-        return None
-    config.output.local_path.parent.mkdir(parents=True, exist_ok=True)
-    return HeadPlan(config, options, rows)
 
 
 class Head:
@@ -154,7 +58,7 @@ class Head:
         self.plan = plan
         self.stage = stage
         self.reuse = reuse
-        spec = _spec(plan.config)
+        spec = prompt.prompt_spec(plan.config)
         self.rows = [row_id for row_id, _ in plan.rows.prompts]
         self._asks = [(row_id, prompt.messages(spec, text)) for row_id, text in plan.rows.prompts]
         self._sent: list[tuple[int, Messages, bytes]] = []

@@ -16,6 +16,8 @@ from typing import TYPE_CHECKING, Any
 from pipeline import prompt, structured, write
 from pipeline.costs import Estimate, estimate_from_sample
 from pipeline.errors import ConfigError
+from pipeline.identity import answer_settings as answer_settings
+from pipeline.prompt import prompt_spec as prompt_spec
 from pipeline.read import InputSource, open_input
 from pipeline.report import JobFacts, fingerprint, report_path_for
 
@@ -26,29 +28,6 @@ if TYPE_CHECKING:
     from pipeline.config import RunConfig
     from pipeline.costs import Price
     from pipeline.transport import Completion
-
-
-def prompt_spec(config: RunConfig) -> prompt.PromptSpec:
-    return prompt.PromptSpec(
-        column=config.input.column,
-        template=config.input.template,
-        system_prompt=config.input.system_prompt,
-    )
-
-
-def answer_settings(
-    config: RunConfig, response_format: dict[str, Any] | None = None
-) -> dict[str, Any]:
-    """Everything that changes an answer: a checkpoint made under other values
-    must not be mixed into this run's output."""
-    settings = {
-        **prompt.fingerprint_fields(prompt_spec(config)),
-        "model": config.model.name,
-        "params": config.model.request_params(),
-    }
-    if response_format is not None:
-        settings["response_format"] = response_format
-    return settings
 
 
 @dataclass(frozen=True)

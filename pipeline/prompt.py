@@ -22,6 +22,8 @@ from pipeline.errors import ConfigError, InputError
 if TYPE_CHECKING:
     import pyarrow as pa
 
+    from pipeline.config import RunConfig
+
 __all__ = [
     "DEFAULT_COMPLETION_ESTIMATE",
     "RENDERING_VERSION",
@@ -31,6 +33,7 @@ __all__ = [
     "messages",
     "parse_template",
     "placeholders",
+    "prompt_spec",
     "render",
     "validate",
 ]
@@ -54,6 +57,15 @@ class PromptSpec:
     column: str | None = None
     template: str | None = None
     system_prompt: str | None = None
+
+
+def prompt_spec(config: RunConfig) -> PromptSpec:
+    """The run's prompt source, from its config."""
+    return PromptSpec(
+        column=config.input.column,
+        template=config.input.template,
+        system_prompt=config.input.system_prompt,
+    )
 
 
 @lru_cache(maxsize=64)

@@ -23,12 +23,13 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final
 
-# file_facts: the output's size and mtime, local or in object storage.
-from pipeline.checkpoint import InputIdentity, file_facts, settings_hash
 from pipeline.costs import Price, cost, unknown_price_message
 from pipeline.durable import atomic_write_bytes
 from pipeline.errors import EnrichError, ExitCode
 from pipeline.events import json_safe
+
+# file_facts: the output's size and mtime, local or in object storage.
+from pipeline.identity import InputIdentity, file_facts, settings_hash
 from pipeline.redact import redact
 from pipeline.redact import redact_settings as redact_settings
 from pipeline.timeline import job_timeline, segment_facts

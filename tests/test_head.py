@@ -202,20 +202,35 @@ def test_the_head_start_is_taken_only_by_a_fresh_local_online_run(tmp_path: Path
     assert plan_head(config_for(tmp_path, csv_in, **{"run.engine": "ray"}), fresh) is None
 
 
-def test_a_checkpoint_or_a_report_sends_the_run_the_full_way(tmp_path: Path) -> None:
+def test_a_checkpoint_sends_the_run_the_full_way(tmp_path: Path) -> None:
     source = write_questions(tmp_path / "in.csv", ["a question"])
     config = config_for(tmp_path, source)
-    report = config.output.resolved_report
-    assert report == report_path_for(config.output.local_path)
-    report.write_text("{}")
-    plan = plan_head(config, RunOptions())
-    assert plan is not None and not plan.fresh()  # the report may say it is up to date
+    assert config.output.resolved_report == report_path_for(config.output.local_path)
     restarted = plan_head(config, RunOptions(restart=True))
     assert restarted is not None and restarted.fresh()
-    report.unlink()
     config.output.resolved_run_dir.mkdir()
     (config.output.resolved_run_dir / "manifest.json").write_text("{}")
     assert not restarted.fresh()  # a checkpoint: resumed or restarted the full way
+
+
+@pytest.mark.slow
+def test_a_nightly_run_over_a_new_input_takes_the_head_start_and_an_up_to_date_one_does_not(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    sim = start_server()
+    source = write_questions(tmp_path / "in.csv", [f"night one {i}" for i in range(20)])
+    config = make_config(source, tmp_path / "out.parquet", sim.base_url)
+    enrich(config)  # last night's run: its report and output beside each other
+
+    again = plan_head(config, RunOptions())
+    assert again is not None and not again.fresh()  # up to date: the full path skips it
+    write_questions(source, [f"night two {i}" for i in range(20)])
+    tonight = plan_head(config, RunOptions())
+    assert tonight is not None and tonight.fresh()
+    assert tonight.rows.prompts[0] == (0, "night two 0")
+    enrich(config)
+    out = pl.read_parquet(tmp_path / "out.parquet")
+    assert out["response"].to_list() == [answer_for(f"night two {i}") for i in range(20)]
 
 
 def test_a_prompt_column_the_header_lacks_stops_the_run_before_any_request(
