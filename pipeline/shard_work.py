@@ -204,7 +204,7 @@ class ShardJob:
         if finished is not None:
             return finished
         summary = ShardSummary(task.shard.name, rows=task.shard.rows)
-        self.stop = await self._report(worker, self.stage.stats, [], 0.0, None, None)
+        self.stop = await self._post(worker)
         if self.stop is not None:
             return self._stopped(summary)
         held = self._held(task, directory, summary)
@@ -223,14 +223,7 @@ class ShardJob:
             with contextlib.suppress(EnrichError):
                 await self._commit(writer)  # what is paid for is kept, if it can be
             writer.close()
-            self.stop = await self._report(
-                worker,
-                self.stage.stats,
-                self._sink.take(),
-                self._take_spent(),
-                failed,
-                self._finished,
-            )
+            self.stop = await self._post(worker, failed)
         if summary.error_kind is None and self.stop is not None:
             return self._stopped(summary)
         summary.done = summary.error_kind is None and not self.stage.draining
@@ -372,6 +365,14 @@ class ShardJob:
                 self.stage.drain()  # the last commit, in ``run``, raises it
                 return
 
+    async def _post(self, worker: str, stop: Stop | None = None) -> Stop | None:
+        """Report to the board (counts, new warnings, spend since the last
+        report, the shard's rows finished, ``stop``); its answer: the stop
+        posted, if any."""
+        return await self._report(
+            worker, self.stage.stats, self._sink.take(), self._take_spent(), stop, self._finished
+        )
+
     def _take_spent(self) -> float:
         spent, self._spent = self._spent, 0.0
         return spent
@@ -379,14 +380,7 @@ class ShardJob:
     async def _keep_reporting(self, worker: str) -> None:
         while True:
             await asyncio.sleep(REPORT_EVERY_S)
-            self.stop = await self._report(
-                worker,
-                self.stage.stats,
-                self._sink.take(),
-                self._take_spent(),
-                None,
-                self._finished,
-            )
+            self.stop = await self._post(worker)
             if self.stop is not None:
                 self.stage.drain()
 
