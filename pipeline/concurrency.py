@@ -21,7 +21,9 @@ requests in flight only add latency. Two controls, the lower wins:
   (llama.cpp's ``timings``) plus the least network overhead seen, else the
   lowest mean latency a round showed beyond its own noise; a request sent
   while none of the run's others was in flight (it waited behind none of
-  them) re-bases that reference when it is far below it.
+  them) re-bases that reference when it is far below it. A burst that comes
+  back in waves, in the order sent (a server computing in order), shows its
+  slots at once: the size of a wave (see ``LatencyLimit._queued_burst``).
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -103,10 +105,9 @@ QUEUE_KEPT: Final = 1
 SLOW_START_FACTOR: Final = 4.0
 # The first round is a burst of this many requests, not one alone: a server
 # with many slots is not left idle for a round trip (at 16 slots, starting
-# from one request cost two of them); the burst's answers, queued or not,
-# become the reference (the server's timings, where it sends them, tell its
-# queue at once), and the next burst's first request re-bases it if they
-# were queued. Four queue at most three behind one slot.
+# from one request cost two of them); queued, its answers come back in
+# waves (see WAVE_RISE_SHARE), and the first, sent alone, is the reference;
+# else the burst's answers are. Four queue at most three behind one slot.
 START_REQUESTS: Final = 4.0
 # A request sent alone whose latency is under every earlier answer's divided
 # by this re-bases the reference: those answers had a queue in them (a slow
@@ -115,6 +116,13 @@ START_REQUESTS: Final = 4.0
 # half the fastest of those before it.
 REBASE_FACTOR: Final = 2.0
 HOLD_MAX_ROUNDS: Final = 16
+# A burst queued by a server that computes in order comes back in waves,
+# each a service time after the one before (see LatencyLimit._queued_burst):
+# a rise of at least this share of the first answer's latency (the one sent
+# alone: a service time and the network) starts a wave. Half: a wave's own
+# answers differ by less (the same work, computed at once), and a hosted
+# API's jitter of tens of percent never makes one.
+WAVE_RISE_SHARE: Final = 0.5
 # Past slow start a queue kept on purpose never drains, so no request is sent
 # alone again, and a reference taken while the server was slow (a warm-up, a
 # spell of load) would stand for the rest of the run, the cap held far above
@@ -328,6 +336,7 @@ class LatencyLimit:
         self._changed_at = 0  # gate sequence of the last change
         self._changes = 0
         self._round: list[Sample] = []
+        self._round_sent: list[int] = []  # each answer's gate sequence (send order)
         self._round_min_s = math.inf  # lowest mean latency of a flat round
         self._overhead_s = math.inf  # least latency beyond the server's own time
         self._sample_min_s = math.inf
@@ -380,6 +389,7 @@ class LatencyLimit:
                 self._drain_wait = None  # the drain's answer, judged by no round
             return  # sent before the change: decided by the old cap
         self._round.append(sample)
+        self._round_sent.append(sequence)
         size = max(ROUND_MIN_START if self.slow_start else ROUND_MIN, math.ceil(self.cap - 1e-9))
         if self._probing:
             # A probe asks whether one request more waits. A server whose
@@ -390,8 +400,9 @@ class LatencyLimit:
             size *= 2
         if len(self._round) >= size:
             round_, self._round = self._round, []
+            sent, self._round_sent = self._round_sent, []
             changes = self._changes
-            self._judge(round_)
+            self._judge(round_, sent)
             if changes == self._changes:
                 self.gate.next_burst()
 
@@ -416,6 +427,28 @@ class LatencyLimit:
         if drained and alone and min(alone) * (1.0 + self.tolerance) < self._round_min_s < math.inf:
             return min(alone), True
         return self._round_min_s, False
+
+    def _queued_burst(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
+        """A slow-start burst that came back as a server's queue shows it:
+        the server's slots and the latency without a queue (that of the
+        burst's first request, sent alone), or None.
+
+        A server that computes in order (llama.cpp's slots, Ollama) answers
+        a burst in waves of its slots, in the order sent, each wave a
+        service time later than the one before: latencies L, 2L, 3L, 4L on
+        one slot. Taken as it is, such a round's mean (2.5 L) became the
+        reference, and against it the next queue looked flat. A hosted API's
+        answers vary by tens of percent, in any order: no wave rises half
+        the first answer's latency above the one before it, so nothing of
+        this applies (and a cut it brought by chance is taken back by the
+        next round, see _undo)."""
+        if not (self.slow_start and self.gate.bursting) or len(round_) < 2:
+            return None
+        ordered = [sample for _, sample in sorted(zip(sent, round_, strict=True))]
+        if not ordered[0].alone:
+            return None
+        slots = _wave_size([sample.latency_s for sample in ordered])
+        return None if slots is None else (slots, ordered[0].latency_s)
 
     def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
@@ -456,10 +489,11 @@ class LatencyLimit:
             self._drain_wait = 0
             gate.drain()
 
-    def _judge(self, round_: list[Sample]) -> None:
+    def _judge(self, round_: list[Sample], sent: list[int]) -> None:
         latencies = [s.latency_s for s in round_]
         mean = sum(latencies) / len(latencies)
-        reference, rebased = self._reference(round_)
+        waves = self._queued_burst(round_, sent)
+        reference, rebased = (waves[1], True) if waves else self._reference(round_)
         self._schedule_drain(round_)
         self._judged_min_s = min(self._judged_min_s, *latencies)
         unqueued = self._unqueued(round_, reference)
@@ -470,10 +504,11 @@ class LatencyLimit:
         queued_s = 0.0 if unqueued is None else mean - sum(unqueued) / len(unqueued)
         # Little's law: the server computes in_flight / ratio, the rest waits.
         queued = in_flight * (1.0 - 1.0 / ratio)
-        if ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S and queued > QUEUE_KEPT + 0.5:
+        little = ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S
+        if (little and queued > QUEUE_KEPT + 0.5) or (waves and waves[0] + QUEUE_KEPT < self.cap):
             if rebased:
                 self._round_min_s = reference
-            self._cut(ratio, in_flight)
+            self._cut(ratio, in_flight, waves=waves[0] if waves else None)
             return
         # Flat: a reference for later rounds, and a measure of the noise
         # (from rounds without the queue kept on purpose: some of its
@@ -522,9 +557,12 @@ class LatencyLimit:
         # the tolerance for the rest of the run.
         self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
 
-    def _cut(self, ratio: float, in_flight: float) -> None:
+    def _cut(self, ratio: float, in_flight: float, *, waves: int | None = None) -> None:
         # Little's law: the server works on about in_flight / ratio at once.
-        self.capacity = in_flight / ratio
+        # Over a burst, whose requests in flight fall as they are answered,
+        # it overstates that (16 sent into 4 slots read as 5.7); the waves
+        # the burst came back in say the slots themselves.
+        self.capacity = in_flight / ratio if waves is None else float(waves)
         if self._probing:
             self._hold_rounds = min(HOLD_MAX_ROUNDS, self._hold_rounds * 2)
         self._probing = False
@@ -533,13 +571,18 @@ class LatencyLimit:
         if target >= self.cap:
             return
         self._unconfirmed = (self.cap, ratio, self.slow_start)
-        self.slow_start = False
         self.cuts += 1
         self.reason = (
             f"latency x{ratio:.2f} at {in_flight:.1f} in flight: the server "
             f"computes about {self.capacity:.1f} at once and queues the rest"
+            if waves is None
+            else f"latency rose in waves of {waves} over a burst (x{ratio:.2f}): "
+            f"the server computes {waves} at once and queues the rest"
         )
         self._set(target)
+        # Only now: ending the bursts wakes the requests waiting for a place,
+        # and under the old cap a whole burst more would go into the queue.
+        self.slow_start = False
 
     def _undo(self, ratio: float, mean: float) -> bool:
         """The round after a cut: True if it shows the cut was for nothing
@@ -572,13 +615,13 @@ class LatencyLimit:
         self._changes += 1
         self.gate.set_cap(cap)
         self._round = []
+        self._round_sent = []
 
     def saturated(self, in_flight: int, capacity: float | None) -> None:
         """A request timed out while queued behind the run's own requests:
         the server had more than it could compute, whatever latency said.
         ``capacity`` is what the server's pace shows (answers a second times
         the time it takes over one), if known."""
-        self.slow_start = False
         self._probing = False
         self._unconfirmed = None
         self._hold = self._hold_rounds = HOLD_MAX_ROUNDS
@@ -591,6 +634,7 @@ class LatencyLimit:
                 f"a request timed out queued behind {in_flight - 1} others: capped at {target:.0f}"
             )
             self._set(target)
+        self.slow_start = False  # after the cut: see _cut
 
     def service_s(self) -> float | None:
         """How long the server takes over one request, as far as known: its
@@ -601,6 +645,29 @@ class LatencyLimit:
             if math.isfinite(value):
                 return value
         return None
+
+
+def _wave_size(latencies: list[float]) -> int | None:
+    """The size of the first wave when ``latencies``, in the order their
+    requests were sent at once, come in waves of one size, each at least
+    WAVE_RISE_SHARE of the first latency above the one before (a server
+    queueing what its slots cannot take); the last wave may be short.
+    None if they do not, or all came in one wave (no queue)."""
+    step = max(WAVE_RISE_SHARE * latencies[0], QUEUE_FLOOR_S)
+    sizes = [1]
+    low = high = latencies[0]
+    for latency in latencies[1:]:
+        if latency - high >= step:
+            sizes.append(1)
+            low = high = latency
+        elif max(high, latency) - min(low, latency) < step:
+            sizes[-1] += 1
+            low, high = min(low, latency), max(high, latency)
+        else:
+            return None  # answered before a wave sent earlier: no queue in order
+    if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
+        return None
+    return sizes[0]
 
 
 def _standard_error(values: list[float]) -> float:

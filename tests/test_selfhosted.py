@@ -12,7 +12,7 @@ import asyncio
 import contextlib
 import json
 from collections.abc import AsyncIterator
-from typing import Any
+from typing import Any, Literal
 
 import aiohttp
 import pytest
@@ -296,6 +296,113 @@ async def test_a_reference_taken_while_the_server_was_slow_is_remeasured_by_a_dr
     assert (sim.stats.computed, sim.stats.abandoned, stage.stats.abandoned) == (count, 0, 0)
     assert stage.limiter.gate.slots <= slots + 1
     assert "latency" in (stage.stats.concurrency_reason or "")
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("count", [15, 30])
+@pytest.mark.parametrize("timings", [None, "llama.cpp"])
+async def test_one_slot_settles_at_two_from_the_first_burst_it_queued(
+    count: int, timings: Literal["llama.cpp"] | None
+) -> None:
+    # llama-cpp-python's server and Ollama send no timings. The first burst
+    # (4 at once) comes back from one slot as a staircase, in the order
+    # sent: 2 s, 4 s, 6 s, 8 s. Its mean was the latency without a queue,
+    # and the run stayed in slow start (15 rows: the other 11 at once) or
+    # settled at 7 (30 rows). The first answer, sent alone, is that latency.
+    config = SimulatorConfig(slots=1, timings=timings, **SLOW)
+    async with Simulator(config) as sim:
+        stage, results, _ = await run(sim, count)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (count, 0, count)
+    assert stage.stats.abandoned == 0
+    assert stage.limiter.gate.slots <= 2
+    assert sim.stats.max_queued <= 3  # the first burst's; none behind it since
+    assert "waves of 1" in (stage.stats.concurrency_reason or "")
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("timings", [None, "llama.cpp"])
+async def test_four_slots_settle_within_one_from_the_burst_that_queued(
+    timings: Literal["llama.cpp"] | None,
+) -> None:
+    # The first burst fits 4 slots; the next (16) comes back in 4 waves of
+    # 4. Little's law over a burst, whose requests in flight fall as it is
+    # answered, read 5.5 slots (cap 6 or 7 after 30 rows); the waves say 4.
+    config = SimulatorConfig(slots=4, timings=timings, **SLOW)
+    async with Simulator(config) as sim:
+        stage, results, _ = await run(sim, 30)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (30, 0, 30)
+    assert stage.limiter.gate.slots <= 5
+    assert "waves of 4" in (stage.stats.concurrency_reason or "")
+
+
+@pytest.mark.slow
+@pytest.mark.looptime
+@pytest.mark.parametrize("jitter_ms", [400.0, 1000.0])
+async def test_a_hosted_apis_jittery_answers_are_no_queue_and_the_cap_climbs(
+    jitter_ms: float,
+) -> None:
+    # No slots (a hosted API), answers 1-3 s apart at random: a burst's
+    # answers come in any order, never in waves a service time apart.
+    async with Simulator(SimulatorConfig(jitter_ms=jitter_ms, **SLOW)) as sim:
+        stage, results, _ = await run(sim, 400)
+    assert {result.status for result in results.values()} == {"ok"}
+    assert stage.limiter.gate.slots == 32
+    assert stage.limiter.latency is not None
+    assert stage.limiter.latency.cuts == 0
+
+
+def test_a_burst_is_read_as_queued_only_in_waves_in_the_order_sent() -> None:
+    def first_burst(*latencies: float) -> LatencyLimit:
+        limit = LatencyLimit(ConcurrencyGate(ceiling=32, start=32))
+        for n, latency in enumerate(latencies):
+            limit.observe(limit.gate.sent(), Sample(latency, 4.0, alone=n == 0))
+        return limit
+
+    one_slot = first_burst(2.0, 4.0, 6.0, 8.0)
+    assert one_slot.gate.slots == 2
+    assert one_slot.service_s() == 2.0
+    assert first_burst(2.0, 2.0, 4.0, 4.1).gate.slots == 3  # two slots
+    # Each wave the same size but the last: not one slot, then two.
+    assert first_burst(2.0, 4.0, 4.0, 6.0).gate.slots == 16
+    # Out of the order sent: no server's queue (a hosted API's jitter).
+    assert first_burst(2.0, 6.0, 4.0, 8.0).gate.slots == 16
+    # In order, rising less than half a service time a wave: jitter.
+    assert first_burst(1.0, 1.2, 1.35, 1.45).gate.slots == 16
+    # The first was not sent alone (a request of another burst ahead of it).
+    limit = LatencyLimit(ConcurrencyGate(ceiling=32, start=32))
+    for latency in (2.0, 4.0, 6.0, 8.0):
+        limit.observe(limit.gate.sent(), Sample(latency, 4.0))
+    assert limit.gate.slots == 16
+
+
+async def test_a_cut_that_ends_slow_start_grants_no_more_than_the_new_cap() -> None:
+    # Ending slow start ends the bursts, which frees the places the burst
+    # held back: were the cap still the old one then, a whole burst more
+    # would go into a queue the cut was there to empty.
+    gate = ConcurrencyGate(ceiling=32, start=32)
+    limit = LatencyLimit(gate)
+
+    async def burst(*latencies: float, waiters: int = 0) -> list[asyncio.Task[None]]:
+        for _ in latencies:
+            await gate.acquire()
+        sequences = [gate.sent() for _ in latencies]
+        waiting = [asyncio.create_task(gate.acquire()) for _ in range(waiters)]
+        await asyncio.sleep(0)
+        for n, (sequence, latency) in enumerate(zip(sequences, latencies, strict=True)):
+            limit.observe(sequence, Sample(latency, len(latencies), alone=n == 0))
+            gate.release()
+        await asyncio.sleep(0)
+        return waiting
+
+    await burst(2.0, 2.0, 2.0, 2.0)  # 4 slots at least: on to 16
+    assert gate.slots == 16
+    waiting = await burst(*[2.0 * (1 + n // 4) for n in range(16)], waiters=20)
+    assert gate.slots == 5
+    assert gate.in_flight == 5
+    for task in waiting:
+        task.cancel()
 
 
 async def test_a_drain_grants_nothing_until_nothing_is_in_flight_then_one_sent_alone() -> None:
