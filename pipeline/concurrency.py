@@ -345,6 +345,7 @@ class LatencyLimit:
         self._server_sum_s = 0.0
         self._server_count = 0
         self._noise = 0.0  # relative standard error of a flat round's mean
+        self._spread = 0.0  # relative standard deviation of one answer in a flat round
         self._hold = 0
         self._hold_rounds = HOLD_ROUNDS
         self._probing = False
@@ -420,11 +421,14 @@ class LatencyLimit:
         if alone and min(alone) * REBASE_FACTOR < self._judged_min_s < math.inf:
             return min(alone), True
         # The drain's request was sent alone on purpose, to test the
-        # reference: below it beyond a round's noise, it re-bases it. A
-        # jittery server's lucky answer can pass that test; the cut it brings
-        # is taken back by the next round (_undo) when latency does not fall.
+        # reference: below it beyond one answer's noise (NOISE_SE_MULTIPLE
+        # standard deviations of an answer of a flat round: a round's mean
+        # varies sqrt(n) times less, and judged by that, a jittery server's
+        # lucky answer re-based it a tenth low, and the cap went under the
+        # slots), it re-bases it.
         drained = self._drain_wait is not None
-        if drained and alone and min(alone) * (1.0 + self.tolerance) < self._round_min_s < math.inf:
+        spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
+        if drained and alone and min(alone) * (1.0 + spread) < self._round_min_s < math.inf:
             return min(alone), True
         return self._round_min_s, False
 
@@ -520,7 +524,7 @@ class LatencyLimit:
         # it shows beyond REFERENCE_SE_MULTIPLE of its own standard errors.
         upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
         self._round_min_s = min(reference if rebased else self._round_min_s, upper)
-        if unqueued is not None and len(round_) > 1 and queued < 0.5:
+        if unqueued and len(round_) > 1 and queued < 0.5 and not self._keeps_queue(in_flight):
             self._measure_noise(latencies, unqueued)
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
@@ -550,12 +554,21 @@ class LatencyLimit:
         self._probing = True
         self._set(cap + 1.0)
 
+    def _keeps_queue(self, in_flight: float) -> bool:
+        """More in flight than the capacity found: some of the round's
+        answers waited for a slot (the queue kept on purpose) and some did
+        not, which is no noise of the server's. Against a reference too
+        high (taken while the server was slow) such a round reads as flat."""
+        return self.capacity is not None and in_flight > self.capacity + 0.5
+
     def _measure_noise(self, latencies: list[float], unqueued: list[float]) -> None:
         ratios = [lat / base for lat, base in zip(latencies, unqueued, strict=True)]
         average = sum(ratios) / len(ratios)
         # A noisy spell fades over a few flat rounds rather than widening
         # the tolerance for the rest of the run.
         self._noise = max(_standard_error(ratios) / average, self._noise * NOISE_DECAY)
+        spread = _standard_error(ratios) * math.sqrt(len(ratios)) / average
+        self._spread = max(spread, self._spread * NOISE_DECAY)
 
     def _cut(self, ratio: float, in_flight: float, *, waves: int | None = None) -> None:
         # Little's law: the server works on about in_flight / ratio at once.
