@@ -24,7 +24,9 @@ polars, writes Parquet at the end), as a reference. Figures are medians over
 
 ``--breakdown N`` runs this tree N more times through ``end_trace.py`` and
 prints, as medians, when each step of the end finished after the last answer
-was collected, and the modules imported after it.
+was collected, and the modules imported after it. ``--lag N`` measures what
+the prefetch costs the answers still in flight: how late a 1 ms ticker on
+the event loop runs while it imports, against the same ticker alone.
 """
 
 from __future__ import annotations
@@ -185,6 +187,8 @@ def _med(values: Sequence[float | None]) -> str:
 
 
 def print_table(chosen: list[Variant]) -> None:
+    if not any(variant.jobs for variant in chosen):
+        return
     print(
         f"\n{'variant':<22} {'runs':>4} {'wall s':>7} {'first req s':>11} "
         f"{'last answer->exit s':>19} {'report wall s':>13} {'rows ok':>7} {'load':>5}"
@@ -244,6 +248,72 @@ def print_breakdown(records: list[dict[str, Any]]) -> None:
     print(f"  imported after the last answer (last run): {tops or 'nothing'}")
 
 
+# The event loop's lag while the prefetch imports (what answers arriving then
+# are delayed by): a 1 ms ticker on the loop, the prefetch in its thread.
+LAG_SCRIPT: Final = """
+import asyncio, json, statistics, sys, time
+from pipeline.prefetch import Prefetch, modules_for
+
+async def ticks(until):
+    gaps, last = [], time.perf_counter()
+    while not until():
+        await asyncio.sleep(0.001)
+        now = time.perf_counter()
+        gaps.append(now - last)
+        last = now
+    return gaps
+
+async def main(page):
+    import pyarrow  # imported by then in a run
+    quiet_end = time.perf_counter() + 0.5
+    quiet = await ticks(lambda: time.perf_counter() > quiet_end)
+    prefetch = Prefetch(modules_for(page))
+    started = time.perf_counter()
+    prefetch.start()
+    busy = await ticks(lambda: not prefetch._thread.is_alive())
+    took = time.perf_counter() - started
+    await prefetch.finished()
+    print(json.dumps({"quiet": quiet, "busy": busy, "took": took}))
+
+asyncio.run(main(sys.argv[1] == "page"))
+"""
+
+
+def lag(runs: int, env: dict[str, str]) -> None:
+    """How late a 1 ms ticker on the event loop runs while the prefetch
+    imports (page on), against the same ticker with nothing else going on."""
+    quiet: list[float] = []
+    busy: list[float] = []
+    took: list[float] = []
+    for _ in range(runs):
+        done = subprocess.run(
+            [sys.executable, "-c", LAG_SCRIPT, "page"],
+            env=env,
+            check=True,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+        record = json.loads(done.stdout)
+        quiet += record["quiet"]
+        busy += record["busy"]
+        took.append(record["took"])
+
+    def summary(gaps: list[float]) -> str:
+        gaps = sorted(g * 1000 for g in gaps)
+        p99 = gaps[int(len(gaps) * 0.99)]
+        late = sum(g > 10 for g in gaps)
+        return (
+            f"p50 {statistics.median(gaps):.1f} ms, p99 {p99:.1f} ms, max {gaps[-1]:.1f} ms, "
+            f"{late} of {len(gaps)} over 10 ms"
+        )
+
+    print(f"\nevent-loop ticks (1 ms sleeps), {runs} runs (load {load():.2f}):")
+    print(f"  nothing else running:    {summary(quiet)}")
+    print(f"  while the prefetch runs: {summary(busy)}")
+    print(f"  the prefetch took {statistics.median(took):.3f} s (median)")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=7, help="rounds of every variant")
@@ -251,6 +321,7 @@ def main() -> None:
     parser.add_argument("--baseline-tree", help="another checkout's tree (PYTHONPATH)")
     parser.add_argument("--no-loop", action="store_true", help="leave the plain loop out")
     parser.add_argument("--breakdown", type=int, default=0, help="traced runs of this tree")
+    parser.add_argument("--lag", type=int, default=0, help="runs of the event-loop lag probe")
     parser.add_argument("--slots", type=int, default=1)
     parser.add_argument("--latency-ms", type=float, default=200.0)
     parser.add_argument("--token-ms", type=float, default=20.0)
@@ -275,6 +346,8 @@ def main() -> None:
         print_table(chosen)
         if args.breakdown:
             breakdown(args.breakdown, workdir, env, args)
+    if args.lag:
+        lag(args.lag, env)
 
 
 if __name__ == "__main__":
