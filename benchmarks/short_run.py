@@ -207,27 +207,39 @@ def print_table(chosen: list[Variant]) -> None:
 
 
 def breakdown(runs: int, workdir: Path, env: dict[str, str], args: argparse.Namespace) -> None:
-    """The end of this tree's run, step by step (``end_trace.py``), as medians."""
-    tracer = Path(__file__).with_name("end_trace.py")
-    records = []
+    """The end of a run, step by step (``end_trace.py``), as medians: this
+    tree's, and the baseline tree's when there is one (runs interleaved)."""
+    trees: dict[str, str | None] = {"this tree": None}
+    if args.baseline_tree:
+        trees["baseline"] = str(Path(args.baseline_tree).resolve())
+    records: dict[str, list[dict[str, Any]]] = {name: [] for name in trees}
     for i in range(runs):
-        for stale in workdir.glob("out.parquet*"):
-            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
-        trace = workdir / f"trace-{i}.json"
-        with simulator(env, args.slots, args.latency_ms, args.token_ms) as port:
-            argv = [sys.executable, str(tracer), str(trace), "run", "--quiet"]
-            argv += ["--input", str(workdir / "in.csv"), "--column", COLUMN, "--model", MODEL]
-            argv += ["--output", str(workdir / "out.parquet"), "--no-cache"]
-            argv += ["--base-url", f"http://127.0.0.1:{port}/v1"]
-            subprocess.run(argv, env=env, cwd=workdir, check=True, capture_output=True, timeout=300)
-            exited = time.perf_counter()
-        record = json.loads(trace.read_text())
-        record["exited"] = exited
-        records.append(record)
-    print_breakdown(records)
+        for name, tree in trees.items():
+            records[name].append(traced_run(workdir / f"trace-{i}.json", tree, workdir, env, args))
+    for name, traced in records.items():
+        print_breakdown(name, traced)
 
 
-def print_breakdown(records: list[dict[str, Any]]) -> None:
+def traced_run(
+    trace: Path, tree: str | None, workdir: Path, env: dict[str, str], args: argparse.Namespace
+) -> dict[str, Any]:
+    for stale in workdir.glob("out.parquet*"):
+        shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
+    tracer = Path(__file__).with_name("end_trace.py")
+    job = dict(env, PYTHONPATH=tree) if tree else env
+    with simulator(env, args.slots, args.latency_ms, args.token_ms) as port:
+        argv = [sys.executable, str(tracer), str(trace), "run", "--quiet"]
+        argv += ["--input", str(workdir / "in.csv"), "--column", COLUMN, "--model", MODEL]
+        argv += ["--output", str(workdir / "out.parquet"), "--no-cache"]
+        argv += ["--base-url", f"http://127.0.0.1:{port}/v1"]
+        subprocess.run(argv, env=job, cwd=workdir, check=True, capture_output=True, timeout=300)
+        exited = time.perf_counter()
+    record: dict[str, Any] = json.loads(trace.read_text())
+    record["exited"] = exited
+    return record
+
+
+def print_breakdown(name: str, records: list[dict[str, Any]]) -> None:
     ends: dict[str, list[float]] = {}
     spans: dict[str, list[float]] = {}
     for record in records:
@@ -238,14 +250,20 @@ def print_breakdown(records: list[dict[str, Any]]) -> None:
                 spans.setdefault(mark["step"], []).append(mark["ended"] - mark["began"])
         ends.setdefault("atexit handlers", []).append(record["atexit"] - last)
         ends.setdefault("process exited", []).append(record["exited"] - last)
-    print(f"\nthe end of this tree's run, {len(records)} traced runs (medians, s):")
+    print(f"\nthe end of the run, {name}: {len(records)} traced runs (medians, s)")
     print(f"  {'step':<28} {'done after last answer':>22} {'took':>7}")
     for step, values in sorted(ends.items(), key=lambda item: statistics.median(item[1])):
         took = f"{statistics.median(spans[step]):7.3f}" if step in spans else "      -"
         print(f"  {step:<28} {statistics.median(values):22.3f} {took}")
-    imported = records[-1]["imports_after_last_answer"]
-    tops = sorted({(i["module"].split(".")[0], i["thread"]) for i in imported})
-    print(f"  imported after the last answer (last run): {tops or 'nothing'}")
+    # The audit hook sees import statements, not importlib.import_module:
+    # what the prefetch thread imports does not show here.
+    firsts: dict[str, tuple[float, str]] = {}
+    for entry in records[-1]["imports_after_last_answer"]:
+        package = entry["module"].split(".")[0]
+        if package not in firsts:
+            firsts[package] = (entry["at"] - records[-1]["last_answer"], entry["thread"])
+    shown = ", ".join(f"{p} +{at:.3f} s ({thread})" for p, (at, thread) in firsts.items())
+    print(f"  first imported after the last answer (last run): {shown or 'nothing'}")
 
 
 # The event loop's lag while the prefetch imports (what answers arriving then
