@@ -178,6 +178,34 @@ def build_config(
 LOG_FORMAT_KEY: Final = "enrich.log_format"
 
 
+class _NoPandas:
+    """An import finder under which pandas is not installed.
+
+    pyarrow looks for pandas at its first conversion of Python values
+    (``pa.array``, ``pa.table``: a run's first checkpoint part) to tell its
+    objects apart, and imports it where installed: 0.3-0.4 s of CPU and some
+    30 MB in every run, beside the model's server on a shared machine, for
+    a check a local run never needs (apache/arrow#34994). The Ray engine
+    hands pyarrow pandas objects (Ray Data), and keeps it."""
+
+    @staticmethod
+    def find_spec(name: str, path: object = None, target: object = None) -> None:
+        if name == "pandas" or name.startswith("pandas."):
+            raise ModuleNotFoundError("a local enrich run does not use pandas", name=name)
+
+
+# Set by ``main``: the command runs as its own process (the console script,
+# python -m pipeline), not inside a caller's (CliRunner, an embedding), so
+# what it imports is its own business.
+_OWN_PROCESS: list[bool] = [False]
+
+
+def _without_pandas() -> None:
+    """In a process of its own, a local run imports no pandas (see _NoPandas)."""
+    if _OWN_PROCESS[0] and "pandas" not in sys.modules and _NoPandas not in sys.meta_path:
+        sys.meta_path.insert(0, _NoPandas)
+
+
 def _log_format() -> str:
     context = click.get_current_context(silent=True)
     return str(context.meta.get(LOG_FORMAT_KEY, "text")) if context else "text"
@@ -393,6 +421,8 @@ def run(
 
     click.get_current_context().meta[LOG_FORMAT_KEY] = log_format
     config = build_config(config_file, flags)
+    if config.run.engine == "local":
+        _without_pandas()
     timeline = Timeline()
     progress, events = _reporting(
         log_format, quiet, [*_secrets(), config.api_key()], lambda: timeline.totals().to_dict()
@@ -1020,6 +1050,7 @@ def main(args: list[str] | None = None) -> None:
     number) exit 2 as click's usage text, or one JSON ``error`` event with
     ``--log-format json``, as the README promises a log shipper."""
     args = sys.argv[1:] if args is None else args
+    _OWN_PROCESS[0] = True
     # The interpreter's last collections walk every object the imports made
     # (openai's types, pyarrow, polars, matplotlib): 0.3-0.4 s after a run,
     # here, to free memory the process is about to give back anyway. Frozen

@@ -32,6 +32,7 @@ HEAVY: Final = (
     "pydantic",
     "matplotlib",
     "prometheus_client",
+    "pandas",
 )
 
 # Not needed for an online run's first request, so loaded after it if at
@@ -239,6 +240,24 @@ def test_a_fresh_run_sends_its_first_request_before_any_heavy_library(
     assert loaded["deferred_at_first_request"] == []
     # Assembling the output may use polars; nothing ever loads the SDK.
     assert "openai" not in loaded["exit"]
+
+
+@pytest.mark.slow
+def test_a_local_run_loads_no_pandas_where_it_is_installed(
+    tmp_path: Path, start_server: StartServer
+) -> None:
+    # pyarrow would import it at its first conversion of Python values, to
+    # tell pandas objects apart: 0.3-0.4 s of CPU and some 30 MB a run.
+    pytest.importorskip("pandas")  # the [ray] extra brings it, as CI installs
+    server = start_server()
+    source = write_questions(tmp_path / "in.csv", [f"question {i}" for i in range(20)])
+    output = tmp_path / "out.parquet"
+
+    done, loaded = probe(*run_args(source, output, server.base_url))
+
+    assert done.returncode == 0, done.stderr
+    assert "pyarrow" in loaded["exit"]  # it made the checkpoint parts and the output
+    assert "pandas" not in loaded["exit"]
 
 
 @pytest.mark.slow
