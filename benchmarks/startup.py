@@ -133,11 +133,14 @@ def cpu_seconds(pid: int, thread: int | None = None) -> float:
 class Relay:
     """Forwards TCP connections to ``port`` and notes when the first bytes of
     the first connection arrive (``perf_counter``), and the CPU time process
-    ``pid`` and its main thread had used by then."""
+    ``pid`` and its main thread had used by then; and when the server's
+    latest bytes went back (``last``: the end of the last answer, once the
+    run has no request left)."""
 
     def __init__(self, port: int) -> None:
         self.port = port
         self.first: float | None = None
+        self.last: float | None = None
         self.pid = 0
         self.cpu: tuple[float, float] | None = None
         self.listener = socket.create_server(("127.0.0.1", 0))
@@ -145,7 +148,7 @@ class Relay:
         threading.Thread(target=self._accept, daemon=True).start()
 
     def reset(self) -> None:
-        self.first = self.cpu = None
+        self.first = self.last = self.cpu = None
 
     def _accept(self) -> None:
         while True:
@@ -176,6 +179,8 @@ class Relay:
                     # Set last: the caller stops waiting when it sees it.
                     self.first = first
                 sink.sendall(data)
+                if not upstream:
+                    self.last = time.perf_counter()
         with contextlib.suppress(OSError):
             sink.shutdown(socket.SHUT_WR)
 

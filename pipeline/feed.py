@@ -51,6 +51,9 @@ class Feed:
     collected: Collected
     bound: PromptBound
     in_flight: dict[int, bytes] = field(default_factory=dict)
+    sent_all: asyncio.Event = field(default_factory=asyncio.Event)
+    """Set once ``requests`` has given its last request (the input's end,
+    or the spend cap)."""
 
     async def requests(self) -> AsyncIterator[ChatRequest]:
         chunks = self._prompt_chunks()
@@ -73,10 +76,12 @@ class Feed:
                 elif await self._shared(row_id, key):
                     continue
                 elif not await self._affordable(row_id, ask):
+                    self.sent_all.set()
                     return  # the cap: send nothing more; requests in flight finish
                 else:
                     self.in_flight[row_id] = key
                     yield ChatRequest(row_id, ask)
+        self.sent_all.set()
 
     async def _shared(self, row_id: int, key: bytes) -> bool:
         """Whether an identical request of this run answers the row (now, or

@@ -17,6 +17,7 @@ from pipeline.collect import ResultSink, commit_error
 from pipeline.crashpoints import crash_point
 from pipeline.errors import RunInterrupted
 from pipeline.feed import Feed, reused
+from pipeline.prefetch import Prefetch, modules_for
 from pipeline.send_shards import ShardedStage, collect_shards, forget
 from pipeline.stage import DRAIN_GRACE_S as DRAIN_GRACE_S
 from pipeline.stage import open_stage as open_stage
@@ -100,6 +101,7 @@ async def send(
     )
     feed.collected.attach(sink)
     committer = asyncio.create_task(sink.run())
+    ending = Prefetch(modules_for(config.output.page))
     gathered: list[Path] = []
     try:
         if isinstance(stage, ShardedStage):
@@ -108,12 +110,12 @@ async def send(
             if head is not None:
                 crash_point("head-checkpoint-open")  # open and empty, the head's answers held
                 await head.hand_over(feed)
-            await _collect_results(feed, stage, head)
+            await _collect_results(feed, stage, head, ending)
     finally:
         committer.cancel()
         # Runs on success, fatal errors and cancellation alike: what was paid
         # for reaches the checkpoint.
-        await asyncio.shield(sink.close())
+        await asyncio.shield(_close(sink, ending))
     # In the checkpoint now: a kill before this adopts them again (the same
     # results; the newest of a row wins).
     await asyncio.to_thread(forget, gathered)
@@ -125,17 +127,35 @@ async def send(
         raise feed.spend_cap_error(checkpoint.run_dir)
 
 
-async def _collect_results(feed: Feed, stage: CallStage, head: Head | None) -> None:
+async def _close(sink: ResultSink, ending: Prefetch) -> None:
+    # Sealing the last part imports what the prefetch may be importing:
+    # one thread at a time.
+    await ending.finished()
+    await sink.close()
+
+
+async def _collect_results(
+    feed: Feed, stage: CallStage, head: Head | None, ending: Prefetch
+) -> None:
     collected, dedup = feed.collected, feed.reuse.dedup
     stream = stage.results(feed.requests()) if head is None else head.results()
-    # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
-    async with contextlib.aclosing(stream) as results:
-        async for result in results:
-            feed.spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
-            key = feed.in_flight.pop(result.row_id, None)
-            await collected.add(result, key)
-            if key is not None and dedup is not None:
-                followers = dedup.settle(key, result, ok=result.status == "ok")
-                collected.deduplicated += len(followers)
-                for follower in followers:
-                    await collected.add(reused(follower, result), key)
+    gate = stage.limiter.gate
+    watcher = asyncio.create_task(
+        ending.start_when_all_sent(
+            feed.sent_all, lambda: len(feed.in_flight), lambda: gate.in_flight
+        )
+    )
+    try:
+        # aclosing: leaving the loop early (fatal error, Ctrl-C) stops the workers now.
+        async with contextlib.aclosing(stream) as results:
+            async for result in results:
+                feed.spend.settle(result.row_id, result.prompt_tokens, result.completion_tokens)
+                key = feed.in_flight.pop(result.row_id, None)
+                await collected.add(result, key)
+                if key is not None and dedup is not None:
+                    followers = dedup.settle(key, result, ok=result.status == "ok")
+                    collected.deduplicated += len(followers)
+                    for follower in followers:
+                        await collected.add(reused(follower, result), key)
+    finally:
+        watcher.cancel()
