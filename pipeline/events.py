@@ -168,6 +168,33 @@ class RecordingEventSink:
         return [e for e in self.events if e.event == event]
 
 
+class HeldEvents:
+    """Passes events on to ``sink``, holding them while ``held``: a head
+    start's call stage reports before the run has said ``start`` (a 429's
+    pause, retries), and a log reads as the run's own only after it. Held
+    events go out in order at ``release`` (after ``start``, or as the run
+    ends without one), so none is lost."""
+
+    def __init__(self, sink: EventSink) -> None:
+        self.sink = sink
+        self._held: list[Event] | None = []
+        self._lock = threading.Lock()
+
+    def emit(self, event: str, *, level: Level = "info", message: str = "", **fields: Any) -> None:
+        with self._lock:
+            if self._held is not None:
+                self._held.append(Event(event, level, message, dict(fields)))
+                return
+        self.sink.emit(event, level=level, message=message, **fields)
+
+    def release(self) -> None:
+        # Under the lock: an event emitted meanwhile waits, and follows them.
+        with self._lock:
+            held, self._held = self._held or [], None
+            for e in held:
+                self.sink.emit(e.event, level=e.level, message=e.message, **e.fields)
+
+
 class ThrottledWarning:
     """One ``warning`` event per ``interval_s`` at most for a recurring
     condition, with how often it happened since the last line: a 429 storm

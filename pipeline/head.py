@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Final
 
 from pipeline import prompt
 from pipeline.call import CallStage, ChatRequest
+from pipeline.events import HeldEvents
 from pipeline.head_plan import HeadPlan as HeadPlan
 from pipeline.head_plan import plan_head as plan_head
 from pipeline.results import RowResult, reused
@@ -54,10 +55,12 @@ class Head:
     """The head's rows on their way through the call stage, their results
     held until the first pass takes them (``hand_over``, ``results``)."""
 
-    def __init__(self, plan: HeadPlan, stage: CallStage, reuse: Reuse) -> None:
+    def __init__(self, plan: HeadPlan, stage: CallStage, reuse: Reuse, events: HeldEvents) -> None:
         self.plan = plan
         self.stage = stage
         self.reuse = reuse
+        self.events = events
+        """The stage's events, held until the run says ``start``."""
         spec = prompt.prompt_spec(plan.config)
         self.rows = [row_id for row_id, _ in plan.rows.prompts]
         self._asks = [(row_id, prompt.messages(spec, text)) for row_id, text in plan.rows.prompts]
@@ -182,10 +185,12 @@ async def open_head(plan: HeadPlan, wiring: Wiring) -> AsyncIterator[Head]:
         events.emit("warning", level="warning", kind="cache", message=message)
 
     reuse = open_reuse(plan.config, None, None, warn)
+    held = HeldEvents(events)
     try:
-        async with open_stage(plan, wiring.transport, events, wiring.stop) as stage:
-            head = Head(plan, stage, reuse)
+        async with open_stage(plan, wiring.transport, held, wiring.stop) as stage:
+            head = Head(plan, stage, reuse, held)
             await head.start()
             yield head
     finally:
+        held.release()
         reuse.close()

@@ -194,6 +194,8 @@ class _Passes:
             max_cost=config.max_cost,
         )
         self.wiring.progress.start(plan.total_rows, resumed)
+        if self.head is not None:
+            self.head.events.release()  # what its requests met, after `start`
 
 
 def _outcome(

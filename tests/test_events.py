@@ -12,6 +12,7 @@ import pytest
 
 from pipeline.events import (
     REDACTED,
+    HeldEvents,
     JsonEventSink,
     NullEventSink,
     ProgressEvents,
@@ -187,3 +188,22 @@ def test_a_recurring_warning_is_throttled_with_a_count() -> None:
     assert all(e.level == "warning" and e.fields["kind"] == "rate_limit_pause" for e in lines)
     assert lines[0].fields["pause_s"] == 2.0
     assert pauses.total == 13
+
+
+def test_events_held_during_a_head_start_go_out_after_start_in_order() -> None:
+    # A head start's requests may meet a 429 before the scan lets the run
+    # say `start`: a log shipper still reads `start` first, and loses nothing.
+    sink = RecordingEventSink()
+    held = HeldEvents(sink)
+    held.emit("warning", level="warning", message="paused", kind="rate_limit_pause")
+    held.emit("warning", level="warning", message="retrying", kind="retrying")
+    assert sink.events == []
+
+    sink.emit("start", message="enriching")
+    held.release()
+    held.emit("progress", message="after")
+
+    assert [e.event for e in sink.events] == ["start", "warning", "warning", "progress"]
+    assert [e.fields.get("kind") for e in sink.events[1:3]] == ["rate_limit_pause", "retrying"]
+    held.release()  # again, as the head ends: nothing twice
+    assert len(sink.events) == 4
