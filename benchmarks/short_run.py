@@ -36,7 +36,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import statistics
 import subprocess
 import sys
@@ -47,7 +46,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-from startup import Relay, free_port, load, requests_seen
+from startup import Relay, load
+from startup import simulator as startup_simulator
 
 REPO: Final = Path(__file__).resolve().parent.parent
 SAMPLE: Final = REPO / "pipeline" / "sample" / "questions.csv"
@@ -78,24 +78,9 @@ class Variant:
 @contextlib.contextmanager
 def simulator(env: dict[str, str], slots: int, latency_ms: float, token_ms: float) -> Iterator[int]:
     """A fresh one-slot simulator of this checkout (no queue left by a job before)."""
-    port = free_port()
-    argv = [sys.executable, "-m", "pipeline", "simulate", "--port", str(port)]
-    argv += ["--slots", str(slots), "--latency-ms", str(latency_ms), "--token-ms", str(token_ms)]
-    proc = subprocess.Popen(argv, env=env, stderr=subprocess.DEVNULL, cwd=REPO)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                requests_seen(port)
-                break
-            except OSError:
-                if time.monotonic() > deadline or proc.poll() is not None:
-                    raise RuntimeError("the simulator did not start") from None
-                time.sleep(0.05)
+    flags = ("--slots", str(slots), "--latency-ms", str(latency_ms), "--token-ms", str(token_ms))
+    with startup_simulator(env, *flags, cwd=REPO) as port:
         yield port
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(30)
 
 
 def job_argv(variant: Variant, workdir: Path, base_url: str) -> list[str]:

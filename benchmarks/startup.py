@@ -40,7 +40,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -100,12 +100,14 @@ def requests_seen(port: int) -> int:
 
 
 @contextlib.contextmanager
-def simulator(env: dict[str, str]) -> Any:
+def simulator(env: dict[str, str], *flags: str, cwd: Path | None = None) -> Iterator[int]:
+    """A simulator process (``flags``: its options), its port once it answers."""
     port = free_port()
     proc = subprocess.Popen(
-        [sys.executable, "-m", "pipeline", "simulate", "--port", str(port)],
+        [sys.executable, "-m", "pipeline", "simulate", "--port", str(port), *flags],
         env=env,
         stderr=subprocess.DEVNULL,
+        cwd=cwd,
     )
     try:
         deadline = time.monotonic() + 30
