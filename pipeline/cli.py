@@ -888,6 +888,13 @@ def _sample_path() -> Path:
     help="Compute this many requests at once and queue the rest, like a self-hosted server.",
 )
 @click.option(
+    "--slot-order",
+    type=click.Choice(["fifo", "any"]),
+    default="fifo",
+    show_default=True,
+    help="Serve the queue for --slots in the order it came, or in any (llama-cpp-python's).",
+)
+@click.option(
     "--token-ms",
     type=float,
     default=0.0,

@@ -23,7 +23,9 @@ requests in flight only add latency. Two controls, the lower wins:
   while none of the run's others was in flight (it waited behind none of
   them) re-bases that reference when it is far below it. A burst that comes
   back in waves, in the order sent (a server computing in order), shows its
-  slots at once: the size of a wave (see ``LatencyLimit._queued_burst``).
+  slots at once: the size of a wave (see ``LatencyLimit._queued_burst``);
+  a server that serves its queue in any order shows the same waves in the
+  order answered, a service time apart.
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -123,6 +125,17 @@ HOLD_MAX_ROUNDS: Final = 16
 # answers differ by less (the same work, computed at once), and a hosted
 # API's jitter of tens of percent never makes one.
 WAVE_RISE_SHARE: Final = 0.5
+# A server that gives a freed slot to any request waiting, not the one that
+# came first (llama-cpp-python's server: a thread lock), answers the same
+# waves out of the order sent; in the order answered, a hosted API's jitter
+# can rise in steps too, but not in steps of one service time each: wave k
+# comes within this share of the first latency of k + 1 times it.
+WAVE_REGULAR_SHARE: Final = 0.25
+# Jitter falls into such waves over a few answers now and then (a burst of 4
+# in about 60 at +/-35%), and the run then held the cap far under a hosted
+# API's capacity: such a burst is sent again, and read as a queue only if
+# it shows the same waves. Over this many answers jitter does not.
+WAVES_SURE_ANSWERS: Final = 8
 # Past slow start a queue kept on purpose never drains, so no request is sent
 # alone again, and a reference taken while the server was slow (a warm-up, a
 # spell of load) would stand for the rest of the run, the cap held far above
@@ -357,6 +370,14 @@ class LatencyLimit:
         self._unprobed = 0
         self._drain_rounds = DRAIN_ROUNDS
         self._drain_wait: int | None = None
+        # The gate sequence of the current burst's first request, and
+        # whether it went out with none of the run's others in flight (the
+        # burst waited behind nothing of ours). A burst that came back in
+        # waves only in the order answered, and the size they showed: the
+        # next burst must show the same (see WAVE_REGULAR_SHARE).
+        self._burst_from = 1
+        self._burst_alone = False
+        self._waves_unconfirmed: int | None = None
         gate.set_cap(gate.ceiling if start_at_ceiling else START_REQUESTS)
 
     @property
@@ -376,6 +397,12 @@ class LatencyLimit:
     @property
     def tolerance(self) -> float:
         return max(FLAT_TOLERANCE, NOISE_SE_MULTIPLE * self._noise)
+
+    def sent(self, sequence: int, *, alone: bool) -> None:
+        """Request ``sequence`` went out; ``alone``: with none of the run's
+        others in flight."""
+        if sequence == self._burst_from:
+            self._burst_alone = alone
 
     def observe(self, sequence: int, sample: Sample) -> None:
         if not math.isfinite(sample.latency_s) or sample.latency_s <= 0:
@@ -405,6 +432,7 @@ class LatencyLimit:
             changes = self._changes
             self._judge(round_, sent)
             if changes == self._changes:
+                self._burst_from = self._next_sequence()
                 self.gate.next_burst()
 
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
@@ -432,10 +460,13 @@ class LatencyLimit:
             return min(alone), True
         return self._round_min_s, False
 
-    def _queued_burst(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
+    def _queued_burst(
+        self, round_: list[Sample], sent: list[int]
+    ) -> tuple[int, float, bool] | None:
         """A slow-start burst that came back as a server's queue shows it:
-        the server's slots and the latency without a queue (that of the
-        burst's first request, sent alone), or None.
+        the server's slots, the latency without a queue (the burst's first
+        answer: it went out with nothing of ours ahead of it) and whether
+        the waves came in the order sent; or None.
 
         A server that computes in order (llama.cpp's slots, Ollama) answers
         a burst in waves of its slots, in the order sent, each wave a
@@ -445,14 +476,35 @@ class LatencyLimit:
         answers vary by tens of percent, in any order: no wave rises half
         the first answer's latency above the one before it, so nothing of
         this applies (and a cut it brought by chance is taken back by the
-        next round, see _undo)."""
-        if not (self.slow_start and self.gate.bursting) or len(round_) < 2:
+        next round, see _undo). A server that gives a freed slot to any
+        request waiting answers the same waves in another order: read in
+        the order answered, and only when they come a service time apart
+        (see WAVE_REGULAR_SHARE)."""
+        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(round_) < 2:
             return None
-        ordered = [sample for _, sample in sorted(zip(sent, round_, strict=True))]
-        if not ordered[0].alone:
-            return None
-        slots = _wave_size([sample.latency_s for sample in ordered])
-        return None if slots is None else (slots, ordered[0].latency_s)
+        latencies = [sample.latency_s for _, sample in sorted(zip(sent, round_, strict=True))]
+        in_order = _wave_size(latencies)
+        if in_order is not None:
+            return in_order, latencies[0], True
+        answered = sorted(latencies)
+        slots = _wave_size(answered, regular=True)
+        return None if slots is None else (slots, answered[0], False)
+
+    def _burst_waves(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
+        """``_queued_burst``'s slots and latency without a queue, once sure:
+        waves seen only in the order answered, over fewer than
+        WAVES_SURE_ANSWERS answers, may be a hosted API's jitter, and the
+        same burst is sent again (``_waves_unconfirmed`` set: the size to
+        see again)."""
+        waves = self._queued_burst(round_, sent)
+        unsure = (
+            waves is not None
+            and not waves[2]
+            and len(round_) < WAVES_SURE_ANSWERS
+            and self._waves_unconfirmed != waves[0]
+        )
+        self._waves_unconfirmed = waves[0] if waves is not None and unsure else None
+        return None if waves is None or unsure else waves[:2]
 
     def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
@@ -496,7 +548,10 @@ class LatencyLimit:
     def _judge(self, round_: list[Sample], sent: list[int]) -> None:
         latencies = [s.latency_s for s in round_]
         mean = sum(latencies) / len(latencies)
-        waves = self._queued_burst(round_, sent)
+        waves = self._burst_waves(round_, sent)
+        if self._waves_unconfirmed is not None:
+            self._judged_min_s = min(self._judged_min_s, *latencies)
+            return  # the same burst again (see _burst_waves)
         reference, rebased = (waves[1], True) if waves else self._reference(round_)
         self._schedule_drain(round_)
         self._judged_min_s = min(self._judged_min_s, *latencies)
@@ -529,6 +584,10 @@ class LatencyLimit:
         if self._probing:
             self._hold_rounds = HOLD_ROUNDS
             self._probing = False
+        self._grow(in_flight, queued)
+
+    def _grow(self, in_flight: float, queued: float) -> None:
+        """A flat round: the next cap up, if the cap held requests back."""
         cap, ceiling = self.cap, self.gate.ceiling
         if cap >= ceiling:
             self.slow_start = False
@@ -620,11 +679,17 @@ class LatencyLimit:
         self._set(before)
         return True
 
+    def _next_sequence(self) -> int:
+        """The gate sequence of the next place granted (places granted but
+        not yet numbered come first)."""
+        return self.gate.sent_count + self.gate.unsent + 1
+
     def _set(self, cap: float) -> None:
         # Places granted under the old cap are numbered later: they belong
         # to it, not to the round that judges the new one (those the new cap
         # grants, from set_cap on, do).
-        self._changed_at = self.gate.sent_count + self.gate.unsent
+        self._changed_at = self._next_sequence() - 1
+        self._burst_from = self._changed_at + 1
         self._changes += 1
         self.gate.set_cap(cap)
         self._round = []
@@ -660,15 +725,20 @@ class LatencyLimit:
         return None
 
 
-def _wave_size(latencies: list[float]) -> int | None:
+def _wave_size(latencies: list[float], *, regular: bool = False) -> int | None:
     """The size of the first wave when ``latencies``, in the order their
     requests were sent at once, come in waves of one size, each at least
     WAVE_RISE_SHARE of the first latency above the one before (a server
     queueing what its slots cannot take); the last wave may be short.
-    None if they do not, or all came in one wave (no queue)."""
-    step = max(WAVE_RISE_SHARE * latencies[0], QUEUE_FLOOR_S)
+    None if they do not, or all came in one wave (no queue).
+
+    ``regular``: ``latencies`` are in the order answered, and the waves must
+    also come a service time apart: wave k within WAVE_REGULAR_SHARE of the
+    first latency of k + 1 times it."""
+    first = latencies[0]
+    step = max(WAVE_RISE_SHARE * first, QUEUE_FLOOR_S)
     sizes = [1]
-    low = high = latencies[0]
+    low = high = first
     for latency in latencies[1:]:
         if latency - high >= step:
             sizes.append(1)
@@ -678,6 +748,8 @@ def _wave_size(latencies: list[float]) -> int | None:
             low, high = min(low, latency), max(high, latency)
         else:
             return None  # answered before a wave sent earlier: no queue in order
+        if regular and abs(latency - len(sizes) * first) > WAVE_REGULAR_SHARE * first:
+            return None
     if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
         return None
     return sizes[0]

@@ -1163,6 +1163,8 @@ class RateLimiter:
             alone=self._sending == 1 and now >= self._ghosts_until,
         )
         self.queue.sent(permit.sequence, now)
+        if self.latency is not None:
+            self.latency.sent(permit.sequence, alone=permit.alone)
         return permit
 
     async def _one_probe_at_a_time(self) -> bool:

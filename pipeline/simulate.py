@@ -49,9 +49,12 @@ that fails answers:
    limit may change over time, ``rpm_schedule``) -> 429;
 8. service: with ``slots`` unset, sleep the latency (``latency_ms`` +/-
    uniform ``jitter_ms``, plus ``token_ms`` per completion token); with
-   ``slots`` N, wait in a FIFO queue for one of N slots and hold it that long
+   ``slots`` N, wait in a queue for one of N slots and hold it that long
    (a self-hosted server: llama.cpp, vLLM, Ollama); then the answer, whole or
-   streamed.
+   streamed. The queue is served in the order requests came
+   (``slot_order="fifo"``), or a freed slot goes to any request waiting
+   (``"any"``: llama-cpp-python's server guards its model with a thread lock,
+   which wakes its waiters in no set order).
 
 The slot model: a request the client abandons (a timeout while queued or
 computing) is still computed, as a real server does, and counted:
@@ -239,9 +242,11 @@ class SimulatorConfig:
     streaming: bool = True
     chunk_delay_ms: float = 0.0
     # A self-hosted server: this many requests computed at once, the rest
-    # queued (FIFO); None: no limit. ``token_ms`` per completion token adds to
+    # queued, served in the order they came or in any (see the module
+    # docstring, step 8); None: no limit. ``token_ms`` per completion token adds to
     # the latency, so long answers take long as on a real server.
     slots: int | None = None
+    slot_order: Literal["fifo", "any"] = "fifo"
     token_ms: float = 0.0
     # With slots: the server's own times each answer carries: llama.cpp's
     # ``timings``, vLLM's ``metrics``, or none (llama-cpp-python's server);
@@ -259,6 +264,10 @@ class SimulatorConfig:
         if self.slots is not None and self.slots < 1:
             raise ConfigError(
                 f"simulator slots must be >= 1, got {self.slots}; leave it unset for no limit"
+            )
+        if self.slot_order not in ("fifo", "any"):
+            raise ConfigError(
+                f"simulator slot_order must be 'fifo' or 'any', got {self.slot_order!r}"
             )
         if self.warmup_answers < 0:
             raise ConfigError(f"simulator warmup_answers must be >= 0, got {self.warmup_answers}")
@@ -823,6 +832,41 @@ def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
     return _Answer(text, finish_reason, usage)
 
 
+class _Slots:
+    """``count`` slots; a request waits for one. A freed slot goes to the
+    request that has waited longest, or with ``order`` to one drawn from
+    it (any request waiting)."""
+
+    def __init__(self, count: int, order: random.Random | None) -> None:
+        self._free = count
+        self._order = order
+        self._waiters: list[asyncio.Future[None]] = []
+
+    async def acquire(self) -> None:
+        if self._free > 0 and not self._waiters:
+            self._free -= 1
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._waiters.append(waiter)
+        try:
+            await waiter
+        except BaseException:
+            if waiter.done() and not waiter.cancelled():
+                self.release()  # given a slot as it was cancelled: pass it on
+            else:
+                self._waiters.remove(waiter)
+            raise
+
+    def release(self) -> None:
+        while self._waiters:
+            index = 0 if self._order is None else self._order.randrange(len(self._waiters))
+            waiter = self._waiters.pop(index)
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+        self._free += 1
+
+
 class Simulator:
     """The server. Use ``async with Simulator(config) as sim`` in async code, or
     :func:`run_in_thread` when the client runs elsewhere (a subprocess, sync code)."""
@@ -850,8 +894,8 @@ class Simulator:
         self._next_id = 0
         self._rng = random.Random(self.config.seed)
         self._directive_counts: collections.Counter[str] = collections.Counter()
-        # Created on start(): a semaphore belongs to the loop that serves.
-        self._slots: asyncio.Semaphore | None = None
+        # Created on start(): its waiters belong to the loop that serves.
+        self._slots: _Slots | None = None
         self._queued = 0
         self._warming = self.config.warmup_answers
 
@@ -899,7 +943,8 @@ class Simulator:
             raise RuntimeError("Simulator is already running")
         self._closing = asyncio.Event()
         if self.config.slots is not None:
-            self._slots = asyncio.Semaphore(self.config.slots)
+            order = None if self.config.slot_order == "fifo" else random.Random(self.config.seed)
+            self._slots = _Slots(self.config.slots, order)
         app = web.Application(client_max_size=MAX_REQUEST_BYTES)
         app.router.add_post("/v1/chat/completions", self._completions)
         app.router.add_get("/v1/models", self._list_models)
@@ -1274,7 +1319,7 @@ class Simulator:
         self, completion_tokens: int, prompt_tokens: int, request: web.Request
     ) -> dict[str, dict[str, float]] | None:
         """The service step: the latency, in one of ``slots`` slots if set
-        (queued FIFO for one), computed even if the client goes away
+        (queued for one), computed even if the client goes away
         meanwhile. With slots, the server's own times as the answer carries
         them (``{"timings": ...}`` or ``{"metrics": ...}``), else None."""
         cfg = self.config

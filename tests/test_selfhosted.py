@@ -20,6 +20,7 @@ import pytest
 from pipeline.call import CallStage, ChatRequest
 from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Sample
 from pipeline.config import LimitsConfig, ModelConfig
+from pipeline.errors import ConfigError
 from pipeline.ratelimit import RateLimiter
 from pipeline.simulate import STREAM_CHUNK_CHARS, Simulator, SimulatorConfig, expected_answer
 from pipeline.transport import make_transport
@@ -85,6 +86,21 @@ async def test_the_slot_model_queues_beyond_its_slots_and_reports_the_slot_time(
     assert stage.stats.server_count == 6
     assert stage.stats.server_s_sum == pytest.approx(6 * one, rel=0.05)
     assert stage.stats.waiting_s_sum == pytest.approx((0 + 0 + 1 + 1 + 2 + 2) * one, rel=0.05)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("order", ["fifo", "any"])
+async def test_the_slot_model_serves_its_queue_in_the_order_it_came_or_in_any(
+    order: Literal["fifo", "any"],
+) -> None:
+    async with Simulator(SimulatorConfig(slots=1, slot_order=order, **SLOW)) as sim:
+        _, results, _ = await run(sim, 6, concurrency=6, adaptive=False)
+    latencies = [results[row].latency_ms for row in range(6)]
+    # Six answers a service time apart, whichever request each one was.
+    assert sorted(latencies) == pytest.approx([(n + 1) * latencies[0] for n in range(6)], rel=0.05)
+    assert (latencies == sorted(latencies)) == (order == "fifo")
+    with pytest.raises(ConfigError, match="slot_order"):
+        SimulatorConfig(slots=1, slot_order="lifo")  # type: ignore[arg-type]
 
 
 @pytest.mark.looptime
@@ -196,12 +212,13 @@ async def test_a_stream_without_server_timings_measures_the_tokens_as_they_come(
 
 
 @pytest.mark.looptime
+@pytest.mark.parametrize("order", ["fifo", "any"])
 @pytest.mark.parametrize("slots", [1, 4, 16])
 async def test_defaults_settle_at_the_slot_count_and_compute_nothing_for_nothing(
-    slots: int,
+    slots: int, order: Literal["fifo", "any"]
 ) -> None:
     count = 30 * slots
-    async with Simulator(SimulatorConfig(slots=slots, **SLOW)) as sim:
+    async with Simulator(SimulatorConfig(slots=slots, slot_order=order, **SLOW)) as sim:
         stage, results, _ = await run(sim, count)
     assert {result.status for result in results.values()} == {"ok"}
     assert len(results) == count
@@ -299,24 +316,28 @@ async def test_a_reference_taken_while_the_server_was_slow_is_remeasured_by_a_dr
 
 
 @pytest.mark.looptime
-@pytest.mark.parametrize("count", [15, 30])
+@pytest.mark.parametrize("order", ["fifo", "any"])
+@pytest.mark.parametrize("count", [15, 30, 50])
 @pytest.mark.parametrize("timings", [None, "llama.cpp"])
 async def test_one_slot_settles_at_two_from_the_first_burst_it_queued(
-    count: int, timings: Literal["llama.cpp"] | None
+    count: int, timings: Literal["llama.cpp"] | None, order: Literal["fifo", "any"]
 ) -> None:
     # llama-cpp-python's server and Ollama send no timings. The first burst
-    # (4 at once) comes back from one slot as a staircase, in the order
-    # sent: 2 s, 4 s, 6 s, 8 s. Its mean was the latency without a queue,
-    # and the run stayed in slow start (15 rows: the other 11 at once) or
-    # settled at 7 (30 rows). The first answer, sent alone, is that latency.
-    config = SimulatorConfig(slots=1, timings=timings, **SLOW)
+    # (4 at once) comes back from one slot as a staircase: 2 s, 4 s, 6 s,
+    # 8 s, in the order sent, or in any (llama-cpp-python's). Its mean was
+    # the latency without a queue, and the run stayed in slow start (15
+    # rows: the other 11 at once) or settled at 4 to 7. The first answer,
+    # with nothing of ours ahead of it, is that latency.
+    config = SimulatorConfig(slots=1, timings=timings, slot_order=order, **SLOW)
     async with Simulator(config) as sim:
         stage, results, _ = await run(sim, count)
     assert {result.status for result in results.values()} == {"ok"}
     assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (count, 0, count)
     assert stage.stats.abandoned == 0
     assert stage.limiter.gate.slots <= 2
-    assert sim.stats.max_queued <= 3  # the first burst's; none behind it since
+    # The first burst's (and in any order, the same burst again: see
+    # test_a_server_that_serves_its_queue_in_any_order_...); none since.
+    assert sim.stats.max_queued <= 3
     assert "waves of 1" in (stage.stats.concurrency_reason or "")
 
 
@@ -371,28 +392,62 @@ async def test_a_jittery_servers_lucky_answer_sent_alone_does_not_cap_it_under_i
     assert stage.limiter.gate.slots >= slots
 
 
-def test_a_burst_is_read_as_queued_only_in_waves_in_the_order_sent() -> None:
-    def first_burst(*latencies: float) -> LatencyLimit:
-        limit = LatencyLimit(ConcurrencyGate(ceiling=32, start=32))
-        for n, latency in enumerate(latencies):
-            limit.observe(limit.gate.sent(), Sample(latency, 4.0, alone=n == 0))
-        return limit
+def answer_burst(limit: LatencyLimit, *latencies: float, alone: bool = True) -> LatencyLimit:
+    """A burst sent at once (its first with nothing of the run's in flight,
+    if ``alone``), answered with these latencies, in the order sent."""
+    sequences = [limit.gate.sent() for _ in latencies]
+    for n, sequence in enumerate(sequences):
+        limit.sent(sequence, alone=alone and n == 0)
+    for n, (sequence, latency) in enumerate(zip(sequences, latencies, strict=True)):
+        limit.observe(sequence, Sample(latency, 4.0, alone=alone and n == 0))
+    return limit
 
+
+def first_burst(*latencies: float, alone: bool = True) -> LatencyLimit:
+    return answer_burst(
+        LatencyLimit(ConcurrencyGate(ceiling=32, start=32)), *latencies, alone=alone
+    )
+
+
+def test_a_burst_is_read_as_queued_only_in_waves_in_the_order_sent() -> None:
     one_slot = first_burst(2.0, 4.0, 6.0, 8.0)
     assert one_slot.gate.slots == 2
     assert one_slot.service_s() == 2.0
     assert first_burst(2.0, 2.0, 4.0, 4.1).gate.slots == 3  # two slots
     # Each wave the same size but the last: not one slot, then two.
     assert first_burst(2.0, 4.0, 4.0, 6.0).gate.slots == 16
-    # Out of the order sent: no server's queue (a hosted API's jitter).
-    assert first_burst(2.0, 6.0, 4.0, 8.0).gate.slots == 16
     # In order, rising less than half a service time a wave: jitter.
     assert first_burst(1.0, 1.2, 1.35, 1.45).gate.slots == 16
-    # The first was not sent alone (a request of another burst ahead of it).
-    limit = LatencyLimit(ConcurrencyGate(ceiling=32, start=32))
-    for latency in (2.0, 4.0, 6.0, 8.0):
-        limit.observe(limit.gate.sent(), Sample(latency, 4.0))
+    # The first went out behind a request of the run's (of another burst).
+    assert first_burst(2.0, 4.0, 6.0, 8.0, alone=False).gate.slots == 16
+
+
+def test_a_server_that_serves_its_queue_in_any_order_shows_its_waves_in_the_order_answered() -> (
+    None
+):
+    # llama-cpp-python's server hands its one slot to any request waiting:
+    # a burst of 4 comes back 2 s, 6 s, 4 s, 8 s. Read in the order sent,
+    # that was a hosted API's jitter: the cap went to 16, then settled at 4
+    # to 6 on one slot, every answer queued behind 3 to 5 others.
+    once = first_burst(2.0, 6.0, 4.0, 8.0)
+    # Over 4 answers, jitter now and then falls into such waves: the burst
+    # goes again, at the same cap, and is read as a queue only if it shows
+    # the same waves.
+    assert once.gate.slots == 4
+    assert once.slow_start
+    assert answer_burst(once, 2.0, 8.0, 4.0, 6.0).gate.slots == 2
+    assert once.service_s() == 2.0
+    assert "waves of 1" in once.reason
+    # No waves the second time: jitter, and slow start goes on.
+    twice = answer_burst(first_burst(2.0, 6.0, 4.0, 8.0), 2.0, 3.1, 2.6, 2.3)
+    assert twice.gate.slots == 16
+    # Waves not a service time apart: jitter, read as no queue at once.
+    assert first_burst(2.0, 5.5, 3.2, 7.0).gate.slots == 16
+    # Over 16 answers in 4 waves of 4, jitter does not: read at once.
+    sixteen = [2.0 * (1 + n % 4) for n in range(16)]
+    limit = first_burst(2.0, 2.0, 2.0, 2.0)
     assert limit.gate.slots == 16
+    assert answer_burst(limit, *sixteen).gate.slots == 5
 
 
 async def test_a_cut_that_ends_slow_start_grants_no_more_than_the_new_cap() -> None:
@@ -406,6 +461,8 @@ async def test_a_cut_that_ends_slow_start_grants_no_more_than_the_new_cap() -> N
         for _ in latencies:
             await gate.acquire()
         sequences = [gate.sent() for _ in latencies]
+        for n, sequence in enumerate(sequences):
+            limit.sent(sequence, alone=n == 0)
         waiting = [asyncio.create_task(gate.acquire()) for _ in range(waiters)]
         await asyncio.sleep(0)
         for n, (sequence, latency) in enumerate(zip(sequences, latencies, strict=True)):
