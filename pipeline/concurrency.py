@@ -130,7 +130,7 @@ WAVE_RISE_SHARE: Final = 0.5
 # waves out of the order sent; in the order answered, a hosted API's jitter
 # can rise in steps too, but not in steps of one service time each: wave k
 # comes within this share of the first latency of k + 1 times it.
-WAVE_REGULAR_SHARE: Final = 0.25
+WAVE_REGULAR_SHARE: Final = 0.4
 # Jitter falls into such waves over a few answers now and then (a burst of 4
 # in about 60 at +/-35%), and the run then held the cap far under a hosted
 # API's capacity: such a burst is sent again, and read as a queue only if
@@ -370,13 +370,17 @@ class LatencyLimit:
         self._unprobed = 0
         self._drain_rounds = DRAIN_ROUNDS
         self._drain_wait: int | None = None
-        # The gate sequence of the current burst's first request, and
-        # whether it went out with none of the run's others in flight (the
-        # burst waited behind nothing of ours). A burst that came back in
-        # waves only in the order answered, and the size they showed: the
-        # next burst must show the same (see WAVE_REGULAR_SHARE).
+        # The current burst: its first request's gate sequence, whether it
+        # went out with none of the run's others in flight (the burst waited
+        # behind nothing of ours), and the last sent before any of it was
+        # answered (sent at once: a retry sent later is no part of its
+        # waves). A burst that came back in waves only in the order
+        # answered, and the size they showed: the next burst must show the
+        # same (see WAVE_REGULAR_SHARE).
         self._burst_from = 1
         self._burst_alone = False
+        self._burst_to = 0
+        self._burst_answered = False
         self._waves_unconfirmed: int | None = None
         gate.set_cap(gate.ceiling if start_at_ceiling else START_REQUESTS)
 
@@ -403,6 +407,8 @@ class LatencyLimit:
         others in flight."""
         if sequence == self._burst_from:
             self._burst_alone = alone
+        if not self._burst_answered:
+            self._burst_to = sequence
 
     def observe(self, sequence: int, sample: Sample) -> None:
         if not math.isfinite(sample.latency_s) or sample.latency_s <= 0:
@@ -412,6 +418,8 @@ class LatencyLimit:
             self._overhead_s = min(self._overhead_s, max(0.0, sample.latency_s - sample.server_s))
             self._server_sum_s += sample.server_s
             self._server_count += 1
+        if sequence >= self._burst_from:
+            self._burst_answered = True
         if sequence <= self._changed_at:
             if sample.alone:
                 self._drain_wait = None  # the drain's answer, judged by no round
@@ -432,7 +440,7 @@ class LatencyLimit:
             changes = self._changes
             self._judge(round_, sent)
             if changes == self._changes:
-                self._burst_from = self._next_sequence()
+                self._next_burst()
                 self.gate.next_burst()
 
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
@@ -480,9 +488,14 @@ class LatencyLimit:
         request waiting answers the same waves in another order: read in
         the order answered, and only when they come a service time apart
         (see WAVE_REGULAR_SHARE)."""
-        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(round_) < 2:
+        at_once = sorted(
+            (sequence, sample.latency_s)
+            for sequence, sample in zip(sent, round_, strict=True)
+            if self._burst_from <= sequence <= self._burst_to
+        )
+        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(at_once) < 2:
             return None
-        latencies = [sample.latency_s for _, sample in sorted(zip(sent, round_, strict=True))]
+        latencies = [latency for _, latency in at_once]
         in_order = _wave_size(latencies)
         if in_order is not None:
             return in_order, latencies[0], True
@@ -497,6 +510,12 @@ class LatencyLimit:
         same burst is sent again (``_waves_unconfirmed`` set: the size to
         see again)."""
         waves = self._queued_burst(round_, sent)
+        if waves is not None and waves[0] + QUEUE_KEPT >= self.cap:
+            # No queue beyond the one kept: nothing to cut, and a burst of 4
+            # from a hosted API, its last answer slow, reads as waves of 3
+            # (its first answer, low by luck, the reference: every later
+            # round a queue, the cap cut to 2).
+            waves = None
         unsure = (
             waves is not None
             and not waves[2]
@@ -642,7 +661,12 @@ class LatencyLimit:
         target = max(1.0, math.floor(self.capacity + 0.5)) + QUEUE_KEPT
         if target >= self.cap:
             return
-        self._unconfirmed = (self.cap, ratio, self.slow_start)
+        if waves is None:
+            # Waves a service time apart, in the order sent or twice over,
+            # are no chance of jitter; a queue of one kept on purpose (a
+            # latency of two service times on one slot) would not read as
+            # a fall from a burst of 4 anyway.
+            self._unconfirmed = (self.cap, ratio, self.slow_start)
         self.cuts += 1
         self.reason = (
             f"latency x{ratio:.2f} at {in_flight:.1f} in flight: the server "
@@ -684,12 +708,17 @@ class LatencyLimit:
         not yet numbered come first)."""
         return self.gate.sent_count + self.gate.unsent + 1
 
+    def _next_burst(self) -> None:
+        self._burst_from = self._next_sequence()
+        self._burst_to = self._burst_from - 1
+        self._burst_answered = False
+
     def _set(self, cap: float) -> None:
         # Places granted under the old cap are numbered later: they belong
         # to it, not to the round that judges the new one (those the new cap
         # grants, from set_cap on, do).
         self._changed_at = self._next_sequence() - 1
-        self._burst_from = self._changed_at + 1
+        self._next_burst()
         self._changes += 1
         self.gate.set_cap(cap)
         self._round = []
@@ -733,23 +762,26 @@ def _wave_size(latencies: list[float], *, regular: bool = False) -> int | None:
     None if they do not, or all came in one wave (no queue).
 
     ``regular``: ``latencies`` are in the order answered, and the waves must
-    also come a service time apart: wave k within WAVE_REGULAR_SHARE of the
-    first latency of k + 1 times it."""
+    also come a service time apart (the first latency, within
+    WAVE_REGULAR_SHARE of it), each wave's answers within that share of
+    each other. (Not k service times from the start: the first answer may
+    have waited for a little work ahead of it, a stream trial cut short.)"""
     first = latencies[0]
     step = max(WAVE_RISE_SHARE * first, QUEUE_FLOOR_S)
+    regular_s = WAVE_REGULAR_SHARE * first if regular else math.inf
     sizes = [1]
     low = high = first
     for latency in latencies[1:]:
         if latency - high >= step:
+            if abs(latency - low - first) > regular_s:
+                return None
             sizes.append(1)
             low = high = latency
-        elif max(high, latency) - min(low, latency) < step:
+        elif max(high, latency) - min(low, latency) < min(step, regular_s):
             sizes[-1] += 1
             low, high = min(low, latency), max(high, latency)
         else:
             return None  # answered before a wave sent earlier: no queue in order
-        if regular and abs(latency - len(sizes) * first) > WAVE_REGULAR_SHARE * first:
-            return None
     if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
         return None
     return sizes[0]
