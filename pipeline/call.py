@@ -597,6 +597,8 @@ class CallStage:
                     crew.stop_sending()
                 else:
                     yield item
+            if self.limiter.latency is not None:
+                self.limiter.latency.finish()
         finally:
             self._stop_feeding = None
             await crew.close()

@@ -443,6 +443,22 @@ class LatencyLimit:
                 self._next_burst()
                 self.gate.next_burst()
 
+    def finish(self) -> None:
+        """The run sends no more: a burst cut short by the end of its rows
+        (11 left for a cap of 16) never filled its round. Judged on the
+        answers it had, what it showed is what the report says (a queue,
+        the slots), not that the run was still starting; a round that
+        shows none leaves the cap as it was."""
+        if not self.slow_start or len(self._round) < 2:
+            return
+        round_, sent = self._round, self._round_sent
+        self._round, self._round_sent = [], []
+        cap, reason, cuts = self.cap, self.reason, self.cuts
+        self._judge(round_, sent)
+        if self.cuts == cuts:
+            self.gate.set_cap(cap)
+            self.reason = reason
+
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
         """The latency without a queue to judge this round against (inf:
         none yet), and whether a request of the round sent alone re-based it.
@@ -496,12 +512,14 @@ class LatencyLimit:
         if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(at_once) < 2:
             return None
         latencies = [latency for _, latency in at_once]
+        answered = sorted(latencies)
         in_order = _wave_size(latencies)
         if in_order is not None:
-            return in_order, latencies[0], True
-        answered = sorted(latencies)
+            return in_order, _unqueued_s(latencies[0], answered, in_order), True
         slots = _wave_size(answered, regular=True)
-        return None if slots is None else (slots, answered[0], False)
+        if slots is None:
+            return None
+        return slots, _unqueued_s(answered[0], answered, slots), False
 
     def _burst_waves(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
         """``_queued_burst``'s slots and latency without a queue, once sure:
@@ -785,6 +803,18 @@ def _wave_size(latencies: list[float], *, regular: bool = False) -> int | None:
     if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
         return None
     return sizes[0]
+
+
+def _unqueued_s(first: float, answered: list[float], slots: int) -> float:
+    """The latency without a queue that a burst's waves show: its first
+    answer's, or a service time (the waves' period: each wave waited for the
+    one before it) if that was shorter beyond the noise: the first answer
+    may have waited for work ahead of it (llama-cpp-python computes a
+    stream trial it cuts short: 1.75 s where an answer took 1.3 s, and a
+    queue of 3 on one slot read as 1.5 slots)."""
+    waves = (len(answered) - 1) // slots
+    period = (answered[waves * slots] - answered[0]) / waves
+    return min(first, period * (1.0 + FLAT_TOLERANCE))
 
 
 def _standard_error(values: list[float]) -> float:

@@ -342,18 +342,21 @@ async def test_one_slot_settles_at_two_from_the_first_burst_it_queued(
 
 
 @pytest.mark.looptime
+@pytest.mark.parametrize("count", [15, 30])
 @pytest.mark.parametrize("timings", [None, "llama.cpp"])
 async def test_four_slots_settle_within_one_from_the_burst_that_queued(
-    timings: Literal["llama.cpp"] | None,
+    timings: Literal["llama.cpp"] | None, count: int
 ) -> None:
     # The first burst fits 4 slots; the next (16) comes back in 4 waves of
     # 4. Little's law over a burst, whose requests in flight fall as it is
     # answered, read 5.5 slots (cap 6 or 7 after 30 rows); the waves say 4.
+    # With 15 rows the second burst is 11, its round never full: the run
+    # ended "starting", settled at 16, until the end judged what it had.
     config = SimulatorConfig(slots=4, timings=timings, **SLOW)
     async with Simulator(config) as sim:
-        stage, results, _ = await run(sim, 30)
+        stage, results, _ = await run(sim, count)
     assert {result.status for result in results.values()} == {"ok"}
-    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (30, 0, 30)
+    assert (sim.stats.computed, sim.stats.abandoned, sim.stats.answered) == (count, 0, count)
     assert stage.limiter.gate.slots <= 5
     assert "waves of 4" in (stage.stats.concurrency_reason or "")
 
@@ -466,6 +469,18 @@ def test_a_request_sent_after_a_burst_was_answered_is_no_part_of_its_waves() -> 
     limit.observe(retry, Sample(2.0, 1.0, alone=True))
     assert limit.gate.slots == 2
     assert "waves of 1" in limit.reason
+
+
+def test_a_first_answer_that_waited_for_work_ahead_is_not_the_latency_without_a_queue() -> None:
+    # llama-cpp-python computed the stream trial it cut short before the
+    # burst's first answer: 1.75 s, the next a service time (1.3 s) apart
+    # each. Against 1.75 s, 3 in flight on one slot (3.9 s) read as 1.5
+    # slots, and the cap stayed at 3.
+    limit = first_burst(1.75, 3.05, 4.35, 5.65)
+    assert limit.gate.slots == 2
+    assert limit.service_s() == pytest.approx(1.3 * 1.05)
+    # The same waves with the first answer a service time: that is it.
+    assert first_burst(1.3, 2.6, 3.9, 5.2).service_s() == pytest.approx(1.3)
 
 
 def test_a_hosted_apis_burst_with_one_slow_answer_keeps_a_reference_of_its_mean() -> None:
