@@ -123,6 +123,18 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="slots section: only these slot counts of the simulator [1 4 16]",
     )
     parser.add_argument(
+        "--slot-order",
+        choices=("fifo", "any"),
+        help="slots section: the simulator serves its queue in the order it came "
+        "(its default) or in any, as llama-cpp-python's server does",
+    )
+    parser.add_argument(
+        "--timings",
+        choices=("llama.cpp", "vllm", "none"),
+        help="slots section: the server's own times the simulator's answers carry "
+        "(llama.cpp's by default; none, as llama-cpp-python's server)",
+    )
+    parser.add_argument(
         "--baseline-tree",
         metavar="DIR",
         help="slots section: also run enrich's defaults from this checkout (another "
@@ -167,6 +179,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_model=args.server_model,
         max_tokens=args.max_tokens,
         slot_counts=tuple(args.slots) if args.slots else None,
+        slot_server_flags=tuple(
+            flag
+            for name in ("slot_order", "timings")
+            if getattr(args, name)
+            for flag in (f"--{name.replace('_', '-')}", getattr(args, name))
+        ),
         baseline_tree=args.baseline_tree,
     )
     report: dict[str, Any] = {

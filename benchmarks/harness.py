@@ -629,6 +629,9 @@ class Context:
     # enrich defaults run beside this one's (before/after in one run).
     slot_counts: tuple[int, ...] | None = None
     baseline_tree: str | None = None
+    # The slots section's simulator flags beyond its slots (--slot-order,
+    # --timings).
+    slot_server_flags: tuple[str, ...] = ()
     tables: list[str] = field(default_factory=list)
     _salt: int = 0
 

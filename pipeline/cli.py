@@ -20,7 +20,7 @@ import traceback
 from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Final, TypeVar
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 import click
 
@@ -778,6 +778,14 @@ def _sample_path() -> Path:
     return sample
 
 
+# The server's own times the simulator's answers carry (--timings).
+_SIMULATOR_TIMINGS: Final[dict[str, Literal["llama.cpp", "vllm"] | None]] = {
+    "llama.cpp": "llama.cpp",
+    "vllm": "vllm",
+    "none": None,
+}
+
+
 @cli.command()
 @click.option("--host", default="127.0.0.1", show_default=True, help="Address to listen on.")
 @click.option("--port", type=int, default=8000, show_default=True, help="Port to listen on.")
@@ -895,6 +903,14 @@ def _sample_path() -> Path:
     help="Serve the queue for --slots in the order it came, or in any (llama-cpp-python's).",
 )
 @click.option(
+    "--timings",
+    type=click.Choice(list(_SIMULATOR_TIMINGS)),
+    default="llama.cpp",
+    show_default=True,
+    help="The server's own times each answer carries with --slots: llama.cpp's "
+    "timings, vLLM's metrics, or none (llama-cpp-python's server).",
+)
+@click.option(
     "--token-ms",
     type=float,
     default=0.0,
@@ -972,6 +988,7 @@ def simulate(
     no_streaming: bool,
     api_key: str | None,
     rpm_schedule: str | None,
+    timings: str,
     **settings: Any,
 ) -> None:
     """Serve a local OpenAI-compatible API with latency, limits and faults, and
@@ -988,6 +1005,7 @@ def simulate(
         streaming=not no_streaming,
         api_key=api_key,
         rpm_schedule=parse_rpm_schedule(rpm_schedule) if rpm_schedule else (),
+        timings=_SIMULATOR_TIMINGS[timings],
         batch=BatchConfig(**batch),
         **settings,
     )

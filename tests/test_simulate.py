@@ -567,6 +567,32 @@ def test_the_simulate_command_takes_an_rpm_schedule() -> None:
     assert "SECONDS:RPM" in bad.stderr
 
 
+@pytest.mark.slow
+@pytest.mark.timeout(30)
+@pytest.mark.parametrize("timings", ["llama.cpp", "none"])
+def test_the_simulate_command_serves_slots_as_llama_cpp_python_does(timings: str) -> None:
+    proc = subprocess.Popen(
+        [
+            sys.executable, "-m", "pipeline", "simulate", "--port", "0",
+            "--slots", "1", "--slot-order", "any", "--timings", timings,
+        ],
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=PACKAGE_ROOT,
+        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
+    )  # fmt: skip
+    try:
+        assert proc.stderr is not None
+        line = proc.stderr.readline()
+        assert line.startswith("serving "), line
+        with openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c:
+            answer = c.chat.completions.create(model="sim-1", messages=user("hi"))
+        assert ("timings" in (answer.model_extra or {})) == (timings == "llama.cpp")
+    finally:
+        proc.terminate()
+        proc.wait(timeout=5)
+
+
 async def test_token_limit_answers_429_of_type_tokens() -> None:
     # 60 tokens per 1 s window; each request is well over 30 tokens.
     async with Simulator(SimulatorConfig(tpm=3600, window_s=1.0)) as sim, client(sim) as c:

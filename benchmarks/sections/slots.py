@@ -174,14 +174,16 @@ def section_slots(ctx: Context) -> dict[str, Any]:
         else:
             print(
                 f"\n[slots] {slots} slot(s), {rows:,} rows, {LATENCY_MS:.0f} ms + "
-                f"{TOKEN_MS:.0f} ms per token an answer"
+                f"{TOKEN_MS:.0f} ms per token an answer {' '.join(ctx.slot_server_flags)}"
             )
-            flags = ("--slots", str(slots), "--token-ms", str(TOKEN_MS))
+            flags = ("--slots", str(slots), "--token-ms", str(TOKEN_MS), *ctx.slot_server_flags)
             server = Simulator(ctx.workdir, LATENCY_MS, *flags)
         with server as sim:
             jobs = ctx.measure(f"slots-{slots}", sim, variants(ctx, sim, slots, rows))
         entries = summaries(jobs)
-        where = ctx.server_url or f"{LATENCY_MS:.0f} ms + {TOKEN_MS:.0f} ms/token an answer"
+        where = ctx.server_url or " ".join(
+            (f"{LATENCY_MS:.0f} ms + {TOKEN_MS:.0f} ms/token an answer", *ctx.slot_server_flags)
+        )
         ctx.table(
             f"slots: {slots} slot(s), {rows:,} rows, {where}; medians; target: enrich "
             "defaults every row ok, nothing abandoned, rows/s >= 95% of the best fixed "
@@ -205,6 +207,7 @@ def section_slots(ctx: Context) -> dict[str, Any]:
         "server_url": ctx.server_url,
         "latency_ms": LATENCY_MS,
         "token_ms": TOKEN_MS,
+        "server_flags": list(ctx.slot_server_flags),
         "slots": results,
     }
 
