@@ -22,10 +22,10 @@ requests in flight only add latency. Two controls, the lower wins:
   lowest mean latency a round showed beyond its own noise; a request sent
   while none of the run's others was in flight (it waited behind none of
   them) re-bases that reference when it is far below it. A burst that comes
-  back in waves, in the order sent (a server computing in order), shows its
-  slots at once: the size of a wave (see ``LatencyLimit._queued_burst``);
-  a server that serves its queue in any order shows the same waves in the
-  order answered, a service time apart.
+  back in waves, each a service time after the one before (a server
+  queueing what its slots cannot take, in the order sent or in any), shows
+  its slots: the size of a wave; over a burst of 4, only if the same burst
+  sent again shows the same (see ``LatencyLimit._queued_burst``).
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -118,23 +118,22 @@ START_REQUESTS: Final = 4.0
 # half the fastest of those before it.
 REBASE_FACTOR: Final = 2.0
 HOLD_MAX_ROUNDS: Final = 16
-# A burst queued by a server that computes in order comes back in waves,
-# each a service time after the one before (see LatencyLimit._queued_burst):
-# a rise of at least this share of the first answer's latency (the one sent
-# alone: a service time and the network) starts a wave. Half: a wave's own
-# answers differ by less (the same work, computed at once), and a hosted
-# API's jitter of tens of percent never makes one.
+# A burst queued by a server comes back in waves, each a service time after
+# the one before (see LatencyLimit._queued_burst): in the order answered, a
+# rise of at least this share of the first answer's latency (a service time
+# and the network) starts a wave. Half: a wave's own answers differ by less
+# (the same work, computed at once).
 WAVE_RISE_SHARE: Final = 0.5
-# A server that gives a freed slot to any request waiting, not the one that
-# came first (llama-cpp-python's server: a thread lock), answers the same
-# waves out of the order sent; in the order answered, a hosted API's jitter
-# can rise in steps too, but not in steps of one service time each: wave k
-# comes within this share of the first latency of k + 1 times it.
+# A hosted API's jitter can rise in steps too, but not in steps of one
+# service time each: each wave must start within this share of the first
+# latency of a service time (that latency) after the wave before it, and a
+# wave's answers must lie within it of each other. Not k service times from
+# the start: the first answer may have waited for work ahead of it.
 WAVE_REGULAR_SHARE: Final = 0.4
-# Jitter falls into such waves over a few answers now and then (a burst of 4
-# in about 60 at +/-35%), and the run then held the cap far under a hosted
-# API's capacity: such a burst is sent again, and read as a queue only if
-# it shows the same waves. Over this many answers jitter does not.
+# Jitter still falls into such waves over a few answers now and then (a
+# burst of 4 in about 50 at +/-35%), and the run then held the cap far under
+# a hosted API's capacity: such a burst is sent again, and read as a queue
+# only if it shows the same waves. Over this many answers jitter does not.
 WAVES_SURE_ANSWERS: Final = 8
 # Past slow start a queue kept on purpose never drains, so no request is sent
 # alone again, and a reference taken while the server was slow (a warm-up, a
@@ -444,20 +443,22 @@ class LatencyLimit:
                 self.gate.next_burst()
 
     def finish(self) -> None:
-        """The run sends no more: a burst cut short by the end of its rows
-        (11 left for a cap of 16) never filled its round. Judged on the
-        answers it had, what it showed is what the report says (a queue,
-        the slots), not that the run was still starting; a round that
-        shows none leaves the cap as it was."""
+        """The stage's rows are done (the run's; under Ray, a shard's): a
+        burst cut short by the end of them (11 left for a cap of 16) never
+        filled its round. The waves it had, if sure, are what the report
+        says (a queue, the slots), not that the run was still starting;
+        nothing else is judged on so few answers."""
         if not self.slow_start or len(self._round) < 2:
             return
         round_, sent = self._round, self._round_sent
         self._round, self._round_sent = [], []
-        cap, reason, cuts = self.cap, self.reason, self.cuts
-        self._judge(round_, sent)
-        if self.cuts == cuts:
-            self.gate.set_cap(cap)
-            self.reason = reason
+        waves = self._burst_waves(round_, sent)
+        if waves is None:
+            return
+        slots, reference = waves
+        ratio = sum(s.latency_s for s in round_) / (reference * len(round_))
+        self._round_min_s = reference
+        self._cut(ratio, sum(s.in_flight for s in round_) / len(round_), waves=slots)
 
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
         """The latency without a queue to judge this round against (inf:
@@ -484,49 +485,40 @@ class LatencyLimit:
             return min(alone), True
         return self._round_min_s, False
 
-    def _queued_burst(
-        self, round_: list[Sample], sent: list[int]
-    ) -> tuple[int, float, bool] | None:
+    def _queued_burst(self, round_: list[Sample], sent: list[int]) -> tuple[int, float, int] | None:
         """A slow-start burst that came back as a server's queue shows it:
-        the server's slots, the latency without a queue (the burst's first
-        answer: it went out with nothing of ours ahead of it) and whether
-        the waves came in the order sent; or None.
+        the server's slots, the latency without a queue (see _unqueued_s)
+        and the number of answers read; or None.
 
-        A server that computes in order (llama.cpp's slots, Ollama) answers
-        a burst in waves of its slots, in the order sent, each wave a
-        service time later than the one before: latencies L, 2L, 3L, 4L on
-        one slot. Taken as it is, such a round's mean (2.5 L) became the
-        reference, and against it the next queue looked flat. A hosted API's
-        answers vary by tens of percent, in any order: no wave rises half
-        the first answer's latency above the one before it, so nothing of
-        this applies (and a cut it brought by chance is taken back by the
-        next round, see _undo). A server that gives a freed slot to any
-        request waiting answers the same waves in another order: read in
-        the order answered, and only when they come a service time apart
-        (see WAVE_REGULAR_SHARE)."""
-        at_once = sorted(
-            (sequence, sample.latency_s)
+        A server with slots (llama.cpp, Ollama) answers a burst sent at once
+        in waves of its slots, each a service time later than the one
+        before: latencies L, 2L, 3L, 4L on one slot, in the order sent, or
+        in any (llama-cpp-python's server gives a freed slot to any request
+        waiting). Taken as it is, such a round's mean (2.5 L) became the
+        reference, and against it the next queue looked flat. Only the
+        requests sent before the burst's first answer count (a retry sent
+        after it is not part of its waves), and only if the first went out
+        with nothing of ours in flight (it waited behind nothing of ours).
+        A hosted API's answers vary by tens of percent; they rise in steps
+        of one service time now and then over a burst of 4, which
+        _burst_waves sends again to be sure."""
+        answered = sorted(
+            sample.latency_s
             for sequence, sample in zip(sent, round_, strict=True)
             if self._burst_from <= sequence <= self._burst_to
         )
-        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(at_once) < 2:
+        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(answered) < 2:
             return None
-        latencies = [latency for _, latency in at_once]
-        answered = sorted(latencies)
-        in_order = _wave_size(latencies)
-        if in_order is not None:
-            return in_order, _unqueued_s(latencies[0], answered, in_order), True
-        slots = _wave_size(answered, regular=True)
+        slots = _wave_size(answered)
         if slots is None:
             return None
-        return slots, _unqueued_s(answered[0], answered, slots), False
+        return slots, _unqueued_s(answered, slots), len(answered)
 
     def _burst_waves(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
         """``_queued_burst``'s slots and latency without a queue, once sure:
-        waves seen only in the order answered, over fewer than
-        WAVES_SURE_ANSWERS answers, may be a hosted API's jitter, and the
-        same burst is sent again (``_waves_unconfirmed`` set: the size to
-        see again)."""
+        waves over fewer than WAVES_SURE_ANSWERS answers may be a hosted
+        API's jitter, and the same burst is sent again
+        (``_waves_unconfirmed`` set: the size to see again)."""
         waves = self._queued_burst(round_, sent)
         if waves is not None and waves[0] + QUEUE_KEPT >= self.cap:
             # No queue beyond the one kept: nothing to cut, and a burst of 4
@@ -536,8 +528,7 @@ class LatencyLimit:
             waves = None
         unsure = (
             waves is not None
-            and not waves[2]
-            and len(round_) < WAVES_SURE_ANSWERS
+            and waves[2] < WAVES_SURE_ANSWERS
             and self._waves_unconfirmed != waves[0]
         )
         self._waves_unconfirmed = waves[0] if waves is not None and unsure else None
@@ -680,10 +671,10 @@ class LatencyLimit:
         if target >= self.cap:
             return
         if waves is None:
-            # Waves a service time apart, in the order sent or twice over,
-            # are no chance of jitter; a queue of one kept on purpose (a
-            # latency of two service times on one slot) would not read as
-            # a fall from a burst of 4 anyway.
+            # Waves a service time apart over 8 answers, or the same twice,
+            # are no chance of jitter (see _burst_waves); and a queue of one
+            # kept on purpose (two service times on one slot) would not read
+            # as a fall from a burst of 4 anyway.
             self._unconfirmed = (self.cap, ratio, self.slow_start)
         self.cuts += 1
         self.reason = (
@@ -729,6 +720,7 @@ class LatencyLimit:
     def _next_burst(self) -> None:
         self._burst_from = self._next_sequence()
         self._burst_to = self._burst_from - 1
+        self._burst_alone = False
         self._burst_answered = False
 
     def _set(self, cap: float) -> None:
@@ -772,24 +764,19 @@ class LatencyLimit:
         return None
 
 
-def _wave_size(latencies: list[float], *, regular: bool = False) -> int | None:
-    """The size of the first wave when ``latencies``, in the order their
-    requests were sent at once, come in waves of one size, each at least
-    WAVE_RISE_SHARE of the first latency above the one before (a server
-    queueing what its slots cannot take); the last wave may be short.
-    None if they do not, or all came in one wave (no queue).
-
-    ``regular``: ``latencies`` are in the order answered, and the waves must
-    also come a service time apart (the first latency, within
-    WAVE_REGULAR_SHARE of it), each wave's answers within that share of
-    each other. (Not k service times from the start: the first answer may
-    have waited for a little work ahead of it, a stream trial cut short.)"""
-    first = latencies[0]
+def _wave_size(answered: list[float]) -> int | None:
+    """The size of the first wave when the latencies of requests sent at
+    once, in the order answered, come in waves of one size, each starting
+    about a service time after the one before (see WAVE_RISE_SHARE and
+    WAVE_REGULAR_SHARE: a server queueing what its slots cannot take); the
+    last wave may be short. None if they do not, or all came in one wave
+    (no queue)."""
+    first = answered[0]
     step = max(WAVE_RISE_SHARE * first, QUEUE_FLOOR_S)
-    regular_s = WAVE_REGULAR_SHARE * first if regular else math.inf
+    regular_s = WAVE_REGULAR_SHARE * first
     sizes = [1]
     low = high = first
-    for latency in latencies[1:]:
+    for latency in answered[1:]:
         if latency - high >= step:
             if abs(latency - low - first) > regular_s:
                 return None
@@ -799,13 +786,13 @@ def _wave_size(latencies: list[float], *, regular: bool = False) -> int | None:
             sizes[-1] += 1
             low, high = min(low, latency), max(high, latency)
         else:
-            return None  # answered before a wave sent earlier: no queue in order
+            return None  # neither in this wave nor a service time after it
     if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
         return None
     return sizes[0]
 
 
-def _unqueued_s(first: float, answered: list[float], slots: int) -> float:
+def _unqueued_s(answered: list[float], slots: int) -> float:
     """The latency without a queue that a burst's waves show: its first
     answer's, or a service time (the waves' period: each wave waited for the
     one before it) if that was shorter beyond the noise: the first answer
@@ -814,7 +801,7 @@ def _unqueued_s(first: float, answered: list[float], slots: int) -> float:
     queue of 3 on one slot read as 1.5 slots)."""
     waves = (len(answered) - 1) // slots
     period = (answered[waves * slots] - answered[0]) / waves
-    return min(first, period * (1.0 + FLAT_TOLERANCE))
+    return min(answered[0], period * (1.0 + FLAT_TOLERANCE))
 
 
 def _standard_error(values: list[float]) -> float:

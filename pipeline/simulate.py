@@ -853,7 +853,7 @@ class _Slots:
         except BaseException:
             if waiter.done() and not waiter.cancelled():
                 self.release()  # given a slot as it was cancelled: pass it on
-            else:
+            elif waiter in self._waiters:  # (release may have dropped it already)
                 self._waiters.remove(waiter)
             raise
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import random
 from collections.abc import AsyncIterator
 from typing import Any, Literal
 
@@ -22,7 +23,13 @@ from pipeline.concurrency import ConcurrencyGate, LatencyLimit, QueueClock, Samp
 from pipeline.config import LimitsConfig, ModelConfig
 from pipeline.errors import ConfigError
 from pipeline.ratelimit import RateLimiter
-from pipeline.simulate import STREAM_CHUNK_CHARS, Simulator, SimulatorConfig, expected_answer
+from pipeline.simulate import (
+    STREAM_CHUNK_CHARS,
+    Simulator,
+    SimulatorConfig,
+    _Slots,
+    expected_answer,
+)
 from pipeline.transport import make_transport
 
 MODEL = "sim-1"
@@ -101,6 +108,21 @@ async def test_the_slot_model_serves_its_queue_in_the_order_it_came_or_in_any(
     assert (latencies == sorted(latencies)) == (order == "fifo")
     with pytest.raises(ConfigError, match="slot_order"):
         SimulatorConfig(slots=1, slot_order="lifo")  # type: ignore[arg-type]
+
+
+async def test_a_request_cancelled_while_queued_for_a_slot_leaves_the_slots_whole() -> None:
+    slots = _Slots(1, random.Random(0))
+    await slots.acquire()
+    queued = asyncio.create_task(slots.acquire())
+    await asyncio.sleep(0)
+    # Cancelled, and the slot freed before the cancelled request runs again:
+    # the freed slot skips it, and it must not look for itself in the queue.
+    queued.cancel()
+    slots.release()
+    with pytest.raises(asyncio.CancelledError):
+        await queued
+    async with asyncio.timeout(1):
+        await slots.acquire()  # the slot is free
 
 
 @pytest.mark.looptime
@@ -412,15 +434,23 @@ def first_burst(*latencies: float, alone: bool = True) -> LatencyLimit:
     )
 
 
-def test_a_burst_is_read_as_queued_only_in_waves_in_the_order_sent() -> None:
-    one_slot = first_burst(2.0, 4.0, 6.0, 8.0)
+def twice(*latencies: float) -> LatencyLimit:
+    """The first burst, then the same again (see _burst_waves)."""
+    return answer_burst(first_burst(*latencies), *latencies)
+
+
+def test_a_burst_is_read_as_queued_only_in_waves_a_service_time_apart() -> None:
+    one_slot = twice(2.0, 4.0, 6.0, 8.0)
     assert one_slot.gate.slots == 2
     assert one_slot.service_s() == 2.0
-    assert first_burst(2.0, 2.0, 4.0, 4.1).gate.slots == 3  # two slots
-    # Each wave the same size but the last: not one slot, then two.
+    assert twice(2.0, 2.0, 4.0, 4.1).gate.slots == 3  # two slots
+    # No waves, so slow start goes on (4 times more):
+    # each wave the same size but the last: not one slot, then two;
     assert first_burst(2.0, 4.0, 4.0, 6.0).gate.slots == 16
-    # In order, rising less than half a service time a wave: jitter.
+    # rising less than half a service time a wave: jitter;
     assert first_burst(1.0, 1.2, 1.35, 1.45).gate.slots == 16
+    # rising in steps, but not of a service time each: jitter.
+    assert first_burst(1.0, 1.55, 2.1, 2.65).gate.slots == 16
     # The first went out behind a request of the run's (of another burst).
     assert first_burst(2.0, 4.0, 6.0, 8.0, alone=False).gate.slots == 16
 
@@ -467,6 +497,10 @@ def test_a_request_sent_after_a_burst_was_answered_is_no_part_of_its_waves() -> 
     retry = limit.gate.sent()
     limit.sent(retry, alone=True)
     limit.observe(retry, Sample(2.0, 1.0, alone=True))
+    # Three answers in waves of 1, read without the retry: the same burst
+    # again, to be sure (see _burst_waves).
+    assert (limit.gate.slots, limit.slow_start) == (4, True)
+    answer_burst(limit, 2.0, 4.0, 6.0, 8.0)
     assert limit.gate.slots == 2
     assert "waves of 1" in limit.reason
 
@@ -476,11 +510,29 @@ def test_a_first_answer_that_waited_for_work_ahead_is_not_the_latency_without_a_
     # burst's first answer: 1.75 s, the next a service time (1.3 s) apart
     # each. Against 1.75 s, 3 in flight on one slot (3.9 s) read as 1.5
     # slots, and the cap stayed at 3.
-    limit = first_burst(1.75, 3.05, 4.35, 5.65)
+    limit = twice(1.75, 3.05, 4.35, 5.65)
     assert limit.gate.slots == 2
     assert limit.service_s() == pytest.approx(1.3 * 1.05)
     # The same waves with the first answer a service time: that is it.
-    assert first_burst(1.3, 2.6, 3.9, 5.2).service_s() == pytest.approx(1.3)
+    assert twice(1.3, 2.6, 3.9, 5.2).service_s() == pytest.approx(1.3)
+
+
+def test_the_end_of_the_rows_judges_no_queue_on_a_few_answers() -> None:
+    # A hosted API, its first burst flat (on to 16), then 2 rows left:
+    # their answers 1 s and 2 s read as waves of 1, and the end of the run
+    # cut the cap to 2 ("the server computes 1 at once") on two answers of
+    # jitter; under Ray, at the end of a shard, for the shards after it.
+    limit = first_burst(1.0, 1.0, 1.0, 1.0)
+    assert limit.gate.slots == 16
+    answer_burst(limit, 1.0, 2.0)
+    limit.finish()
+    assert (limit.gate.slots, limit.cuts) == (16, 0)
+    # Waves over 8 answers or more are sure: 11 rows left, 4 slots.
+    limit = first_burst(1.0, 1.0, 1.0, 1.0)
+    answer_burst(limit, *[1.0 * (1 + n // 4) for n in range(11)])
+    limit.finish()
+    assert limit.gate.slots == 5
+    assert "waves of 4" in limit.reason
 
 
 def test_a_hosted_apis_burst_with_one_slow_answer_keeps_a_reference_of_its_mean() -> None:
