@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any, cast
 
@@ -529,32 +530,37 @@ def test_an_rpm_schedule_is_written_as_seconds_and_rpm_pairs() -> None:
             parse_rpm_schedule(bad)
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(30)
-def test_the_simulate_command_takes_an_rpm_schedule() -> None:
+@contextlib.contextmanager
+def simulate_command(*flags: str) -> Iterator[openai.OpenAI]:
+    """``python -m pipeline simulate --port 0 FLAGS`` in a process of its
+    own, and a client of it."""
     proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "pipeline", "simulate", "--port", "0",
-            "--rpm", "600", "--window-s", "1", "--rpm-schedule", "0:0",
-        ],
+        [sys.executable, "-m", "pipeline", "simulate", "--port", "0", *flags],
         stderr=subprocess.PIPE,
         text=True,
         cwd=PACKAGE_ROOT,
         env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
-    )  # fmt: skip
+    )
     try:
         assert proc.stderr is not None
         line = proc.stderr.readline()
         assert line.startswith("serving "), line
-        with (
-            openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c,
-            pytest.raises(openai.RateLimitError) as err,
-        ):
-            c.chat.completions.create(model="sim-1", messages=user("refused"))
-        assert err.value.response.headers["x-ratelimit-limit-requests"] == "0"
+        with openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c:
+            yield c
     finally:
         proc.terminate()
         proc.wait(timeout=5)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(30)
+def test_the_simulate_command_takes_an_rpm_schedule() -> None:
+    with (
+        simulate_command("--rpm", "600", "--window-s", "1", "--rpm-schedule", "0:0") as c,
+        pytest.raises(openai.RateLimitError) as err,
+    ):
+        c.chat.completions.create(model="sim-1", messages=user("refused"))
+    assert err.value.response.headers["x-ratelimit-limit-requests"] == "0"
     bad = subprocess.run(
         [sys.executable, "-m", "pipeline", "simulate", "--rpm-schedule", "soon"],
         capture_output=True,
@@ -571,26 +577,10 @@ def test_the_simulate_command_takes_an_rpm_schedule() -> None:
 @pytest.mark.timeout(30)
 @pytest.mark.parametrize("timings", ["llama.cpp", "none"])
 def test_the_simulate_command_serves_slots_as_llama_cpp_python_does(timings: str) -> None:
-    proc = subprocess.Popen(
-        [
-            sys.executable, "-m", "pipeline", "simulate", "--port", "0",
-            "--slots", "1", "--slot-order", "any", "--timings", timings,
-        ],
-        stderr=subprocess.PIPE,
-        text=True,
-        cwd=PACKAGE_ROOT,
-        env={**os.environ, "PYTHONPATH": str(PACKAGE_ROOT)},
-    )  # fmt: skip
-    try:
-        assert proc.stderr is not None
-        line = proc.stderr.readline()
-        assert line.startswith("serving "), line
-        with openai.OpenAI(base_url=line.split()[1], api_key=KEY, max_retries=0) as c:
-            answer = c.chat.completions.create(model="sim-1", messages=user("hi"))
-        assert ("timings" in (answer.model_extra or {})) == (timings == "llama.cpp")
-    finally:
-        proc.terminate()
-        proc.wait(timeout=5)
+    flags = ("--slots", "1", "--slot-order", "any", "--timings", timings)
+    with simulate_command(*flags) as c:
+        answer = c.chat.completions.create(model="sim-1", messages=user("hi"))
+    assert ("timings" in (answer.model_extra or {})) == (timings == "llama.cpp")
 
 
 async def test_token_limit_answers_429_of_type_tokens() -> None:
