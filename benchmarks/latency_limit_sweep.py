@@ -14,9 +14,10 @@ pipeline | tar -x -C DIR``; a tree without ``slot_order`` skips those runs):
 * ``test_hosted_jitter``: a hosted API (no slots), 200 rows of about 2 s answers
   +/- 300, 700 or 1000 ms, 60 seeds each: where a limit meant for self-hosted
   servers must stay out of the way (the ceiling, 32, and no cut).
-* ``test_slots_varied_answers``: 4 slots, no server times, prompts of 8-30
-  words (answers of varying length), both serving orders, 6 seeds: where the
-  slot count is found only roughly (issue 17's open part).
+* ``test_slots_varied_answers``: 1, 4 and 16 slots, no server times, prompts
+  of 8-30 words (answers of varying length), both serving orders, 6 seeds,
+  the answers streamed (the wait shows before the first token, the length
+  after) or whole (``stream=False``: nothing tells the two apart).
 """
 
 from __future__ import annotations
@@ -47,13 +48,15 @@ async def questions(count: int, seed: int | None) -> AsyncIterator[ChatRequest]:
         yield ChatRequest(row, [{"role": "user", "content": text}])
 
 
-async def settle(config: dict[str, Any], count: int, prompt_seed: int | None) -> str:
+async def settle(
+    config: dict[str, Any], count: int, prompt_seed: int | None, *, stream: bool = True
+) -> str:
     try:
         sim_config = SimulatorConfig(**config)
     except TypeError:
         pytest.skip("this checkout's simulator has no such setting")
     async with Simulator(sim_config) as sim:
-        model = ModelConfig(name=MODEL, base_url=sim.base_url)
+        model = ModelConfig(name=MODEL, base_url=sim.base_url, stream=stream)
         transport = make_transport(model, "key", "h11")
         stage = CallStage(model, LimitsConfig(), transport)
         loop = asyncio.get_running_loop()
@@ -83,9 +86,13 @@ async def test_hosted_jitter(jitter_ms: float, seed: int) -> None:
 @pytest.mark.looptime
 @pytest.mark.parametrize("seed", range(6))
 @pytest.mark.parametrize("order", ["fifo", "any"])
-async def test_slots_varied_answers(order: str, seed: int) -> None:
-    config: dict[str, Any] = {"slots": 4, "timings": None, "latency_ms": 200.0}
+@pytest.mark.parametrize("stream", [True, False])
+@pytest.mark.parametrize("slots", [1, 4, 16])
+async def test_slots_varied_answers(slots: int, stream: bool, order: str, seed: int) -> None:
+    config: dict[str, Any] = {"slots": slots, "timings": None, "latency_ms": 200.0}
     config |= {"token_ms": 20.0, "seed": seed}
     if order != "fifo":
         config["slot_order"] = order
-    print(f"\n4 slots, {order} order, seed {seed}: {await settle(config, 120, seed)}")
+    result = await settle(config, 30 * slots, seed, stream=stream)
+    how = "streamed" if stream else "whole"
+    print(f"\n{slots} slots, {how}, {order} order, seed {seed}: {result}")

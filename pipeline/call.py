@@ -366,7 +366,14 @@ class CallStage:
             used = None
             if completion.prompt_tokens is not None:
                 used = completion.prompt_tokens + (completion.completion_tokens or 0)
-            self.limiter.succeeded(permit, used, completion.headers, server_s=completion.server_s)
+            self.limiter.succeeded(
+                permit,
+                used,
+                completion.headers,
+                server_s=completion.server_s,
+                generation_s=completion.token_span_s,
+                completion_tokens=completion.completion_tokens,
+            )
             self._observe_timings(completion, self._loop_time() - permit.sent_at)
             self._reservation.observe(
                 row.prompt_tokens, completion.prompt_tokens, completion.completion_tokens

@@ -19,13 +19,16 @@ requests in flight only add latency. Two controls, the lower wins:
   when latency climbs, and probes one more when that request no longer waits.
   The latency without a queue is the server's own time where it says it
   (llama.cpp's ``timings``) plus the least network overhead seen, else the
-  lowest mean latency a round showed beyond its own noise; a request sent
-  while none of the run's others was in flight (it waited behind none of
-  them) re-bases that reference when it is far below it. A burst that comes
-  back in waves, each a service time after the one before (a server
-  queueing what its slots cannot take, in the order sent or in any), shows
-  its slots: the size of a wave; over a burst of 4, only if the same burst
-  sent again shows the same (see ``LatencyLimit._queued_burst``).
+  answer's own generation (a stream's first token to its last) plus the
+  lowest mean lead (latency before the first token) a round showed beyond
+  its own noise: a long answer is no queue. A request sent while none of
+  the run's others was in flight (it waited behind none of them) re-bases
+  that reference when it is far below it. A burst that comes back in waves,
+  each a service time after the one before (a server queueing what its
+  slots cannot take, in the order sent or in any), or streamed answers each
+  begun as an earlier one ended, shows its slots: the size of the first
+  wave; over a burst of 4, only if the same burst sent again shows the same
+  (see ``LatencyLimit._queued_burst``).
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
 run's own earlier requests from one that is stuck: the stall timeout counts
@@ -135,6 +138,12 @@ WAVE_REGULAR_SHARE: Final = 0.4
 # a hosted API's capacity: such a burst is sent again, and read as a queue
 # only if it shows the same waves. Over this many answers jitter does not.
 WAVES_SURE_ANSWERS: Final = 8
+# Streamed answers of varying length come in no regular waves, but each
+# queued one begins as an earlier one ends (see _chained_slots): within this
+# share of the least lead (the prompt's time and the network, which differ
+# from answer to answer by the prompt's length). At 40%, as for waves, a
+# hosted API's jittery first tokens chained now and then (5 runs in 180).
+CHAIN_SHARE: Final = 0.2
 # Past slow start a queue kept on purpose never drains, so no request is sent
 # alone again, and a reference taken while the server was slow (a warm-up, a
 # spell of load) would stand for the rest of the run, the cap held far above
@@ -143,7 +152,8 @@ WAVES_SURE_ANSWERS: Final = 8
 # (BBR's ProbeRTT): its latency re-bases the reference if below it. Doubled
 # after each drain (a drain idles the slots of a many-slot server while they
 # empty: at most a round trip of them each time), up to DRAIN_MAX_ROUNDS. Not
-# where the server says its own time: that reference has no queue in it.
+# where the server says its own time: that reference has no queue in it; nor
+# do rounds count that show the reference right (see _reference_shown).
 DRAIN_ROUNDS: Final = 4
 DRAIN_MAX_ROUNDS: Final = 64
 
@@ -311,8 +321,8 @@ class ConcurrencyGate:
 @dataclass(frozen=True, slots=True)
 class Sample:
     """One answer: its latency, the mean number of requests in flight
-    meanwhile (itself included), and the server's own time for it if the
-    server said."""
+    meanwhile (itself included), the server's own time for it if the
+    server said, and how long its tokens took to come if streamed."""
 
     latency_s: float
     in_flight: float
@@ -320,6 +330,11 @@ class Sample:
     # Sent while none of the run's other requests was in flight: it waited in
     # the server's queue behind none of them.
     alone: bool = False
+    # A streamed answer: from its first token to its last, as the client saw
+    # them come (the server generating: no queue in it); and the answer's
+    # completion tokens, if the server said.
+    generation_s: float | None = None
+    completion_tokens: int | None = None
 
 
 class LatencyLimit:
@@ -349,11 +364,17 @@ class LatencyLimit:
         self._changes = 0
         self._round: list[Sample] = []
         self._round_sent: list[int] = []  # each answer's gate sequence (send order)
-        self._round_min_s = math.inf  # lowest mean latency of a flat round
+        # The latency without a queue, less the answer's own generation
+        # where known (see _lead): the lowest mean of a flat round's.
+        self._round_min_s = math.inf
         self._overhead_s = math.inf  # least latency beyond the server's own time
         self._sample_min_s = math.inf
-        # The least latency of the answers of rounds judged so far.
+        # The least lead (see _lead) of the answers of rounds judged so far.
         self._judged_min_s = math.inf
+        # Streams' time between tokens and count of those gaps (see
+        # _generation); every answer's generation, summed (see service_s).
+        self._token_gaps_s = self._generation_sum_s = 0.0
+        self._token_gaps = self._answers = 0
         self._server_sum_s = 0.0
         self._server_count = 0
         self._noise = 0.0  # relative standard error of a flat round's mean
@@ -363,6 +384,8 @@ class LatencyLimit:
         self._probing = False
         # (cap, ratio, slow start) before a latency cut, until a round confirms it.
         self._unconfirmed: tuple[float, float, bool] | None = None
+        # The round after a cut that ended slow start (see _judge).
+        self._settling = False
         # Rounds judged since an answer sent alone, and the drain's schedule
         # (see DRAIN_ROUNDS); rounds since a drain was asked, until its
         # request sent alone is answered (None: no drain under way).
@@ -417,6 +440,12 @@ class LatencyLimit:
             self._overhead_s = min(self._overhead_s, max(0.0, sample.latency_s - sample.server_s))
             self._server_sum_s += sample.server_s
             self._server_count += 1
+        tokens = sample.completion_tokens
+        if sample.generation_s is not None and tokens is not None and tokens > 1:
+            self._token_gaps_s += sample.generation_s
+            self._token_gaps += tokens - 1
+        self._generation_sum_s += self._generation(sample)
+        self._answers += 1
         if sequence >= self._burst_from:
             self._burst_answered = True
         if sequence <= self._changed_at:
@@ -455,9 +484,10 @@ class LatencyLimit:
         waves = self._burst_waves(round_, sent)
         if waves is None:
             return
-        slots, reference = waves
-        ratio = sum(s.latency_s for s in round_) / (reference * len(round_))
-        self._round_min_s = reference
+        slots, lead = waves
+        unqueued = sum(self._generation(s) + lead for s in round_)
+        ratio = sum(s.latency_s for s in round_) / unqueued
+        self._round_min_s = lead
         self._cut(ratio, sum(s.in_flight for s in round_) / len(round_), waves=slots)
 
     def _reference(self, round_: list[Sample]) -> tuple[float, bool]:
@@ -470,7 +500,7 @@ class LatencyLimit:
         spell of load), and so has a reference taken from them: against it
         a queue looks flat, and the cap climbs on a server already full.
         (The first round has nothing before it: it becomes the reference.)"""
-        alone = [s.latency_s for s in round_ if s.alone]
+        alone = [self._lead(s) for s in round_ if s.alone]
         if alone and min(alone) * REBASE_FACTOR < self._judged_min_s < math.inf:
             return min(alone), True
         # The drain's request was sent alone on purpose, to test the
@@ -480,39 +510,58 @@ class LatencyLimit:
         # lucky answer re-based it a tenth low, and the cap went under the
         # slots), it re-bases it.
         drained = self._drain_wait is not None
-        spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
-        if drained and alone and min(alone) * (1.0 + spread) < self._round_min_s < math.inf:
+        if drained and alone and self._below_reference(min(alone)):
             return min(alone), True
         return self._round_min_s, False
 
+    def _below_reference(self, lead: float) -> bool:
+        """``lead`` is below the reference beyond one answer's noise
+        (NOISE_SE_MULTIPLE standard deviations of an answer of a flat
+        round)."""
+        spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
+        return lead * (1.0 + spread) < self._round_min_s < math.inf
+
     def _queued_burst(self, round_: list[Sample], sent: list[int]) -> tuple[int, float, int] | None:
         """A slow-start burst that came back as a server's queue shows it:
-        the server's slots, the latency without a queue (see _unqueued_s)
-        and the number of answers read; or None.
+        the server's slots, the lead without a queue (see _lead) and the
+        number of answers read; or None.
 
         A server with slots (llama.cpp, Ollama) answers a burst sent at once
         in waves of its slots, each a service time later than the one
         before: latencies L, 2L, 3L, 4L on one slot, in the order sent, or
         in any (llama-cpp-python's server gives a freed slot to any request
         waiting). Taken as it is, such a round's mean (2.5 L) became the
-        reference, and against it the next queue looked flat. Only the
-        requests sent before the burst's first answer count (a retry sent
-        after it is not part of its waves), and only if the first went out
-        with nothing of ours in flight (it waited behind nothing of ours).
-        A hosted API's answers vary by tens of percent; they rise in steps
-        of one service time now and then over a burst of 4, which
-        _burst_waves sends again to be sure."""
-        answered = sorted(
-            sample.latency_s
+        reference, and against it the next queue looked flat. Where its
+        answers differ in length the waves are no longer regular, but a
+        stream shows when each was begun: as an earlier one ended (see
+        _chained_slots). Only the requests sent before the burst's first
+        answer count (a retry sent after it is not part of its waves), and
+        only if the first went out with nothing of ours in flight (it
+        waited behind nothing of ours). A hosted API's answers vary by tens
+        of percent; they rise in steps of one service time now and then
+        over a burst of 4, which _burst_waves sends again to be sure."""
+        burst = [
+            sample
             for sequence, sample in zip(sent, round_, strict=True)
             if self._burst_from <= sequence <= self._burst_to
-        )
-        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(answered) < 2:
+        ]
+        if not (self.slow_start and self.gate.bursting and self._burst_alone) or len(burst) < 2:
             return None
+        answered = sorted(sample.latency_s for sample in burst)
         slots = _wave_size(answered)
+        if slots is not None:
+            # Their first answer's latency (or a service time) less its own
+            # generation.
+            first = min(burst, key=lambda sample: sample.latency_s)
+            lead = max(0.0, _unqueued_s(answered, slots) - self._generation(first))
+            return slots, lead, len(burst)
+        if any(sample.generation_s is None for sample in burst):
+            return None  # whole answers: their leads hold their own lengths
+        leads = [(self._lead(sample), sample.latency_s) for sample in burst]
+        slots = _chained_slots(leads)
         if slots is None:
             return None
-        return slots, _unqueued_s(answered, slots), len(answered)
+        return slots, min(lead for lead, _ in leads), len(burst)
 
     def _burst_waves(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
         """``_queued_burst``'s slots and latency without a queue, once sure:
@@ -536,13 +585,33 @@ class LatencyLimit:
 
     def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
-        the least overhead seen where the server says it, else the reference
-        (None: there is none yet, and this round becomes it)."""
+        the least overhead seen where the server says it, else its own
+        generation plus the reference lead (None: there is none yet, and
+        this round becomes it)."""
         if self._timed(round_):
             return [(s.server_s or 0.0) + self._overhead_s for s in round_]
         if not math.isfinite(reference):
             return None
-        return [reference] * len(round_)
+        return [self._generation(s) + reference for s in round_]
+
+    def _generation(self, sample: Sample) -> float:
+        """The answer's own generation time as far as the client can tell: a
+        stream's first token to its last; for an answer that came whole,
+        its tokens at the rate streams showed; else 0 (unknown: a server
+        that does not stream, judged on whole latencies)."""
+        if sample.generation_s is not None:
+            return sample.generation_s
+        tokens = sample.completion_tokens
+        if tokens is None or tokens < 2 or not self._token_gaps:
+            return 0.0
+        return self._token_gaps_s / self._token_gaps * (tokens - 1)
+
+    def _lead(self, sample: Sample) -> float:
+        """The answer's latency before its tokens came: the network, the
+        prompt's time, and any queue. Answers of different lengths differ
+        in their generation, not in this, so a server that says no time of
+        its own is judged on it: a long answer is no queue."""
+        return sample.latency_s - self._generation(sample)
 
     def _timed(self, round_: list[Sample]) -> bool:
         """Every answer says the server's own time: the latency without a
@@ -567,28 +636,57 @@ class LatencyLimit:
         gate = self.gate
         if self.slow_start or self._timed(round_) or gate.cap >= min(gate.ceiling, gate.limit):
             return  # bursts send alone; or no queue is in the reference; or 429s pace the run
+        if self._reference_shown(round_):
+            return
         self._unprobed += 1
         if self._unprobed >= self._drain_rounds:
             self._unprobed = 0
             self._drain_wait = 0
             gate.drain()
 
+    def _reference_shown(self, round_: list[Sample]) -> bool:
+        """The round shows its reference holds no queue: some of its
+        answers came in at it, others later (they waited for a slot: the
+        queue kept), none under it. A server of many slots answers so at
+        its capacity: most answers wait for nothing. Where every answer
+        waited alike (a server of one slot, or a queue taken for the
+        latency without one), only a drain tells; and it idles a server's
+        slots while they empty (16 slots: 94% of the best throughput)."""
+        spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
+        reference = self._round_min_s
+        leads = [self._lead(s) for s in round_]
+        at = min(leads) <= reference * (1.0 + spread) and not self._below_reference(min(leads))
+        return at and max(leads) > reference * (1.0 + spread) + QUEUE_FLOOR_S
+
     def _judge(self, round_: list[Sample], sent: list[int]) -> None:
         latencies = [s.latency_s for s in round_]
-        mean = sum(latencies) / len(latencies)
+        leads = [self._lead(s) for s in round_]
         waves = self._burst_waves(round_, sent)
         if self._waves_unconfirmed is not None:
-            self._judged_min_s = min(self._judged_min_s, *latencies)
+            self._judged_min_s = min(self._judged_min_s, *leads)
             return  # the same burst again (see _burst_waves)
-        reference, rebased = (waves[1], True) if waves else self._reference(round_)
+        if waves:
+            reference, rebased = waves[1], True
+        else:
+            reference, rebased = self._reference(round_)
         self._schedule_drain(round_)
-        self._judged_min_s = min(self._judged_min_s, *latencies)
+        self._judged_min_s = min(self._judged_min_s, *leads)
         unqueued = self._unqueued(round_, reference)
         ratio = 1.0 if unqueued is None else sum(latencies) / sum(unqueued)
         in_flight = sum(s.in_flight for s in round_) / len(round_)
-        if self._unconfirmed is not None and self._undo(ratio, mean):
+        mean_lead = sum(leads) / len(leads)
+        if self._unconfirmed is not None and self._undo(ratio, mean_lead):
             return
-        queued_s = 0.0 if unqueued is None else mean - sum(unqueued) / len(unqueued)
+        if self._settling:
+            # The first round after a burst's cut started from an empty
+            # server: its first answers waited for nothing, and it reads
+            # less queue than the new cap keeps (16 into 4 slots, cut to 7:
+            # x1.35 where 7 in flight keep x1.75). Cut on it, the cap came
+            # down by one, and the round after read a rise: the cut undone,
+            # and a queue taken for the latency without one.
+            self._settling = False
+            return
+        queued_s = 0.0 if unqueued is None else (sum(latencies) - sum(unqueued)) / len(round_)
         # Little's law: the server computes in_flight / ratio, the rest waits.
         queued = in_flight * (1.0 - 1.0 / ratio)
         little = ratio > 1.0 + self.tolerance and queued_s > QUEUE_FLOOR_S
@@ -605,7 +703,7 @@ class LatencyLimit:
         # best is low by luck: against it every later round reads as a queue,
         # and the cap is cut again and again. A round lowers it only by what
         # it shows beyond REFERENCE_SE_MULTIPLE of its own standard errors.
-        upper = mean + REFERENCE_SE_MULTIPLE * _standard_error(latencies)
+        upper = mean_lead + REFERENCE_SE_MULTIPLE * _standard_error(leads)
         self._round_min_s = min(reference if rebased else self._round_min_s, upper)
         if unqueued and len(round_) > 1 and queued < 0.5 and not self._keeps_queue(in_flight):
             self._measure_noise(latencies, unqueued)
@@ -685,11 +783,12 @@ class LatencyLimit:
             f"the server computes {waves} at once and queues the rest"
         )
         self._set(target)
+        self._settling = self.slow_start
         # Only now: ending the bursts wakes the requests waiting for a place,
         # and under the old cap a whole burst more would go into the queue.
         self.slow_start = False
 
-    def _undo(self, ratio: float, mean: float) -> bool:
+    def _undo(self, ratio: float, mean_lead: float) -> bool:
         """The round after a cut: True if it shows the cut was for nothing
         (and takes it back)."""
         assert self._unconfirmed is not None
@@ -700,7 +799,7 @@ class LatencyLimit:
             return False
         self.undone += 1
         self.cuts -= 1
-        self._round_min_s = mean
+        self._round_min_s = mean_lead
         self.slow_start = slow_start
         self._hold = 0
         self.reason = (
@@ -758,9 +857,10 @@ class LatencyLimit:
         own time where it says it, else the latency without a queue."""
         if self._server_count:
             return self._server_sum_s / self._server_count
-        for value in (self._round_min_s, self._sample_min_s):
-            if math.isfinite(value):
-                return value
+        if math.isfinite(self._round_min_s):
+            return self._round_min_s + self._generation_sum_s / max(1, self._answers)
+        if math.isfinite(self._sample_min_s):
+            return self._sample_min_s
         return None
 
 
@@ -790,6 +890,31 @@ def _wave_size(answered: list[float]) -> int | None:
     if len(sizes) < 2 or sizes[-1] > sizes[0] or len(set(sizes[:-1])) > 1:
         return None
     return sizes[0]
+
+
+def _chained_slots(answers: list[tuple[float, float]]) -> int | None:
+    """The slots that a burst sent at once into an idle server shows when
+    its answers differ in length, from each answer's (lead, latency): the
+    first wave began at once (leads within CHAIN_SHARE of the least), and
+    each later answer began (its lead less the least) as an earlier one
+    ended (its latency): a slot freed and went to it, in whatever order. A
+    hosted API's answers do not chain so. None if one does not, or none
+    waited."""
+    answers = sorted(answers)
+    least = answers[0][0]
+    tolerance = max(QUEUE_FLOOR_S, CHAIN_SHARE * least)
+    slots = sum(1 for lead, _ in answers if lead - least <= tolerance)
+    if slots == len(answers):
+        return None
+    ends = [latency for _, latency in answers[:slots]]
+    for lead, latency in answers[slots:]:
+        begun = lead - least
+        nearest = min(ends, key=lambda end: abs(end - begun), default=math.inf)
+        if abs(nearest - begun) > tolerance:
+            return None
+        ends.remove(nearest)
+        ends.append(latency)
+    return slots
 
 
 def _unqueued_s(answered: list[float], slots: int) -> float:

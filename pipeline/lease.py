@@ -412,8 +412,17 @@ class LeasedLimiter(RateLimiter):
         headers: Mapping[str, str],
         *,
         server_s: float | None = None,
+        generation_s: float | None = None,
+        completion_tokens: int | None = None,
     ) -> None:
-        super().succeeded(permit, used_tokens, headers, server_s=server_s)
+        super().succeeded(
+            permit,
+            used_tokens,
+            headers,
+            server_s=server_s,
+            generation_s=generation_s,
+            completion_tokens=completion_tokens,
+        )
         self.leases.report(Answered(permit.number, used_tokens, limit_headers(headers)))
 
     def rate_limited(

@@ -1216,9 +1216,12 @@ class RateLimiter:
         headers: Mapping[str, str],
         *,
         server_s: float | None = None,
+        generation_s: float | None = None,
+        completion_tokens: int | None = None,
     ) -> None:
         """An answer: settle the token reservation and learn from the headers
-        and the latency (``server_s``: the server's own time, if it said)."""
+        and the latency (``server_s``: the server's own time, if it said;
+        ``generation_s``: a stream's first token to its last)."""
         if self.tokens is not None and used_tokens is not None:
             self.tokens.settle(permit.tokens - used_tokens)
         self.learn(headers)
@@ -1231,7 +1234,14 @@ class RateLimiter:
             mean = (self._in_flight_area() - permit.area) / latency if latency > 0 else 0.0
             self.latency.observe(
                 permit.sequence,
-                Sample(latency, max(mean, permit.in_flight), server_s, alone=permit.alone),
+                Sample(
+                    latency,
+                    max(mean, permit.in_flight),
+                    server_s,
+                    alone=permit.alone,
+                    generation_s=generation_s,
+                    completion_tokens=completion_tokens,
+                ),
             )
         if permit.gate_bound:
             self.gate.increase()

@@ -21,7 +21,10 @@ characters, a chunk with the finish reason, with ``"stream_options":
 {"include_usage": true}`` a last chunk with no choices and the usage, then
 ``data: [DONE]``. The latency is the time to the first chunk (headers and
 first chunk go together); ``chunk_delay_ms`` spaces the chunks, so that a
-long answer streams slowly. With ``SimulatorConfig(streaming=False)`` a
+long answer streams slowly. In a slot (``slots``) the answer streams as it
+is generated: the first content chunk a ``latency_ms`` (the prompt's time)
+after the slot was taken, each chunk (a token) ``token_ms`` after the one
+before, as llama.cpp, vLLM and Ollama stream. With ``SimulatorConfig(streaming=False)`` a
 streaming request gets the 400 that servers without streaming give (``param``
 ``stream``). Directives and structured output work the same when streaming.
 
@@ -155,7 +158,7 @@ import re
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Literal, Self
@@ -832,6 +835,19 @@ def _compose_answer(chat: _Chat, shaped: str | None) -> _Answer:
     return _Answer(text, finish_reason, usage)
 
 
+@dataclass(frozen=True, slots=True)
+class _Service:
+    """A completion being computed: the server's own times its answer
+    carries, and, in a slot, whether a streamed answer comes as its tokens
+    are generated (``paced``): the first ``prompt_s`` after the slot was
+    taken, the last ``generation_s`` after the first, as a real server's."""
+
+    timings: dict[str, dict[str, float]] | None
+    paced: bool = False
+    prompt_s: float = 0.0
+    generation_s: float = 0.0
+
+
 class _Slots:
     """``count`` slots; a request waits for one. A freed slot goes to the
     request that has waited longest, or with ``order`` to one drawn from
@@ -1161,27 +1177,26 @@ class Simulator:
     ) -> web.StreamResponse:
         """Step 8: the service (latency, or a slot), then the answer, counted
         only if delivered."""
-        timings = await self._serve(
-            answer.usage["completion_tokens"], answer.usage["prompt_tokens"], request
-        )
         response: web.StreamResponse
-        if chat.stream:
-            usage = answer.usage if chat.include_usage else None
-            # Written to the end: a client that went away mid-stream fails a
-            # write. (One that closes once it has read [DONE] is answered,
-            # though its transport may be closing by the time we look.)
-            response, delivered = await self._stream_answer(
-                request,
+        async with self._service(
+            answer.usage["completion_tokens"], answer.usage["prompt_tokens"], request
+        ) as service:
+            if chat.stream:
+                usage = answer.usage if chat.include_usage else None
+                # Written to the end: a client that went away mid-stream fails a
+                # write. (One that closes once it has read [DONE] is answered,
+                # though its transport may be closing by the time we look.)
+                response, delivered = await self._stream_answer(
+                    request, chat.model, answer.text, answer.finish_reason, usage, headers, service
+                )
+        if not chat.stream:
+            response = self._whole_answer(
                 chat.model,
                 answer.text,
                 answer.finish_reason,
-                usage,
+                answer.usage,
                 headers,
-                timings,
-            )
-        else:
-            response = self._whole_answer(
-                chat.model, answer.text, answer.finish_reason, answer.usage, headers, timings
+                service.timings,
             )
             # A client that gave up during the latency never gets this answer:
             # counting it would make "answered exactly once" checks lie.
@@ -1278,17 +1293,22 @@ class Simulator:
         finish_reason: str,
         usage: Mapping[str, int] | None,
         headers: Mapping[str, str] | None,
-        timings: Mapping[str, Mapping[str, float]] | None = None,
+        service: _Service,
     ) -> tuple[web.StreamResponse, bool]:
-        """The answer as server-sent events, ``chunk_delay_ms`` apart; whether
-        the whole stream was written (False: the client went away)."""
+        """The answer as server-sent events; whether the whole stream was
+        written (False: the client went away). In a slot, its tokens as they
+        are generated (the first after the prompt's time, the rest a
+        token's time apart), else all at once or ``chunk_delay_ms`` apart."""
         self._next_id += 1
         events = [
             self._chunk(model, {"content": answer[start : start + STREAM_CHUNK_CHARS]})
             for start in range(0, len(answer), STREAM_CHUNK_CHARS)
         ]
+        # Events written a token's time apart: each content chunk (the
+        # finish reason with the last), or the finish alone for no content.
+        paced = max(1, len(events)) if service.paced else 0
         # llama.cpp sends its timings with the finish reason (and so, here, vLLM).
-        events.append(self._chunk(model, {}, finish_reason, timings))
+        events.append(self._chunk(model, {}, finish_reason, service.timings))
         if usage is not None:
             last = {
                 "id": f"chatcmpl-{self._next_id}",
@@ -1303,8 +1323,17 @@ class Simulator:
         delay = self.config.chunk_delay_ms / 1000.0
         response = web.StreamResponse()
         try:
+            if paced:
+                await asyncio.sleep(service.prompt_s)
             response = await self._open_stream(request, model, headers)
-            if delay > 0:
+            if paced:
+                token_s = service.generation_s / paced
+                for event in events[: paced - 1]:
+                    await asyncio.sleep(token_s)
+                    await response.write(event)
+                await asyncio.sleep(token_s)
+                await response.write(b"".join(events[paced - 1 :]))
+            elif delay > 0:
                 for event in events:
                     await asyncio.sleep(delay)
                     await response.write(event)
@@ -1315,13 +1344,15 @@ class Simulator:
             return response, False
         return response, True
 
-    async def _serve(
+    @contextlib.asynccontextmanager
+    async def _service(
         self, completion_tokens: int, prompt_tokens: int, request: web.Request
-    ) -> dict[str, dict[str, float]] | None:
-        """The service step: the latency, in one of ``slots`` slots if set
-        (queued for one), computed even if the client goes away
-        meanwhile. With slots, the server's own times as the answer carries
-        them (``{"timings": ...}`` or ``{"metrics": ...}``), else None."""
+    ) -> AsyncIterator[_Service]:
+        """The service step: the latency, then the body writes the answer.
+        With ``slots``, in one of them (queued for one), held until the
+        service time is over and the body done; the body may stream the
+        answer meanwhile (``_Service.paced``). Computed even if the client
+        goes away, and counted."""
         cfg = self.config
         delay = cfg.latency_ms + cfg.token_ms * completion_tokens
         if cfg.jitter_ms:
@@ -1331,7 +1362,8 @@ class Simulator:
             if delay > 0:
                 await asyncio.sleep(delay / 1000.0)
             stats.computed += 1
-            return None
+            yield _Service(timings=None)
+            return
         loop = asyncio.get_running_loop()
         queued_at = loop.time()
         self._queued += 1
@@ -1343,33 +1375,56 @@ class Simulator:
         if self._warming > 0:
             self._warming -= 1
             delay += cfg.warmup_ms
-        queue_ms = (loop.time() - queued_at) * 1000.0
+        started = loop.time()
+        queue_ms = (started - queued_at) * 1000.0
+        stats.queue_wait_s += queue_ms / 1000.0
+        prompt_ms = min(delay, cfg.latency_ms)
+        service = _Service(
+            self._timings(delay, prompt_ms, queue_ms, completion_tokens, prompt_tokens),
+            paced=True,
+            prompt_s=prompt_ms / 1000.0,
+            generation_s=(delay - prompt_ms) / 1000.0,
+        )
         try:
-            stats.queue_wait_s += queue_ms / 1000.0
-            await asyncio.sleep(delay / 1000.0)
+            yield service
+            # What the body did not spend of the service time (all of it
+            # for a whole answer, the rest of a stream cut short).
+            await asyncio.sleep(max(0.0, started + delay / 1000.0 - loop.time()))
         finally:
             self._slots.release()
         stats.computed += 1
         transport = request.transport
         if transport is None or transport.is_closing():
             stats.abandoned += 1
-        prompt_ms = min(delay, cfg.latency_ms)
-        if cfg.timings == "vllm":
+
+    def _timings(
+        self,
+        delay_ms: float,
+        prompt_ms: float,
+        queue_ms: float,
+        completion_tokens: int,
+        prompt_tokens: int,
+    ) -> dict[str, dict[str, float]] | None:
+        """The server's own times as an answer carries them (``{"timings":
+        ...}`` or ``{"metrics": ...}``), or None (see ``timings``)."""
+        timings = self.config.timings
+        if timings == "vllm":
             metrics = {
                 "time_to_first_token_ms": prompt_ms,
-                "generation_time_ms": delay - prompt_ms,
+                "generation_time_ms": delay_ms - prompt_ms,
                 "queue_time_ms": queue_ms,
             }
             return {"metrics": metrics}
-        if cfg.timings is None:
+        if timings is None:
             return None
-        timings = {
-            "prompt_n": prompt_tokens,
-            "prompt_ms": prompt_ms,
-            "predicted_n": completion_tokens,
-            "predicted_ms": delay - prompt_ms,
+        return {
+            "timings": {
+                "prompt_n": prompt_tokens,
+                "prompt_ms": prompt_ms,
+                "predicted_n": completion_tokens,
+                "predicted_ms": delay_ms - prompt_ms,
+            }
         }
-        return {"timings": timings}
 
     def _count_admitted(self, tokens: int) -> None:
         stats = self.stats

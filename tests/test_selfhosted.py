@@ -138,6 +138,35 @@ async def test_a_request_its_client_abandons_is_still_computed_and_counted() -> 
 
 
 @pytest.mark.looptime
+async def test_a_slot_streams_its_answer_as_it_generates_the_tokens() -> None:
+    # Two at once into one slot: each answer's first token comes a prompt's
+    # time (500 ms) and a token's (100 ms) after its slot was free, the rest
+    # a token's time apart. The queue shows before the first token only.
+    async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
+        body = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}], "stream": True}
+        loop = asyncio.get_running_loop()
+
+        async def token_times(session: aiohttp.ClientSession) -> list[float]:
+            start, times = loop.time(), []
+            async with session.post(f"{sim.base_url}/chat/completions", json=body) as response:
+                async for line in response.content:
+                    if line.startswith(b"data: {"):
+                        choices = json.loads(line[6:])["choices"]
+                        if choices and choices[0]["delta"].get("content"):
+                            times.append(loop.time() - start)
+            return times
+
+        async with aiohttp.ClientSession() as session:
+            answers = sorted(await asyncio.gather(token_times(session), token_times(session)))
+    tokens = len(answers[0])
+    one = 0.5 + 0.1 * tokens
+    assert tokens > 1 and len(answers[1]) == tokens
+    for waited, times in enumerate(answers):
+        expected = [waited * one + 0.5 + 0.1 * (n + 1) for n in range(tokens)]
+        assert times == pytest.approx(expected, abs=0.02)
+
+
+@pytest.mark.looptime
 async def test_timings_come_in_the_whole_answer_and_the_last_chunk_of_a_stream() -> None:
     async with Simulator(SimulatorConfig(slots=1, **SLOW)) as sim:
         body: dict[str, Any] = {"model": MODEL, "messages": [{"role": "user", "content": "hi"}]}
@@ -179,8 +208,12 @@ async def test_each_row_says_the_servers_own_time_apart_from_its_wait(
             sum(500.0 + 100.0 * r.completion_tokens for r in ordered[:waited]), abs=50.0
         )
         if result.first_token_ms is not None:
-            # Streamed: the slot model streams once an answer is computed.
-            assert result.first_token_ms == pytest.approx(result.latency_ms, abs=50.0)
+            # Streamed: the slot streams tokens as it generates them, the
+            # first a token's time after the prompt's.
+            generating_ms = 100.0 * (result.completion_tokens - 1)
+            assert result.first_token_ms == pytest.approx(
+                result.latency_ms - generating_ms, abs=50.0
+            )
     # One streams (trying the server's streams); the two sent meanwhile go
     # whole. (Which of them the slot takes first is down to the client's
     # connections: the openai SDK's pool does not keep the order they came.)
@@ -206,9 +239,9 @@ async def test_vllms_per_request_metrics_fill_the_same_columns(kind: str, stream
         assert result.server_ms == pytest.approx(one_ms, rel=0.01)
         assert result.generation_ms == pytest.approx(one_ms - 500.0, rel=0.01)
         # Streamed (the first only: it tries the server's streams): as the
-        # client saw it, the slot model streaming once an answer is
-        # computed; whole: the server's queue and prompt time.
-        expected = (result.latency_ms or 0.0) if stream and waited == 0 else queued_ms + 500.0
+        # client saw it, the first token a token's time after the prompt's;
+        # whole: the server's queue and prompt time.
+        expected = queued_ms + 500.0 + (100.0 if stream and waited == 0 else 0.0)
         assert result.first_token_ms == pytest.approx(expected, abs=50.0)
 
 
@@ -324,13 +357,15 @@ async def test_a_reference_taken_while_the_server_was_slow_is_remeasured_by_a_dr
     # drains, so no answer is sent alone again, and against that reference
     # a queue of several requests looked flat: the cap stayed at 9 on one
     # slot, 8 on four. A drain now and then sends one request alone, whose
-    # latency re-bases the reference.
+    # latency re-bases the reference. (Not streamed, as llama-cpp-python's
+    # server answers a run: streamed, the slow spell is in the tokens'
+    # time, which is no queue's.)
     count = 150 * slots
     config = SimulatorConfig(
         slots=slots, timings=None, warmup_ms=6000.0, warmup_answers=12 * slots, **SLOW
     )
     async with Simulator(config) as sim:
-        stage, results, _ = await run(sim, count)
+        stage, results, _ = await run(sim, count, {"stream": False})
     assert {result.status for result in results.values()} == {"ok"}
     assert (sim.stats.computed, sim.stats.abandoned, stage.stats.abandoned) == (count, 0, 0)
     assert stage.limiter.gate.slots <= slots + 1
@@ -383,6 +418,68 @@ async def test_four_slots_settle_within_one_from_the_burst_that_queued(
     assert "waves of 4" in (stage.stats.concurrency_reason or "")
 
 
+async def varied_rows(count: int, seed: int) -> AsyncIterator[ChatRequest]:
+    """Prompts of 8 to 30 random words: the simulator's answers echo them,
+    so their lengths vary as much."""
+    rng = random.Random(seed)
+    for row in range(count):
+        words = " ".join(f"word{rng.randrange(1000)}" for _ in range(rng.randrange(8, 30)))
+        yield ChatRequest(row, [{"role": "user", "content": words}])
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("order", ["fifo", "any"])
+@pytest.mark.parametrize("slots", [1, 4, 16])
+async def test_slots_without_server_times_settle_within_one_for_answers_of_varying_length(
+    slots: int, order: Literal["fifo", "any"], seed: int
+) -> None:
+    # Ollama, or vLLM without its metrics: no server times, and answers of
+    # 0.5 to 1.5 s. Whole latencies mixed each answer's length with its
+    # wait, and 4 slots settled anywhere from 3 to 10. A stream shows both:
+    # the wait is before its first token, the length after.
+    count = 30 * slots
+    config = SimulatorConfig(
+        slots=slots, slot_order=order, timings=None, latency_ms=200.0, token_ms=20.0, seed=seed
+    )
+    async with Simulator(config) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url)
+        transport = make_transport(model, "key", "h11")
+        stage = CallStage(model, LimitsConfig(), transport)
+        try:
+            results = [result async for result in stage.results(varied_rows(count, seed))]
+        finally:
+            await transport.aclose()
+    assert [result.status for result in results] == ["ok"] * count
+    assert (sim.stats.computed, sim.stats.abandoned, stage.stats.abandoned) == (count, 0, 0)
+    assert abs(stage.limiter.gate.slots - slots) <= 1
+    assert stage.limiter.latency is not None and stage.limiter.latency.undone == 0
+
+
+def test_an_answers_own_generation_is_no_queue() -> None:
+    # Answers of 0.2 to 2 s, each 0.5 s to its first token: flat, whatever
+    # their lengths. An answer that came whole is taken at the token rate
+    # the streams showed (0.1 s a token).
+    gate = ConcurrencyGate(ceiling=64, start=64)
+    limit = LatencyLimit(gate)
+    rng = random.Random(0)
+    for n in range(200):
+        tokens = rng.randrange(3, 21)
+        generation = 0.1 * (tokens - 1)
+        streamed = n % 3 != 1
+        limit.observe(
+            gate.sent(),
+            Sample(
+                0.5 + generation,
+                gate.slots,
+                generation_s=generation if streamed else None,
+                completion_tokens=tokens,
+                alone=n == 0,
+            ),
+        )
+    assert (gate.slots, limit.cuts, limit.capacity) == (64, 0, None)
+
+
 @pytest.mark.slow
 @pytest.mark.looptime
 @pytest.mark.parametrize("jitter_ms", [400.0, 1000.0])
@@ -417,18 +514,29 @@ async def test_a_jittery_servers_lucky_answer_sent_alone_does_not_cap_it_under_i
     assert stage.limiter.gate.slots >= slots
 
 
-def answer_burst(limit: LatencyLimit, *latencies: float, alone: bool = True) -> LatencyLimit:
+def answer_burst(
+    limit: LatencyLimit,
+    *latencies: float,
+    alone: bool = True,
+    generations: tuple[float, ...] | None = None,
+) -> LatencyLimit:
     """A burst sent at once (its first with nothing of the run's in flight,
-    if ``alone``), answered with these latencies, in the order sent."""
+    if ``alone``), answered with these latencies, in the order sent; streamed
+    if ``generations`` (each answer's first token to its last)."""
     sequences = [limit.gate.sent() for _ in latencies]
     for n, sequence in enumerate(sequences):
         limit.sent(sequence, alone=alone and n == 0)
-    for n, (sequence, latency) in enumerate(zip(sequences, latencies, strict=True)):
-        limit.observe(sequence, Sample(latency, 4.0, alone=alone and n == 0))
+    streams = generations or (None,) * len(latencies)
+    for n, (sequence, latency, generation) in enumerate(
+        zip(sequences, latencies, streams, strict=True)
+    ):
+        sample = Sample(latency, 4.0, alone=alone and n == 0, generation_s=generation)
+        limit.observe(sequence, sample)
     return limit
 
 
 def first_burst(*latencies: float, alone: bool = True) -> LatencyLimit:
+    """A run's first burst (none: a limit yet to send one)."""
     return answer_burst(
         LatencyLimit(ConcurrencyGate(ceiling=32, start=32)), *latencies, alone=alone
     )
@@ -453,6 +561,26 @@ def test_a_burst_is_read_as_queued_only_in_waves_a_service_time_apart() -> None:
     assert first_burst(1.0, 1.55, 2.1, 2.65).gate.slots == 16
     # The first went out behind a request of the run's (of another burst).
     assert first_burst(2.0, 4.0, 6.0, 8.0, alone=False).gate.slots == 16
+
+
+def test_a_streamed_burst_of_answers_of_varying_length_shows_its_slots_by_when_each_began() -> None:
+    def burst_twice(answers: list[tuple[float, float]]) -> LatencyLimit:
+        """(latency, generation) answers, the same burst twice."""
+        latencies, generations = (tuple(column) for column in zip(*answers, strict=True))
+        limit = answer_burst(first_burst(), *latencies, generations=generations)
+        return answer_burst(limit, *latencies, generations=generations)
+
+    # One slot, 0.22 s to each first token: each answer began as the one
+    # before it ended (0.78, 1.86, 2.58 s), though no two took as long.
+    one_slot = burst_twice([(0.78, 0.56), (1.86, 0.86), (2.58, 0.5), (4.02, 1.22)])
+    assert (one_slot.gate.slots, one_slot.capacity) == (2, 1.0)
+    # Two slots: the third began as the first ended, the fourth as the second.
+    two_slots = burst_twice([(0.7, 0.5), (1.2, 1.0), (1.5, 0.6), (1.6, 0.2)])
+    assert (two_slots.gate.slots, two_slots.capacity) == (3, 2.0)
+    # A hosted API's first tokens vary (0.3 to 1.2 s), and no answer began
+    # as another ended: slow start goes on (4 times more).
+    hosted = burst_twice([(1.3, 1.0), (1.3, 0.8), (2.4, 1.5), (1.8, 0.6)])
+    assert (hosted.gate.slots, hosted.capacity) == (16, None)
 
 
 def test_a_server_that_serves_its_queue_in_any_order_shows_its_waves_in_the_order_answered() -> (
@@ -595,30 +723,43 @@ async def test_a_drain_grants_nothing_until_nothing_is_in_flight_then_one_sent_a
     assert (gate.in_flight, gate.draining) == (3, False)
 
 
+def drain_rounds(server_s: float | None, *, waited: Literal["alike", "some"]) -> list[int]:
+    """The rounds at which a run at 9 in flight on 8 slots drains. Each
+    round's answers are 1/9 over the reference on the whole (the one queued
+    kept): all ``alike``, or ``some`` of them at the reference and one a
+    service time later (it waited for a slot)."""
+    gate = ConcurrencyGate(ceiling=64, start=64)
+    limit = LatencyLimit(gate)
+    for _ in range(4):  # the first burst: the reference
+        limit.observe(gate.sent(), Sample(1.0, 4.0, server_s))
+    limit.observe(gate.sent(), Sample(1.0, 16.0, server_s, alone=True))
+    for _ in range(15):  # at 16 a queue: cut to 9 (8 slots, one kept)
+        limit.observe(gate.sent(), Sample(2.0, 16.0, server_s))
+    assert gate.slots == 9
+    at = []
+    for answer in range(9 * 40):
+        alone = gate.draining
+        if alone:
+            at.append(answer // 9)
+            gate.draining = False
+        latency = 1.0 + 1.0 / 9
+        if alone or waited == "some":
+            latency = 2.0 if answer % 9 == 4 and not alone else 1.0
+        limit.observe(gate.sent(), Sample(latency, 9.0, server_s, alone=alone))
+    return at
+
+
 def test_drains_come_ever_more_seldom_and_never_where_the_server_says_its_time() -> None:
     # A many-slot server idles while a drain empties it: each drain that
     # finds the reference right doubles the rounds before the next.
-    def drains(server_s: float | None) -> list[int]:
-        gate = ConcurrencyGate(ceiling=64, start=64)
-        limit = LatencyLimit(gate)
-        for _ in range(4):  # the first burst: the reference
-            limit.observe(gate.sent(), Sample(1.0, 4.0, server_s))
-        limit.observe(gate.sent(), Sample(1.0, 16.0, server_s, alone=True))
-        for _ in range(15):  # at 16 a queue: cut to 9 (8 slots, one kept)
-            limit.observe(gate.sent(), Sample(2.0, 16.0, server_s))
-        assert gate.slots == 9
-        at = []
-        for answer in range(9 * 40):
-            alone = gate.draining
-            if alone:
-                at.append(answer // 9)
-                gate.draining = False
-            latency = 1.0 if alone else 1.0 + 1.0 / 9
-            limit.observe(gate.sent(), Sample(latency, 9.0, server_s, alone=alone))
-        return at
+    assert drain_rounds(None, waited="alike") == [4, 13, 30]
+    assert drain_rounds(1.0, waited="alike") == []
 
-    assert drains(None) == [4, 13, 30]
-    assert drains(1.0) == []
+
+def test_no_drain_while_answers_at_the_reference_come_beside_one_that_waited() -> None:
+    # Those at the reference waited for nothing: it holds no queue, and the
+    # slots are not idled to test it.
+    assert drain_rounds(None, waited="some") == []
 
 
 @pytest.mark.looptime
