@@ -14,6 +14,8 @@ pipeline | tar -x -C DIR``; a tree without ``slot_order`` skips those runs):
 * ``test_hosted_jitter``: a hosted API (no slots), 200 rows of about 2 s answers
   +/- 300, 700 or 1000 ms, 60 seeds each: where a limit meant for self-hosted
   servers must stay out of the way (the ceiling, 32, and no cut).
+* ``test_hosted_jitter_varied_answers``: the same hosted API, prompts of
+  8-30 words, answers streamed or whole, +/- 700 ms, 30 seeds each.
 * ``test_slots_varied_answers``: 1, 4 and 16 slots, no server times, prompts
   of 8-30 words (answers of varying length), both serving orders, 6 seeds,
   the answers streamed (the wait shows before the first token, the length
@@ -81,6 +83,16 @@ async def settle(
 async def test_hosted_jitter(jitter_ms: float, seed: int) -> None:
     config = {"latency_ms": 500.0, "token_ms": 100.0, "jitter_ms": jitter_ms, "seed": seed}
     print(f"\nhosted jitter {jitter_ms:.0f} ms seed {seed}: {await settle(config, 200, None)}")
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("seed", range(30))
+@pytest.mark.parametrize("stream", [True, False])
+async def test_hosted_jitter_varied_answers(stream: bool, seed: int) -> None:
+    config = {"latency_ms": 500.0, "token_ms": 100.0, "jitter_ms": 700.0, "seed": seed}
+    result = await settle(config, 200, seed, stream=stream)
+    how = "streamed" if stream else "whole"
+    print(f"\nhosted varied, {how}, seed {seed}: {result}")
 
 
 @pytest.mark.looptime

@@ -26,8 +26,9 @@ requests in flight only add latency. Two controls, the lower wins:
   that reference when it is far below it. A burst that comes back in waves,
   each a service time after the one before (a server queueing what its
   slots cannot take, in the order sent or in any), or streamed answers each
-  begun as an earlier one ended, shows its slots: the size of the first
-  wave; over a burst of 4, only if the same burst sent again shows the same
+  begun as an earlier one ended, or whole answers each their own length's
+  time after the one before (one slot), shows its slots: the size of the
+  first wave; over a burst of 4, only if the same burst sent again shows the same
   (see ``LatencyLimit._queued_burst``).
 
 ``QueueClock`` tells a request that waits in the server's queue behind the
@@ -47,9 +48,10 @@ from __future__ import annotations
 import asyncio
 import bisect
 import collections
+import itertools
 import math
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, NamedTuple
 
 __all__ = [
     "DECREASE_FACTOR",
@@ -337,6 +339,16 @@ class Sample:
     completion_tokens: int | None = None
 
 
+class _QueuedBurst(NamedTuple):
+    """What a slow-start burst that came back queued shows (see
+    ``LatencyLimit._queued_burst``)."""
+
+    slots: int
+    lead_s: float  # the lead without a queue (see LatencyLimit._lead)
+    answers: int
+    token_s: float | None = None  # a token's time, from whole answers
+
+
 class LatencyLimit:
     """The in-flight cap that latency allows (see the module docstring).
 
@@ -521,10 +533,11 @@ class LatencyLimit:
         spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
         return lead * (1.0 + spread) < self._round_min_s < math.inf
 
-    def _queued_burst(self, round_: list[Sample], sent: list[int]) -> tuple[int, float, int] | None:
+    def _queued_burst(self, round_: list[Sample], sent: list[int]) -> _QueuedBurst | None:
         """A slow-start burst that came back as a server's queue shows it:
-        the server's slots, the lead without a queue (see _lead) and the
-        number of answers read; or None.
+        the server's slots, the lead without a queue (see _lead), the
+        number of answers read and, from whole answers served one at a
+        time, the time a token took; or None.
 
         A server with slots (llama.cpp, Ollama) answers a burst sent at once
         in waves of its slots, each a service time later than the one
@@ -534,7 +547,9 @@ class LatencyLimit:
         reference, and against it the next queue looked flat. Where its
         answers differ in length the waves are no longer regular, but a
         stream shows when each was begun: as an earlier one ended (see
-        _chained_slots). Only the requests sent before the burst's first
+        _chained_slots); whole answers served one at a time each took as
+        long after the one before as their length says (see
+        _one_at_a_time). Only the requests sent before the burst's first
         answer count (a retry sent after it is not part of its waves), and
         only if the first went out with nothing of ours in flight (it
         waited behind nothing of ours). A hosted API's answers vary by tens
@@ -554,14 +569,29 @@ class LatencyLimit:
             # generation.
             first = min(burst, key=lambda sample: sample.latency_s)
             lead = max(0.0, _unqueued_s(answered, slots) - self._generation(first))
-            return slots, lead, len(burst)
+            return _QueuedBurst(slots, lead, len(burst))
         if any(sample.generation_s is None for sample in burst):
-            return None  # whole answers: their leads hold their own lengths
+            return self._one_slot(burst)
         leads = [(self._lead(sample), sample.latency_s) for sample in burst]
         slots = _chained_slots(leads)
         if slots is None:
             return None
-        return slots, min(lead for lead, _ in leads), len(burst)
+        return _QueuedBurst(slots, min(lead for lead, _ in leads), len(burst))
+
+    def _one_slot(self, burst: list[Sample]) -> _QueuedBurst | None:
+        """Whole answers of a burst served one at a time (see
+        _one_at_a_time): one slot, the first answer's lead at the time a
+        token took, and that time."""
+        answers = []
+        for sample in sorted(burst, key=lambda sample: sample.latency_s):
+            if sample.completion_tokens is None:
+                return None
+            answers.append((sample.completion_tokens, sample.latency_s))
+        token_s = _one_at_a_time(answers)
+        if token_s is None:
+            return None
+        tokens, latency = answers[0]
+        return _QueuedBurst(1, max(0.0, latency - token_s * (tokens - 1)), len(burst), token_s)
 
     def _burst_waves(self, round_: list[Sample], sent: list[int]) -> tuple[int, float] | None:
         """``_queued_burst``'s slots and latency without a queue, once sure:
@@ -569,7 +599,7 @@ class LatencyLimit:
         API's jitter, and the same burst is sent again
         (``_waves_unconfirmed`` set: the size to see again)."""
         waves = self._queued_burst(round_, sent)
-        if waves is not None and waves[0] + QUEUE_KEPT >= self.cap:
+        if waves is not None and waves.slots + QUEUE_KEPT >= self.cap:
             # No queue beyond the one kept: nothing to cut, and a burst of 4
             # from a hosted API, its last answer slow, reads as waves of 3
             # (its first answer, low by luck, the reference: every later
@@ -577,11 +607,17 @@ class LatencyLimit:
             waves = None
         unsure = (
             waves is not None
-            and waves[2] < WAVES_SURE_ANSWERS
-            and self._waves_unconfirmed != waves[0]
+            and waves.answers < WAVES_SURE_ANSWERS
+            and self._waves_unconfirmed != waves.slots
         )
-        self._waves_unconfirmed = waves[0] if waves is not None and unsure else None
-        return None if waves is None or unsure else waves[:2]
+        self._waves_unconfirmed = waves.slots if waves is not None and unsure else None
+        if waves is None or unsure:
+            return None
+        if waves.token_s is not None and not self._token_gaps:
+            # Whole answers' own generation from now on (see _generation),
+            # as streams would have shown it.
+            self._token_gaps_s, self._token_gaps = waves.token_s, 1
+        return waves.slots, waves.lead_s
 
     def _unqueued(self, round_: list[Sample], reference: float) -> list[float] | None:
         """Each answer's latency without a queue: the server's own time plus
@@ -915,6 +951,41 @@ def _chained_slots(answers: list[tuple[float, float]]) -> int | None:
         ends.remove(nearest)
         ends.append(latency)
     return slots
+
+
+def _one_at_a_time(answers: list[tuple[int, float]]) -> float | None:
+    """The time a token took, when whole answers of a burst sent at once,
+    as (completion tokens, latency) in the order answered, were served one
+    at a time (one slot; llama-cpp-python's server, which streams no burst):
+    the first took its latency, and each later one its time after the one
+    before; those times a + b x tokens (least squares, a > 0 and b >= 0),
+    each within CHAIN_SHARE of it, and at least one of them waited. A hosted
+    API answers a burst at once, its answers' times after the one before a
+    fraction of the first's. b, or None. Answers of one length are waves
+    (see _wave_size)."""
+    if len(answers) < 4:
+        return None  # a line fits any two points, and nearly any three
+    tokens = [float(count) for count, _ in answers]
+    services = [answers[0][1]] + [
+        latency - before for (_, before), (_, latency) in itertools.pairwise(answers)
+    ]
+    mean_tokens = sum(tokens) / len(tokens)
+    mean_service = sum(services) / len(services)
+    spread = sum((count - mean_tokens) ** 2 for count in tokens)
+    if spread == 0:
+        return None
+    token_s = (
+        sum((c - mean_tokens) * (t - mean_service) for c, t in zip(tokens, services, strict=True))
+        / spread
+    )
+    fixed_s = mean_service - token_s * mean_tokens
+    if token_s < 0 or fixed_s <= 0:
+        return None
+    for count, service in zip(tokens, services, strict=True):
+        fitted = fixed_s + token_s * count
+        if abs(service - fitted) > max(QUEUE_FLOOR_S, CHAIN_SHARE * fitted):
+            return None
+    return token_s
 
 
 def _unqueued_s(answered: list[float], slots: int) -> float:

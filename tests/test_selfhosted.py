@@ -519,18 +519,23 @@ def answer_burst(
     *latencies: float,
     alone: bool = True,
     generations: tuple[float, ...] | None = None,
+    tokens: tuple[int, ...] | None = None,
 ) -> LatencyLimit:
     """A burst sent at once (its first with nothing of the run's in flight,
     if ``alone``), answered with these latencies, in the order sent; streamed
-    if ``generations`` (each answer's first token to its last)."""
+    if ``generations`` (each answer's first token to its last); of these
+    completion ``tokens``, if given."""
     sequences = [limit.gate.sent() for _ in latencies]
     for n, sequence in enumerate(sequences):
         limit.sent(sequence, alone=alone and n == 0)
     streams = generations or (None,) * len(latencies)
-    for n, (sequence, latency, generation) in enumerate(
-        zip(sequences, latencies, streams, strict=True)
+    counts = tokens or (None,) * len(latencies)
+    for n, (sequence, latency, generation, count) in enumerate(
+        zip(sequences, latencies, streams, counts, strict=True)
     ):
-        sample = Sample(latency, 4.0, alone=alone and n == 0, generation_s=generation)
+        sample = Sample(
+            latency, 4.0, alone=alone and n == 0, generation_s=generation, completion_tokens=count
+        )
         limit.observe(sequence, sample)
     return limit
 
@@ -581,6 +586,47 @@ def test_a_streamed_burst_of_answers_of_varying_length_shows_its_slots_by_when_e
     # as another ended: slow start goes on (4 times more).
     hosted = burst_twice([(1.3, 1.0), (1.3, 0.8), (2.4, 1.5), (1.8, 0.6)])
     assert (hosted.gate.slots, hosted.capacity) == (16, None)
+
+
+def test_whole_answers_of_varying_length_served_one_at_a_time_show_one_slot() -> None:
+    def burst_twice(latencies: tuple[float, ...], tokens: tuple[int, ...]) -> LatencyLimit:
+        limit = answer_burst(first_burst(), *latencies, tokens=tokens)
+        return answer_burst(limit, *latencies, tokens=tokens)
+
+    # llama-cpp-python's server: one slot, no streams, 0.2 s + 0.05 s a
+    # token. Answers of 5, 20, 10 and 15 tokens each came their own time
+    # after the one before (0.45, 1.2, 0.7, 0.95 s), in whatever order sent.
+    one_slot = burst_twice((1.65, 0.45, 3.3, 2.35), (20, 5, 15, 10))
+    assert (one_slot.gate.slots, one_slot.capacity) == (2, 1.0)
+    # A hosted API's answers come about at once, their times after the one
+    # before no answer's own: slow start goes on.
+    hosted = burst_twice((1.3, 1.5, 1.9, 2.2), (10, 12, 20, 15))
+    assert (hosted.gate.slots, hosted.capacity) == (16, None)
+
+
+@pytest.mark.looptime
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("order", ["fifo", "any"])
+async def test_one_slot_that_streams_nothing_settles_at_two_for_answers_of_varying_length(
+    order: Literal["fifo", "any"], seed: int
+) -> None:
+    # llama-cpp-python's server without --max-tokens: no server times, no
+    # streams (it cuts them short), answers of 0.5 to 1.5 s. The first burst
+    # was no waves, and a queue of 3 its reference: settled at 7.
+    config = SimulatorConfig(
+        slots=1, slot_order=order, timings=None, latency_ms=200.0, token_ms=20.0, seed=seed
+    )
+    async with Simulator(config) as sim:
+        model = ModelConfig(name=MODEL, base_url=sim.base_url, stream=False)
+        transport = make_transport(model, "key", "h11")
+        stage = CallStage(model, LimitsConfig(), transport)
+        try:
+            results = [result async for result in stage.results(varied_rows(30, seed))]
+        finally:
+            await transport.aclose()
+    assert [result.status for result in results] == ["ok"] * 30
+    assert (sim.stats.computed, sim.stats.abandoned) == (30, 0)
+    assert stage.limiter.gate.slots == 2
 
 
 def test_a_server_that_serves_its_queue_in_any_order_shows_its_waves_in_the_order_answered() -> (
