@@ -6,10 +6,12 @@ Not part of the test suite (``testpaths`` is ``tests``): it asserts nothing and
 prints, for each run, the in-flight limit the run settled at, the latency
 limit's cuts (and those taken back) and the wall time on the fake clock
 (``looptime``: the simulator serves in the same loop, so minutes of service
-pass in seconds). Against another checkout, by PYTHONPATH (``git archive REV
-pipeline | tar -x -C DIR``; a tree without ``slot_order`` skips those runs):
+pass in seconds). Against another checkout (``git archive REV pipeline | tar
+-x -C DIR``; a tree without ``slot_order`` skips those runs), from DIR:
+``python -m`` puts the working directory first on the path, so from this
+checkout it would run this checkout's code whatever PYTHONPATH says:
 
-    PYTHONPATH=DIR python -m pytest benchmarks/latency_limit_sweep.py -s -q -p no:cacheprovider
+    cd DIR && python -m pytest /path/to/benchmarks/latency_limit_sweep.py -s -q -p no:cacheprovider
 
 * ``test_hosted_jitter``: a hosted API (no slots), 200 rows of about 2 s answers
   +/- 300, 700 or 1000 ms, 60 seeds each: where a limit meant for self-hosted

@@ -64,9 +64,11 @@ measure() { # label, command...
     "$(echo "($e - $s) - ($t1 - $t0)" | bc)" "$(tail -1 "$W/last.txt" | cut -c1-80)"
 }
 enrich_run() { # tree, output
-  PYTHONPATH=$1 ENRICH_CACHE_DIR="$W/cache-$RANDOM" OPENAI_API_KEY=x "$PY" -m pipeline run \
+  # From $W: `python -m` puts the working directory first on the path, and
+  # from a checkout it would run that checkout's code whatever PYTHONPATH says.
+  (cd "$W" && PYTHONPATH=$1 ENRICH_CACHE_DIR="$W/cache-$RANDOM" OPENAI_API_KEY=x "$PY" -m pipeline run \
     --input "$W/in.csv" --column question --output "$2" --model "$MODEL" --base-url "$URL" \
-    --max-tokens "$MAXTOK" --quiet
+    --max-tokens "$MAXTOK" --quiet)
 }
 report() { # output
   "$PY" - "$1" <<'PY'

@@ -683,16 +683,19 @@ class LatencyLimit:
     def _reference_shown(self, round_: list[Sample]) -> bool:
         """The round shows its reference holds no queue: some of its
         answers came in at it, others later (they waited for a slot: the
-        queue kept), none under it. A server of many slots answers so at
-        its capacity: most answers wait for nothing. Where every answer
-        waited alike (a server of one slot, or a queue taken for the
-        latency without one), only a drain tells; and it idles a server's
-        slots while they empty (16 slots: 94% of the best throughput)."""
+        queue kept), and those at it not under it on the whole (one answer
+        may be, by its noise). A server of many slots answers so at its
+        capacity: most answers wait for nothing. Where every answer waited
+        alike (a server of one slot, or a queue taken for the latency
+        without one), only a drain tells; and it idles a server's slots
+        while they empty (16 slots: 94% of the best throughput)."""
         spread = max(self.tolerance, NOISE_SE_MULTIPLE * self._spread)
         reference = self._round_min_s
         leads = [self._lead(s) for s in round_]
-        at = min(leads) <= reference * (1.0 + spread) and not self._below_reference(min(leads))
-        return at and max(leads) > reference * (1.0 + spread) + QUEUE_FLOOR_S
+        at = [lead for lead in leads if lead <= reference * (1.0 + spread)]
+        if not at or self._below_reference(sum(at) / len(at)):
+            return False
+        return max(leads) > reference * (1.0 + spread) + QUEUE_FLOOR_S
 
     def _judge(self, round_: list[Sample], sent: list[int]) -> None:
         latencies = [s.latency_s for s in round_]
