@@ -915,7 +915,8 @@ _SIMULATOR_TIMINGS: Final[dict[str, Literal["llama.cpp", "vllm"] | None]] = {
     type=float,
     default=0.0,
     show_default=True,
-    help="Service time per completion token, added to --latency-ms.",
+    help="Service time per completion token, added to --latency-ms; with --slots "
+    "a streamed answer's tokens come this far apart, as generated.",
 )
 @click.option("--api-key", default=None, help="Require this bearer key (else any key works).")
 @click.option(

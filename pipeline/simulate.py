@@ -23,10 +23,11 @@ characters, a chunk with the finish reason, with ``"stream_options":
 first chunk go together); ``chunk_delay_ms`` spaces the chunks, so that a
 long answer streams slowly. In a slot (``slots``) the answer streams as it
 is generated: the first content chunk a ``latency_ms`` (the prompt's time)
-after the slot was taken, each chunk (a token) ``token_ms`` after the one
-before, as llama.cpp, vLLM and Ollama stream. With ``SimulatorConfig(streaming=False)`` a
-streaming request gets the 400 that servers without streaming give (``param``
-``stream``). Directives and structured output work the same when streaming.
+and a ``token_ms`` after the slot was taken, each next chunk (a token) a
+``token_ms`` later, as llama.cpp, vLLM and Ollama stream. With
+``SimulatorConfig(streaming=False)`` a streaming request gets the 400 that
+servers without streaming give (``param`` ``stream``). Directives and
+structured output work the same when streaming.
 
 Endpoints: ``POST /v1/chat/completions``, ``GET /v1/models``, ``GET /_stats``
 (the :class:`SimulatorStats` as JSON, the batch counters under ``"batch"``), and
