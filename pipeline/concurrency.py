@@ -962,9 +962,9 @@ def _one_at_a_time(answers: list[tuple[int, float]]) -> float | None:
     at a time (one slot; llama-cpp-python's server, which streams no burst):
     the first took its latency, and each later one its time after the one
     before; those times a + b x tokens (least squares, a > 0 and b >= 0),
-    each within CHAIN_SHARE of it, and at least one of them waited. A hosted
-    API answers a burst at once, its answers' times after the one before a
-    fraction of the first's. b, or None. Answers of one length are waves
+    each within CHAIN_SHARE of it (each later answer waited out the one
+    before). A hosted API answers a burst at once, its answers' times after
+    the one before a fraction of the first's. b, or None. Answers of one length are waves
     (see _wave_size)."""
     if len(answers) < 4:
         return None  # a line fits any two points, and nearly any three
