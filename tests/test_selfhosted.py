@@ -633,6 +633,25 @@ async def test_one_slot_that_streams_nothing_settles_at_two_for_answers_of_varyi
     assert stage.limiter.gate.slots == 2
 
 
+def test_the_round_after_a_cut_that_ends_slow_start_is_not_judged() -> None:
+    # Slow start judges a burst once it is all answered: the next round
+    # begins on an empty server, its first answers wait for nothing, and it
+    # reads less queue than the new cap keeps. It only confirms the cut; the
+    # round after it is judged.
+    limit = first_burst(1.0, 1.0, 1.0, 1.0)
+    sequences = [limit.gate.sent() for _ in range(16)]
+    for sequence in sequences:
+        limit.sent(sequence, alone=sequence == sequences[0])
+    for k, sequence in enumerate(sequences):  # no waves: x2.1 at 16, about 7.5 at once
+        limit.observe(sequence, Sample(1.0 + 0.15 * k, 16.0, alone=k == 0))
+    caps = [limit.cap]
+    for _ in range(2):
+        for _ in range(9):
+            limit.observe(limit.gate.sent(), Sample(1.5, 9.0))
+        caps.append(limit.cap)
+    assert caps == [9.0, 9.0, 7.0]
+
+
 def test_a_server_that_serves_its_queue_in_any_order_shows_its_waves_in_the_order_answered() -> (
     None
 ):
